@@ -1,0 +1,34 @@
+"""Shared builders for tests: random trees and tiny random models."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from treerpo.attention import enable_tree_attention
+from treerpo.tree import Tree
+
+
+def random_tree(rng: np.random.Generator, num_nodes: int, vocab: int = 40, prompt_len: int | None = None,
+                max_segment: int = 5, shape: str = "random") -> Tree:
+    """A tree of ``num_nodes`` generated nodes; ``shape`` is random, chain or fan (all children of the root)."""
+    parents = []
+    for n in range(1, num_nodes + 1):
+        parents.append({"chain": n - 1, "fan": 0}.get(shape, int(rng.integers(0, n))))
+    prompt = rng.integers(3, vocab, size=prompt_len or int(rng.integers(1, 6)))
+    segments = [rng.integers(3, vocab, size=int(rng.integers(1, max_segment + 1))) for _ in parents]
+    tree = Tree.from_segments(prompt, parents, segments, finished=[False] * len(parents))
+    tree.kept = rng.random(tree.num_nodes) < 0.8
+    tree.kept[0] = False
+    tree.advantage = rng.normal(size=tree.num_nodes)
+    return tree
+
+
+def tiny_model(arch: str = "qwen2", vocab: int = 40, seed: int = 0, tree_attention: bool = True):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = (Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)) if arch == "qwen2"
+             else LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)))
+    model.eval()
+    return enable_tree_attention(model) if tree_attention else model

@@ -1,0 +1,38 @@
+"""The tree metadata of the forward in progress, handed to the attention layers.
+
+Hugging Face models call attention through ``AttentionInterface`` with their own
+arguments; the intervals of a packed tree batch travel beside them in a context variable,
+set for the duration of one forward.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TreeAttentionMetadata:
+    tin: torch.Tensor  # int32 [N]
+    tout: torch.Tensor  # int32 [N]
+    backend: str = "sdpa"
+    cache: dict = field(default_factory=dict)  # per-forward artefacts shared by all layers (e.g. a dense mask)
+
+
+_CURRENT: contextvars.ContextVar[TreeAttentionMetadata | None] = contextvars.ContextVar("treerpo_tree", default=None)
+
+
+def current_tree_metadata() -> TreeAttentionMetadata | None:
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def tree_attention(tin: torch.Tensor, tout: torch.Tensor, backend: str = "sdpa"):
+    """Within this block, layers using the ``tree`` attention treat the batch as a packed tree."""
+    token = _CURRENT.set(TreeAttentionMetadata(tin, tout, backend))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)

@@ -1,0 +1,50 @@
+"""The ``tree`` attention of Hugging Face models, registered with ``AttentionInterface``.
+
+Outside a ``tree_attention(...)`` block it is plain SDPA with the model's own mask, so the
+same model generates normally. Inside one it runs the selected tree backend on the
+intervals of the packed batch; its mask function then returns no mask, which also keeps
+transformers from reading the depth position ids as packed-sequence boundaries.
+"""
+from __future__ import annotations
+
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .context import current_tree_metadata
+from .registry import get_tree_backend
+
+ATTENTION_NAME = "tree"
+
+
+def tree_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, **kwargs):
+    meta = current_tree_metadata()
+    if meta is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"a packed tree batch is one row; got batch size {query.shape[0]}")
+    out = get_tree_backend(meta.backend)(query, key, value, meta.tin, meta.tout, scale=scaling, cache=meta.cache)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def tree_mask(*args, **kwargs):
+    if current_tree_metadata() is not None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    AttentionInterface.register(ATTENTION_NAME, tree_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, tree_mask)
+
+
+def enable_tree_attention(model):
+    """Switch a loaded model to the ``tree`` attention (it still generates as before)."""
+    register()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTENTION_NAME)
+    else:
+        model.config._attn_implementation = ATTENTION_NAME
+    return model

@@ -1,0 +1,176 @@
+"""Training configuration: defaults, a YAML/JSON file, then command-line flags, in that order of precedence."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+CHOICES = {
+    "algo": ("treerpo", "grpo"),
+    "value_mode": ("children_mean", "leaf_mean"),
+    "advantage_norm": ("group_std", "mean_only", "batch_std"),
+    "reward": ("auto", "chain", "math"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    algo: str = field(default="treerpo", metadata={"help": "treerpo: tree rollouts; grpo: depth-1 trees of group_size"})
+    model: str | None = field(default=None, metadata={"help": "local path or hub name; default: the embedded tiny model"})
+    dataset: str = field(default="synthetic", metadata={"help": "'synthetic' or a .jsonl/.json math file"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "held-out file; default: held out of dataset"})
+    eval_size: int = field(default=256, metadata={"help": "held-out problems evaluated"})
+    output_dir: str = "out"
+    max_steps: int = 90
+    seed: int = 0
+    prompts_per_step: int = 16
+    branching: list[int] = field(default_factory=lambda: [4, 2, 2], metadata={"help": "children per level (treerpo)"})
+    segment_tokens: int = field(default=12, metadata={"help": "tokens per tree segment (treerpo)"})
+    group_size: int = field(default=16, metadata={"help": "answers per prompt (grpo)"})
+    max_new_tokens: int = field(default=36, metadata={"help": "answer length for grpo and evaluation"})
+    max_prompt_tokens: int = 64
+    truncate_prompts: bool = field(default=False, metadata={"help": "keep a long prompt's last tokens instead of refusing it"})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    value_mode: str = "children_mean"
+    advantage_norm: str = "group_std"
+    tau: float = field(default=0.1, metadata={"help": "drop sibling groups whose value std is below tau"})
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = field(default=0.02, metadata={"help": "k3 KL penalty to the initial policy; 0 turns it off"})
+    ppo_epochs: int = 1
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per rollout per epoch"})
+    micro_batch_tokens: int = field(default=4096, metadata={"help": "packed tokens per forward"})
+    eval_every: int = 15
+    eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy pass@1"})
+    eval_samples: int = 1
+    save_every: int = 30
+    keep_checkpoints: int = 2
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
+    reward: str = "auto"
+    reward_deadline_s: float = 5.0
+    device: str = "auto"
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    sampler_batch_size: int = 256
+    tree_attention_backend: str | None = field(default=None, metadata={"help": "sdpa, ...; default: best for device"})
+
+    def validate(self) -> "TrainConfig":
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of {list(choices)}")
+        positive = ["eval_size", "max_steps", "prompts_per_step", "segment_tokens", "group_size", "max_new_tokens",
+                    "max_prompt_tokens", "ppo_epochs", "minibatches", "micro_batch_tokens", "eval_samples",
+                    "keep_checkpoints", "sampler_batch_size"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ["lr", "tau", "kl_coef", "clip_low", "clip_high", "weight_decay", "max_grad_norm",
+                     "temperature", "eval_temperature", "reward_deadline_s", "eval_every", "save_every"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr == 0:
+            raise ConfigError("lr must be > 0")
+        if not self.branching or any(int(b) < 1 for b in self.branching):
+            raise ConfigError(f"branching must be a non-empty list of integers >= 1, got {self.branching}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.group_size < 2 and self.algo == "grpo":
+            raise ConfigError("group_size must be >= 2 for grpo (advantages compare answers within a group)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _field_type(f) -> type:
+    hint = f.type if not isinstance(f.type, str) else eval(f.type, {"list": list, "str": str, "int": int,  # noqa: S307
+                                                                       "float": float, "bool": bool})
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) is list:
+        return list
+    return args[0] if args and get_origin(hint) is not list else hint
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is list:
+            items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+            return [int(v) for v in items]
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option names to values")
+    return data
+
+
+def make_config(overrides: dict[str, Any]) -> TrainConfig:
+    """A validated TrainConfig from a mapping; unknown keys are refused with the valid ones listed."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
+    values = {k: _coerce(k, v, _field_type(known[k])) for k, v in overrides.items()}
+    return TrainConfig(**values).validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m treerpo.train",
+                                     description="Train a language model with TreeRPO (or GRPO) on verifiable rewards.")
+    parser.add_argument("--config", help="YAML or JSON file of options; flags override it")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        if f.name in CHOICES:
+            help_text += f" choices: {', '.join(CHOICES[f.name])}"
+        if _field_type(f) is bool:
+            parser.add_argument(flag, nargs="?", const="true", default=None, help=help_text)
+        elif _field_type(f) is list:
+            parser.add_argument(flag, nargs="+", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=help_text)
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = load_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    return make_config(values)

@@ -1,0 +1,74 @@
+"""What the trainer trains on: prompts with gold answers, a held-out set, and the reward that checks them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .synthetic import ChainTask, chain_reward
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+HELD_OUT_SEED = 12345  # the synthetic held-out set; training problems never repeat it
+
+
+@dataclass
+class PromptTask:
+    name: str
+    train: list[tuple[str, str]] | ChainTask  # (prompt, gold) pairs, or a generator of fresh problems
+    eval: list[tuple[str, str]]
+    reward_kind: str  # "chain" or "math"
+
+    def batch(self, step: int, size: int, seed: int) -> list[tuple[str, str]]:
+        """The training prompts of one step: a function of (seed, step) only, so a resumed run sees the same ones."""
+        rng = np.random.default_rng([seed, step, 7])
+        if isinstance(self.train, ChainTask):
+            held_out = {p for p, _ in self.eval}
+            out = []
+            while len(out) < size:
+                prompt, gold, _ = self.train.sample(rng)
+                if prompt not in held_out:
+                    out.append((prompt, gold))
+            return out
+        idx = rng.choice(len(self.train), size=size, replace=len(self.train) < size)
+        return [self.train[i] for i in idx]
+
+
+def synthetic_task(eval_size: int) -> PromptTask:
+    task = ChainTask()
+    held_out = [(p, g) for p, g, _ in task.problems(eval_size, seed=HELD_OUT_SEED)]
+    return PromptTask("synthetic-chain", task, held_out, "chain")
+
+
+def math_file_task(path: str, eval_path: str | None, eval_size: int, tokenizer) -> PromptTask:
+    from .math_datasets import format_math_prompt, load_problems
+
+    def pairs(problems):
+        return [(format_math_prompt(p.question, tokenizer), p.answer) for p in problems]
+
+    train = pairs(load_problems(path))
+    if eval_path:
+        held_out = pairs(load_problems(eval_path))[:eval_size]
+    else:
+        if len(train) <= eval_size:
+            raise ValueError(f"{path} has {len(train)} problems: too few to hold out eval_size={eval_size}; "
+                             "pass a smaller eval_size or an eval_dataset file")
+        train, held_out = train[:-eval_size], train[-eval_size:]
+    return PromptTask(Path(path).stem, train, held_out, "math")
+
+
+def load_task(dataset: str, eval_dataset: str | None, eval_size: int, tokenizer) -> PromptTask:
+    if dataset == "synthetic":
+        return synthetic_task(eval_size)
+    if not Path(dataset).exists():
+        raise FileNotFoundError(f"dataset {dataset!r} is neither 'synthetic' nor an existing .jsonl/.json file")
+    return math_file_task(dataset, eval_dataset, eval_size, tokenizer)
+
+
+def make_reward(kind: str, deadline_s: float = 5.0) -> RewardFn:
+    if kind == "chain":
+        return chain_reward
+    from ..rewards.math_verify_reward import MathVerifyReward
+
+    return MathVerifyReward(deadline_s=deadline_s)

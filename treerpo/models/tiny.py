@@ -1,0 +1,59 @@
+"""A ~1M-parameter Qwen2 and a character-level tokenizer, both built in code (no downloads)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+# The checkpoint made by `python -m treerpo.models.warmup` and shipped with the package.
+DEFAULT_MODEL_DIR = Path(__file__).parent / "tiny_chain"
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
+CHARACTERS = list("0123456789+-*=;# ")
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character; saves and loads like any Hugging Face fast tokenizer."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left", model_max_length=128)
+
+
+def tiny_model_config(vocab_size: int, pad_token_id: int, eos_token_id: int) -> Qwen2Config:
+    """Hidden 192, 3 layers, 4 query heads over 2 KV heads (GQA), tied embeddings: about 1.1M parameters."""
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=192, intermediate_size=384, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+        bos_token_id=eos_token_id, rope_theta=10000.0,
+    )
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    vocab_size = 8 * ((len(tokenizer) + 7) // 8)
+    config = tiny_model_config(vocab_size, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return Qwen2ForCausalLM(config)
+
+
+def load_model_and_tokenizer(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer from a local folder or a hub name the user gave.
+
+    ``None`` means the embedded default checkpoint.
+    """
+    path = Path(name_or_path) if name_or_path is not None else DEFAULT_MODEL_DIR
+    if name_or_path is None and not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"the embedded default model is missing at {path}; rebuild it with `python -m treerpo.models.warmup`")
+    source = str(path) if path.exists() else str(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return model, tokenizer

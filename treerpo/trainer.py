@@ -1,0 +1,248 @@
+"""The training loop: sample trees, score them, compute advantages, one packed PPO update, repeat."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .algorithms.advantages import compute_advantages
+from .algorithms.grpo import grpo_spec
+from .algorithms.loss import policy_loss
+from .attention import enable_tree_attention
+from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from .config import TrainConfig
+from .data.tasks import load_task, make_reward
+from .evaluation import pass_at_1
+from .generation import encode_prompts
+from .logprobs import packed_logprobs
+from .metrics import MetricsLog, plot_metrics
+from .models.tiny import load_model_and_tokenizer
+from .packing import PackedBatch, pack_trees
+from .reference_sampler import ReferenceTreeSampler
+from .scoring import score_trees
+from .tree import Tree, TreeSpec
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Every step reseeds from (seed, step), so a resumed run draws what the uninterrupted one drew."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def tree_spec(config: TrainConfig) -> TreeSpec:
+    if config.algo == "grpo":
+        return grpo_spec(config.group_size, config.max_new_tokens, config.max_prompt_tokens, config.temperature,
+                         config.top_p)
+    return TreeSpec(tuple(config.branching), config.segment_tokens, config.max_prompt_tokens, config.temperature,
+                    config.top_p)
+
+
+def micro_batches(trees: list[Tree], token_budget: int) -> list[list[Tree]]:
+    """Consecutive groups of trees of at most ``token_budget`` tokens (a bigger tree goes alone)."""
+    groups, current, size = [], [], 0
+    for tree in trees:
+        if current and size + tree.num_tokens > token_budget:
+            groups.append(current)
+            current, size = [], 0
+        current.append(tree)
+        size += tree.num_tokens
+    return groups + ([current] if current else [])
+
+
+@dataclass
+class PreparedBatch:
+    packed: PackedBatch
+    rows: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, log=print):
+        self.config = config.validate()
+        self.log = log
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if config.device == "auto" else config.device)
+        self.model, self.tokenizer = load_model_and_tokenizer(config.model)
+        self.model = enable_tree_attention(self.model).to(self.device)
+        self.reference = self._frozen_copy(self.model) if config.kl_coef > 0 else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.task = load_task(config.dataset, config.eval_dataset, config.eval_size, self.tokenizer)
+        kind = self.task.reward_kind if config.reward == "auto" else config.reward
+        self.reward_fn = make_reward(kind, config.reward_deadline_s)
+        self.spec = tree_spec(config)
+        self.sampler = ReferenceTreeSampler(self.model, self.tokenizer, config.sampler_batch_size,
+                                            config.truncate_prompts)
+        self.start_step, self.elapsed_before = 0, 0.0
+        self.initial_eval = None
+        if config.resume:
+            self._resume()
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.start_step)
+
+    @staticmethod
+    def _frozen_copy(model):
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is None:
+            self.log(f"resume: no checkpoint in {self.out}, starting from step 0")
+            return
+        state = load_trainer_state(checkpoint)
+        if state["config"] | {"resume": None, "max_steps": None} != self.config.to_dict() | {"resume": None,
+                                                                                             "max_steps": None}:
+            raise ValueError(f"resume: the options differ from those {checkpoint} was trained with; "
+                             "use the same options (only max_steps may change) or another output_dir")
+        loaded, _ = load_model_and_tokenizer(checkpoint)
+        self.model.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        self.start_step = state["step"]
+        self.elapsed_before = state["wall_time_s"]
+        self.initial_eval = state["initial_eval_accuracy"]
+        self.counters = state["counters"]
+        self.log(f"resumed from {checkpoint} at step {self.start_step}")
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def rollout(self, step: int) -> list[Tree]:
+        pairs = self.task.batch(step, self.config.prompts_per_step, self.config.seed)
+        prompt_ids = encode_prompts(self.tokenizer, [p for p, _ in pairs])
+        infos = [{"prompt": p, "answer": g} for p, g in pairs]
+        return self.sampler.sample(prompt_ids, self.spec, infos)
+
+    def _prepare(self, trees: list[Tree]) -> list[PreparedBatch]:
+        """Pack the trees into micro-batches and compute old and reference log-probs through the same path."""
+        prepared = []
+        multiple_updates = self.config.ppo_epochs > 1 or self.config.minibatches > 1
+        for group in micro_batches(trees, self.config.micro_batch_tokens):
+            packed = pack_trees(group, prune_unkept=True).to(self.device)
+            rows = torch.nonzero(packed.loss_mask).squeeze(1)
+            if len(rows) == 0:
+                continue
+            with torch.no_grad():
+                old = self._logprobs(self.model, packed, rows) if multiple_updates else None
+                ref = self._logprobs(self.reference, packed, rows) if self.reference is not None else None
+            prepared.append(PreparedBatch(packed, rows, old, ref))
+        return prepared
+
+    def _logprobs(self, model, packed, rows):
+        return packed_logprobs(model, packed, rows, temperature=self.config.temperature or 1.0,
+                               backend=self.config.tree_attention_backend)
+
+    def update(self, trees: list[Tree]) -> dict[str, float]:
+        prepared = self._prepare(trees)
+        if not prepared:
+            return {"loss": 0.0, "tokens_trained": 0}
+        stats: dict[str, list[float]] = {}
+        tokens_forward = 0
+        for _ in range(self.config.ppo_epochs):
+            order = np.random.permutation(len(prepared))
+            for chunk in np.array_split(order, min(self.config.minibatches, len(prepared))):
+                batches = [prepared[i] for i in chunk]
+                normalizer = sum(len(b.rows) for b in batches)
+                self.optimizer.zero_grad(set_to_none=True)
+                for b in batches:
+                    logp = self._logprobs(self.model, b.packed, b.rows)
+                    old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
+                    loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], torch.ones_like(logp, dtype=torch.bool),
+                                          self.config.clip_low, self.config.clip_high, b.ref_logprobs,
+                                          self.config.kl_coef, normalizer=normalizer)
+                    loss.backward()
+                    tokens_forward += b.packed.num_tokens
+                    for k, v in {**s, "loss": loss.item() * normalizer / len(b.rows)}.items():
+                        stats.setdefault(k, []).append(v)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+                stats.setdefault("grad_norm", []).append(float(grad_norm))
+                self.optimizer.step()
+        out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out["tokens_trained"] = int(sum(len(b.rows) for b in prepared))
+        out["tokens_forward"] = int(tokens_forward)
+        return out
+
+    def evaluate(self) -> float:
+        prompts, golds = zip(*self.task.eval)
+        result = pass_at_1(self.model, self.tokenizer, list(prompts), list(golds), self.reward_fn,
+                           self.config.max_new_tokens, n=self.config.eval_samples,
+                           temperature=self.config.eval_temperature, top_p=self.config.top_p,
+                           batch_size=self.config.sampler_batch_size)
+        return result.accuracy
+
+    def train_step(self, step: int) -> dict:
+        seed_everything(step_seed(self.config.seed, step))
+        t0 = time.perf_counter()
+        trees = self.rollout(step)
+        t1 = time.perf_counter()
+        rewards = score_trees(trees, self.tokenizer, self.reward_fn)
+        adv = compute_advantages(trees, self.config.value_mode, self.config.advantage_norm, self.config.tau)
+        t2 = time.perf_counter()
+        upd = self.update(trees)
+        t3 = time.perf_counter()
+        generated = sum(t.generated_tokens for t in trees)
+        return {"step": step + 1, "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+                "accuracy": float((rewards > 0.5).mean()) if len(rewards) else 0.0,
+                "leaves": int(len(rewards)), "groups": adv["groups"], "kept_groups": adv["kept_groups"],
+                "tokens_generated": int(generated), **upd,
+                "rollout_s": t1 - t0, "scoring_s": t2 - t1, "training_s": t3 - t2}
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        counters = getattr(self, "counters", {"tokens_generated": 0, "tokens_trained": 0})
+        started = time.perf_counter()
+        if self.initial_eval is None:
+            self.initial_eval = self.evaluate()
+            self.log(f"initial held-out accuracy: {self.initial_eval:.3f}")
+        final_eval = self.initial_eval
+        bar = tqdm(range(self.start_step, config.max_steps), initial=self.start_step, total=config.max_steps,
+                   desc=f"{config.algo}", dynamic_ncols=True)
+        for step in bar:
+            record = self.train_step(step)
+            counters["tokens_generated"] += record["tokens_generated"]
+            counters["tokens_trained"] += record["tokens_trained"]
+            done = step + 1
+            if (config.eval_every and done % config.eval_every == 0) or done == config.max_steps:
+                final_eval = record["eval_accuracy"] = self.evaluate()
+            self.metrics.append(record)
+            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{final_eval:.2f}")
+            if (config.save_every and done % config.save_every == 0) or done == config.max_steps:
+                wall = self.elapsed_before + time.perf_counter() - started
+                save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer,
+                                {"config": config.to_dict(), "wall_time_s": wall, "counters": counters,
+                                 "initial_eval_accuracy": self.initial_eval}, keep=config.keep_checkpoints)
+        bar.close()
+        if self.start_step >= config.max_steps:
+            final_eval = self.evaluate()
+        summary = {"algo": config.algo, "steps": config.max_steps, "initial_eval_accuracy": self.initial_eval,
+                   "final_eval_accuracy": final_eval, "improvement": final_eval - self.initial_eval,
+                   "wall_time_s": self.elapsed_before + time.perf_counter() - started, **counters,
+                   "model": config.model or "embedded tiny (treerpo/models/tiny_chain)", "dataset": config.dataset,
+                   "tree": {"branching": list(self.spec.branching), "segment_tokens": self.spec.segment_tokens}}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_metrics(self.metrics.records, self.out / "training.png",
+                     f"{config.algo} on {self.task.name}: held-out {self.initial_eval:.2f} -> {final_eval:.2f}")
+        return summary
+
+    def close(self) -> None:
+        close = getattr(self.reward_fn, "close", None)
+        if close:
+            close()
