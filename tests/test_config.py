@@ -1,0 +1,49 @@
+"""Options: defaults < config file < flags; unknown keys and bad values are refused with the fix."""
+import json
+
+import pytest
+
+from treerpo.config import ConfigError, make_config, parse_args
+
+
+def test_flags_override_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("algo: grpo\nlr: 0.001\nbranching: [2, 2]\n")
+    config = parse_args(["--config", str(cfg), "--lr", "0.005", "--max-steps", "7"])
+    assert config.algo == "grpo" and config.lr == 0.005 and config.max_steps == 7 and config.branching == [2, 2]
+
+
+def test_json_config_and_list_flag(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"segment_tokens": 8, "truncate_prompts": True}))
+    config = parse_args(["--config", str(cfg), "--branching", "8", "2"])
+    assert config.segment_tokens == 8 and config.truncate_prompts is True and config.branching == [8, 2]
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['learning_rate'\]; valid keys: .*'lr'"):
+        parse_args(["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("algo", "ppo", r"algo='ppo' is not valid; choose one of \['treerpo', 'grpo'\]"),
+    ("advantage_norm", "z", r"choose one of \['group_std', 'mean_only', 'batch_std'\]"),
+    ("lr", "fast", r"lr='fast' is not a valid float"),
+    ("max_steps", 0, r"max_steps must be >= 1"),
+    ("tau", -1, r"tau must be >= 0"),
+    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+    ("branching", [2, 0], r"branching must be a non-empty list of integers >= 1"),
+    ("truncate_prompts", "maybe", r"is not a valid bool"),
+])
+def test_bad_values_are_refused(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config({key: value})
+
+
+def test_cli_reports_config_error(capsys):
+    from treerpo.train import main
+
+    assert main(["--algo", "ppo"]) == 2
+    assert "choose one of ['treerpo', 'grpo']" in capsys.readouterr().err
