@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
 from .algorithms.advantages import compute_advantages
 from .algorithms.grpo import grpo_spec
@@ -73,6 +74,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, log=print):
         self.config = config.validate()
         self.log = log
+        hf_logging.disable_progress_bar()
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         if config.threads:
@@ -162,9 +164,8 @@ class Trainer:
                 for b in batches:
                     logp = self._logprobs(self.model, b.packed, b.rows)
                     old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
-                    loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], torch.ones_like(logp, dtype=torch.bool),
-                                          self.config.clip_low, self.config.clip_high, b.ref_logprobs,
-                                          self.config.kl_coef, normalizer=normalizer)
+                    loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], None, self.config.clip_low,
+                                          self.config.clip_high, b.ref_logprobs, self.config.kl_coef, normalizer)
                     loss.backward()
                     tokens_forward += b.packed.num_tokens
                     for k, v in {**s, "loss": loss.item() * normalizer / len(b.rows)}.items():

@@ -5,17 +5,17 @@ import torch
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_low: float = 0.2, clip_high: float | None = None,
+                mask: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float | None = None,
                 ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
                 normalizer: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean PPO-clip loss over the tokens where ``mask`` is true.
+    """Token-mean PPO-clip loss over the tokens where ``mask`` is true (default: all).
 
     ``normalizer`` is the number of loss tokens in the whole batch, so that a batch split into
     micro-batches gives the same gradient as one pass (defaults to this call's mask count).
     ``clip_high`` (e.g. 0.28) makes the clip asymmetric; None means ``clip_low``.
     """
     clip_high = clip_low if clip_high is None else clip_high
-    mask = mask.to(logprobs.dtype)
+    mask = torch.ones_like(logprobs) if mask is None else mask.to(logprobs.dtype)
     denom = float(normalizer) if normalizer is not None else mask.sum().clamp(min=1.0)
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
