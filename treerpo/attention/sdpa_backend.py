@@ -1,6 +1,8 @@
 """Reference tree attention: PyTorch SDPA with a dense boolean mask built from the Euler intervals.
 
-It is O(N^2) in memory, the ground truth for tests and the CPU training path.
+The mask is dense per tree: a batch of several trees is cut at tree boundaries (no token
+sees another tree), so the cost is the sum of the squares of the tree sizes, not the square
+of the batch. The ground truth for tests and the CPU training path.
 """
 from __future__ import annotations
 
@@ -14,16 +16,33 @@ def interval_mask(tin: torch.Tensor, tout: torch.Tensor) -> torch.Tensor:
     return (tin[None, :] <= q) & (q < tout[None, :])
 
 
+def tree_blocks(tin: torch.Tensor, tout: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each tree: a tree's first token's subtree is the whole tree."""
+    tin_list, tout_list = tin.tolist(), tout.tolist()
+    blocks, start = [], 0
+    while start < len(tin_list):
+        end = tout_list[start] - tin_list[0]
+        blocks.append((start, end))
+        start = end
+    return blocks
+
+
+def _block_masks(tin: torch.Tensor, tout: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    return [(s, e, interval_mask(tin[s:e], tout[s:e])) for s, e in tree_blocks(tin, tout)]
+
+
 def sdpa_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tin: torch.Tensor,
                         tout: torch.Tensor, scale: float | None = None, cache: dict | None = None) -> torch.Tensor:
     """query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, Hq, N, D]."""
-    mask = cache.get("dense_mask") if cache is not None else None
-    if mask is None:
-        mask = interval_mask(tin.to(query.device), tout.to(query.device))
+    blocks = cache.get("sdpa_blocks") if cache is not None else None
+    if blocks is None:
+        blocks = _block_masks(tin.to(query.device), tout.to(query.device))
         if cache is not None:
-            cache["dense_mask"] = mask
+            cache["sdpa_blocks"] = blocks
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask,
+                                           scale=scale) for s, e, mask in blocks]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
