@@ -28,9 +28,9 @@ class TrainConfig:
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out file; default: held out of dataset"})
     eval_size: int = field(default=256, metadata={"help": "held-out problems evaluated"})
     output_dir: str = "out"
-    max_steps: int = 90
+    max_steps: int = 200
     seed: int = 0
-    prompts_per_step: int = 16
+    prompts_per_step: int = 32
     branching: list[int] = field(default_factory=lambda: [4, 2, 2], metadata={"help": "children per level (treerpo)"})
     segment_tokens: int = field(default=12, metadata={"help": "tokens per tree segment (treerpo)"})
     group_size: int = field(default=16, metadata={"help": "answers per prompt (grpo)"})
@@ -42,7 +42,7 @@ class TrainConfig:
     value_mode: str = "children_mean"
     advantage_norm: str = "group_std"
     tau: float = field(default=0.1, metadata={"help": "drop sibling groups whose value std is below tau"})
-    lr: float = 2e-4
+    lr: float = 5e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     clip_low: float = 0.2
@@ -51,10 +51,10 @@ class TrainConfig:
     ppo_epochs: int = 1
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per rollout per epoch"})
     micro_batch_tokens: int = field(default=4096, metadata={"help": "packed tokens per forward"})
-    eval_every: int = 15
+    eval_every: int = 20
     eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy pass@1"})
     eval_samples: int = 1
-    save_every: int = 30
+    save_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
     reward: str = "auto"

@@ -1,6 +1,6 @@
 """Make the embedded default checkpoint: a short supervised warm-up of the tiny model on the chain task.
 
-    python -m treerpo.models.warmup [--steps 600] [--output treerpo/models/tiny_chain]
+    python -m treerpo.models.warmup [--steps 1300] [--output treerpo/models/tiny_chain]
 
 The step count is fixed (not a time budget) so the checkpoint is the same on every machine
 of the same software. The warm-up stops where greedy accuracy is partial and sampled
@@ -68,7 +68,7 @@ def report(model, tokenizer, problems, step, loss, log):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--output", type=Path, default=DEFAULT_MODEL_DIR)
