@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from treerpo.config import make_config
 from treerpo.trainer import Trainer
 
-SMALL = dict(prompts_per_step=4, branching=[2, 2], segment_tokens=12, group_size=4, eval_size=16, eval_every=2,
+SMALL = dict(prompts_per_step=4, branching=[2, 2, 2], segment_tokens=12, group_size=4, eval_size=16, eval_every=2,
              save_every=2, kl_coef=0.02, ppo_epochs=2, minibatches=2, micro_batch_tokens=128)
 
 
