@@ -71,3 +71,23 @@ def test_resume_refuses_changed_options(tmp_path):
     run(tmp_path, max_steps=1, eval_every=0)
     with pytest.raises(ValueError, match="options differ"):
         Trainer(make_config({**SMALL, "output_dir": str(tmp_path), "max_steps": 2, "resume": True, "lr": 1.0}))
+
+
+def test_math_file_dataset_runs_through_the_trainer(tmp_path):
+    """A gsm8k-format file trains through the math-verify reward (the tiny model is not expected to score)."""
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+{i}=", "answer": f"so #### {2 * i}"}) + "\n"
+                            for i in range(12)))
+    summary = run(tmp_path / "out", dataset=str(data), eval_size=4, max_steps=1, max_prompt_tokens=32,
+                  truncate_prompts=True, ppo_epochs=1, minibatches=1)
+    assert summary["steps"] == 1 and summary["tokens_generated"] > 0
+    assert 0.0 <= summary["final_eval_accuracy"] <= 1.0
+
+
+def test_malformed_dataset_line_is_reported(tmp_path):
+    from treerpo.data.math_datasets import DatasetFormatError
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "1+1", "answer": "#### 2"}\n{"question": \n')
+    with pytest.raises(DatasetFormatError, match=r"bad.jsonl.*line 2"):
+        run(tmp_path / "out", dataset=str(data), eval_size=1, max_steps=1)
