@@ -5,7 +5,7 @@ import argparse
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, get_args, get_origin, get_type_hints
 
 CHOICES = {
     "algo": ("treerpo", "grpo"),
@@ -93,12 +93,12 @@ class TrainConfig:
 
 
 def _field_type(f) -> type:
-    hint = f.type if not isinstance(f.type, str) else eval(f.type, {"list": list, "str": str, "int": int,  # noqa: S307
-                                                                       "float": float, "bool": bool})
-    args = [a for a in get_args(hint) if a is not type(None)]
+    """The scalar type of an option (``int | None`` -> int, ``list[int]`` -> list)."""
+    hint = get_type_hints(TrainConfig)[f.name]
     if get_origin(hint) is list:
         return list
-    return args[0] if args and get_origin(hint) is not list else hint
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -93,6 +93,7 @@ class Trainer:
                                             config.truncate_prompts)
         self.start_step, self.elapsed_before = 0, 0.0
         self.initial_eval = None
+        self.counters = {"tokens_generated": 0, "tokens_trained": 0}
         if config.resume:
             self._resume()
         self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.start_step)
@@ -208,7 +209,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config = self.config
-        counters = getattr(self, "counters", {"tokens_generated": 0, "tokens_trained": 0})
+        counters = self.counters
         started = time.perf_counter()
         if self.initial_eval is None:
             self.initial_eval = self.evaluate()
