@@ -13,6 +13,7 @@ CHOICES = {
     "advantage_norm": ("group_std", "mean_only", "batch_std"),
     "reward": ("auto", "chain", "math"),
     "device": ("auto", "cpu", "cuda"),
+    "sampler": ("engine", "reference"),
 }
 
 
@@ -61,7 +62,9 @@ class TrainConfig:
     reward_deadline_s: float = 5.0
     device: str = "auto"
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
-    sampler_batch_size: int = 256
+    sampler: str = field(default="engine", metadata={"help": "engine: radix-cache KV pool; reference: generate()"})
+    kv_pool_tokens: int = field(default=1 << 15, metadata={"help": "KV slots of the engine's pool"})
+    sampler_batch_size: int = field(default=256, metadata={"help": "rows per generate() call (reference, eval)"})
     tree_attention_backend: str | None = field(default=None, metadata={"help": "sdpa, ...; default: best for device"})
 
     def validate(self) -> "TrainConfig":
@@ -70,7 +73,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of {list(choices)}")
         positive = ["eval_size", "max_steps", "prompts_per_step", "segment_tokens", "group_size", "max_new_tokens",
                     "max_prompt_tokens", "ppo_epochs", "minibatches", "micro_batch_tokens", "eval_samples",
-                    "keep_checkpoints", "sampler_batch_size"]
+                    "keep_checkpoints", "sampler_batch_size", "kv_pool_tokens"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

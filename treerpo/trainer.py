@@ -62,6 +62,14 @@ def micro_batches(trees: list[Tree], token_budget: int) -> list[list[Tree]]:
     return groups + ([current] if current else [])
 
 
+def make_sampler(config: TrainConfig, model, tokenizer):
+    if config.sampler == "reference":
+        return ReferenceTreeSampler(model, tokenizer, config.sampler_batch_size, config.truncate_prompts)
+    from .engine.tree_sampler import TreeSampler
+
+    return TreeSampler(model, tokenizer, pool_tokens=config.kv_pool_tokens, truncate_prompts=config.truncate_prompts)
+
+
 @dataclass
 class PreparedBatch:
     packed: PackedBatch
@@ -89,8 +97,7 @@ class Trainer:
         kind = self.task.reward_kind if config.reward == "auto" else config.reward
         self.reward_fn = make_reward(kind, config.reward_deadline_s)
         self.spec = tree_spec(config)
-        self.sampler = ReferenceTreeSampler(self.model, self.tokenizer, config.sampler_batch_size,
-                                            config.truncate_prompts)
+        self.sampler = make_sampler(config, self.model, self.tokenizer)
         self.start_step, self.elapsed_before = 0, 0.0
         self.initial_eval = None
         self.counters = {"tokens_generated": 0, "tokens_trained": 0}
@@ -174,6 +181,7 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
                 stats.setdefault("grad_norm", []).append(float(grad_norm))
                 self.optimizer.step()
+                getattr(self.sampler, "on_weights_updated", lambda: None)()
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out["tokens_trained"] = int(sum(len(b.rows) for b in prepared))
         out["tokens_forward"] = int(tokens_forward)

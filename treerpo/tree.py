@@ -1,8 +1,8 @@
 """Trees of reasoning segments: the shape to sample (TreeSpec) and a sampled tree (Tree).
 
 A Tree stores its nodes in flat arrays. Node 0 is the root and holds the prompt; every
-other node holds one generated segment and points at its parent. Nodes are created level
-by level, so a parent's index is always smaller than its children's.
+other node holds one generated segment and points at its parent. Nodes are numbered level
+by level (children in order), so a parent's index is always smaller than its children's.
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ class Tree:
     value: np.ndarray = None  # float64 [n]
     advantage: np.ndarray = None  # float64 [n]: 0 where the node's group was filtered out
     kept: np.ndarray = None  # bool [n]: the node's sibling group passed the tau filter
+    token_logprobs: np.ndarray | None = None  # float [offsets[-1]]: sampler's log-prob of each token (nan: prompt)
     info: dict[str, Any] = field(default_factory=dict)  # e.g. prompt text, gold answer
 
     def __post_init__(self):

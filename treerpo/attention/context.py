@@ -21,18 +21,26 @@ class TreeAttentionMetadata:
     cache: dict = field(default_factory=dict)  # per-forward artefacts shared by all layers (e.g. a dense mask)
 
 
-_CURRENT: contextvars.ContextVar[TreeAttentionMetadata | None] = contextvars.ContextVar("treerpo_tree", default=None)
+_CURRENT: contextvars.ContextVar[object | None] = contextvars.ContextVar("treerpo_tree", default=None)
 
 
-def current_tree_metadata() -> TreeAttentionMetadata | None:
+def current_tree_metadata():
+    """The metadata of the forward in progress: TreeAttentionMetadata, PagedAttentionMetadata, or None."""
     return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def attention_metadata(meta):
+    """Within this block, layers using the ``tree`` attention run with ``meta``."""
+    token = _CURRENT.set(meta)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 @contextlib.contextmanager
 def tree_attention(tin: torch.Tensor, tout: torch.Tensor, backend: str = "sdpa"):
     """Within this block, layers using the ``tree`` attention treat the batch as a packed tree."""
-    token = _CURRENT.set(TreeAttentionMetadata(tin, tout, backend))
-    try:
+    with attention_metadata(TreeAttentionMetadata(tin, tout, backend)):
         yield
-    finally:
-        _CURRENT.reset(token)

@@ -1,8 +1,9 @@
 """The ``tree`` attention of Hugging Face models, registered with ``AttentionInterface``.
 
-Outside a ``tree_attention(...)`` block it is plain SDPA with the model's own mask, so the
-same model generates normally. Inside one it runs the selected tree backend on the
-intervals of the packed batch; its mask function then returns no mask, which also keeps
+Outside a ``tree_attention(...)`` or ``paged_attention(...)`` block it is plain SDPA with the
+model's own mask, so the same model generates normally with ``generate``. Inside a tree
+block it runs the selected tree backend on the intervals of the packed batch; inside a
+paged block (the engine) it reads and writes the KV pool; its mask function then returns no mask, which also keeps
 transformers from reading the depth position ids as packed-sequence boundaries.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .context import current_tree_metadata
+from .paged import PagedAttentionMetadata, paged_attention_torch
 from .registry import get_tree_backend
 
 ATTENTION_NAME = "tree"
@@ -24,7 +26,9 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if query.shape[0] != 1:
-        raise ValueError(f"a packed tree batch is one row; got batch size {query.shape[0]}")
+        raise ValueError(f"a packed batch is one row; got batch size {query.shape[0]}")
+    if isinstance(meta, PagedAttentionMetadata):
+        return paged_attention_torch(module, query, key, value, meta, scaling), None
     out = get_tree_backend(meta.backend)(query, key, value, meta.tin, meta.tout, scale=scaling, cache=meta.cache)
     return out.transpose(1, 2).contiguous(), None
 

@@ -1,0 +1,116 @@
+"""The engine's TreeSampler against the reference sampler (the oracle) and against a full forward."""
+import numpy as np
+import pytest
+import torch
+
+from treerpo.attention import enable_tree_attention
+from treerpo.engine.kv_pool import RequestTooLarge
+from treerpo.engine.tree_sampler import TreeSampler
+from treerpo.logprobs import packed_logprobs
+from treerpo.models.tiny import build_char_tokenizer, build_tiny_model, load_model_and_tokenizer
+from treerpo.packing import pack_trees
+from treerpo.reference_sampler import ReferenceTreeSampler
+from treerpo.tree import TreeSpec
+
+PROMPTS = ["12+3-4=", "7-19+2+20=", "1+1=", "20-20-20-20=", "12+3-4="]
+
+
+@pytest.fixture(scope="module", params=["random", "embedded"])
+def model_and_tokenizer(request):
+    if request.param == "random":
+        tok = build_char_tokenizer()
+        model = build_tiny_model(tok, seed=3)
+    else:
+        model, tok = load_model_and_tokenizer()
+    return enable_tree_attention(model).eval(), tok
+
+
+def same_tree(a, b):
+    assert a.parent.tolist() == b.parent.tolist()
+    assert a.offsets.tolist() == b.offsets.tolist()
+    assert a.token_ids.tolist() == b.token_ids.tolist()
+    assert a.finished.tolist() == b.finished.tolist()
+
+
+@pytest.mark.parametrize("branching,segment", [((2, 3, 2), 5), ((3,), 14), ((2, 2, 2, 2), 3)])
+def test_greedy_trees_equal_the_reference(model_and_tokenizer, branching, segment):
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    spec = TreeSpec(branching, segment_tokens=segment, temperature=0.0)
+    expected = ReferenceTreeSampler(model, tok).sample(prompts, spec)
+    got = TreeSampler(model, tok, pool_tokens=4096).sample(prompts, spec)
+    for a, b in zip(expected, got):
+        same_tree(a, b)
+
+
+def test_seeded_trees_do_not_depend_on_the_batch(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    spec = TreeSpec((3, 2), segment_tokens=6, temperature=1.0)
+    sampler = TreeSampler(model, tok, pool_tokens=4096)
+    batch = sampler.sample(prompts, spec, seeds=[5, 6, 7])
+    again = sampler.sample(prompts, spec, seeds=[5, 6, 7])
+    alone = sampler.sample(prompts[1:2], spec, seeds=[6])
+    for a, b in zip(batch, again):
+        same_tree(a, b)
+    same_tree(batch[1], alone[0])
+    assert batch[0].token_ids.tolist() != sampler.sample(prompts[:1], spec, seeds=[99])[0].token_ids.tolist()
+
+
+def test_sampled_logprobs_match_a_full_forward(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    spec = TreeSpec((2, 2, 2), segment_tokens=6, temperature=1.0)
+    trees = TreeSampler(model, tok, pool_tokens=4096).sample([tok(p)["input_ids"] for p in PROMPTS[:3]], spec,
+                                                              seeds=[1, 2, 3])
+    batch = pack_trees(trees)
+    rows = torch.nonzero(batch.prev_index >= 0).squeeze(1)
+    rows = rows[batch.node_index[rows] > 0]  # generated tokens
+    with torch.no_grad():
+        full = packed_logprobs(model, batch, rows)
+    sampled = torch.tensor(np.concatenate([
+        t.token_logprobs[t.offsets[1]:] for t in trees]), dtype=torch.float32)
+    # packing visits nodes depth-first, trees store them breadth-first: compare per (tree, node)
+    by_key = {}
+    for r, lp in zip(rows.tolist(), full.tolist()):
+        by_key.setdefault((int(batch.tree_index[r]), int(batch.node_index[r])), []).append(lp)
+    for ti, t in enumerate(trees):
+        for node in range(1, t.num_nodes):
+            got = t.token_logprobs[t.offsets[node]:t.offsets[node + 1]]
+            np.testing.assert_allclose(got, by_key[(ti, node)], atol=2e-5, rtol=1e-5)
+    assert len(sampled) == len(full)
+
+
+def test_a_batch_larger_than_the_pool_waits_and_matches(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    spec = TreeSpec((2, 2), segment_tokens=6, temperature=0.0)
+    one_tree = max(len(p) for p in prompts) + spec.max_generated_tokens
+    small = TreeSampler(model, tok, pool_tokens=one_tree + 8)  # room for one tree at a time
+    got = small.sample(prompts, spec)
+    expected = ReferenceTreeSampler(model, tok).sample(prompts, spec)
+    for a, b in zip(expected, got):
+        same_tree(a, b)
+    assert small.pool.peak_used_pages <= one_tree + 8
+    small.cache.reset()
+    assert small.pool.free_tokens == small.pool.capacity_tokens  # nothing leaked
+
+
+def test_a_tree_that_can_never_fit_is_refused(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    spec = TreeSpec((4, 4), segment_tokens=8)
+    with pytest.raises(RequestTooLarge, match="larger pool"):
+        TreeSampler(model, tok, pool_tokens=64).sample([tok("1+2=")["input_ids"]], spec)
+
+
+def test_identical_prompts_are_prefilled_once(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompt = tok("12+3-4=")["input_ids"]
+    spec = TreeSpec((2,), segment_tokens=1, temperature=0.0)  # one token per branch: no decode forward
+    sampler = TreeSampler(model, tok, pool_tokens=1024)
+    sampler.sample([prompt] * 4, spec)
+    assert sampler.runner.forward_tokens == len(prompt)
+    sampler.sample([prompt], spec)  # the radix cache holds it: only the last token is recomputed
+    assert sampler.runner.forward_tokens == len(prompt) + 1
+    sampler.on_weights_updated()  # new weights: nothing old is reused
+    sampler.sample([prompt], spec)
+    assert sampler.runner.forward_tokens == 2 * len(prompt) + 1

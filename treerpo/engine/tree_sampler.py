@@ -1,0 +1,267 @@
+"""TreeSampler: expands a batch of trees over the KV pool, every shared prefix computed and stored once.
+
+A prompt is prefilled once (identical prompts in a batch share one prefill, and the radix
+cache serves prompts seen earlier under the same weights). A node's children all fork from
+the logits after the parent's last token, and read the parent's KV slots instead of
+recomputing them. All live branches of all running trees decode together; when a tree
+finishes, its slots are freed and waiting trees are admitted (continuous batching). A tree
+is admitted only when its worst-case slot count fits, so a batch larger than the pool
+waits, never fails half-way.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..generation import eos_token_ids
+from ..reference_sampler import check_prompt_lengths
+from ..tree import Tree, TreeSpec
+from .kv_pool import KVPool, RequestTooLarge
+from .model_runner import ModelRunner, SequenceStep, kv_shape
+from .radix_cache import RadixCache
+from .sampling import SamplingParams, sample_next
+
+
+@dataclass
+class _Branch:
+    tree: int
+    parent: int  # record index of the parent node (0 = the prompt)
+    child_index: int
+    depth: int  # 1-based level of the node this branch is generating
+    path_slots: torch.Tensor  # slots of everything before this segment
+    generator: torch.Generator | None
+    seed_path: tuple
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    own_slots: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _TreeState:
+    prompt: list[int]
+    info: dict
+    seed: int | None
+    worst_tokens: int
+    radix_node: object = None
+    prompt_slots: torch.Tensor | None = None
+    live: int = 0
+    used_tokens: int = 0
+    # generated nodes, in completion order: (parent record, child index, tokens, logprobs, finished)
+    records: list = field(default_factory=list)
+    slots_to_free: list = field(default_factory=list)
+
+
+def _child_seed(tree_seed: int, seed_path: tuple) -> int:
+    return int(np.random.SeedSequence([tree_seed, *seed_path]).generate_state(1)[0])
+
+
+class TreeSampler:
+    """Samples trees with prefix sharing. ``pool_tokens`` or ``memory_bytes`` sizes the KV pool."""
+
+    def __init__(self, model, tokenizer, pool_tokens: int | None = None, memory_bytes: int | None = None,
+                 truncate_prompts: bool = False, stop_strings: Sequence[str] = ()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.truncate_prompts = truncate_prompts
+        self.stop_strings = tuple(stop_strings)
+        layers, kv_heads, head_dim = kv_shape(model.config)
+        device = next(model.parameters()).device
+        if pool_tokens is None and memory_bytes is None:
+            pool_tokens = 1 << 16
+        self.pool = KVPool(layers, kv_heads, head_dim, next(model.parameters()).dtype, device, page_size=1,
+                           num_pages=pool_tokens, memory_bytes=memory_bytes if pool_tokens is None else None)
+        self.cache = RadixCache(self.pool)
+        self.runner = ModelRunner(model, self.pool)
+        self.eos = eos_token_ids(model, tokenizer)
+
+    def on_weights_updated(self) -> None:
+        """Call after every optimizer step: KV computed with the old weights is never reused."""
+        self.cache.bump_version()
+
+    # ---- public ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[Sequence[int]], spec: TreeSpec, infos: Sequence[dict] | None = None,
+               seeds: Sequence[int] | None = None) -> list[Tree]:
+        """One tree per prompt. With ``seeds`` every tree draws from its own generators (same seed, same tree);
+        without, from torch's global RNG."""
+        max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        prompts = check_prompt_lengths(prompts, spec, max_positions, self.truncate_prompts)
+        infos = list(infos) if infos is not None else [{} for _ in prompts]
+        params = SamplingParams(spec.temperature, spec.top_p)
+        states = [_TreeState(p, info, None if seeds is None else int(seeds[i]), len(p) + spec.max_generated_tokens)
+                  for i, (p, info) in enumerate(zip(prompts, infos))]
+        for i, st in enumerate(states):
+            if st.worst_tokens > self.pool.capacity_tokens:
+                raise RequestTooLarge(
+                    f"tree {i} may need {st.worst_tokens} KV slots (prompt {len(st.prompt)} + up to "
+                    f"{spec.max_generated_tokens} generated) but the pool holds {self.pool.capacity_tokens}; "
+                    "give the sampler a larger pool (pool_tokens / memory_bytes) or a smaller tree")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self._run(states, spec, params)
+        finally:
+            self.model.train(was_training)
+        return [self._build_tree(st) for st in states]
+
+    # ---- scheduling --------------------------------------------------------------------------------
+    def _run(self, states: list[_TreeState], spec: TreeSpec, params: SamplingParams) -> None:
+        waiting = deque(range(len(states)))
+        running: set[int] = set()
+        pending: list[tuple[_Branch, int]] = []  # branches with a sampled token to feed
+        while waiting or pending:
+            admitted = self._admit(states, waiting, running)
+            pending.extend(self._prefill(states, admitted, spec, params))
+            if not pending:
+                continue
+            pending = self._decode(states, pending, spec, params)
+            for t in [t for t in running if states[t].live == 0]:
+                self._release(states[t])
+                running.discard(t)
+
+    def _outstanding(self, states, running) -> int:
+        return sum(states[t].worst_tokens - states[t].used_tokens for t in running)
+
+    def _admit(self, states, waiting, running) -> list[int]:
+        admitted = []
+        while waiting:
+            need = states[waiting[0]].worst_tokens
+            short = need + self._outstanding(states, running) - self.pool.free_tokens
+            if short > 0:
+                short -= self.cache.evict(short)
+            if short > 0:
+                if not running and not admitted:
+                    raise RuntimeError("the KV pool cannot hold one tree even after evicting the cache")
+                break
+            t = waiting.popleft()
+            running.add(t)
+            admitted.append(t)
+        return admitted
+
+    def _release(self, st: _TreeState) -> None:
+        if st.slots_to_free:
+            self.pool.decref(torch.tensor(st.slots_to_free, dtype=torch.long))
+            st.slots_to_free = []
+        if st.radix_node is not None:
+            self.cache.unlock(st.radix_node)
+            st.radix_node = None
+
+    # ---- prefill -----------------------------------------------------------------------------------
+    def _prefill(self, states, admitted, spec, params) -> list[tuple[_Branch, int]]:
+        groups: dict[tuple, list[int]] = {}
+        for t in admitted:
+            groups.setdefault(tuple(states[t].prompt), []).append(t)
+        if not groups:
+            return []
+        steps, keys = [], list(groups)
+        for key in keys:
+            matched, _ = self.cache.match_prefix(list(key[:-1]))
+            new_tokens = list(key[len(matched):])
+            steps.append(SequenceStep(matched, new_tokens, self.pool.alloc(len(new_tokens))))
+        logits = self.runner.forward(steps)
+        pending = []
+        for key, step, row in zip(keys, steps, logits):
+            slots = torch.cat([step.cached_slots, step.new_slots])
+            already = self.cache.insert(list(key), slots)
+            duplicate = step.new_slots[:max(0, already - len(step.cached_slots))]
+            if len(duplicate):
+                self.pool.decref(duplicate)
+            prompt_slots, node = self.cache.match_prefix(list(key))
+            for t in groups[key]:
+                st = states[t]
+                self.cache.lock(node)
+                st.radix_node, st.prompt_slots = node, prompt_slots
+                st.used_tokens += len(key)
+                pending.extend(self._fork(st, t, parent=0, depth=1, path_slots=prompt_slots, seed_path=(),
+                                          logits=row, spec=spec, params=params))
+        return pending
+
+    # ---- decode ------------------------------------------------------------------------------------
+    def _fork(self, st, t, parent, depth, path_slots, seed_path, logits, spec, params):
+        branches = []
+        for c in range(spec.branching[depth - 1]):
+            path = (*seed_path, c)
+            gen = None
+            if st.seed is not None:
+                gen = torch.Generator(device=logits.device).manual_seed(_child_seed(st.seed, path))
+            branches.append(_Branch(t, parent, c, depth, path_slots, gen, path))
+        st.live += len(branches)
+        return self._sample_into(branches, logits.expand(len(branches), -1), {t: st}, spec, params)
+
+    def _sample_into(self, branches, logits, states_by_tree, spec, params):
+        """Sample one token for each branch; return those that need feeding."""
+        gens = [b.generator for b in branches] if branches and branches[0].generator is not None else None
+        tokens, logps = sample_next(logits, params, gens)
+        pending = []
+        for b, tok, lp in zip(branches, tokens.tolist(), logps.tolist()):
+            b.tokens.append(tok)
+            b.logprobs.append(lp)
+            st = states_by_tree[b.tree]
+            if tok in self.eos or self._hit_stop_string(b):
+                self._complete(st, b, finished=True)
+            elif len(b.tokens) == spec.segment_tokens and b.depth == spec.depth:
+                self._complete(st, b, finished=False)
+            else:
+                pending.append((b, tok))
+        return pending
+
+    def _hit_stop_string(self, b: _Branch) -> bool:
+        if not self.stop_strings:
+            return False
+        tail = self.tokenizer.decode(b.tokens[-8:])
+        return any(tail.endswith(s) for s in self.stop_strings)
+
+    def _complete(self, st: _TreeState, b: _Branch, finished: bool) -> int:
+        st.records.append((b.parent, b.child_index, b.tokens, b.logprobs, finished))
+        st.slots_to_free.extend(b.own_slots)
+        st.live -= 1
+        return len(st.records)  # record index of this node (the prompt is 0)
+
+    def _decode(self, states, pending, spec, params):
+        slots = self.pool.alloc(len(pending))
+        steps = []
+        for (b, tok), slot in zip(pending, slots.tolist()):
+            cached = torch.cat([b.path_slots, torch.tensor(b.own_slots, dtype=torch.long)])
+            steps.append(SequenceStep(cached, [tok], torch.tensor([slot])))
+            b.own_slots.append(slot)
+            states[b.tree].used_tokens += 1
+        logits = self.runner.forward(steps)
+        next_pending, continuing, cont_rows = [], [], []
+        for row, (b, _) in enumerate(pending):
+            if len(b.tokens) == spec.segment_tokens:  # segment done: its children fork from these logits
+                st = states[b.tree]
+                node = self._complete(st, b, finished=False)
+                path_slots = torch.cat([b.path_slots, torch.tensor(b.own_slots, dtype=torch.long)])
+                next_pending.extend(self._fork(st, b.tree, node, b.depth + 1, path_slots, b.seed_path,
+                                               logits[row], spec, params))
+            else:
+                continuing.append(b)
+                cont_rows.append(row)
+        if continuing:
+            by_tree = {b.tree: states[b.tree] for b in continuing}
+            next_pending.extend(self._sample_into(continuing, logits[cont_rows], by_tree, spec, params))
+        return next_pending
+
+    # ---- output ------------------------------------------------------------------------------------
+    def _build_tree(self, st: _TreeState) -> Tree:
+        """Renumber nodes breadth-first (children in order), the layout of the reference sampler."""
+        children: dict[int, list[tuple[int, int]]] = {}
+        for rec_id, (parent, child_index, *_rest) in enumerate(st.records, start=1):
+            children.setdefault(parent, []).append((child_index, rec_id))
+        order, new_id, queue = [], {0: 0}, deque([0])
+        while queue:
+            node = queue.popleft()
+            for _, rec_id in sorted(children.get(node, [])):
+                new_id[rec_id] = len(order) + 1
+                order.append(rec_id)
+                queue.append(rec_id)
+        recs = [st.records[r - 1] for r in order]
+        tree = Tree.from_segments(st.prompt, [new_id[r[0]] for r in recs], [r[2] for r in recs],
+                                  [r[4] for r in recs], st.info)
+        tree.token_logprobs = np.concatenate([np.full(len(st.prompt), np.nan)] +
+                                             [np.asarray(r[3], dtype=np.float64) for r in recs])
+        return tree
