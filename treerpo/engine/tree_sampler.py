@@ -132,7 +132,7 @@ class TreeSampler:
             need = states[waiting[0]].worst_tokens
             short = need + self._outstanding(states, running) - self.pool.free_tokens
             if short > 0:
-                short -= self.cache.evict(short)
+                short -= self.cache.evict_pages(short)
             if short > 0:
                 if not running and not admitted:
                     raise RuntimeError("the KV pool cannot hold one tree even after evicting the cache")
