@@ -114,3 +114,15 @@ def test_identical_prompts_are_prefilled_once(model_and_tokenizer):
     sampler.on_weights_updated()  # new weights: nothing old is reused
     sampler.sample([prompt], spec)
     assert sampler.runner.forward_tokens == 2 * len(prompt) + 1
+
+
+def test_without_prefix_sharing_the_trees_are_the_same(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    spec = TreeSpec((2, 2), segment_tokens=5, temperature=1.0)
+    shared = TreeSampler(model, tok, pool_tokens=4096)
+    unshared = TreeSampler(model, tok, pool_tokens=4096, share_prefixes=False)
+    for a, b in zip(shared.sample(prompts, spec, seeds=range(5)), unshared.sample(prompts, spec, seeds=range(5))):
+        same_tree(a, b)
+    assert unshared.runner.forward_tokens > shared.runner.forward_tokens  # the repeated prompt is computed twice
+    assert unshared.pool.free_tokens == unshared.pool.capacity_tokens  # every slot returned

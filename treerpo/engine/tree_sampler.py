@@ -63,7 +63,10 @@ class TreeSampler:
     """Samples trees with prefix sharing. ``pool_tokens`` or ``memory_bytes`` sizes the KV pool."""
 
     def __init__(self, model, tokenizer, pool_tokens: int | None = None, memory_bytes: int | None = None,
-                 truncate_prompts: bool = False, stop_strings: Sequence[str] = ()):
+                 truncate_prompts: bool = False, stop_strings: Sequence[str] = (), share_prefixes: bool = True,
+                 ignore_eos: bool = False):
+        """``share_prefixes=False`` prefills every tree's prompt on its own and skips the radix cache (the
+        baseline of benchmarks); ``ignore_eos`` generates full segments whatever is sampled (throughput runs)."""
         self.model = model
         self.tokenizer = tokenizer
         self.truncate_prompts = truncate_prompts
@@ -76,7 +79,8 @@ class TreeSampler:
                            num_pages=pool_tokens, memory_bytes=memory_bytes if pool_tokens is None else None)
         self.cache = RadixCache(self.pool)
         self.runner = ModelRunner(model, self.pool)
-        self.eos = eos_token_ids(model, tokenizer)
+        self.eos = set() if ignore_eos else eos_token_ids(model, tokenizer)
+        self.share_prefixes = share_prefixes
 
     def on_weights_updated(self) -> None:
         """Call after every optimizer step: KV computed with the old weights is never reused."""
@@ -152,11 +156,13 @@ class TreeSampler:
 
     # ---- prefill -----------------------------------------------------------------------------------
     def _prefill(self, states, admitted, spec, params) -> list[tuple[_Branch, int]]:
+        if not admitted:
+            return []
+        if not self.share_prefixes:
+            return self._prefill_unshared(states, admitted, spec, params)
         groups: dict[tuple, list[int]] = {}
         for t in admitted:
             groups.setdefault(tuple(states[t].prompt), []).append(t)
-        if not groups:
-            return []
         steps, keys = [], list(groups)
         for key in keys:
             matched, _ = self.cache.match_prefix(list(key[:-1]))
@@ -178,6 +184,19 @@ class TreeSampler:
                 st.used_tokens += len(key)
                 pending.extend(self._fork(st, t, parent=0, depth=1, path_slots=prompt_slots, seed_path=(),
                                           logits=row, spec=spec, params=params))
+        return pending
+
+    def _prefill_unshared(self, states, admitted, spec, params):
+        steps = [SequenceStep(torch.zeros(0, dtype=torch.long), states[t].prompt,
+                              self.pool.alloc(len(states[t].prompt))) for t in admitted]
+        logits = self.runner.forward(steps)
+        pending = []
+        for t, step, row in zip(admitted, steps, logits):
+            st = states[t]
+            st.prompt_slots = step.new_slots
+            st.slots_to_free.extend(step.new_slots.tolist())
+            st.used_tokens += len(st.prompt)
+            pending.extend(self._fork(st, t, 0, 1, step.new_slots, (), row, spec, params))
         return pending
 
     # ---- decode ------------------------------------------------------------------------------------
