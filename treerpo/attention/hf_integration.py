@@ -13,7 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .context import current_tree_metadata
-from .paged import PagedAttentionMetadata, paged_attention_torch
+from .paged import PagedAttentionMetadata, get_paged_backend
 from .registry import get_tree_backend
 
 ATTENTION_NAME = "tree"
@@ -28,7 +28,7 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch is one row; got batch size {query.shape[0]}")
     if isinstance(meta, PagedAttentionMetadata):
-        return paged_attention_torch(module, query, key, value, meta, scaling), None
+        return get_paged_backend(meta.backend)(module, query, key, value, meta, scaling), None
     out = get_tree_backend(meta.backend)(query, key, value, meta.tin, meta.tout, scale=scaling, cache=meta.cache)
     return out.transpose(1, 2).contiguous(), None
 

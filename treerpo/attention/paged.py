@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,23 +24,23 @@ class PagedAttentionMetadata:
     backend: str = "torch"
 
     @classmethod
-    def build(cls, pool, sequences: list[tuple[torch.Tensor, torch.Tensor]], device) -> "PagedAttentionMetadata":
+    def build(cls, pool, sequences: list[tuple], device) -> "PagedAttentionMetadata":
         """``sequences``: per sequence (slots of its cached path, slots of its new tokens), in packed order."""
-        lengths = [len(new) for _, new in sequences]
-        totals = [len(old) + len(new) for old, new in sequences]
-        b, q, k = len(sequences), max(lengths), max(totals)
-        query_rows = torch.full((b, q), -1, dtype=torch.long)
-        query_key_pos = torch.full((b, q), -1, dtype=torch.long)
-        kv_slots = torch.zeros((b, k), dtype=torch.long)
-        row = 0
-        for i, (old, new) in enumerate(sequences):
-            n = len(new)
-            query_rows[i, :n] = torch.arange(row, row + n)
-            query_key_pos[i, :n] = torch.arange(len(old), len(old) + n)
-            kv_slots[i, :totals[i]] = torch.cat([old, new])
-            row += n
-        write = torch.cat([new for _, new in sequences]) if sequences else torch.zeros(0, dtype=torch.long)
-        return cls(pool, write.to(device), query_rows.to(device), kv_slots.to(device), query_key_pos.to(device))
+        olds = [np.asarray(old, dtype=np.int64) for old, _ in sequences]
+        news = [np.asarray(new, dtype=np.int64) for _, new in sequences]
+        old_len = np.array([len(o) for o in olds], dtype=np.int64)
+        new_len = np.array([len(n) for n in news], dtype=np.int64)
+        kv_slots = np.zeros((len(sequences), int((old_len + new_len).max())), dtype=np.int64)
+        for i, (old, new) in enumerate(zip(olds, news)):
+            kv_slots[i, :len(old)] = old
+            kv_slots[i, len(old):len(old) + len(new)] = new
+        q = np.arange(int(new_len.max()))[None, :]
+        pad = q >= new_len[:, None]
+        query_rows = np.where(pad, -1, (np.cumsum(new_len) - new_len)[:, None] + q)
+        query_key_pos = np.where(pad, -1, old_len[:, None] + q)
+        as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+        return cls(pool, as_tensor(np.concatenate(news)), as_tensor(query_rows), as_tensor(kv_slots),
+                   as_tensor(query_key_pos))
 
 
 def paged_attention_torch(module, query, key, value, meta: PagedAttentionMetadata, scale: float | None):
@@ -64,3 +65,18 @@ def paged_attention_torch(module, query, key, value, meta: PagedAttentionMetadat
     packed = query.new_empty((query.shape[2], hq, d))
     packed[meta.query_rows[valid]] = out[valid]
     return packed[None]
+
+
+_PAGED_BACKENDS = {"torch": paged_attention_torch}
+
+
+def register_paged_backend(name: str, fn) -> None:
+    """Add a decode/prefill backend over the KV pool (e.g. a Triton paged kernel), selected by ``backend``."""
+    _PAGED_BACKENDS[name] = fn
+
+
+def get_paged_backend(name: str):
+    try:
+        return _PAGED_BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown paged attention backend {name!r}; available: {sorted(_PAGED_BACKENDS)}") from None

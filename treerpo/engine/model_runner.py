@@ -19,9 +19,9 @@ from ..logprobs import decoder_of
 
 @dataclass
 class SequenceStep:
-    cached_slots: torch.Tensor  # long [P]: slots of the path already in the pool (positions 0..P-1)
+    cached_slots: "np.ndarray | torch.Tensor"  # int64 [P]: slots of the path already in the pool (positions 0..P-1)
     new_tokens: list[int]
-    new_slots: torch.Tensor  # long [len(new_tokens)]: where their K/V go
+    new_slots: "np.ndarray | torch.Tensor"  # int64 [len(new_tokens)]: where their K/V go
 
 
 def kv_shape(config) -> tuple[int, int, int]:

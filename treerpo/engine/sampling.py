@@ -60,6 +60,9 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
     probs = truncate_logits(scaled, params.top_k, params.top_p).softmax(-1)
     if generators is None:
         tokens = torch.multinomial(probs, 1).squeeze(1)
-    else:
-        tokens = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(0) for p, g in zip(probs, generators)])
+    else:  # one uniform draw per row from its own generator, then a batched inverse-CDF lookup
+        u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+        cdf = probs.cumsum(-1)
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+        tokens = tokens.clamp(max=probs.shape[-1] - 1)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)

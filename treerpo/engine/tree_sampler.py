@@ -32,7 +32,7 @@ class _Branch:
     parent: int  # record index of the parent node (0 = the prompt)
     child_index: int
     depth: int  # 1-based level of the node this branch is generating
-    path_slots: torch.Tensor  # slots of everything before this segment
+    path_slots: np.ndarray  # int64 slots of everything before this segment
     generator: torch.Generator | None
     seed_path: tuple
     tokens: list[int] = field(default_factory=list)
@@ -207,7 +207,7 @@ class TreeSampler:
             gen = None
             if st.seed is not None:
                 gen = torch.Generator(device=logits.device).manual_seed(_child_seed(st.seed, path))
-            branches.append(_Branch(t, parent, c, depth, path_slots, gen, path))
+            branches.append(_Branch(t, parent, c, depth, np.asarray(path_slots, dtype=np.int64), gen, path))
         st.live += len(branches)
         return self._sample_into(branches, logits.expand(len(branches), -1), {t: st}, spec, params)
 
@@ -241,12 +241,11 @@ class TreeSampler:
         return len(st.records)  # record index of this node (the prompt is 0)
 
     def _decode(self, states, pending, spec, params):
-        slots = self.pool.alloc(len(pending))
+        slots = self.pool.alloc(len(pending)).numpy()
         steps = []
-        for (b, tok), slot in zip(pending, slots.tolist()):
-            cached = torch.cat([b.path_slots, torch.tensor(b.own_slots, dtype=torch.long)])
-            steps.append(SequenceStep(cached, [tok], torch.tensor([slot])))
-            b.own_slots.append(slot)
+        for i, (b, tok) in enumerate(pending):
+            steps.append(SequenceStep(self._slots_of(b), [tok], slots[i:i + 1]))
+            b.own_slots.append(int(slots[i]))
             states[b.tree].used_tokens += 1
         logits = self.runner.forward(steps)
         next_pending, continuing, cont_rows = [], [], []
@@ -254,7 +253,7 @@ class TreeSampler:
             if len(b.tokens) == spec.segment_tokens:  # segment done: its children fork from these logits
                 st = states[b.tree]
                 node = self._complete(st, b, finished=False)
-                path_slots = torch.cat([b.path_slots, torch.tensor(b.own_slots, dtype=torch.long)])
+                path_slots = self._slots_of(b)
                 next_pending.extend(self._fork(st, b.tree, node, b.depth + 1, path_slots, b.seed_path,
                                                logits[row], spec, params))
             else:
@@ -264,6 +263,10 @@ class TreeSampler:
             by_tree = {b.tree: states[b.tree] for b in continuing}
             next_pending.extend(self._sample_into(continuing, logits[cont_rows], by_tree, spec, params))
         return next_pending
+
+    @staticmethod
+    def _slots_of(b: _Branch) -> np.ndarray:
+        return np.concatenate([b.path_slots, np.asarray(b.own_slots, dtype=np.int64)])
 
     # ---- output ------------------------------------------------------------------------------------
     def _build_tree(self, st: _TreeState) -> Tree:
