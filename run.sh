@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 VENV=${TREERPO_VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.treerpo-setup"
-want=$(cat setup.py constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+want=$(cat setup.py constraints.txt pyproject.toml csrc/* 2>/dev/null | sha256sum | cut -c1-16)
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then

@@ -12,7 +12,8 @@ def cpp_extensions():
         return [], {}
     from pybind11.setup_helpers import Pybind11Extension, build_ext
 
-    ext = Pybind11Extension("treerpo._C", sources, cxx_std=17, extra_compile_args=["-O3"])
+    headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h"))
+    ext = Pybind11Extension("treerpo._C", sources, depends=headers, cxx_std=17, extra_compile_args=["-O3"])
     return [ext], {"build_ext": build_ext}
 
 

@@ -5,6 +5,9 @@ depth-first order that is the interval test ``tin[k] <= tin[q] < tout[k]``: ``ti
 token's buffer index and ``tout`` the end of its subtree. Positions are depths along the
 path, and ``prev_index[t]`` is the row whose logits predict token t: the previous token of
 the same segment, or the parent's last token for a segment's first token.
+
+``pack_trees`` runs in C++ (``treerpo._C``, the whole batch at once) when it is built;
+``backend="python"`` runs the implementation below, the reference the C++ is tested against.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .native import FlatTrees, native_module
 from .tree import Tree
 
 
@@ -68,8 +72,18 @@ def dfs_order(tree: Tree, include: np.ndarray) -> list[int]:
     return order
 
 
-def pack_trees(trees: Sequence[Tree], prune_unkept: bool = False) -> PackedBatch:
+def pack_trees(trees: Sequence[Tree], prune_unkept: bool = False, backend: str = "auto") -> PackedBatch:
     """Lay out every tree depth-first in one buffer. ``prune_unkept`` leaves out subtrees with no loss token."""
+    native = native_module(backend)
+    if native is None:
+        return _pack_trees_python(trees, prune_unkept)
+    flat = FlatTrees.from_trees(trees, with_tokens=True)
+    cols = native.pack(flat.node_offsets, flat.parent, flat.token_offsets, flat.token_ids, flat.kept,
+                       flat.advantage, prune_unkept)
+    return PackedBatch(**{name: torch.from_numpy(col) for name, col in cols.items()})
+
+
+def _pack_trees_python(trees: Sequence[Tree], prune_unkept: bool) -> PackedBatch:
     cols: dict[str, list[np.ndarray]] = {k: [] for k in
                                          ("ids", "pos", "tin", "tout", "prev", "mask", "adv", "tree", "node")}
     base = 0
@@ -79,12 +93,17 @@ def pack_trees(trees: Sequence[Tree], prune_unkept: bool = False) -> PackedBatch
         seg_len = np.diff(tree.offsets)
         start = np.zeros(tree.num_nodes, dtype=np.int64)  # buffer start of each node's segment
         pos0 = np.zeros(tree.num_nodes, dtype=np.int64)  # position of each node's first token
+        last_row = np.full(tree.num_nodes, -1, dtype=np.int64)  # last row of the path down to the node
         cursor = base
         for node in order:
             start[node] = cursor
             cursor += seg_len[node]
             if node:
                 pos0[node] = pos0[tree.parent[node]] + seg_len[tree.parent[node]]
+            if seg_len[node]:
+                last_row[node] = start[node] + seg_len[node] - 1
+            elif node:  # an empty segment predicts nothing: the nearest non-empty ancestor predicts its children
+                last_row[node] = last_row[tree.parent[node]]
         subtree_end = {node: start[node] + seg_len[node] for node in order}
         for node in reversed(order[1:]):  # children after parents in pre-order: reverse finishes them first
             p = tree.parent[node]
@@ -98,7 +117,7 @@ def pack_trees(trees: Sequence[Tree], prune_unkept: bool = False) -> PackedBatch
             cols["tout"].append(np.full(n, subtree_end[node]))
             prev = idx - 1
             if n:
-                prev[0] = start[tree.parent[node]] + seg_len[tree.parent[node]] - 1 if node else -1
+                prev[0] = last_row[tree.parent[node]] if node else -1
             cols["prev"].append(prev)
             cols["mask"].append(np.full(n, bool(node and tree.kept[node])))
             cols["adv"].append(np.full(n, tree.advantage[node] if node else 0.0))

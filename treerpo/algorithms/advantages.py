@@ -1,6 +1,8 @@
 """TreeRPO's step-level credit: node values from the leaves up, advantages within sibling groups.
 
 A group is the children of one parent. GRPO is the depth-1 case: one group, the G answers.
+These functions run in C++ (``treerpo._C``, a whole batch at once) when it is built; ``backend="python"``
+runs the implementations below, the reference the C++ is tested against.
 """
 from __future__ import annotations
 
@@ -8,17 +10,26 @@ from typing import Sequence
 
 import numpy as np
 
+from ..native import FlatTrees, native_module
 from ..tree import Tree
 
 VALUE_MODES = ("children_mean", "leaf_mean")
 NORMALIZATIONS = ("group_std", "mean_only", "batch_std")
 
 
-def node_values(tree: Tree, mode: str = "children_mean") -> np.ndarray:
+def node_values(tree: Tree, mode: str = "children_mean", backend: str = "auto") -> np.ndarray:
     """Leaves take their reward; an inner node the mean of its children's values ("children_mean")
     or the mean reward of all leaves below it ("leaf_mean")."""
     if mode not in VALUE_MODES:
         raise ValueError(f"unknown value mode {mode!r}; choose one of {VALUE_MODES}")
+    native = native_module(backend)
+    if native is not None:
+        flat = FlatTrees.from_trees([tree])
+        return native.node_values(flat.node_offsets, flat.parent, flat.reward, mode)
+    return _node_values_python(tree, mode)
+
+
+def _node_values_python(tree: Tree, mode: str) -> np.ndarray:
     leaf = tree.is_leaf()
     if np.isnan(tree.reward[leaf]).any():
         raise ValueError("every leaf needs a reward before values can be computed (score the tree first)")
@@ -50,7 +61,7 @@ def sibling_groups(tree: Tree) -> list[np.ndarray]:
 
 
 def compute_advantages(trees: Sequence[Tree], value_mode: str = "children_mean", normalization: str = "group_std",
-                       tau: float = 0.1, eps: float = 1e-6) -> dict[str, float]:
+                       tau: float = 0.1, eps: float = 1e-6, backend: str = "auto") -> dict[str, float]:
     """Fill ``value``, ``advantage`` and ``kept`` of every tree; return batch statistics.
 
     A group is kept when it has at least two members and the (unbiased) std of its values is
@@ -60,12 +71,22 @@ def compute_advantages(trees: Sequence[Tree], value_mode: str = "children_mean",
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown advantage normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+    if value_mode not in VALUE_MODES:
+        raise ValueError(f"unknown value mode {value_mode!r}; choose one of {VALUE_MODES}")
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
+    native = native_module(backend)
+    if native is not None:
+        return _compute_advantages_native(native, trees, value_mode, normalization, tau, eps)
+    return _compute_advantages_python(trees, value_mode, normalization, tau, eps)
+
+
+def _compute_advantages_python(trees: Sequence[Tree], value_mode: str, normalization: str, tau: float,
+                               eps: float) -> dict[str, float]:
     kept_groups = total_groups = 0
     centred_all = []
     for tree in trees:
-        tree.value = node_values(tree, value_mode)
+        tree.value = _node_values_python(tree, value_mode)
         tree.advantage = np.zeros(tree.num_nodes)
         tree.kept = np.zeros(tree.num_nodes, dtype=bool)
         for group in sibling_groups(tree):
@@ -83,5 +104,20 @@ def compute_advantages(trees: Sequence[Tree], value_mode: str = "children_mean",
         scale = np.concatenate(centred_all).std() + eps
         for tree in trees:
             tree.advantage = tree.advantage / scale
-    return {"groups": total_groups, "kept_groups": kept_groups,
-            "kept_group_fraction": kept_groups / total_groups if total_groups else 0.0}
+    return _stats(total_groups, kept_groups)
+
+
+def _compute_advantages_native(native, trees: Sequence[Tree], value_mode: str, normalization: str, tau: float,
+                               eps: float) -> dict[str, float]:
+    """The whole batch in one call; every tree's arrays become views of the batch's."""
+    flat = FlatTrees.from_trees(trees)
+    out = native.compute_advantages(flat.node_offsets, flat.parent, flat.reward, value_mode, normalization, tau, eps)
+    columns = zip(flat.split(out["values"]), flat.split(out["advantages"]), flat.split(out["kept"]))
+    for tree, (value, advantage, kept) in zip(trees, columns):
+        tree.value, tree.advantage, tree.kept = value, advantage, kept
+    return _stats(out["groups"], out["kept_groups"])
+
+
+def _stats(groups: int, kept_groups: int) -> dict[str, float]:
+    return {"groups": groups, "kept_groups": kept_groups,
+            "kept_group_fraction": kept_groups / groups if groups else 0.0}
