@@ -54,12 +54,8 @@ def paged_attention_torch(module, query, key, value, meta: PagedAttentionMetadat
     q = query[0].transpose(0, 1)[rows].permute(0, 2, 1, 3)  # [B, Hq, Q, D]
     key_index = torch.arange(keys.shape[2], device=query.device)
     visible = key_index[None, None, :] <= meta.query_key_pos.clamp(min=0)[:, :, None]  # [B, Q, K]
-    groups = hq // keys.shape[1]
-    if groups > 1:
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None],
-                                         scale=scale)  # [B, Hq, Q, D]
+                                         scale=scale, enable_gqa=hq != keys.shape[1])  # [B, Hq, Q, D]
     out = out.permute(0, 2, 1, 3)  # [B, Q, Hq, D]
     valid = meta.query_rows >= 0
     packed = query.new_empty((query.shape[2], hq, d))

@@ -39,10 +39,7 @@ def sdpa_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         blocks = _block_masks(tin.to(query.device), tout.to(query.device))
         if cache is not None:
             cache["sdpa_blocks"] = blocks
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    gqa = query.shape[1] != key.shape[1]
     outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask,
-                                           scale=scale) for s, e, mask in blocks]
+                                           scale=scale, enable_gqa=gqa) for s, e, mask in blocks]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
