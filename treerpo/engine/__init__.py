@@ -1,5 +1,9 @@
-"""Generation engine: paged KV pool, radix prefix cache (and, beside them, the model runner and samplers)."""
+"""Generation engine: paged KV pool, radix prefix cache, model runner, sampler and the TreeSampler."""
 from .kv_pool import KVPool, PoolExhausted, RequestTooLarge
+from .model_runner import ModelRunner, SequenceStep
 from .radix_cache import RadixCache, TreeNode
+from .sampling import SamplingParams, sample_next
+from .tree_sampler import TreeSampler
 
-__all__ = ["KVPool", "PoolExhausted", "RadixCache", "RequestTooLarge", "TreeNode"]
+__all__ = ["KVPool", "ModelRunner", "PoolExhausted", "RadixCache", "RequestTooLarge", "SamplingParams",
+           "SequenceStep", "TreeNode", "TreeSampler", "sample_next"]
