@@ -1,0 +1,32 @@
+"""The benchmarks run end to end at toy sizes and write their headline ratios (they are measured elsewhere)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script, *args, tmp_path):
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)], check=True,
+                   cwd=ROOT, capture_output=True, timeout=300)
+    return json.loads(out.read_text())
+
+
+def test_rollout_benchmark_writes_ratios(tmp_path):
+    result = run_benchmark("rollout.py", "--model", "tiny", "--prompts", "2", "--segment-tokens", "4",
+                           "--repeats", "1", tmp_path=tmp_path)
+    ratios = result["ratios"]
+    assert ratios["analytic_generated_token_ratio"] == pytest.approx(8 * 3 / 14)
+    assert ratios["measured_generated_token_ratio"] == pytest.approx(ratios["analytic_generated_token_ratio"])
+    systems = result["systems"]
+    assert systems["engine_tree"]["leaves"] == systems["hf_generate"]["leaves"] == 16
+    assert systems["engine_tree"]["forward_tokens"] < systems["engine_noshare"]["forward_tokens"]
+
+
+def test_tree_ops_benchmark_writes_ratios(tmp_path):
+    result = run_benchmark("tree_ops.py", "--quick", tmp_path=tmp_path)
+    assert result["ratios"] and all(v > 0 for v in result["ratios"].values())
