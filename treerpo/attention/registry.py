@@ -1,6 +1,7 @@
 """Tree attention backends by name: ``tree_attention(q, k, v, tin, tout, scale, cache) -> out``."""
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from .sdpa_backend import sdpa_tree_attention
@@ -8,6 +9,8 @@ from .sdpa_backend import sdpa_tree_attention
 TreeAttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 
 _BACKENDS: dict[str, TreeAttentionFn] = {"sdpa": sdpa_tree_attention}
+logger = logging.getLogger(__name__)
+_triton_state: bool | None = None  # None: not tried yet; True: registered; False: unavailable (notice logged)
 
 
 def register_tree_backend(name: str, fn: TreeAttentionFn) -> None:
@@ -25,6 +28,26 @@ def available_tree_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def _register_triton() -> bool:
+    """Import the Triton kernel and register it as "triton" (once); on failure log one line and return False."""
+    global _triton_state
+    if _triton_state is None:
+        try:
+            from treerpo.kernels.tree_attention import triton_tree_attention
+        except Exception as exc:  # triton missing or broken: the SDPA reference serves
+            _triton_state = False
+            logger.warning("Triton tree attention unavailable (%s: %s); using the sdpa backend.",
+                           type(exc).__name__, exc)
+        else:
+            register_tree_backend("triton", triton_tree_attention)
+            _triton_state = True
+    return _triton_state
+
+
 def default_tree_backend(device) -> str:
-    """The fastest registered backend for a device (``sdpa`` until a faster one registers itself)."""
+    """The fastest backend for a device: ``triton`` on CUDA when triton imports, else ``sdpa``."""
+    import torch
+
+    if torch.device(device).type == "cuda" and _register_triton():
+        return "triton"
     return "sdpa"

@@ -1,0 +1,266 @@
+"""The Triton tree attention (forward and backward) against the SDPA dense-mask reference.
+
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set here and in conftest before triton is
+imported), so sizes stay small: N <= ~100 tokens, head dim 16/32, tiles of 16 rows.
+
+Tolerances (max abs error against the fp32 reference, inputs ~N(0, 1)):
+  fp32: 1e-4 forward and backward; fp16: 5e-3 forward, 2e-2 backward; bf16: 3e-2 forward, 5e-2 backward
+  (bf16 loads are upcast to fp32 under the interpreter, which computes bf16 wrongly; on a GPU the dots
+  run in bf16 with fp32 accumulation).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from helpers import random_tree  # noqa: E402
+
+from treerpo.attention import registry  # noqa: E402
+from treerpo.attention.sdpa_backend import interval_mask, sdpa_tree_attention  # noqa: E402
+from treerpo.kernels.tree_attention import _skip_lists, transpose_skip, triton_tree_attention  # noqa: E402
+from treerpo.packing import pack_trees  # noqa: E402
+from treerpo.tile_skip import tile_skip_dense  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = 16
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 2e-2), torch.bfloat16: (3e-2, 5e-2)}
+
+
+def _batch(case: str):
+    rng = np.random.default_rng({"single_node": 1, "chain": 2, "fan": 3, "several": 4}[case])
+    trees = {
+        "single_node": [random_tree(rng, 0, prompt_len=5)],
+        "chain": [random_tree(rng, 20, shape="chain", prompt_len=3, max_segment=4)],
+        "fan": [random_tree(rng, 25, shape="fan", prompt_len=4, max_segment=3)],
+        "several": [random_tree(rng, 6), random_tree(rng, 4, shape="chain"), random_tree(rng, 0),
+                    random_tree(rng, 7, shape="fan"), random_tree(rng, 5)],
+    }[case]
+    return pack_trees(trees)
+
+
+def _run(batch, hq, hkv, d, dtype, seed=0, cache=None, scale=None):
+    n = batch.tin.numel()
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, n, d, generator=gen).to(DEVICE, dtype) for h in (hq, hkv, hkv))
+    grad = torch.randn(1, hq, n, d, generator=gen).to(DEVICE, dtype)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = triton_tree_attention(*leaves, batch.tin.to(DEVICE), batch.tout.to(DEVICE), scale=scale,
+                                cache={} if cache is None else cache, block=BLOCK)
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref_leaves = [x.float().clone().requires_grad_() for x in (q, k, v)]
+    ref = sdpa_tree_attention(*ref_leaves, batch.tin.to(DEVICE), batch.tout.to(DEVICE), scale=scale)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.float())
+    return out, grads, ref, ref_grads
+
+
+def _check(out, grads, ref, ref_grads, dtype):
+    fwd_tol, bwd_tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=fwd_tol, rtol=0)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        torch.testing.assert_close(g.float(), r, atol=bwd_tol, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["single_node", "chain", "fan", "several"])
+def test_matches_sdpa_gqa(case, dtype):
+    batch = _batch(case)
+    out, grads, ref, ref_grads = _run(batch, hq=4, hkv=2, d=32, dtype=dtype)
+    _check(out, grads, ref, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("case", ["single_node", "chain", "fan", "several"])
+def test_cases_have_ragged_lengths(case):
+    """The cases above cover lengths that are not a multiple of the tile (partial last tiles)."""
+    n = _batch(case).tin.numel()
+    assert n % BLOCK and n <= 110
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(2, 2, 16), (4, 1, 16), (2, 1, 24)])
+def test_head_layouts_and_dims(hq, hkv, d):
+    """Plain multi-head, every query head on one KV head, and a head dim that is not a power of two."""
+    batch = _batch("several")
+    out, grads, ref, ref_grads = _run(batch, hq=hq, hkv=hkv, d=d, dtype=torch.float32, seed=1, scale=0.3)
+    _check(out, grads, ref, ref_grads, torch.float32)
+
+
+def test_kernel_visits_only_the_skip_list():
+    """Several trees: the list skips tiles and the answer is still the reference's; the kernel reads the
+    cached list (one computation a batch), and dropping a needed tile from it changes the answer."""
+    batch = _batch("several")
+    n = batch.tin.numel()
+    num_tiles = -(-n // BLOCK)
+    cache = {}
+    out, grads, ref, ref_grads = _run(batch, 4, 2, 16, torch.float32, cache=cache)
+    _check(out, grads, ref, ref_grads, torch.float32)
+    (key,) = [k for k in cache if k[0] == "triton_skip"]
+    lists = cache[key]
+    assert len(lists["key_tiles"]) < num_tiles * num_tiles, "this batch should skip some tiles"
+    # the lists are reused, not recomputed, by a second call (another layer) with the same cache
+    out2, *_ = _run(batch, 4, 2, 16, torch.float32, cache=cache)
+    assert cache[key] is lists
+    torch.testing.assert_close(out2, out)
+    # drop the last query tile's first key tile (a needed one: the tree boundary tile): the answer changes
+    broken = dict(lists)
+    offsets, key_tiles = lists["offsets"].clone(), lists["key_tiles"].clone()
+    last = num_tiles - 1
+    drop = int(offsets[last])
+    broken["key_tiles"] = torch.cat([key_tiles[:drop], key_tiles[drop + 1:]])
+    offsets[last + 1:] -= 1
+    broken["offsets"] = offsets
+    bad, *_ = _run(batch, 4, 2, 16, torch.float32, cache={key: broken})
+    assert not torch.allclose(bad[:, :, last * BLOCK:], ref[:, :, last * BLOCK:], atol=1e-3)
+    torch.testing.assert_close(bad[:, :, :last * BLOCK], ref[:, :, :last * BLOCK], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["chain", "fan", "several"])
+@pytest.mark.parametrize("block", [16, 8])
+def test_transposed_skip_list_is_brute_force(case, block):
+    batch = _batch(case)
+    n = batch.tin.numel()
+    lists = _skip_lists(batch.tin, batch.tout, block, "cpu", None)
+    offsets, key_tiles = tile_skip_dense(batch.tin, batch.tout, block, block)
+    assert torch.equal(lists["offsets"], offsets) and torch.equal(lists["key_tiles"], key_tiles)
+    num_tiles = -(-n // block)
+    mask = torch.zeros(num_tiles * block, num_tiles * block, dtype=torch.bool)
+    mask[:n, :n] = interval_mask(batch.tin.long(), batch.tout.long())
+    needed = mask.view(num_tiles, block, num_tiles, block).any(dim=3).any(dim=1)  # [q tile, k tile]
+    for kt in range(num_tiles):
+        q_tiles = lists["q_tiles"][lists["q_offsets"][kt]:lists["q_offsets"][kt + 1]]
+        assert q_tiles.tolist() == torch.nonzero(needed[:, kt]).squeeze(1).tolist()
+    q_off, q_tiles = transpose_skip(offsets, key_tiles, num_tiles)
+    assert q_off.dtype == torch.long and q_tiles.dtype == torch.int32
+
+
+def test_bad_shapes_refused():
+    batch = _batch("single_node")
+    n = batch.tin.numel()
+    q, k = torch.randn(1, 3, n, 16), torch.randn(1, 2, n, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        triton_tree_attention(q, k, k, batch.tin, batch.tout)
+    with pytest.raises(ValueError, match="entries"):
+        triton_tree_attention(q[:, :2], k, k, batch.tin[:-1], batch.tout[:-1])
+
+
+def test_default_backend():
+    assert registry.default_tree_backend("cpu") == "sdpa"
+    assert registry.default_tree_backend(torch.device("cpu")) == "sdpa"
+    assert registry._register_triton()
+    assert registry.get_tree_backend("triton") is triton_tree_attention
+    if torch.cuda.is_available():
+        assert registry.default_tree_backend("cuda") == "triton"
+
+
+def test_packed_logprobs_through_triton_backend(monkeypatch):
+    """End to end: a tiny Qwen2 (GQA, head dim 8) on the registered "triton" backend gives the log-probs
+    and gradients of the "sdpa" backend."""
+    from helpers import tiny_model
+
+    from treerpo.logprobs import packed_logprobs
+
+    assert registry._register_triton()
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("cache"))
+        return triton_tree_attention(*args, **kwargs)
+
+    monkeypatch.setitem(registry._BACKENDS, "triton", counted)
+    rng = np.random.default_rng(5)
+    batch = pack_trees([random_tree(rng, 5), random_tree(rng, 3, shape="chain")])
+    model = tiny_model("qwen2").to(DEVICE)
+    results = {}
+    for backend in ("sdpa", "triton"):
+        model.zero_grad()
+        logp = packed_logprobs(model, batch, backend=backend)
+        logp.sum().backward()
+        results[backend] = (logp.detach(), [p.grad.clone() for p in model.parameters()])
+    assert len(calls) == 2 and calls[0] is calls[1]  # both layers, one shared cache: one skip list
+    assert sum(k[0] == "triton_skip" for k in calls[0]) == 1
+    torch.testing.assert_close(results["triton"][0], results["sdpa"][0], atol=1e-4, rtol=0)
+    for g_t, g_s in zip(results["triton"][1], results["sdpa"][1]):
+        torch.testing.assert_close(g_t, g_s, atol=1e-4, rtol=1e-4)
+
+
+def test_registry_picks_triton_on_cuda_and_falls_back(monkeypatch, caplog):
+    """The registry logic alone (no GPU needed): CUDA -> "triton" when it imports; when the import fails,
+    one notice and "sdpa"."""
+    import sys
+
+    monkeypatch.setattr(registry, "_triton_state", None)
+    assert registry.default_tree_backend("cuda") == "triton"
+    assert registry.default_tree_backend("cpu") == "sdpa"
+    monkeypatch.setattr(registry, "_triton_state", None)
+    monkeypatch.setitem(sys.modules, "treerpo.kernels.tree_attention", None)  # import now raises ImportError
+    with caplog.at_level("WARNING", logger=registry.__name__):
+        assert registry.default_tree_backend(torch.device("cuda", 0)) == "sdpa"
+        assert registry.default_tree_backend("cuda") == "sdpa"
+    assert len([r for r in caplog.records if "Triton tree attention unavailable" in r.message]) == 1
+
+
+_AOT_SCRIPT = r"""
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.errors import CompilationError
+
+from treerpo.kernels import tree_attention as ta
+
+for dtype, head_dim in [("fp16", 64), ("bf16", 128), ("fp32", 64)]:
+    ptr, f32 = "*" + dtype, "*fp32"
+    tiles = ["*i32", "*i32", "*i64", "*i32"]  # tin, tout, CSR offsets, CSR tiles
+    kernels = {
+        ta._tree_attn_fwd: [ptr] * 4 + [f32] + tiles + ["i32"] * 4 + ["fp32"] + ["i32"] * 6,
+        ta._tree_attn_bwd_dkdv: [ptr] * 4 + [f32] * 4 + tiles + ["i32"] * 4 + ["fp32"] * 2 + ["i32"] * 6,
+        ta._tree_attn_bwd_dq: [ptr] * 4 + [f32] * 2 + [ptr] + tiles + ["i32"] * 4 + ["fp32"] * 2 + ["i32"] * 4,
+    }
+    fp32 = dtype == "fp32"
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=64, BLOCK_N=64, DOT_FP32=fp32,
+                  PRECISION="ieee" if fp32 else None)
+    for kernel, types in kernels.items():
+        arg_types = iter(types)
+        signature = {name: "constexpr" if name in consts else next(arg_types) for name in kernel.arg_names}
+        assert next(arg_types, None) is None, "signature out of date"
+        src = ASTSource(fn=kernel, signature=signature, constexprs=consts)
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": 4 if head_dim <= 64 else 8})
+        except CompilationError:
+            raise
+        except Exception as exc:  # no CUDA backend / ptxas in this triton build
+            print(f"SKIP {type(exc).__name__}: {exc}")
+            sys.exit(0)
+        assert "cubin" in compiled.asm
+        assert compiled.metadata.shared <= 227 * 1024, (kernel.__name__, dtype, compiled.metadata.shared)
+        print("OK", kernel.__name__, dtype, head_dim, compiled.metadata.shared)
+"""
+
+
+def test_kernels_compile_for_h100(tmp_path):
+    """The interpreter accepts what the compiler refuses (e.g. non-constexpr globals): compile the three
+    kernels ahead of time for sm_90 (Triton IR -> PTX -> cubin, no GPU needed) with the GPU block sizes, in
+    a fresh process without TRITON_INTERPRET (the interpreter patches triton.language in this one)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    if run.stdout.startswith("SKIP"):
+        pytest.skip(run.stdout.strip())
+    assert run.stdout.count("OK ") == 9, run.stdout
