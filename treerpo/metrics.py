@@ -20,7 +20,7 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
 
-def plot_metrics(records: list[dict], path: Path, title: str) -> None:
+def plot_metrics(records: list[dict], path: Path, title: str, initial_eval: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +29,8 @@ def plot_metrics(records: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in records]
     ax.plot(steps, [r["reward_mean"] for r in records], label="train reward (mean over leaves)", alpha=0.7)
-    evals = [(r["step"], r["eval_accuracy"]) for r in records if r.get("eval_accuracy") is not None]
+    evals = [(0, initial_eval)] if initial_eval is not None else []
+    evals += [(r["step"], r["eval_accuracy"]) for r in records if r.get("eval_accuracy") is not None]
     if evals:
         ax.plot(*zip(*evals), marker="o", label="held-out accuracy")
     ax.set_xlabel("step")

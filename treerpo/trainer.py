@@ -249,7 +249,8 @@ class Trainer:
                    "tree": {"branching": list(self.spec.branching), "segment_tokens": self.spec.segment_tokens}}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         plot_metrics(self.metrics.records, self.out / "training.png",
-                     f"{config.algo} on {self.task.name}: held-out {self.initial_eval:.2f} -> {final_eval:.2f}")
+                     f"{config.algo} on {self.task.name}: held-out {self.initial_eval:.2f} -> {final_eval:.2f}",
+                     self.initial_eval)
         return summary
 
     def close(self) -> None:
