@@ -36,6 +36,25 @@ def _interpreting() -> bool:
 
 # ----------------------------------------------------------------------------------------------- forward
 @triton.jit
+def _key_tile(k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn,
+              BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
+    """K and V of key tile ``kt`` and which of its keys each query row (``tin_q``) sees: [BLOCK_M, BLOCK_N]."""
+    offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < N
+    kv_off = offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    tin_k = tl.load(TIN + offs_n, mask=n_valid, other=2147483647)
+    tout_k = tl.load(TOUT + offs_n, mask=n_valid, other=-2147483647)
+    visible = (tin_k[None, :] <= tin_q[:, None]) & (tin_q[:, None] < tout_k[None, :])
+    return k, v, visible
+
+
+@triton.jit
 def _tree_attn_fwd(Q, K, V, O, LSE, TIN, TOUT, OFFSETS, KEY_TILES,
                    N, HQ, HKV, GROUP, qk_scale,
                    stride_qh, stride_qn, stride_kh, stride_kn, stride_oh, stride_on,
@@ -63,18 +82,8 @@ def _tree_attn_fwd(Q, K, V, O, LSE, TIN, TOUT, OFFSETS, KEY_TILES,
     end = tl.load(OFFSETS + pid_m + 1)
     for i in range(start, end):
         kt = tl.load(KEY_TILES + i)
-        offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < N
-        kv_off = offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        tin_k = tl.load(TIN + offs_n, mask=n_valid, other=2147483647)
-        tout_k = tl.load(TOUT + offs_n, mask=n_valid, other=-2147483647)
-        visible = (tin_k[None, :] <= tin_q[:, None]) & (tin_q[:, None] < tout_k[None, :])
+        k, v, visible = _key_tile(k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn,
+                                  BLOCK_N, DOT_FP32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -181,18 +190,8 @@ def _tree_attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TIN, TOUT, OFFSETS, KEY_TILES
     end = tl.load(OFFSETS + pid_m + 1)
     for i in range(start, end):
         kt = tl.load(KEY_TILES + i)
-        offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < N
-        kv_off = offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        tin_k = tl.load(TIN + offs_n, mask=n_valid, other=2147483647)
-        tout_k = tl.load(TOUT + offs_n, mask=n_valid, other=-2147483647)
-        visible = (tin_k[None, :] <= tin_q[:, None]) & (tin_q[:, None] < tout_k[None, :])
+        k, v, visible = _key_tile(k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn,
+                                  BLOCK_N, DOT_FP32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
