@@ -126,3 +126,17 @@ def test_without_prefix_sharing_the_trees_are_the_same(model_and_tokenizer):
         same_tree(a, b)
     assert unshared.runner.forward_tokens > shared.runner.forward_tokens  # the repeated prompt is computed twice
     assert unshared.pool.free_tokens == unshared.pool.capacity_tokens  # every slot returned
+
+
+def test_stop_string_ends_a_branch(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompt = tok("12+3-4=")["input_ids"]
+    spec = TreeSpec((2,), segment_tokens=20, temperature=0.0)
+    full = ReferenceTreeSampler(model, tok).sample([prompt], spec)[0]
+    text = tok.decode(full.segment(1))
+    stopped = TreeSampler(model, tok, pool_tokens=1024, stop_strings=[";"]).sample([prompt], spec)[0]
+    got = tok.decode(stopped.segment(1))
+    if ";" in text:
+        assert got == text[:text.index(";") + 1] and stopped.finished[1]
+    else:
+        assert got == text
