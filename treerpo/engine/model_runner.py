@@ -7,6 +7,7 @@ returned. Prefill (many new tokens) and decode (one each) are the same call.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,27 @@ from ..attention import enable_tree_attention
 from ..attention.context import attention_metadata
 from ..attention.paged import PagedAttentionMetadata
 from ..logprobs import decoder_of
+
+logger = logging.getLogger(__name__)
+_triton_paged_state: bool | None = None  # None: not tried yet
+
+
+def default_paged_backend(device) -> str:
+    """"triton" (the paged decode kernel of ``treerpo.kernels.paged_decode``) on CUDA when it imports, else
+    "torch"; says once when CUDA is there but the kernel does not import."""
+    global _triton_paged_state
+    if torch.device(device).type != "cuda":
+        return "torch"
+    if _triton_paged_state is None:
+        try:
+            import treerpo.kernels.paged_decode  # noqa: F401  (registers the "triton" paged backend)
+        except Exception as exc:  # triton missing or broken: the PyTorch reference serves
+            _triton_paged_state = False
+            logger.warning("Triton paged decode attention unavailable (%s: %s); using the torch paged backend.",
+                           type(exc).__name__, exc)
+        else:
+            _triton_paged_state = True
+    return "triton" if _triton_paged_state else "torch"
 
 
 @dataclass
@@ -38,6 +60,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.head = model.get_output_embeddings()
         self.forward_tokens = 0  # tokens pushed through the model, for benchmarks
+        self.paged_backend = default_paged_backend(self.device)  # attention/paged.py backend of every forward
 
     @torch.no_grad()
     def forward(self, steps: list[SequenceStep]) -> torch.Tensor:
@@ -52,6 +75,7 @@ class ModelRunner:
             row += n
             last_rows.append(row - 1)
         meta = PagedAttentionMetadata.build(self.pool, [(s.cached_slots, s.new_slots) for s in steps], self.device)
+        meta.backend = self.paged_backend
         input_ids = torch.tensor([ids], device=self.device)
         position_ids = torch.tensor([positions], device=self.device)
         with attention_metadata(meta):

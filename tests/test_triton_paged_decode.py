@@ -1,0 +1,236 @@
+"""The Triton paged decode kernel, its cascade (shared-prefix) variant and the "triton" paged backend.
+
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set here and in conftest before triton is
+imported), so sizes stay small: B <= 8 sequences, K <= 40 keys, head dim 16/32, key tiles of 16.
+Tolerances (max abs error against an fp32 gather + softmax reference, inputs ~N(0, 1)): fp32 1e-5,
+fp16 5e-3, bf16 3e-2 (bf16 is upcast to fp32 under the interpreter).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from helpers import tiny_model  # noqa: E402
+
+from treerpo.attention.paged import PagedAttentionMetadata, get_paged_backend  # noqa: E402
+from treerpo.engine import model_runner  # noqa: E402
+from treerpo.engine.kv_pool import KVPool  # noqa: E402
+from treerpo.engine.model_runner import ModelRunner, SequenceStep, kv_shape  # noqa: E402
+from treerpo.kernels.paged_decode import (EMPTY_LSE, cascade_decode_attention, merge_attention_states,  # noqa: E402
+                                          merge_two, paged_decode_attention, paged_decode_backend)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def reference(q, k_cache, v_cache, kv_slots, kv_len, scale=None):
+    """fp32 gather + softmax per sequence: (out [B, Hq, D], natural LSE [B, Hq])."""
+    b, hq, d = q.shape
+    group = hq // k_cache.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    outs, lses = [], []
+    for i in range(b):
+        idx = kv_slots[i, :int(kv_len[i])]
+        k = k_cache[idx].float().repeat_interleave(group, 1)  # [n, Hq, D]
+        v = v_cache[idx].float().repeat_interleave(group, 1)
+        s = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
+        outs.append(torch.einsum("hn,nhd->hd", s.softmax(-1), v))
+        lses.append(torch.logsumexp(s, -1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+def random_case(seed, b, hq, hkv, d, max_k, dtype, slots=128, share=True):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(slots, hkv, d, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(slots, hkv, d, generator=gen).to(DEVICE, dtype)
+    q = torch.randn(b, hq, d, generator=gen).to(DEVICE, dtype)
+    kv_len = torch.randint(1, max_k + 1, (b,), generator=gen)
+    kv_len[0] = max_k
+    kv_slots = torch.randint(0, slots, (b, max_k), generator=gen)  # padding past kv_len: arbitrary slots
+    if share and b > 1:  # rows sharing pages: the same slot ids in several rows
+        n = int(min(kv_len[0], kv_len[1]))
+        kv_slots[1, :n] = kv_slots[0, :n]
+        kv_slots[-1, :int(kv_len[-1])] = kv_slots[0, torch.randperm(max_k, generator=gen)[:int(kv_len[-1])]]
+    return q, k_cache, v_cache, kv_slots.to(DEVICE), kv_len.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b,hq,hkv,d,max_k", [(1, 2, 2, 16, 1), (5, 4, 2, 32, 37), (8, 8, 2, 16, 40),
+                                              (3, 3, 1, 32, 17)])
+def test_plain_kernel_matches_reference(b, hq, hkv, d, max_k, dtype):
+    q, kc, vc, slots, lens = random_case(b * 100 + max_k, b, hq, hkv, d, max_k, dtype)
+    out, lse = paged_decode_attention(q, kc, vc, slots, lens, return_lse=True)
+    ref, ref_lse = reference(q, kc, vc, slots, lens)
+    assert out.dtype == dtype and out.shape == (b, hq, d)
+    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=max(TOL[dtype], 1e-4), rtol=0)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_k_matches_reference(splits):
+    q, kc, vc, slots, lens = random_case(7, 6, 4, 2, 16, 40, torch.float32)
+    scale = 0.3
+    out, lse = paged_decode_attention(q, kc, vc, slots, lens, scale=scale, splits=splits, return_lse=True)
+    ref, ref_lse = reference(q, kc, vc, slots, lens, scale=scale)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+
+
+def sibling_groups(seed, dtype, d=16, hq=4, hkv=2):
+    """8 sequences: group 0 = rows 0, 2, 5 (prefix 21 slots), group 1 = rows 1, 6 (prefix 5),
+    group 2 = row 4 alone (prefix 3), rows 3 and 7 in no group."""
+    gen = torch.Generator().manual_seed(seed)
+    slots, max_k = 160, 40
+    kc = torch.randn(slots, hkv, d, generator=gen).to(DEVICE, dtype)
+    vc = torch.randn(slots, hkv, d, generator=gen).to(DEVICE, dtype)
+    q = torch.randn(8, hq, d, generator=gen).to(DEVICE, dtype)
+    group_of_seq = torch.tensor([0, 1, 0, -1, 2, 0, 1, -1])
+    prefix_len = torch.tensor([21, 5, 3])
+    prefix_slots = torch.randint(0, slots, (3, 24), generator=gen)
+    kv_slots = torch.randint(0, slots, (8, max_k), generator=gen)
+    kv_len = torch.randint(1, max_k + 1, (8,), generator=gen)
+    for i, g in enumerate(group_of_seq.tolist()):
+        if g >= 0:
+            p = int(prefix_len[g])
+            kv_slots[i, :p] = prefix_slots[g, :p]
+            kv_len[i] = max(int(kv_len[i]), p + 1)  # at least the new token after the prefix
+    kv_len[5] = prefix_len[0] + 1  # a suffix of the new token only
+    return (q, kc, vc, kv_slots.to(DEVICE), kv_len.to(DEVICE), prefix_slots.to(DEVICE), prefix_len.to(DEVICE),
+            group_of_seq.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("splits", [None, 2])
+def test_cascade_matches_the_plain_kernel(dtype, splits):
+    q, kc, vc, slots, lens, pslots, plen, groups = sibling_groups(3, dtype)
+    plain, plain_lse = paged_decode_attention(q, kc, vc, slots, lens, return_lse=True)
+    out, lse = cascade_decode_attention(q, kc, vc, slots, lens, pslots, plen, groups, splits=splits,
+                                        return_lse=True)
+    assert out.dtype == dtype and out.shape == plain.shape
+    torch.testing.assert_close(out.float(), plain.float(), atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(lse, plain_lse, atol=max(TOL[dtype], 1e-4), rtol=0)
+    ref, _ = reference(q, kc, vc, slots, lens)
+    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=0)
+
+
+def test_cascade_without_groups_is_the_plain_kernel():
+    q, kc, vc, slots, lens, pslots, plen, groups = sibling_groups(4, torch.float32)
+    out = cascade_decode_attention(q, kc, vc, slots, lens, pslots, plen, torch.full_like(groups, -1))
+    torch.testing.assert_close(out, paged_decode_attention(q, kc, vc, slots, lens), atol=1e-6, rtol=0)
+
+
+def test_lse_merge_equals_attention_over_the_concatenation():
+    gen = torch.Generator().manual_seed(11)
+    b, hq, d = 3, 4, 16
+    kc, vc = torch.randn(60, 2, d, generator=gen).to(DEVICE), torch.randn(60, 2, d, generator=gen).to(DEVICE)
+    q = torch.randn(b, hq, d, generator=gen).to(DEVICE)
+    first = torch.randint(0, 60, (b, 13), generator=gen).to(DEVICE)
+    second = torch.randint(0, 60, (b, 9), generator=gen).to(DEVICE)
+    l1 = torch.tensor([13, 4, 1], device=DEVICE)
+    l2 = torch.tensor([9, 9, 2], device=DEVICE)
+    o1, lse1 = paged_decode_attention(q, kc, vc, first, l1, return_lse=True)
+    o2, lse2 = paged_decode_attention(q, kc, vc, second, l2, return_lse=True)
+    out, lse = merge_two(o1, lse1, o2, lse2)
+    concat = torch.zeros(b, 22, dtype=torch.int64, device=DEVICE)
+    for i in range(b):
+        n1, n2 = int(l1[i]), int(l2[i])
+        concat[i, :n1], concat[i, n1:n1 + n2] = first[i, :n1], second[i, :n2]
+    ref, ref_lse = reference(q, kc, vc, concat, l1 + l2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+    # a partial that saw no key has weight 0
+    empty = torch.full_like(lse1, EMPTY_LSE)
+    alone, alone_lse = merge_attention_states(torch.stack((o1, torch.zeros_like(o1))), torch.stack((lse1, empty)))
+    torch.testing.assert_close(alone, o1, atol=0, rtol=0)
+    torch.testing.assert_close(alone_lse, lse1, atol=1e-6, rtol=0)
+
+
+def test_backend_matches_the_torch_backend_and_falls_back_for_prefill():
+    torch.manual_seed(0)
+    hq, hkv, d, n_layers = 4, 2, 16, 1
+    pool = KVPool(n_layers, hkv, d, torch.float32, DEVICE, num_pages=64)
+    module = type("Attn", (), {"layer_idx": 0})()
+    old = pool.alloc(10)
+    pool.write(0, old, torch.randn(10, hkv, d), torch.randn(10, hkv, d))
+    # decode: 4 sequences sharing the first slots (siblings), one new token each
+    new = pool.alloc(4)
+    seqs = [(old[:6], new[0:1]), (old[:6], new[1:2]), (old[:10], new[2:3]), (old[:3], new[3:4])]
+    for n_new, sequences in ((1, seqs), (3, None)):
+        if sequences is None:  # prefill: 3 new tokens for 2 sequences -> the torch fallback
+            extra = pool.alloc(6)
+            sequences = [(old[:4], extra[:3]), (old[:2], extra[3:])]
+        n = sum(len(s[1]) for s in sequences)
+        q = torch.randn(1, hq, n, d, device=DEVICE)
+        k, v = torch.randn(1, hkv, n, d, device=DEVICE), torch.randn(1, hkv, n, d, device=DEVICE)
+        meta = PagedAttentionMetadata.build(pool, sequences, DEVICE)
+        ref = get_paged_backend("torch")(module, q, k, v, meta, None)
+        got = paged_decode_backend(module, q, k, v, meta, None)
+        assert got.shape == ref.shape == (1, n, hq, d)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert get_paged_backend("triton") is paged_decode_backend
+
+
+def test_runner_uses_torch_off_cuda():
+    assert model_runner.default_paged_backend("cpu") == "torch"
+
+
+def test_engine_forward_with_the_triton_backend(monkeypatch):
+    """ModelRunner prefill + decode of siblings: logits of the "triton" backend equal the "torch" backend's."""
+    model = tiny_model().to(DEVICE)
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return paged_decode_backend(*args)
+
+    from treerpo.attention import paged
+    monkeypatch.setitem(paged._PAGED_BACKENDS, "triton", spy)
+    logits = {}
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, 40, size=7).tolist()
+    children = [rng.integers(1, 40, size=3).tolist() for _ in range(3)]
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(model_runner, "default_paged_backend", lambda device, b=backend: b)
+        pool = KVPool(layers, kv_heads, head_dim, torch.float32, DEVICE, num_pages=128)
+        runner = ModelRunner(model, pool)
+        assert runner.paged_backend == backend
+        root = pool.alloc(len(prompt))
+        out = [runner.forward([SequenceStep(root[:0], prompt, root)])]
+        paths = [root.clone() for _ in children]
+        for t in range(3):  # three decode steps of three siblings sharing the prompt's slots
+            new = pool.alloc(len(children))
+            out.append(runner.forward([SequenceStep(paths[i], [children[i][t]], new[i:i + 1])
+                                       for i in range(len(children))]))
+            paths = [torch.cat((p, new[i:i + 1])) for i, p in enumerate(paths)]
+        logits[backend] = torch.cat(out)
+    assert len(calls) == 4 * layers  # every forward (prefill falls back inside the backend)
+    torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
+
+
+def test_tree_sampler_with_the_triton_backend_samples_the_same_trees(monkeypatch):
+    from treerpo.engine.tree_sampler import TreeSampler
+    from treerpo.models.tiny import build_char_tokenizer, build_tiny_model
+    from treerpo.tree import TreeSpec
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, seed=3).to(DEVICE).eval()
+    prompts = [tok(p)["input_ids"] for p in ("12+3-4=", "7-19+2=")]
+    spec = TreeSpec((2, 2), segment_tokens=3, temperature=1.0)
+    trees = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(model_runner, "default_paged_backend", lambda device, b=backend: b)
+        sampler = TreeSampler(model, tok, pool_tokens=1024)
+        assert sampler.runner.paged_backend == backend
+        trees[backend] = sampler.sample(prompts, spec, seeds=[1, 2])
+    for a, b in zip(trees["torch"], trees["triton"]):
+        assert a.parent.tolist() == b.parent.tolist()
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=1e-4)
