@@ -51,3 +51,16 @@ def default_tree_backend(device) -> str:
     if torch.device(device).type == "cuda" and _register_triton():
         return "triton"
     return "sdpa"
+
+
+def _register_flex() -> bool:
+    """Register the FlexAttention backend as "flex" when ``torch.nn.attention.flex_attention`` imports."""
+    try:
+        from .flex_backend import flex_tree_attention
+    except Exception:  # an older torch without FlexAttention: the backend is simply not offered
+        return False
+    register_tree_backend("flex", flex_tree_attention)
+    return True
+
+
+_register_flex()
