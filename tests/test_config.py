@@ -36,6 +36,9 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
     ("branching", [2, 0], r"branching must be a non-empty list of integers >= 1"),
     ("truncate_prompts", "maybe", r"is not a valid bool"),
+    ("lr", "nan", r"lr must be a finite number"),
+    ("threads", 0, r"threads must be >= 1"),
+    ("tree_attention_backend", "sdpaa", r"tree_attention_backend='sdpaa' is not valid; choose one of"),
 ])
 def test_bad_values_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):

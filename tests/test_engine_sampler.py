@@ -140,3 +140,15 @@ def test_stop_string_ends_a_branch(model_and_tokenizer):
         assert got == text[:text.index(";") + 1] and stopped.finished[1]
     else:
         assert got == text
+
+
+def test_trees_whose_branches_all_end_at_the_fork_are_released(model_and_tokenizer):
+    """One-token segments end every branch inside the prefill's fork: trees must still finish and unlock."""
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    spec = TreeSpec((4,), segment_tokens=1, temperature=1.0)
+    sampler = TreeSampler(model, tok, pool_tokens=max(map(len, prompts)) + 6)  # one tree at a time
+    trees = sampler.sample(prompts, spec, seeds=[0, 1, 2])
+    assert [len(t.leaves()) for t in trees] == [4, 4, 4]
+    sampler.cache.reset()  # refuses while any tree still holds a lock
+    assert sampler.pool.free_tokens == sampler.pool.capacity_tokens

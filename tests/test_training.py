@@ -91,3 +91,24 @@ def test_malformed_dataset_line_is_reported(tmp_path):
     data.write_text('{"question": "1+1", "answer": "#### 2"}\n{"question": \n')
     with pytest.raises(DatasetFormatError, match=r"bad.jsonl.*line 2"):
         run(tmp_path / "out", dataset=str(data), eval_size=1, max_steps=1)
+
+
+def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path):
+    run(tmp_path, max_steps=1, eval_every=0)
+    with pytest.raises(ValueError, match="earlier run; continue it with --resume"):
+        Trainer(make_config({**SMALL, "output_dir": str(tmp_path), "max_steps": 2}))
+
+
+def test_resume_error_names_the_changed_option(tmp_path):
+    run(tmp_path, max_steps=1, eval_every=0)
+    with pytest.raises(ValueError, match=r"lr=1\.0 \(was 5e-05\)"):
+        Trainer(make_config({**SMALL, "output_dir": str(tmp_path), "max_steps": 2, "resume": True, "lr": 1.0}))
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    from treerpo.checkpoint import checkpoint_steps, prune_checkpoints
+
+    for step in (50, 150, 200):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    prune_checkpoints(tmp_path, keep=2, newest=50)
+    assert checkpoint_steps(tmp_path) == [50, 200]

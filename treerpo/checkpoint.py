@@ -50,7 +50,7 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, st
     os.replace(tmp, final)
     _fsync_dir(output_dir)
     write_text_atomic(output_dir / LATEST, final.name)
-    prune_checkpoints(output_dir, keep)
+    prune_checkpoints(output_dir, keep, step)
     return final
 
 
@@ -58,8 +58,10 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit())
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    for step in checkpoint_steps(output_dir)[:-keep]:
+def prune_checkpoints(output_dir: Path, keep: int, newest: int) -> None:
+    """Keep ``newest`` (the one just written) and the most recent others, ``keep`` in all."""
+    others = [s for s in checkpoint_steps(output_dir) if s != newest]
+    for step in others[:max(0, len(others) - (keep - 1))]:
         shutil.rmtree(Path(output_dir) / f"checkpoint-{step}", ignore_errors=True)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -35,7 +36,7 @@ class TrainConfig:
     branching: list[int] = field(default_factory=lambda: [4, 2, 2], metadata={"help": "children per level (treerpo)"})
     segment_tokens: int = field(default=12, metadata={"help": "tokens per tree segment (treerpo)"})
     group_size: int = field(default=16, metadata={"help": "answers per prompt (grpo)"})
-    max_new_tokens: int = field(default=36, metadata={"help": "answer length for grpo and evaluation"})
+    max_new_tokens: int = field(default=36, metadata={"help": "answer length for grpo (treerpo: depth x segment_tokens)"})
     max_prompt_tokens: int = 64
     truncate_prompts: bool = field(default=False, metadata={"help": "keep a long prompt's last tokens instead of refusing it"})
     temperature: float = 1.0
@@ -50,7 +51,7 @@ class TrainConfig:
     clip_high: float = 0.28
     kl_coef: float = field(default=0.02, metadata={"help": "k3 KL penalty to the initial policy; 0 turns it off"})
     ppo_epochs: int = 1
-    minibatches: int = field(default=1, metadata={"help": "optimizer steps per rollout per epoch"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per rollout per epoch (at most one a micro-batch)"})
     micro_batch_tokens: int = field(default=4096, metadata={"help": "packed tokens per forward"})
     eval_every: int = 20
     eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy pass@1"})
@@ -81,8 +82,20 @@ class TrainConfig:
                      "temperature", "eval_temperature", "reward_deadline_s", "eval_every", "save_every"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         if self.lr == 0:
             raise ConfigError("lr must be > 0")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 (or unset for torch's default), got {self.threads}")
+        if self.tree_attention_backend is not None:
+            from .attention import available_tree_backends
+
+            if self.tree_attention_backend not in available_tree_backends() + ["triton"]:
+                raise ConfigError(f"tree_attention_backend={self.tree_attention_backend!r} is not valid; choose one "
+                                  f"of {available_tree_backends() + ['triton']}")
         if not self.branching or any(int(b) < 1 for b in self.branching):
             raise ConfigError(f"branching must be a non-empty list of integers >= 1, got {self.branching}")
         if not 0 < self.top_p <= 1:

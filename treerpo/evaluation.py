@@ -25,12 +25,14 @@ def pass_at_1(model, tokenizer, prompts: Sequence[str], golds: Sequence[str], re
               batch_size: int = 256) -> AccuracyResult:
     was_training = model.training
     model.eval()
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    repeated = [ids for ids in prompt_ids for _ in range(n)]
-    outputs = continue_sequences(model, tokenizer, repeated, max_new_tokens, temperature, top_p, batch_size)
+    try:
+        prompt_ids = encode_prompts(tokenizer, prompts)
+        repeated = [ids for ids in prompt_ids for _ in range(n)]
+        outputs = continue_sequences(model, tokenizer, repeated, max_new_tokens, temperature, top_p, batch_size)
+    finally:
+        model.train(was_training)
     texts = tokenizer.batch_decode([tokens for tokens, _ in outputs], skip_special_tokens=True)
     scores = np.asarray(reward_fn(texts, [g for g in golds for _ in range(n)]), dtype=float).reshape(len(prompts), n)
-    model.train(was_training)
     return AccuracyResult(
         accuracy=float(scores.mean()) if scores.size else 0.0,
         pass_at_n=float((scores > 0.5).any(axis=1).mean()) if scores.size else 0.0,

@@ -31,6 +31,10 @@ from .scoring import score_trees
 from .tree import Tree, TreeSpec
 
 
+# options that do not change what a step computes: a resumed run may change them
+RESUMABLE_CHANGES = frozenset({"resume", "max_steps", "threads", "eval_every", "save_every", "keep_checkpoints"})
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -103,6 +107,9 @@ class Trainer:
         self.counters = {"tokens_generated": 0, "tokens_trained": 0}
         if config.resume:
             self._resume()
+        elif latest_checkpoint(self.out) is not None:
+            raise ValueError(f"{self.out} holds the checkpoints of an earlier run; continue it with --resume "
+                             "or choose another --output-dir")
         self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.start_step)
 
     @staticmethod
@@ -118,10 +125,13 @@ class Trainer:
             self.log(f"resume: no checkpoint in {self.out}, starting from step 0")
             return
         state = load_trainer_state(checkpoint)
-        if state["config"] | {"resume": None, "max_steps": None} != self.config.to_dict() | {"resume": None,
-                                                                                             "max_steps": None}:
-            raise ValueError(f"resume: the options differ from those {checkpoint} was trained with; "
-                             "use the same options (only max_steps may change) or another output_dir")
+        differ = {k: (v, state["config"].get(k)) for k, v in self.config.to_dict().items()
+                  if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}
+        if differ:
+            listed = ", ".join(f"{k}={new!r} (was {old!r})" for k, (new, old) in sorted(differ.items()))
+            raise ValueError(f"resume: the options differ from those {checkpoint} was trained with: {listed}; "
+                             f"use the same values (only {sorted(RESUMABLE_CHANGES)} may change) or another "
+                             "output_dir")
         loaded, _ = load_model_and_tokenizer(checkpoint)
         self.model.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
@@ -190,7 +200,7 @@ class Trainer:
     def evaluate(self) -> float:
         prompts, golds = zip(*self.task.eval)
         result = pass_at_1(self.model, self.tokenizer, list(prompts), list(golds), self.reward_fn,
-                           self.config.max_new_tokens, n=self.config.eval_samples,
+                           self.spec.max_new_tokens, n=self.config.eval_samples,
                            temperature=self.config.eval_temperature, top_p=self.config.top_p,
                            batch_size=self.config.sampler_batch_size)
         return result.accuracy

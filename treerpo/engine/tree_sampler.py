@@ -120,10 +120,9 @@ class TreeSampler:
         while waiting or pending:
             admitted = self._admit(states, waiting, running)
             pending.extend(self._prefill(states, admitted, spec, params))
-            if not pending:
-                continue
-            pending = self._decode(states, pending, spec, params)
-            for t in [t for t in running if states[t].live == 0]:
+            if pending:
+                pending = self._decode(states, pending, spec, params)
+            for t in [t for t in running if states[t].live == 0]:  # also trees whose branches all ended at once
                 self._release(states[t])
                 running.discard(t)
 
@@ -139,7 +138,10 @@ class TreeSampler:
                 short -= self.cache.evict_pages(short)
             if short > 0:
                 if not running and not admitted:
-                    raise RuntimeError("the KV pool cannot hold one tree even after evicting the cache")
+                    raise RuntimeError(
+                        f"tree {waiting[0]} needs {need} KV slots but only {self.pool.free_tokens} are free after "
+                        f"evicting the cache ({self.cache.total_cached_tokens} cached tokens are locked); "
+                        "give the sampler a larger pool (kv_pool_tokens / memory_bytes)")
                 break
             t = waiting.popleft()
             running.add(t)
