@@ -26,11 +26,12 @@ fp32 for bf16 under ``TRITON_INTERPRET=1`` (the interpreter computes bf16 wrongl
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import dot_modes, interpreting
 
 from treerpo.attention.paged import paged_attention_torch, register_paged_backend
 
@@ -41,15 +42,6 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(-inf - _NEG) = 0, never NaN
 EMPTY_LSE = -1.0e30 * LN2  # natural-log LSE of a partial that saw no key (its weight in a merge is 0)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _dot_modes(dtype: torch.dtype) -> tuple[bool, str | None]:
-    dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
-    return dot_fp32, ("ieee" if dtype == torch.float32 else None)
 
 
 @triton.jit
@@ -141,7 +133,7 @@ def merge_two(o1, lse1, o2, lse2):
 
 def _configs(head_dim: int):
     """(BLOCK_N, num_warps)."""
-    if _interpreting():
+    if interpreting():
         return 16, 4
     return (64 if head_dim <= 128 else 32), 4
 
@@ -149,7 +141,7 @@ def _configs(head_dim: int):
 def _num_splits(max_keys: int, programs: int, block_n: int, splits: int | None) -> int:
     if splits is not None:
         return max(1, int(splits))
-    if _interpreting():
+    if interpreting():
         return 1
     # enough programs to fill the GPU (~2 waves of 132 SMs), at least 256 keys per split
     want = max(1, (2 * 132) // max(1, programs))
@@ -174,7 +166,7 @@ def _partial_attention(q, k_cache, v_cache, slots, kstart, kend, qstart, qidx, m
         lse = torch.full((splits, r, hq), EMPTY_LSE, dtype=torch.float32, device=q.device)
     if n_lists == 0:
         return out, lse
-    dot_fp32, precision = _dot_modes(q.dtype)
+    dot_fp32, precision = dot_modes(q.dtype)
     grid = (n_lists, hkv * num_q_tiles, splits)
     _paged_attn_fwd[grid](q, k_cache, v_cache, slots, kstart, kend, qstart, qidx, out, lse,
                           group, chunk, num_q_tiles, scale * LOG2E,

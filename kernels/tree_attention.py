@@ -18,20 +18,17 @@ for bf16 (the interpreter computes bf16 wrongly).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_modes, interpreting
+
 from treerpo.tile_skip import tile_skip
 
 LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(-inf - _NEG) = 0, never NaN
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -216,7 +213,7 @@ def transpose_skip(offsets: torch.Tensor, key_tiles: torch.Tensor, num_k_tiles: 
 
 def _block_config(head_dim: int, n: int) -> tuple[int, int]:
     """(BLOCK, num_warps): one tile size for queries and keys, so one skip list serves forward and backward."""
-    if _interpreting():
+    if interpreting():
         return 16, 1
     block = 64 if n > 64 else max(16, triton.next_power_of_2(n))
     return block, (8 if head_dim > 64 else 4)
@@ -239,13 +236,6 @@ def _skip_lists(tin: torch.Tensor, tout: torch.Tensor, block: int, device, cache
 
 
 # ------------------------------------------------------------------------------------------- autograd
-def _dot_modes(dtype: torch.dtype) -> tuple[bool, str | None]:
-    """(upcast loads to fp32, tl.dot input precision): exact fp32 dots for fp32 inputs (no TF32), the
-    backend's default for fp16/bf16 operands."""
-    dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
-    return dot_fp32, ("ieee" if dtype == torch.float32 else None)
-
-
 class TreeAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, lists, scale, block, num_warps):
@@ -256,7 +246,7 @@ class TreeAttentionFunction(torch.autograd.Function):
         v = value.reshape(b * hkv, n, d).contiguous()
         o = torch.empty_like(q)
         lse = torch.empty(b * hq, n, dtype=torch.float32, device=q.device)
-        dot_fp32, precision = _dot_modes(q.dtype)
+        dot_fp32, precision = dot_modes(q.dtype)
         block_d = max(16, triton.next_power_of_2(d))
         grid = (triton.cdiv(n, block), b * hq)
         _tree_attn_fwd[grid](q, k, v, o, lse, lists["tin"], lists["tout"], lists["offsets"], lists["key_tiles"],
@@ -276,7 +266,7 @@ class TreeAttentionFunction(torch.autograd.Function):
         lists, block, scale = ctx.lists, ctx.block, ctx.scale
         do = grad_out.reshape(b * hq, n, d).contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()  # [B*Hq, N]
-        dot_fp32, precision = _dot_modes(q.dtype)
+        dot_fp32, precision = dot_modes(q.dtype)
         block_d = max(16, triton.next_power_of_2(d))
         group = hq // hkv
         dk = torch.empty(b * hq, n, d, dtype=torch.float32, device=q.device)
