@@ -43,12 +43,18 @@ class PagedAttentionMetadata:
                    as_tensor(query_key_pos))
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [slots, H, D] at slots [B, K] -> [B, H, K, D] (index_select: several times faster than indexing)."""
+    b, k = slots.shape
+    return cache.index_select(0, slots.reshape(-1)).view(b, k, *cache.shape[1:]).permute(0, 2, 1, 3)
+
+
 def paged_attention_torch(module, query, key, value, meta: PagedAttentionMetadata, scale: float | None):
     """query [1, Hq, N, D]; key/value [1, Hkv, N, D] of the new tokens -> [1, N, Hq, D]."""
     layer = module.layer_idx
     meta.pool.write(layer, meta.write_slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    keys = meta.pool.k[layer][meta.kv_slots].permute(0, 2, 1, 3)  # [B, Hkv, K, D]
-    values = meta.pool.v[layer][meta.kv_slots].permute(0, 2, 1, 3)
+    keys = _gather(meta.pool.k[layer], meta.kv_slots)  # [B, Hkv, K, D]
+    values = _gather(meta.pool.v[layer], meta.kv_slots)
     hq, d = query.shape[1], query.shape[3]
     rows = meta.query_rows.clamp(min=0)
     q = query[0].transpose(0, 1)[rows].permute(0, 2, 1, 3)  # [B, Hq, Q, D]
