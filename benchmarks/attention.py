@@ -9,6 +9,8 @@ Batches of full trees (branching 4 2 2, segments of L tokens, prompts of P token
   flex          FlexAttention with the interval mask_mod, one BlockMask per batch (compiled on CUDA,
                 eager forward-only on CPU)
   sdpa_tree     PyTorch SDPA with a dense boolean mask per tree (the reference backend)
+  paths         chunks of each path attending to their gathered ancestors, one batched SDPA (the default
+                without Triton: cost follows the visible pairs)
   rows_causal   every root-to-leaf path as its own causal row (what a GRPO trainer computes), SDPA
                 is_causal=True (flash on a GPU; flash_attn / xformers when installed)
 Times are the median of ``--repeats`` runs after one warm-up (compile and BlockMask build excluded:
@@ -135,6 +137,7 @@ def run_size(size: int, args, device, dtype) -> tuple[list[dict], dict]:
     if "flex" in available_tree_backends():
         systems["flex"] = (get_tree_backend("flex"), device.type == "cuda")
     systems["sdpa_tree"] = (sdpa_tree_attention, True)
+    systems["paths"] = (get_tree_backend("paths"), True)
 
     results, reference = [], None
     for name in [*systems, "rows_causal"]:
@@ -204,6 +207,9 @@ def ratios_for(results: list[dict], info: dict) -> dict:
     ratio("flex_over_sdpa_fwd", "sdpa_tree", "flex", "fwd_ms")  # > 1: flex faster
     ratio("flex_over_sdpa_fwdbwd", "sdpa_tree", "flex", "fwdbwd_ms")
     ratio("flex_fwd_speedup_vs_independent_rows", "rows_causal", "flex", "fwd_ms")
+    ratio("paths_fwd_speedup_vs_sdpa_tree", "sdpa_tree", "paths", "fwd_ms")
+    ratio("paths_fwdbwd_speedup_vs_sdpa_tree", "sdpa_tree", "paths", "fwdbwd_ms")
+    ratio("paths_fwdbwd_speedup_vs_independent_rows", "rows_causal", "paths", "fwdbwd_ms")
     ratio("triton_fwd_speedup_vs_flex", "flex", "triton", "fwd_ms")
     ratio("triton_fwdbwd_speedup_vs_flex", "flex", "triton", "fwdbwd_ms")
     ratio("triton_fwd_speedup_vs_sdpa_tree", "sdpa_tree", "triton", "fwd_ms")

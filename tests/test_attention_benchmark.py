@@ -17,5 +17,5 @@ def test_attention_benchmark_quick_writes_ratios(tmp_path):
         assert ratios[key] > 0
     assert ratios["row_tokens_over_tree_tokens"] > 1
     systems = {r["system"] for r in result["results"]}
-    assert {"flex", "sdpa_tree", "rows_causal"} <= systems
+    assert {"flex", "sdpa_tree", "paths", "rows_causal"} <= systems
     assert all(r["max_abs_err"] < 1e-4 for r in result["results"] if result["dtype"] == "torch.float32")

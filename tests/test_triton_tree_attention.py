@@ -155,8 +155,8 @@ def test_bad_shapes_refused():
 
 
 def test_default_backend():
-    assert registry.default_tree_backend("cpu") == "sdpa"
-    assert registry.default_tree_backend(torch.device("cpu")) == "sdpa"
+    assert registry.default_tree_backend("cpu") == "paths"
+    assert registry.default_tree_backend(torch.device("cpu")) == "paths"
     assert registry._register_triton()
     assert registry.get_tree_backend("triton") is triton_tree_attention
     if torch.cuda.is_available():
@@ -196,17 +196,17 @@ def test_packed_logprobs_through_triton_backend(monkeypatch):
 
 def test_registry_picks_triton_on_cuda_and_falls_back(monkeypatch, caplog):
     """The registry logic alone (no GPU needed): CUDA -> "triton" when it imports; when the import fails,
-    one notice and "sdpa"."""
+    one notice and "paths"."""
     import sys
 
     monkeypatch.setattr(registry, "_triton_state", None)
     assert registry.default_tree_backend("cuda") == "triton"
-    assert registry.default_tree_backend("cpu") == "sdpa"
+    assert registry.default_tree_backend("cpu") == "paths"
     monkeypatch.setattr(registry, "_triton_state", None)
     monkeypatch.setitem(sys.modules, "treerpo.kernels.tree_attention", None)  # import now raises ImportError
     with caplog.at_level("WARNING", logger=registry.__name__):
-        assert registry.default_tree_backend(torch.device("cuda", 0)) == "sdpa"
-        assert registry.default_tree_backend("cuda") == "sdpa"
+        assert registry.default_tree_backend(torch.device("cuda", 0)) == "paths"
+        assert registry.default_tree_backend("cuda") == "paths"
     assert len([r for r in caplog.records if "Triton tree attention unavailable" in r.message]) == 1
 
 

@@ -9,7 +9,7 @@ reuses it.
   length is padded up to a multiple of 128 (padding hidden by the mask), so every batch whose length
   falls in the same 128 bucket reuses one compiled kernel; forward and backward.
 * CPU: ``flex_attention`` eager (an unfused reference that materialises the scores), forward only:
-  FlexAttention has no CPU backward, so a call that would need one is refused, naming the ``sdpa``
+  FlexAttention has no CPU backward, so a call that would need one is refused, naming the ``paths``
   backend.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _check_cpu_grad(query, key, value) -> None:
     if query.device.type == "cpu" and torch.is_grad_enabled() and (
             query.requires_grad or key.requires_grad or value.requires_grad):
         raise RuntimeError("the 'flex' tree attention backend has no backward on CPU (FlexAttention supports CPU "
-                           "forward only); use the 'sdpa' backend for CPU training, or run under torch.no_grad()")
+                           "forward only); use the 'paths' backend for CPU training, or run under torch.no_grad()")
 
 
 def flex_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tin: torch.Tensor,

@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from .paths_backend import paths_tree_attention
 from .sdpa_backend import sdpa_tree_attention
 
 TreeAttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 
-_BACKENDS: dict[str, TreeAttentionFn] = {"sdpa": sdpa_tree_attention}
+_BACKENDS: dict[str, TreeAttentionFn] = {"sdpa": sdpa_tree_attention, "paths": paths_tree_attention}
 logger = logging.getLogger(__name__)
 _triton_state: bool | None = None  # None: not tried yet; True: registered; False: unavailable (notice logged)
 
@@ -36,7 +37,7 @@ def _register_triton() -> bool:
             from treerpo.kernels.tree_attention import triton_tree_attention
         except Exception as exc:  # triton missing or broken: the SDPA reference serves
             _triton_state = False
-            logger.warning("Triton tree attention unavailable (%s: %s); using the sdpa backend.",
+            logger.warning("Triton tree attention unavailable (%s: %s); using the paths backend.",
                            type(exc).__name__, exc)
         else:
             register_tree_backend("triton", triton_tree_attention)
@@ -45,12 +46,13 @@ def _register_triton() -> bool:
 
 
 def default_tree_backend(device) -> str:
-    """The fastest backend for a device: ``triton`` on CUDA when triton imports, else ``sdpa``."""
+    """The fastest backend for a device: ``triton`` on CUDA when triton imports, else ``paths`` (its cost follows
+    the visible pairs; ``sdpa``, the dense-mask reference, pays the square of each tree)."""
     import torch
 
     if torch.device(device).type == "cuda" and _register_triton():
         return "triton"
-    return "sdpa"
+    return "paths"
 
 
 def _register_flex() -> bool:
