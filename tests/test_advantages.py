@@ -116,3 +116,13 @@ def test_unscored_leaf_is_refused():
     tree = make_tree([0, 0], {1: 1})
     with pytest.raises(ValueError, match="score the tree"):
         node_values(tree)
+
+
+def test_completion_lengths_equal_the_leaf_paths():
+    from helpers import random_tree
+
+    rng = np.random.default_rng(11)
+    for n in (0, 1, 7, 30):
+        tree = random_tree(rng, n)
+        expected = [len(tree.path_token_ids(int(leaf), include_prompt=False)) for leaf in tree.leaves()]
+        assert tree.completion_lengths().tolist() == expected

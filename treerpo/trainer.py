@@ -168,9 +168,11 @@ class Trainer:
                                backend=self.config.tree_attention_backend)
 
     def update(self, trees: list[Tree]) -> dict[str, float]:
+        started = time.perf_counter()
         prepared = self._prepare(trees)
+        logprobs_s = time.perf_counter() - started
         if not prepared:
-            return {"loss": 0.0, "tokens_trained": 0}
+            return {"loss": 0.0, "tokens_trained": 0, "logprobs_s": logprobs_s}
         stats: dict[str, list[float]] = {}
         tokens_forward = 0
         for _ in range(self.config.ppo_epochs):
@@ -195,6 +197,7 @@ class Trainer:
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out["tokens_trained"] = int(sum(len(b.rows) for b in prepared))
         out["tokens_forward"] = int(tokens_forward)
+        out["logprobs_s"] = logprobs_s
         return out
 
     def evaluate(self) -> float:
@@ -216,11 +219,13 @@ class Trainer:
         upd = self.update(trees)
         t3 = time.perf_counter()
         generated = sum(t.generated_tokens for t in trees)
+        lengths = np.concatenate([t.completion_lengths() for t in trees])
         return {"step": step + 1, "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
                 "accuracy": float((rewards > 0.5).mean()) if len(rewards) else 0.0,
                 "leaves": int(len(rewards)), "groups": adv["groups"], "kept_groups": adv["kept_groups"],
-                "tokens_generated": int(generated), **upd,
-                "rollout_s": t1 - t0, "scoring_s": t2 - t1, "training_s": t3 - t2}
+                "tokens_generated": int(generated), "response_tokens_mean": float(lengths.mean()), **upd,
+                "rollout_s": t1 - t0, "scoring_s": t2 - t1, "training_s": t3 - t2 - upd["logprobs_s"],
+                "step_s": t3 - t0}
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> dict:

@@ -141,3 +141,12 @@ class Tree:
     @property
     def generated_tokens(self) -> int:
         return self.num_tokens - len(self.prompt_ids)
+
+    def completion_lengths(self) -> np.ndarray:
+        """Tokens of each leaf's completion (its path without the prompt), in ``leaves()`` order."""
+        seg_len = np.diff(self.offsets)
+        length = seg_len.copy()
+        length[0] = 0
+        for node in range(1, self.num_nodes):  # parents precede children
+            length[node] += length[self.parent[node]]
+        return length[self.leaves()]
