@@ -1,0 +1,95 @@
+"""benchmarks/e2e.py: the three systems run end to end; the report's arithmetic against hand-computed cases."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from e2e_presets import get_preset  # noqa: E402
+from e2e_report import first_reach, summarize  # noqa: E402
+from e2e_systems import hash_reward, trl_config  # noqa: E402
+
+
+def _run(system, seed, step_s, evals, tokens=100):
+    steps = [{"step_s": t, "rollout_s": t / 2, "scoring_s": 0.0, "logprobs_s": t / 4, "training_s": t / 4,
+              "tokens_generated": tokens, "tokens_trained": tokens, "reward_mean": 0.5, "response_tokens_mean": 10}
+             for t in step_s]
+    return {"system": system, "seed": seed, "steps": steps, "peak_memory_MiB": 100.0,
+            "evals": [{"step": i, "wall_s": w, "tokens_generated": k, "accuracy": a} for i, (w, k, a) in enumerate(evals)]}
+
+
+def test_summary_ratios_and_crossings_by_hand():
+    runs = [
+        # per-step medians after the warm-up step: trl 3.0, grpo 1.5, treerpo 0.5
+        _run("trl", 0, [9.0, 3.0, 3.0], [(0, 0, 0.3), (12, 200, 0.5), (15, 300, 0.6)]),
+        _run("grpo", 0, [5.0, 1.5, 1.5], [(0, 0, 0.3), (6.5, 200, 0.55), (8, 300, 0.62)]),
+        _run("treerpo", 0, [1.0, 0.5, 0.5], [(0, 0, 0.3), (1.5, 100, 0.58), (2, 150, 0.61)]),
+    ]
+    summary = summarize(runs)
+    ratios = summary["ratios"]
+    assert ratios["grpo_step_speedup_vs_trl"] == pytest.approx(2.0)
+    assert ratios["treerpo_step_speedup_vs_trl"] == pytest.approx(6.0)
+    assert ratios["treerpo_step_speedup_vs_grpo"] == pytest.approx(3.0)
+    # TRL ends at 0.6 after 15 s and 300 tokens; TreeRPO first reaches 0.6 at its third evaluation
+    (row,) = summary["crossings"]["treerpo"]
+    assert (row["reached"], row["step"], row["wall_s"], row["tokens"]) == (True, 2, 2, 150)
+    assert ratios["treerpo_wall_clock_to_trl_final_accuracy_speedup"] == pytest.approx(15 / 2)
+    assert ratios["treerpo_tokens_to_trl_final_accuracy_saving"] == pytest.approx(300 / 150)
+    assert summary["systems"]["trl"]["step_s"]["mean"] == pytest.approx(3.0)
+
+
+def test_no_crossing_ratio_when_a_seed_never_reaches_the_target():
+    runs = [_run("trl", s, [2.0, 2.0], [(0, 0, 0.3), (4, 200, 0.7)]) for s in (0, 1)]
+    runs += [_run("treerpo", 0, [1.0, 1.0], [(0, 0, 0.3), (2, 100, 0.8)]),
+             _run("treerpo", 1, [1.0, 1.0], [(0, 0, 0.3), (2, 100, 0.6)])]
+    summary = summarize(runs)
+    assert [r["reached"] for r in summary["crossings"]["treerpo"]] == [True, False]
+    assert "treerpo_wall_clock_to_trl_final_accuracy_speedup" not in summary["ratios"]
+    assert first_reach(runs[2], 0.8)["step"] == 1 and first_reach(runs[3], 0.8) is None
+
+
+def test_budget_modes_and_trl_batching():
+    tiny = get_preset("tiny")
+    assert tiny.group_size("leaves") == 16  # tree (4, 2, 2)
+    assert tiny.group_size("tokens") == round(12 * (4 + 8 + 16) / 36)
+    config = trl_config(tiny, 16, seed=0, output_dir="/tmp/unused")
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 32 * 16
+    assert config.steps_per_generation == config.gradient_accumulation_steps  # one rollout per optimizer step
+    big = get_preset("qwen1.5b")
+    config = trl_config(big, 16, seed=0, output_dir="/tmp/unused")
+    assert config.gradient_accumulation_steps > 1
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 16 * 16
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("huge")
+
+
+def test_hash_reward_is_deterministic_and_varies():
+    texts = [f"{i}+{i}" for i in range(64)]
+    scores = hash_reward(texts, [""] * 64)
+    assert scores == hash_reward(texts, [""] * 64)
+    assert set(scores) == {0.0, 1.0}
+
+
+def test_e2e_runs_all_three_systems(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "e2e.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--preset", "tiny", "--steps", "2",
+                    "--seeds", "0", "--out", str(tmp_path / "runs"), "--json", str(out)],
+                   check=True, cwd=ROOT, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    runs = {r["system"]: r for r in result["runs"]}
+    assert set(runs) == {"treerpo", "grpo", "trl"}
+    for run in runs.values():
+        assert len(run["steps"]) == 2 and [e["step"] for e in run["evals"]] == [0, 2]
+        assert all(s["tokens_generated"] > 0 and s["rollout_s"] > 0 for s in run["steps"])
+    assert runs["trl"]["same_prompts_as_treerpo"]
+    # GRPO with G = 16 and TRL sample the same number of answers of the same length limit
+    assert runs["grpo"]["group_size"] == runs["trl"]["group_size"] == 16
+    for key in ("grpo_step_speedup_vs_trl", "treerpo_step_speedup_vs_trl"):
+        assert result["ratios"][key] > 0
+    for png in ("accuracy_vs_wallclock.png", "accuracy_vs_tokens.png", "step_breakdown.png"):
+        assert (tmp_path / "runs" / png).stat().st_size > 0
