@@ -7,7 +7,8 @@
 
 Budget modes: ``leaves`` (GRPO's group size = the tree's leaves per prompt: equal samples) and ``tokens``
 (GRPO's group size = the tree's generated tokens per prompt / answer length: equal nominal generated
-tokens per step). Each (system, seed) runs in its own process (so peak memory is its own), seeds
+tokens per step). Run length: every system gets the same nominal generated-token budget, so in ``leaves``
+mode TreeRPO, whose tree generates fewer tokens a step, runs more steps (``Preset.steps_for``). Each (system, seed) runs in its own process (so peak memory is its own), seeds
 interleaved with systems so that machine noise falls on all of them. Writes ``--out`` (runs, tables,
 plots) and ``--json`` with the headline ratios under ``ratios`` (their spread under ``ratio_spread``).
 """
@@ -78,7 +79,8 @@ def main(argv=None):
                 f"{preset.prompts_per_step} prompts/step, {preset.steps} steps, seeds {seeds}; budget {args.budget}: "
                 f"TreeRPO tree {list(preset.branching)} x {preset.segment_tokens} tokens ({preset.leaves} leaves, "
                 f"{preset.tree_tokens_per_prompt} tokens/prompt at most), GRPO G={group} x {preset.max_new_tokens} "
-                f"tokens ({group * preset.max_new_tokens} tokens/prompt at most)")
+                f"tokens ({group * preset.max_new_tokens} tokens/prompt at most); equal generated-token budget per run: "
+                f"GRPO and TRL {preset.steps} steps, TreeRPO {preset.steps_for('treerpo', args.budget)} steps")
     print(describe, flush=True)
     runs = [run_one(preset.name, system, seed, args.budget, args.steps, out_dir, args.timeout)
             for seed in seeds for system in args.systems]

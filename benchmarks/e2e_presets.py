@@ -17,7 +17,7 @@ class Preset:
     prompts_per_step: int
     branching: tuple[int, ...]  # the TreeRPO tree
     segment_tokens: int
-    steps: int
+    steps: int  # GRPO's steps (TreeRPO's follow from the token budget: ``steps_for``)
     eval_every: int
     max_prompt_tokens: int
     lr: float = 5e-5
@@ -48,6 +48,14 @@ class Preset:
             width *= b
             total += width
         return total * self.segment_tokens
+
+    def steps_for(self, system: str, budget: str) -> int:
+        """Run length: every system gets the same nominal generated-token budget (prompts x longest generation per
+        prompt x steps); in ``leaves`` mode the TreeRPO tree generates fewer tokens a step, so it runs more steps."""
+        if system != "treerpo":
+            return self.steps
+        grpo_tokens = self.group_size(budget) * self.max_new_tokens
+        return max(1, round(self.steps * grpo_tokens / self.tree_tokens_per_prompt))
 
     def group_size(self, budget: str) -> int:
         """GRPO's answers per prompt: the tree's leaves, or as many full answers as the tree's tokens."""

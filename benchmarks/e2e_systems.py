@@ -67,12 +67,12 @@ def peak_memory_mib() -> float:
 class HeldOut:
     """Greedy pass@1 on the preset's held-out problems (the same for every system)."""
 
-    def __init__(self, preset: Preset, task, tokenizer, reward_fn):
-        self.preset, self.task, self.tokenizer, self.reward_fn = preset, task, tokenizer, reward_fn
+    def __init__(self, preset: Preset, steps: int, task, tokenizer, reward_fn):
+        self.preset, self.steps, self.task, self.tokenizer, self.reward_fn = preset, steps, task, tokenizer, reward_fn
 
     def due(self, step: int) -> bool:
         every = self.preset.eval_every
-        return self.preset.eval_size > 0 and (step == 0 or step == self.preset.steps or (every and step % every == 0))
+        return self.preset.eval_size > 0 and (step == 0 or step == self.steps or (every and step % every == 0))
 
     def __call__(self, model) -> float:
         prompts, golds = zip(*self.task.eval)
@@ -82,6 +82,7 @@ class HeldOut:
 
 def _run_record(preset, system, seed, budget, group_size) -> dict:
     return {"system": system, "seed": seed, "budget": budget, "preset": preset.name, "group_size": group_size,
+            "planned_steps": preset.steps_for(system, budget),
             "leaves_per_prompt": preset.leaves if system == "treerpo" else group_size, "steps": [], "evals": []}
 
 
@@ -99,9 +100,10 @@ def run_treerpo(preset: Preset, algo: str, seed: int, budget: str, log=print) ->
     from treerpo.trainer import Trainer
 
     group_size = preset.group_size(budget)
+    steps = preset.steps_for(algo, budget)
     config = TrainConfig(
         algo=algo, model=model_path(preset), dataset=preset.dataset, eval_dataset=preset.eval_dataset,
-        eval_size=max(preset.eval_size, 1), output_dir=tempfile.mkdtemp(prefix=f"e2e-{algo}-"), max_steps=preset.steps,
+        eval_size=max(preset.eval_size, 1), output_dir=tempfile.mkdtemp(prefix=f"e2e-{algo}-"), max_steps=steps,
         seed=seed, prompts_per_step=preset.prompts_per_step, branching=list(preset.branching),
         segment_tokens=preset.segment_tokens, group_size=group_size, max_new_tokens=preset.max_new_tokens,
         max_prompt_tokens=preset.max_prompt_tokens, lr=preset.lr, kl_coef=preset.kl_coef, tau=preset.tau,
@@ -109,10 +111,10 @@ def run_treerpo(preset: Preset, algo: str, seed: int, budget: str, log=print) ->
         save_every=0)
     trainer = Trainer(config, log=lambda *a: None)
     trainer.reward_fn = reward_for(preset, trainer.task)
-    held_out = HeldOut(preset, trainer.task, trainer.tokenizer, trainer.reward_fn)
+    held_out = HeldOut(preset, steps, trainer.task, trainer.tokenizer, trainer.reward_fn)
     run = _run_record(preset, algo, seed, budget, group_size)
     _add_eval(run, held_out, trainer.model, 0)
-    for step in range(preset.steps):
+    for step in range(steps):
         sync()
         record = trainer.train_step(step)
         sync()
@@ -120,7 +122,7 @@ def run_treerpo(preset: Preset, algo: str, seed: int, budget: str, log=print) ->
                                                      "tokens_generated", "tokens_trained", "reward_mean",
                                                      "response_tokens_mean")})
         _add_eval(run, held_out, trainer.model, step + 1)
-        log(f"{algo} seed {seed} step {step + 1}/{preset.steps}: {record['step_s']:.2f} s")
+        log(f"{algo} seed {seed} step {step + 1}/{steps}: {record['step_s']:.2f} s")
     trainer.close()
     run["peak_memory_MiB"] = peak_memory_mib()
     return run
@@ -227,7 +229,7 @@ def run_trl(preset: Preset, seed: int, budget: str, log=print) -> dict:
 
     run = _run_record(preset, "trl", seed, budget, group_size)
     run["same_prompts_as_treerpo"] = True  # checked at every step: TRL drew the prompts treerpo draws
-    held_out = HeldOut(preset, task, tokenizer, reward_fn)
+    held_out = HeldOut(preset, preset.steps, task, tokenizer, reward_fn)
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):

@@ -84,7 +84,9 @@ def test_e2e_runs_all_three_systems(tmp_path):
     runs = {r["system"]: r for r in result["runs"]}
     assert set(runs) == {"treerpo", "grpo", "trl"}
     for run in runs.values():
-        assert len(run["steps"]) == 2 and [e["step"] for e in run["evals"]] == [0, 2]
+        steps = 3 if run["system"] == "treerpo" else 2  # the tree generates fewer tokens a step
+        assert run["planned_steps"] == len(run["steps"]) == steps
+        assert [e["step"] for e in run["evals"]] == [0, steps]
         assert all(s["tokens_generated"] > 0 and s["rollout_s"] > 0 for s in run["steps"])
     assert runs["trl"]["same_prompts_as_treerpo"]
     # GRPO with G = 16 and TRL sample the same number of answers of the same length limit
@@ -93,3 +95,12 @@ def test_e2e_runs_all_three_systems(tmp_path):
         assert result["ratios"][key] > 0
     for png in ("accuracy_vs_wallclock.png", "accuracy_vs_tokens.png", "step_breakdown.png"):
         assert (tmp_path / "runs" / png).stat().st_size > 0
+
+
+def test_run_lengths_equalise_the_generated_token_budget():
+    tiny = get_preset("tiny", steps=100)
+    # leaves: GRPO 16 x 36 = 576 tokens a prompt, the tree 12 x (4 + 8 + 16) = 336
+    assert tiny.steps_for("grpo", "leaves") == tiny.steps_for("trl", "leaves") == 100
+    assert tiny.steps_for("treerpo", "leaves") == round(100 * 576 / 336)
+    # tokens: GRPO 9 x 36 = 324 tokens a prompt
+    assert tiny.steps_for("treerpo", "tokens") == round(100 * 324 / 336)
