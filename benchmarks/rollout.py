@@ -44,8 +44,8 @@ def load(name: str):
     return enable_tree_attention(model).eval(), tok
 
 
-def run_engine(model, tok, prompts, spec, share: bool, pool_tokens: int):
-    sampler = TreeSampler(model, tok, pool_tokens=pool_tokens, share_prefixes=share, ignore_eos=True)
+def run_engine(model, tok, prompts, spec, share: bool, pool_tokens: int, cascade: bool = True):
+    sampler = TreeSampler(model, tok, pool_tokens=pool_tokens, share_prefixes=share, ignore_eos=True, cascade=cascade)
     if share:
         trees, seconds = timed(lambda: sampler.sample(prompts, spec, seeds=range(len(prompts))))
     else:  # the same leaves, each an independent chain: G copies of the prompt, branching 1 at every level
@@ -86,6 +86,8 @@ def main(argv=None):
     parser.add_argument("--segment-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per system (the fastest is kept)")
     parser.add_argument("--pool-tokens", type=int, default=1 << 15)
+    parser.add_argument("--cascade", choices=["on", "off"], default="on",
+                        help="engine decode reads the prefix siblings share once per group (on) or per branch (off)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -104,11 +106,12 @@ def main(argv=None):
         runs = [fn() for _ in range(args.repeats)]
         return min(runs, key=lambda r: r["seconds"])
 
+    cascade = args.cascade == "on"
     systems = {
-        "engine_tree": best(lambda: run_engine(model, tok, prompts, spec, True, args.pool_tokens)),
-        "engine_noshare": best(lambda: run_engine(model, tok, prompts, spec, False, args.pool_tokens)),
+        "engine_tree": best(lambda: run_engine(model, tok, prompts, spec, True, args.pool_tokens, cascade)),
+        "engine_noshare": best(lambda: run_engine(model, tok, prompts, spec, False, args.pool_tokens, cascade)),
         "hf_generate": best(lambda: run_generate(model, tok, prompts, spec.max_leaves, spec.max_new_tokens)),
-        "engine_flat": best(lambda: run_engine(model, tok, prompts, flat, True, args.pool_tokens)),
+        "engine_flat": best(lambda: run_engine(model, tok, prompts, flat, True, args.pool_tokens, cascade)),
     }
     rows = []
     for name, r in systems.items():
@@ -126,7 +129,7 @@ def main(argv=None):
     ratios["speedup_over_analytic"] = ratios["engine_tree_speedup_vs_hf_generate"] / ratios["analytic_generated_token_ratio"]
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
-    write_json(args.json, {"machine": machine(), "model": args.model, "prompts": len(prompts),
+    write_json(args.json, {"machine": machine(), "model": args.model, "cascade": cascade, "prompts": len(prompts),
                            "branching": list(spec.branching), "segment_tokens": spec.segment_tokens,
                            "systems": systems, "ratios": ratios})
 

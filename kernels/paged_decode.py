@@ -18,8 +18,10 @@ slots, siblings of a tree share their ancestors' pages). One kernel serves every
   and the two partial results are merged exactly with their log-sum-exps (``merge_attention_states``).
 
 ``paged_decode_backend`` is the engine's "triton" paged backend (``treerpo.attention.paged``): decode
-forwards (one new token per sequence) run the plain kernel after writing the new K/V into the pool
-exactly as the PyTorch reference does; prefill forwards fall back to ``paged_attention_torch``.
+forwards (one new token per sequence) run the plain kernel, or the cascade when the metadata carries the
+sibling groups of the step (``PagedAttentionMetadata.groups``: each sequence's ``kv_slots`` are then its
+suffix), after writing the new K/V into the pool exactly as the PyTorch reference does; prefill forwards
+fall back to ``paged_attention_torch``.
 
 Dots run on the query dtype (fp16/bf16 operands, fp32 accumulation) on a GPU, exact fp32 for fp32, and
 fp32 for bf16 under ``TRITON_INTERPRET=1`` (the interpreter computes bf16 wrongly).
@@ -257,25 +259,54 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     order = grouped[torch.argsort(group_of_seq[grouped], stable=True)]
     counts = torch.bincount(group_of_seq[grouped], minlength=n_groups)
     qstart = torch.cat((counts.new_zeros(1), torch.cumsum(counts, 0))).contiguous()
-    max_rows = int(counts.max())
-    pre_o, pre_l = _partial_attention(q, k_cache, v_cache, prefix_slots, torch.zeros_like(prefix_len), prefix_len,
-                                      qstart, order.contiguous(), max_rows, scale, splits, prefix_slots.shape[1])
-    o, l = merge_attention_states(torch.cat((suf_o, pre_o)), torch.cat((suf_l, pre_l)))
+    o, l = _merge_with_prefix(q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_len, order.contiguous(), qstart,
+                              int(counts.max()), scale, splits)
     o = o.to(q.dtype)
     return (o, l) if return_lse else o
 
 
+def _merge_with_prefix(q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_len, members, member_start,
+                       max_members, scale, splits):
+    """The prefix partial (group g's query rows ``members[member_start[g]:member_start[g + 1]]`` against its
+    ``prefix_slots[g, :prefix_len[g]]``, each K/V tile read once for the group) merged with the suffix partials."""
+    pre_o, pre_l = _partial_attention(q, k_cache, v_cache, prefix_slots, torch.zeros_like(prefix_len), prefix_len,
+                                      member_start, members, max_members, scale, splits, prefix_slots.shape[1])
+    return merge_attention_states(torch.cat((suf_o, pre_o)), torch.cat((suf_l, pre_l)))
+
+
+def _cascade_decode_groups(q, k_cache, v_cache, meta, scale):
+    """Cascade decode over the engine's metadata: ``meta.kv_slots`` are the suffixes, ``meta.groups`` the prefixes
+    and their members, precomputed once per forward (no host sync per layer) -> fp32 out [B, Hq, D]."""
+    _check(q, k_cache, v_cache, meta.kv_slots)
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
+    q = q if q.stride(2) == 1 else q.contiguous()
+    g = meta.groups
+    b = q.shape[0]
+    ar = torch.arange(b + 1, device=q.device, dtype=torch.int64)
+    suffix_len = (meta.query_key_pos[:, 0] + 1).contiguous()
+    suf_o, suf_l = _partial_attention(q, k_cache, v_cache, meta.kv_slots, torch.zeros_like(suffix_len), suffix_len,
+                                      ar, ar[:-1].contiguous(), 1, scale, splits=None,
+                                      max_keys=meta.kv_slots.shape[1])
+    out, _ = _merge_with_prefix(q, k_cache, v_cache, suf_o, suf_l, g.prefix_slots, g.prefix_len, g.members,
+                                g.member_start, g.member_rows.shape[1], scale, None)
+    return out
+
+
 def paged_decode_backend(module, query, key, value, meta, scale):
     """The "triton" paged backend: ``paged_attention_torch``'s signature and result; decode forwards (one new
-    token per sequence) run ``paged_decode_attention``, prefill forwards the PyTorch reference."""
+    token per sequence) run ``paged_decode_attention``, or the cascade when the metadata carries sibling groups
+    (``meta.groups``); prefill forwards the PyTorch reference."""
     if meta.query_rows.shape[1] != 1:
         return paged_attention_torch(module, query, key, value, meta, scale)
     layer = module.layer_idx
     meta.pool.write(layer, meta.write_slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
     rows = meta.query_rows[:, 0]
     q = query[0].transpose(0, 1)[rows]  # [B, Hq, D]
-    kv_len = meta.query_key_pos[:, 0] + 1
-    out = paged_decode_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.kv_slots, kv_len, scale=scale)
+    if meta.groups is not None:
+        out = _cascade_decode_groups(q, meta.pool.k[layer], meta.pool.v[layer], meta, scale)
+    else:
+        kv_len = meta.query_key_pos[:, 0] + 1
+        out = paged_decode_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.kv_slots, kv_len, scale=scale)
     packed = query.new_empty((query.shape[2], query.shape[1], query.shape[3]))
     packed[rows] = out.to(query.dtype)
     return packed[None]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from treerpo.attention import enable_tree_attention
+from treerpo.attention import enable_tree_attention, paged
 from treerpo.engine.kv_pool import RequestTooLarge
 from treerpo.engine.tree_sampler import TreeSampler
 from treerpo.logprobs import packed_logprobs
@@ -25,6 +25,14 @@ def model_and_tokenizer(request):
     return enable_tree_attention(model).eval(), tok
 
 
+def cascade_sampler(model, tok, **kwargs) -> TreeSampler:
+    """A TreeSampler whose decode steps always read the prefix siblings share once per group (the runner's
+    threshold of bytes saved would leave the cascade off for models this small)."""
+    sampler = TreeSampler(model, tok, **kwargs)
+    sampler.runner.cascade_min_saved_bytes = 0
+    return sampler
+
+
 def same_tree(a, b):
     assert a.parent.tolist() == b.parent.tolist()
     assert a.offsets.tolist() == b.offsets.tolist()
@@ -38,7 +46,7 @@ def test_greedy_trees_equal_the_reference(model_and_tokenizer, branching, segmen
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     spec = TreeSpec(branching, segment_tokens=segment, temperature=0.0)
     expected = ReferenceTreeSampler(model, tok).sample(prompts, spec)
-    got = TreeSampler(model, tok, pool_tokens=4096).sample(prompts, spec)
+    got = cascade_sampler(model, tok, pool_tokens=4096).sample(prompts, spec)
     for a, b in zip(expected, got):
         same_tree(a, b)
 
@@ -60,8 +68,8 @@ def test_seeded_trees_do_not_depend_on_the_batch(model_and_tokenizer):
 def test_sampled_logprobs_match_a_full_forward(model_and_tokenizer):
     model, tok = model_and_tokenizer
     spec = TreeSpec((2, 2, 2), segment_tokens=6, temperature=1.0)
-    trees = TreeSampler(model, tok, pool_tokens=4096).sample([tok(p)["input_ids"] for p in PROMPTS[:3]], spec,
-                                                              seeds=[1, 2, 3])
+    trees = cascade_sampler(model, tok, pool_tokens=4096).sample([tok(p)["input_ids"] for p in PROMPTS[:3]], spec,
+                                                                 seeds=[1, 2, 3])
     batch = pack_trees(trees)
     rows = torch.nonzero(batch.prev_index >= 0).squeeze(1)
     rows = rows[batch.node_index[rows] > 0]  # generated tokens
@@ -152,3 +160,28 @@ def test_trees_whose_branches_all_end_at_the_fork_are_released(model_and_tokeniz
     assert [len(t.leaves()) for t in trees] == [4, 4, 4]
     sampler.cache.reset()  # refuses while any tree still holds a lock
     assert sampler.pool.free_tokens == sampler.pool.capacity_tokens
+
+
+@pytest.mark.parametrize("branching,segment,temperature", [((2, 3, 2), 5, 0.0), ((3, 2), 7, 1.0)])
+def test_cascade_on_and_off_sample_the_same_trees(model_and_tokenizer, monkeypatch, branching, segment, temperature):
+    """Siblings reading their shared path once (cascade) or each over its whole path: same tokens, same log-probs."""
+    model, tok = model_and_tokenizer
+    grouped = []
+
+    def spy(module, query, key, value, meta, scale):
+        grouped.append(meta.groups is not None)
+        return paged.paged_attention_torch(module, query, key, value, meta, scale)
+
+    monkeypatch.setitem(paged._PAGED_BACKENDS, "torch", spy)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    spec = TreeSpec(branching, segment_tokens=segment, temperature=temperature)
+    trees = {}
+    for cascade in (True, False):
+        grouped.clear()
+        sampler = cascade_sampler(model, tok, pool_tokens=4096, cascade=cascade)
+        trees[cascade] = sampler.sample(prompts, spec, seeds=range(len(prompts)))
+        decode_calls = sum(grouped)
+        assert decode_calls > 0 if cascade else decode_calls == 0
+    for a, b in zip(trees[True], trees[False]):
+        same_tree(a, b)
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5, rtol=1e-5)

@@ -18,11 +18,13 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from helpers import tiny_model  # noqa: E402
+from test_paged_cascade import LAYER, cascade_and_plain_metadata, random_decode_groups  # noqa: E402
 
 from treerpo.attention.paged import PagedAttentionMetadata, get_paged_backend  # noqa: E402
 from treerpo.engine import model_runner  # noqa: E402
 from treerpo.engine.kv_pool import KVPool  # noqa: E402
 from treerpo.engine.model_runner import ModelRunner, SequenceStep, kv_shape  # noqa: E402
+from treerpo.kernels import paged_decode  # noqa: E402
 from treerpo.kernels.paged_decode import (EMPTY_LSE, cascade_decode_attention, merge_attention_states,  # noqa: E402
                                           merge_two, paged_decode_attention, paged_decode_backend)
 
@@ -177,6 +179,21 @@ def test_backend_matches_the_torch_backend_and_falls_back_for_prefill():
     assert get_paged_backend("triton") is paged_decode_backend
 
 
+@pytest.mark.parametrize("seed,scale", [(0, None), (1, 0.37), (2, None)])
+def test_cascade_backend_matches_the_torch_paths(seed, scale):
+    """Decode metadata with sibling groups: the backend's cascade kernel equals the torch cascade and the torch
+    path over whole paths (fp32)."""
+    case = random_decode_groups(seed, hq=6 if seed % 2 else 4, hkv=1 if seed == 2 else 2, device=DEVICE)
+    pool, prefixes, group_of_seq, suffixes, new_slots, q, k, v = case
+    cascade_meta, plain_meta = cascade_and_plain_metadata(pool, prefixes, group_of_seq, suffixes, new_slots, DEVICE)
+    plain = get_paged_backend("torch")(LAYER, q, k, v, plain_meta, scale)
+    torch_cascade = get_paged_backend("torch")(LAYER, q, k, v, cascade_meta, scale)
+    got = paged_decode_backend(LAYER, q, k, v, cascade_meta, scale)
+    assert got.shape == plain.shape
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, torch_cascade, atol=1e-5, rtol=0)
+
+
 def test_runner_uses_torch_off_cuda():
     assert model_runner.default_paged_backend("cpu") == "torch"
 
@@ -215,7 +232,8 @@ def test_engine_forward_with_the_triton_backend(monkeypatch):
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
 
 
-def test_tree_sampler_with_the_triton_backend_samples_the_same_trees(monkeypatch):
+@pytest.mark.parametrize("cascade", [True, False])
+def test_tree_sampler_with_the_triton_backend_samples_the_same_trees(monkeypatch, cascade):
     from treerpo.engine.tree_sampler import TreeSampler
     from treerpo.models.tiny import build_char_tokenizer, build_tiny_model
     from treerpo.tree import TreeSpec
@@ -224,12 +242,17 @@ def test_tree_sampler_with_the_triton_backend_samples_the_same_trees(monkeypatch
     model = build_tiny_model(tok, seed=3).to(DEVICE).eval()
     prompts = [tok(p)["input_ids"] for p in ("12+3-4=", "7-19+2=")]
     spec = TreeSpec((2, 2), segment_tokens=3, temperature=1.0)
+    cascade_calls = []
+    monkeypatch.setattr(paged_decode, "_cascade_decode_groups",
+                        lambda *args, f=paged_decode._cascade_decode_groups: cascade_calls.append(1) or f(*args))
     trees = {}
     for backend in ("torch", "triton"):
         monkeypatch.setattr(model_runner, "default_paged_backend", lambda device, b=backend: b)
-        sampler = TreeSampler(model, tok, pool_tokens=1024)
+        sampler = TreeSampler(model, tok, pool_tokens=1024, cascade=cascade)
+        sampler.runner.cascade_min_saved_bytes = 0  # a model this small would leave the cascade off
         assert sampler.runner.paged_backend == backend
         trees[backend] = sampler.sample(prompts, spec, seeds=[1, 2])
+    assert bool(cascade_calls) == cascade
     for a, b in zip(trees["torch"], trees["triton"]):
         assert a.parent.tolist() == b.parent.tolist()
         assert a.token_ids.tolist() == b.token_ids.tolist()

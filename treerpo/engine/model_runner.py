@@ -3,13 +3,16 @@
 A forward takes any number of sequences, each with the pool slots of its cached path and
 some new tokens; the new tokens of all sequences are packed into one row without padding,
 their K/V written into fresh slots, and the logits of each sequence's last new token
-returned. Prefill (many new tokens) and decode (one each) are the same call.
+returned. Prefill (many new tokens) and decode (one each) are the same call. Decode steps may come in
+groups sharing a cached prefix (``SharedPrefixes``), which the attention then reads once per group.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 from ..attention import enable_tree_attention
@@ -19,6 +22,7 @@ from ..logprobs import decoder_of
 
 logger = logging.getLogger(__name__)
 _triton_paged_state: bool | None = None  # None: not tried yet
+CASCADE_MIN_SAVED_BYTES = 1 << 20
 
 
 def default_paged_backend(device) -> str:
@@ -41,9 +45,21 @@ def default_paged_backend(device) -> str:
 
 @dataclass
 class SequenceStep:
-    cached_slots: "np.ndarray | torch.Tensor"  # int64 [P]: slots of the path already in the pool (positions 0..P-1)
+    cached_slots: np.ndarray | torch.Tensor  # int64 [P]: slots of the path already in the pool (positions 0..P-1)
     new_tokens: list[int]
-    new_slots: "np.ndarray | torch.Tensor"  # int64 [len(new_tokens)]: where their K/V go
+    new_slots: np.ndarray | torch.Tensor  # int64 [len(new_tokens)]: where their K/V go
+
+
+@dataclass
+class SharedPrefixes:
+    """Decode steps in groups that share a cached prefix: step i's cached path is
+    ``prefixes[group_of_step[i]]`` followed by the step's own ``cached_slots``."""
+    prefixes: list  # int64 slot arrays, one per group, none empty
+    group_of_step: np.ndarray  # int64 [len(steps)]
+
+    @property
+    def prefix_len(self) -> np.ndarray:
+        return np.fromiter(map(len, self.prefixes), dtype=np.int64, count=len(self.prefixes))
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -61,29 +77,44 @@ class ModelRunner:
         self.head = model.get_output_embeddings()
         self.forward_tokens = 0  # tokens pushed through the model, for benchmarks
         self.paged_backend = default_paged_backend(self.device)  # attention/paged.py backend of every forward
+        self.cascade_min_saved_bytes = CASCADE_MIN_SAVED_BYTES  # see cascade_pays
 
     @torch.no_grad()
-    def forward(self, steps: list[SequenceStep]) -> torch.Tensor:
-        """fp32 logits [len(steps), vocab] after each sequence's last new token."""
-        ids, positions, last_rows, row = [], [], [], 0
-        for s in steps:
-            n = len(s.new_tokens)
-            if n == 0:
-                raise ValueError("every sequence in a forward needs at least one new token")
-            ids.extend(s.new_tokens)
-            positions.extend(range(len(s.cached_slots), len(s.cached_slots) + n))
-            row += n
-            last_rows.append(row - 1)
-        meta = PagedAttentionMetadata.build(self.pool, [(s.cached_slots, s.new_slots) for s in steps], self.device)
+    def forward(self, steps: list[SequenceStep], shared: SharedPrefixes | None = None) -> torch.Tensor:
+        """fp32 logits [len(steps), vocab] after each sequence's last new token. With ``shared`` (decode steps),
+        each step's ``cached_slots`` follow its group's shared prefix, which the attention reads once per group."""
+        new_len = np.fromiter((len(s.new_tokens) for s in steps), dtype=np.int64, count=len(steps))
+        if not new_len.all():
+            raise ValueError("every sequence in a forward needs at least one new token")
+        meta, cached_len = self._metadata(steps, shared)
         meta.backend = self.paged_backend
-        input_ids = torch.tensor([ids], device=self.device)
-        position_ids = torch.tensor([positions], device=self.device)
+        ends = np.cumsum(new_len)
+        positions = np.arange(ends[-1]) + np.repeat(cached_len - (ends - new_len), new_len)
+        input_ids = torch.tensor([list(chain.from_iterable(s.new_tokens for s in steps))], device=self.device)
+        position_ids = torch.from_numpy(positions)[None].to(self.device)
         with attention_metadata(meta):
             hidden = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids,
                                             use_cache=False).last_hidden_state[0]
-        self.forward_tokens += len(ids)
-        last = hidden[torch.tensor(last_rows, device=self.device)]
+        self.forward_tokens += int(ends[-1])
+        last = hidden[torch.from_numpy(ends - 1).to(self.device)]
         logits = last.float() @ self.head.weight.float().t()
         if getattr(self.head, "bias", None) is not None:
             logits = logits + self.head.bias.float()
         return logits
+
+    def _metadata(self, steps, shared: SharedPrefixes | None) -> tuple[PagedAttentionMetadata, np.ndarray]:
+        """The forward's paged attention metadata and the length of each step's cached path."""
+        cached_len = np.fromiter((len(s.cached_slots) for s in steps), dtype=np.int64, count=len(steps))
+        sequences = [(s.cached_slots, s.new_slots) for s in steps]
+        if shared is None:
+            return PagedAttentionMetadata.build(self.pool, sequences, self.device), cached_len
+        cached_len += shared.prefix_len[shared.group_of_step]
+        meta = PagedAttentionMetadata.build(self.pool, sequences, self.device, shared.prefixes, shared.group_of_step)
+        return meta, cached_len
+
+    def cascade_pays(self, shared: SharedPrefixes) -> bool:
+        """Whether reading each group's prefix once spares at least ``cascade_min_saved_bytes`` of K/V per layer:
+        below that the cascade's extra operations cost more than the bytes they save (measured on CPU)."""
+        prefix_len = shared.prefix_len
+        repeated_keys = int(prefix_len[shared.group_of_step].sum() - prefix_len.sum())
+        return repeated_keys * self.pool.bytes_per_token // self.pool.num_layers >= self.cascade_min_saved_bytes

@@ -21,7 +21,7 @@ from ..generation import eos_token_ids
 from ..reference_sampler import check_prompt_lengths
 from ..tree import Tree, TreeSpec
 from .kv_pool import KVPool, RequestTooLarge
-from .model_runner import ModelRunner, SequenceStep, kv_shape
+from .model_runner import ModelRunner, SequenceStep, SharedPrefixes, kv_shape
 from .radix_cache import RadixCache
 from .sampling import SamplingParams, sample_next
 
@@ -64,9 +64,11 @@ class TreeSampler:
 
     def __init__(self, model, tokenizer, pool_tokens: int | None = None, memory_bytes: int | None = None,
                  truncate_prompts: bool = False, stop_strings: Sequence[str] = (), share_prefixes: bool = True,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, cascade: bool = True):
         """``share_prefixes=False`` prefills every tree's prompt on its own and skips the radix cache (the
-        baseline of benchmarks); ``ignore_eos`` generates full segments whatever is sampled (throughput runs)."""
+        baseline of benchmarks); ``ignore_eos`` generates full segments whatever is sampled (throughput runs);
+        ``cascade=False`` decodes every branch over its whole path instead of reading the path its siblings
+        share once per sibling group where ``ModelRunner.cascade_pays`` (same tokens, for comparisons)."""
         self.model = model
         self.tokenizer = tokenizer
         self.truncate_prompts = truncate_prompts
@@ -81,6 +83,7 @@ class TreeSampler:
         self.runner = ModelRunner(model, self.pool)
         self.eos = set() if ignore_eos else eos_token_ids(model, tokenizer)
         self.share_prefixes = share_prefixes
+        self.cascade = cascade
 
     def on_weights_updated(self) -> None:
         """Call after every optimizer step: KV computed with the old weights is never reused."""
@@ -179,12 +182,13 @@ class TreeSampler:
             if len(duplicate):
                 self.pool.decref(duplicate)
             prompt_slots, node = self.cache.match_prefix(list(key))
+            path = prompt_slots.numpy()  # one array for all trees of this prompt: their branches form one group
             for t in groups[key]:
                 st = states[t]
                 self.cache.lock(node)
                 st.radix_node, st.prompt_slots = node, prompt_slots
                 st.used_tokens += len(key)
-                pending.extend(self._fork(st, t, parent=0, depth=1, path_slots=prompt_slots, seed_path=(),
+                pending.extend(self._fork(st, t, parent=0, depth=1, path_slots=path, seed_path=(),
                                           logits=row, spec=spec, params=params))
         return pending
 
@@ -203,13 +207,15 @@ class TreeSampler:
 
     # ---- decode ------------------------------------------------------------------------------------
     def _fork(self, st, t, parent, depth, path_slots, seed_path, logits, spec, params):
+        """Branches of one node; they all hold the same ``path_slots`` array, the key of their decode group."""
+        path_slots = np.asarray(path_slots, dtype=np.int64)
         branches = []
         for c in range(spec.branching[depth - 1]):
             path = (*seed_path, c)
             gen = None
             if st.seed is not None:
                 gen = torch.Generator(device=logits.device).manual_seed(_child_seed(st.seed, path))
-            branches.append(_Branch(t, parent, c, depth, np.asarray(path_slots, dtype=np.int64), gen, path))
+            branches.append(_Branch(t, parent, c, depth, path_slots, gen, path))
         st.live += len(branches)
         return self._sample_into(branches, logits.expand(len(branches), -1), {t: st}, spec, params)
 
@@ -244,12 +250,11 @@ class TreeSampler:
 
     def _decode(self, states, pending, spec, params):
         slots = self.pool.alloc(len(pending)).numpy()
-        steps = []
-        for i, (b, tok) in enumerate(pending):
-            steps.append(SequenceStep(self._slots_of(b), [tok], slots[i:i + 1]))
+        steps, shared = self._decode_steps(pending, slots)
+        for i, (b, _) in enumerate(pending):
             b.own_slots.append(int(slots[i]))
             states[b.tree].used_tokens += 1
-        logits = self.runner.forward(steps)
+        logits = self.runner.forward(steps, shared)
         next_pending, continuing, cont_rows = [], [], []
         for row, (b, _) in enumerate(pending):
             if len(b.tokens) == spec.segment_tokens:  # segment done: its children fork from these logits
@@ -265,6 +270,28 @@ class TreeSampler:
             by_tree = {b.tree: states[b.tree] for b in continuing}
             next_pending.extend(self._sample_into(continuing, logits[cont_rows], by_tree, spec, params))
         return next_pending
+
+    def _decode_steps(self, pending, slots) -> tuple[list[SequenceStep], SharedPrefixes | None]:
+        """One step per branch: over its own slots after the path its siblings share, read once per group, when
+        the cascade is on and pays; else over its whole path."""
+        if self.cascade:
+            shared = self._sibling_groups(pending)
+            if self.runner.cascade_pays(shared):
+                return [SequenceStep(np.asarray(b.own_slots, dtype=np.int64), [tok], slots[i:i + 1])
+                        for i, (b, tok) in enumerate(pending)], shared
+        return [SequenceStep(self._slots_of(b), [tok], slots[i:i + 1]) for i, (b, tok) in enumerate(pending)], None
+
+    @staticmethod
+    def _sibling_groups(pending) -> SharedPrefixes:
+        """Branches grouped by the path they fork from (siblings, or every depth-1 branch of the trees of one
+        prompt): the deepest prefix they all share, found by the identity of the array they hold."""
+        group_of_path: dict[int, int] = {}
+        prefixes, group_of_step = [], np.empty(len(pending), dtype=np.int64)
+        for i, (b, _) in enumerate(pending):
+            group = group_of_step[i] = group_of_path.setdefault(id(b.path_slots), len(prefixes))
+            if group == len(prefixes):
+                prefixes.append(b.path_slots)
+        return SharedPrefixes(prefixes, group_of_step)
 
     @staticmethod
     def _slots_of(b: _Branch) -> np.ndarray:
