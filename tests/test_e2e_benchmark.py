@@ -104,3 +104,21 @@ def test_run_lengths_equalise_the_generated_token_budget():
     assert tiny.steps_for("treerpo", "leaves") == round(100 * 576 / 336)
     # tokens: GRPO 9 x 36 = 324 tokens a prompt
     assert tiny.steps_for("treerpo", "tokens") == round(100 * 324 / 336)
+
+
+def test_trl_with_gradient_accumulation_records_one_step_per_rollout():
+    """The qwen1.5b preset's TRL layout (several forwards per optimizer step), at toy size, in process."""
+    pytest.importorskip("trl")
+    from dataclasses import replace
+
+    from e2e_systems import run_trl
+
+    preset = replace(get_preset("tiny"), steps=2, prompts_per_step=4, eval_size=8, eval_every=0,
+                     trl_per_device_batch=16)
+    run = run_trl(preset, seed=0, budget="leaves", log=lambda message: None)
+    assert run["trl_config"] == {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 4}
+    assert len(run["steps"]) == 2 and [e["step"] for e in run["evals"]] == [0, 2]
+    for step in run["steps"]:  # 4 prompts x 16 answers of 1 to 36 tokens, counted once per rollout
+        assert 4 * 16 <= step["tokens_generated"] <= 4 * 16 * 36
+        assert step["training_s"] > 0 and step["rollout_s"] > 0
+    assert run["same_prompts_as_treerpo"]
