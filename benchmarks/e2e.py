@@ -72,7 +72,7 @@ def main(argv=None):
     check_trl(args.systems)
     preset = get_preset(args.preset, steps=args.steps)
     seeds = args.seeds or list(preset.seeds)
-    out_dir = Path(args.out or f"e2e_{preset.name}_{args.budget}")
+    out_dir = Path(args.out or f"e2e_{preset.name}_{args.budget}").resolve()  # the workers run in benchmarks/
     out_dir.mkdir(parents=True, exist_ok=True)
     group = preset.group_size(args.budget)
     describe = (f"e2e preset {preset.name} on {machine()}: model {preset.model}, {Path(preset.dataset).name}, "
