@@ -68,7 +68,13 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="folder for runs, logs, tables, plots (default e2e_<preset>_<budget>)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--report-only", metavar="E2E_JSON", default=None,
+                        help="rebuild tables, plots and ratios from a saved e2e.json (runs nothing)")
     args = parser.parse_args(argv)
+    if args.report_only:
+        saved = json.loads(Path(args.report_only).read_text())
+        return report(saved["runs"], saved["description"], saved["preset"], saved["budget"], saved["seeds"],
+                      saved["machine"], Path(args.out or Path(args.report_only).parent), args.json)
     check_trl(args.systems)
     preset = get_preset(args.preset, steps=args.steps)
     seeds = args.seeds or list(preset.seeds)
@@ -84,19 +90,24 @@ def main(argv=None):
     print(describe, flush=True)
     runs = [run_one(preset.name, system, seed, args.budget, args.steps, out_dir, args.timeout)
             for seed in seeds for system in args.systems]
+    report(runs, describe, preset.name, args.budget, seeds, machine(), out_dir, args.json)
+
+
+def report(runs, describe, preset_name, budget, seeds, machine_name, out_dir: Path, json_path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
     tables = markdown_tables(summary, f"{describe}\n\n(mean ± std over seeds; per-step figures are medians over "
                                       "steps after the first)")
     print()
     print(tables)
-    plots = plot_all(runs, summary, out_dir, f"{preset.name}, budget {args.budget}, {machine()}")
+    plots = plot_all(runs, summary, out_dir, f"{preset_name}, budget {budget}, {machine_name}")
     (out_dir / "tables.md").write_text(tables + "\n")
     print(f"\ntables: {out_dir / 'tables.md'}; plots: " + ", ".join(str(p) for p in plots))
-    payload = {"machine": machine(), "preset": preset.name, "budget": args.budget, "seeds": seeds,
+    payload = {"machine": machine_name, "preset": preset_name, "budget": budget, "seeds": seeds,
                "description": describe, "summary": summary, "ratios": summary["ratios"],
                "ratio_spread": summary["ratio_spread"], "runs": runs}
     (out_dir / "e2e.json").write_text(json.dumps(payload, indent=1))
-    write_json(args.json, payload)
+    write_json(json_path, payload)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,14 @@ def test_cache_is_reused_across_layers():
     built = cache[("path_chunks", 16)]
     paths_tree_attention(x, x, x, batch.tin, batch.tout, cache=cache)
     assert cache[("path_chunks", 16)] is built
+
+
+def test_empty_batch_and_offset_intervals():
+    empty = torch.zeros(1, 2, 0, 4)
+    assert paths_tree_attention(empty, empty, empty, torch.zeros(0, dtype=torch.int32),
+                                torch.zeros(0, dtype=torch.int32)).shape == (1, 2, 0, 4)
+    batch = pack_trees([random_tree(np.random.default_rng(2), 6)])
+    x = torch.randn(1, 2, batch.num_tokens, 4, dtype=torch.float64)
+    shifted = [paths_tree_attention(x, x, x, batch.tin + base, batch.tout + base, cache={}) for base in (0, 100)]
+    torch.testing.assert_close(shifted[0], shifted[1])
+    torch.testing.assert_close(shifted[0], sdpa_tree_attention(x, x, x, batch.tin, batch.tout))

@@ -196,7 +196,7 @@ def test_packed_logprobs_through_triton_backend(monkeypatch):
 
 def test_registry_picks_triton_on_cuda_and_falls_back(monkeypatch, caplog):
     """The registry logic alone (no GPU needed): CUDA -> "triton" when it imports; when the import fails,
-    one notice and "paths"."""
+    one notice and "sdpa"."""
     import sys
 
     monkeypatch.setattr(registry, "_triton_state", None)
@@ -205,8 +205,8 @@ def test_registry_picks_triton_on_cuda_and_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(registry, "_triton_state", None)
     monkeypatch.setitem(sys.modules, "treerpo.kernels.tree_attention", None)  # import now raises ImportError
     with caplog.at_level("WARNING", logger=registry.__name__):
-        assert registry.default_tree_backend(torch.device("cuda", 0)) == "paths"
-        assert registry.default_tree_backend("cuda") == "paths"
+        assert registry.default_tree_backend(torch.device("cuda", 0)) == "sdpa"
+        assert registry.default_tree_backend("cuda") == "sdpa"
     assert len([r for r in caplog.records if "Triton tree attention unavailable" in r.message]) == 1
 
 

@@ -30,8 +30,7 @@ class PathChunks:
 def _run_paths(tin: np.ndarray, tout: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
     """(ancestor tokens, start, end) of each run of tokens that continue one another's path."""
     n = len(tin)
-    token = np.arange(n)
-    starts = np.flatnonzero(np.concatenate([[True], token[1:] >= tout[:-1]]))
+    starts = np.flatnonzero(np.concatenate([[True], tin[1:] >= tout[:-1]]))
     ends = np.append(starts[1:], n)
     runs, prev_path = [], np.zeros(0, dtype=np.int64)
     for start, end in zip(starts.tolist(), ends.tolist()):
@@ -80,6 +79,8 @@ def paths_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     """query [1, Hq, N, D], key/value [1, Hkv, N, D] -> [1, Hq, N, D]."""
     if query.shape[0] != 1:
         raise ValueError(f"the paths backend takes one packed row; got batch size {query.shape[0]}")
+    if query.shape[2] == 0:
+        return query.clone()
     chunks = cache.get(("path_chunks", chunk)) if cache is not None else None
     if chunks is None:
         chunks = build_path_chunks(tin, tout, chunk)

@@ -37,7 +37,7 @@ def _register_triton() -> bool:
             from treerpo.kernels.tree_attention import triton_tree_attention
         except Exception as exc:  # triton missing or broken: the SDPA reference serves
             _triton_state = False
-            logger.warning("Triton tree attention unavailable (%s: %s); using the paths backend.",
+            logger.warning("Triton tree attention unavailable (%s: %s); using the sdpa backend.",
                            type(exc).__name__, exc)
         else:
             register_tree_backend("triton", triton_tree_attention)
@@ -46,12 +46,13 @@ def _register_triton() -> bool:
 
 
 def default_tree_backend(device) -> str:
-    """The fastest backend for a device: ``triton`` on CUDA when triton imports, else ``paths`` (its cost follows
-    the visible pairs; ``sdpa``, the dense-mask reference, pays the square of each tree)."""
+    """The fastest backend for a device: ``triton`` on CUDA when triton imports (else ``sdpa``, whose memory does
+    not grow with prompt length x chunks), ``paths`` on CPU (its cost follows the visible pairs; ``sdpa``, the
+    dense-mask reference, pays the square of each tree)."""
     import torch
 
-    if torch.device(device).type == "cuda" and _register_triton():
-        return "triton"
+    if torch.device(device).type == "cuda":
+        return "triton" if _register_triton() else "sdpa"
     return "paths"
 
 
