@@ -27,8 +27,8 @@ SYSTEMS = ("treerpo", "grpo", "trl")
 
 
 def hash_reward(completions: list[str], golds: list[str]) -> list[float]:
-    """A deterministic pseudo-random 0/1 score of the text (random weights solve nothing; this keeps every group's
-    advantages non-zero, so every system trains on every token)."""
+    """A deterministic pseudo-random 0/1 score of the text (random weights solve nothing; this gives almost every
+    group a non-zero advantage, so every system trains on almost every token)."""
     return [float(hashlib.blake2b(c.encode(), digest_size=1).digest()[0] & 1) for c in completions]
 
 
