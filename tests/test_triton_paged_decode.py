@@ -257,3 +257,21 @@ def test_tree_sampler_with_the_triton_backend_samples_the_same_trees(monkeypatch
         assert a.parent.tolist() == b.parent.tolist()
         assert a.token_ids.tolist() == b.token_ids.tolist()
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=1e-4)
+
+
+def test_default_paged_backend_on_cuda_and_its_fallback(monkeypatch, caplog):
+    """The selection logic alone (no GPU needed): CUDA -> "triton" when the kernel imports; when the import
+    fails, one notice and "torch"."""
+    import sys
+
+    from treerpo.attention import optional_kernels
+
+    cache, kernel = optional_kernels._import_cache, "treerpo.kernels.paged_decode"
+    monkeypatch.delitem(cache, kernel, raising=False)
+    assert model_runner.default_paged_backend("cuda") == "triton"
+    monkeypatch.delitem(cache, kernel)  # forget the import (restored after the test)
+    monkeypatch.setitem(sys.modules, kernel, None)  # import now raises ImportError
+    with caplog.at_level("WARNING", logger=model_runner.__name__):
+        assert model_runner.default_paged_backend(torch.device("cuda", 0)) == "torch"
+        assert model_runner.default_paged_backend("cuda") == "torch"
+    assert len([r for r in caplog.records if "Triton paged decode attention unavailable" in r.message]) == 1

@@ -199,11 +199,14 @@ def test_registry_picks_triton_on_cuda_and_falls_back(monkeypatch, caplog):
     one notice and "sdpa"."""
     import sys
 
-    monkeypatch.setattr(registry, "_triton_state", None)
+    from treerpo.attention import optional_kernels
+
+    cache, kernel = optional_kernels._import_cache, "treerpo.kernels.tree_attention"
+    monkeypatch.delitem(cache, kernel, raising=False)
     assert registry.default_tree_backend("cuda") == "triton"
     assert registry.default_tree_backend("cpu") == "paths"
-    monkeypatch.setattr(registry, "_triton_state", None)
-    monkeypatch.setitem(sys.modules, "treerpo.kernels.tree_attention", None)  # import now raises ImportError
+    monkeypatch.delitem(cache, kernel)  # forget the import (restored after the test)
+    monkeypatch.setitem(sys.modules, kernel, None)  # import now raises ImportError
     with caplog.at_level("WARNING", logger=registry.__name__):
         assert registry.default_tree_backend(torch.device("cuda", 0)) == "sdpa"
         assert registry.default_tree_backend("cuda") == "sdpa"

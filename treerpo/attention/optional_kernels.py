@@ -7,7 +7,8 @@ For a single causal sequence (e.g. the prompt-only prefix pass) ``causal_prefix_
 3. PyTorch SDPA with ``is_causal=True`` (everywhere; flash/efficient SDPA kernels on a GPU).
 
 On CUDA with neither package importable, one line is logged (once) naming the fallback. Not wired into
-the engine: a helper for callers and benchmarks.
+the engine: a helper for callers and benchmarks. ``import_optional`` (import once, say once when it fails)
+also serves the Triton kernels' registration (``registry.py``, ``engine/model_runner.py``).
 """
 from __future__ import annotations
 
@@ -22,23 +23,26 @@ _import_cache: dict[str, object] = {}
 _notice_logged = False
 
 
-def _try_import(name: str):
-    """The module, or None when it does not import (the result is remembered)."""
+def import_optional(name: str, unavailable_notice: str | None = None, log: logging.Logger = logger):
+    """The module, or None when it does not import (the result is remembered). ``unavailable_notice``, a format
+    given the exception's type and message, is logged once, at the failed import."""
     if name not in _import_cache:
         try:
             _import_cache[name] = importlib.import_module(name)
-        except Exception:  # missing, or built for another torch/CUDA
+        except Exception as exc:  # missing, or built for another torch/CUDA
             _import_cache[name] = None
+            if unavailable_notice:
+                log.warning(unavailable_notice, type(exc).__name__, exc)
     return _import_cache[name]
 
 
 def _flash_attn_func():
-    mod = _try_import("flash_attn")
+    mod = import_optional("flash_attn")
     return getattr(mod, "flash_attn_func", None) if mod is not None else None
 
 
 def _xformers_ops():
-    return _try_import("xformers.ops")
+    return import_optional("xformers.ops")
 
 
 def _is_cuda(device) -> bool:

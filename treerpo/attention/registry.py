@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from .optional_kernels import import_optional
 from .paths_backend import paths_tree_attention
 from .sdpa_backend import sdpa_tree_attention
 
@@ -11,7 +12,6 @@ TreeAttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 
 _BACKENDS: dict[str, TreeAttentionFn] = {"sdpa": sdpa_tree_attention, "paths": paths_tree_attention}
 logger = logging.getLogger(__name__)
-_triton_state: bool | None = None  # None: not tried yet; True: registered; False: unavailable (notice logged)
 
 
 def register_tree_backend(name: str, fn: TreeAttentionFn) -> None:
@@ -30,19 +30,12 @@ def available_tree_backends() -> list[str]:
 
 
 def _register_triton() -> bool:
-    """Import the Triton kernel and register it as "triton" (once); on failure log one line and return False."""
-    global _triton_state
-    if _triton_state is None:
-        try:
-            from treerpo.kernels.tree_attention import triton_tree_attention
-        except Exception as exc:  # triton missing or broken: the SDPA reference serves
-            _triton_state = False
-            logger.warning("Triton tree attention unavailable (%s: %s); using the sdpa backend.",
-                           type(exc).__name__, exc)
-        else:
-            register_tree_backend("triton", triton_tree_attention)
-            _triton_state = True
-    return _triton_state
+    """Import the Triton kernel and register it as "triton" (once); when it does not import, one notice, False."""
+    kernel = import_optional("treerpo.kernels.tree_attention",
+                             "Triton tree attention unavailable (%s: %s); using the sdpa backend.", logger)
+    if kernel is not None and "triton" not in _BACKENDS:
+        register_tree_backend("triton", kernel.triton_tree_attention)
+    return kernel is not None
 
 
 def default_tree_backend(device) -> str:

@@ -17,30 +17,23 @@ import torch
 
 from ..attention import enable_tree_attention
 from ..attention.context import attention_metadata
+from ..attention.optional_kernels import import_optional
 from ..attention.paged import PagedAttentionMetadata
 from ..logprobs import decoder_of
 
 logger = logging.getLogger(__name__)
-_triton_paged_state: bool | None = None  # None: not tried yet
 CASCADE_MIN_SAVED_BYTES = 1 << 20
 
 
 def default_paged_backend(device) -> str:
     """"triton" (the paged decode kernel of ``treerpo.kernels.paged_decode``) on CUDA when it imports, else
     "torch"; says once when CUDA is there but the kernel does not import."""
-    global _triton_paged_state
     if torch.device(device).type != "cuda":
         return "torch"
-    if _triton_paged_state is None:
-        try:
-            import treerpo.kernels.paged_decode  # noqa: F401  (registers the "triton" paged backend)
-        except Exception as exc:  # triton missing or broken: the PyTorch reference serves
-            _triton_paged_state = False
-            logger.warning("Triton paged decode attention unavailable (%s: %s); using the torch paged backend.",
-                           type(exc).__name__, exc)
-        else:
-            _triton_paged_state = True
-    return "triton" if _triton_paged_state else "torch"
+    kernel = import_optional("treerpo.kernels.paged_decode",  # importing it registers the "triton" paged backend
+                             "Triton paged decode attention unavailable (%s: %s); using the torch paged backend.",
+                             logger)
+    return "triton" if kernel is not None else "torch"
 
 
 @dataclass
