@@ -134,7 +134,7 @@ class _Timers:
 
     def __init__(self, trainer):
         self.phase = {"rollout_s": 0.0, "scoring_s": 0.0, "logprobs_s": 0.0}
-        self.generated = self.trained = 0
+        self.completion_tokens = 0  # generated, and all in TRL's loss (it keeps every group)
         self.response_tokens_mean = self.reward_mean = 0.0
         self._wrap(trainer, "_generate", "rollout_s")
         self._wrap(trainer, "_calculate_rewards", "scoring_s")
@@ -144,8 +144,7 @@ class _Timers:
         def counted(inputs):
             out = score(inputs)
             lengths = out["completion_mask"].sum(dim=1)
-            self.generated += int(lengths.sum())
-            self.trained += int(lengths.sum())
+            self.completion_tokens += int(lengths.sum())
             self.response_tokens_mean = float(lengths.float().mean())
             return out
 
@@ -176,11 +175,12 @@ class _Timers:
         setattr(trainer, name, timed)
 
     def take(self, step_s: float) -> dict:
-        out = {**self.phase, "step_s": step_s, "tokens_generated": self.generated, "tokens_trained": self.trained,
+        out = {**self.phase, "step_s": step_s, "tokens_generated": self.completion_tokens,
+               "tokens_trained": self.completion_tokens,
                "reward_mean": self.reward_mean, "response_tokens_mean": self.response_tokens_mean}
         out["training_s"] = step_s - sum(self.phase.values())
         self.phase = dict.fromkeys(self.phase, 0.0)
-        self.generated = self.trained = 0
+        self.completion_tokens = 0
         return out
 
 
