@@ -25,7 +25,10 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     algo: str = field(default="treerpo", metadata={"help": "treerpo: tree rollouts; grpo: depth-1 trees of group_size"})
-    model: str | None = field(default=None, metadata={"help": "local path or hub name; default: the embedded tiny model"})
+    model: str | None = field(default=None, metadata={"help": "local folder, or hub name found in the local cache "
+                                                      "(see allow_download); default: the embedded tiny model"})
+    allow_download: bool = field(default=False, metadata={"help": "fetch a hub model that is not in the local cache "
+                                                                  "(off: no network traffic)"})
     dataset: str = field(default="synthetic", metadata={"help": "'synthetic' or a .jsonl/.json math file"})
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out file; default: held out of dataset"})
     eval_size: int = field(default=256, metadata={"help": "held-out problems evaluated"})
@@ -57,6 +60,8 @@ class TrainConfig:
     eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy pass@1"})
     eval_samples: int = 1
     save_every: int = 50
+    max_nonfinite_steps: int = field(default=3, metadata={"help": "stop after this many steps in a row whose loss "
+                                                                  "or gradient norm was not finite (not applied)"})
     keep_checkpoints: int = 2
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
     reward: str = "auto"
@@ -74,7 +79,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of {list(choices)}")
         positive = ["eval_size", "max_steps", "prompts_per_step", "segment_tokens", "group_size", "max_new_tokens",
                     "max_prompt_tokens", "ppo_epochs", "minibatches", "micro_batch_tokens", "eval_samples",
-                    "keep_checkpoints", "sampler_batch_size", "kv_pool_tokens"]
+                    "keep_checkpoints", "sampler_batch_size", "kv_pool_tokens", "max_nonfinite_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -88,6 +93,8 @@ class TrainConfig:
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
         if self.lr == 0:
             raise ConfigError("lr must be > 0")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1 (or unset for torch's default), got {self.threads}")
         if self.tree_attention_backend is not None:
@@ -118,41 +125,79 @@ def _field_type(f) -> type:
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
+    """A config value as its option's type; refuses lossy or surprising conversions (4.7 -> 4, True -> 1)."""
     if value is None:
         return None
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind is list:
-            items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
-            return [int(v) for v in items]
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+    if kind is list:
+        items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+        return [_coerce_scalar(name, v, int, what="list of int") for v in items]
+    return _coerce_scalar(name, value, kind)
+
+
+def _coerce_scalar(name: str, value: Any, kind: type, what: str | None = None) -> Any:
+    bad = ConfigError(f"{name}={value!r} is not a valid {what or kind.__name__}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise bad
+    if isinstance(value, bool) or isinstance(value, (list, tuple, dict)):  # YAML's `true` is an int to Python
+        raise bad
+    if kind is int:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise bad
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise bad from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    return kind(value)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The options of a YAML or JSON file; a malformed file or a key with no value names the file and the key."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (or is not a file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; give a YAML or JSON file of options") from None
+    data = _parse_config_text(path, text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option names to values, "
+                          f"got {type(data).__name__}")
+    empty = sorted(k for k, v in data.items() if v is None and not _nullable(k))
+    if empty:
+        raise ConfigError(f"config file {path}: {empty} have no value; give each a value or remove the line")
+    return data
+
+
+def _parse_config_text(path: Path, text: str) -> Any:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of option names to values")
-    return data
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid JSON ({err}); YAML files need a .yaml suffix") from None
+
+
+def _nullable(name: str) -> bool:
+    """Options whose default is None may be set to null explicitly (model, eval_dataset, threads, ...)."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    return name in known and known[name].default is None
 
 
 def make_config(overrides: dict[str, Any]) -> TrainConfig:
