@@ -32,3 +32,24 @@ def tiny_model(arch: str = "qwen2", vocab: int = 40, seed: int = 0, tree_attenti
              else LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)))
     model.eval()
     return enable_tree_attention(model) if tree_attention else model
+
+
+def char_model_folder(folder, extra_chars: str = "", max_positions: int = 256):
+    """A tiny random Qwen2 saved with a character tokenizer over printable ASCII plus ``extra_chars``, so that
+    natural-language math prompts are representable."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set([chr(c) for c in range(32, 127)] + ["\n"] + list(extra_chars)))
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>"] + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=max_positions, eos_token_id=1, pad_token_id=0))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

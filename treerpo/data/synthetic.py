@@ -31,6 +31,10 @@ class ChainTask:
             value = new_value
         return prompt, str(value), "".join(steps) + f"#{value}"
 
+    def longest_prompt(self) -> str:
+        widest = max(str(self.operand_min), str(self.operand_max), key=len)
+        return "-".join([widest] * (self.num_steps + 1)) + "="
+
     def problems(self, count: int, seed: int, exclude: set[str] | None = None) -> list[tuple[str, str, str]]:
         """``count`` distinct problems from ``seed``, none of whose prompts is in ``exclude``."""
         rng = np.random.default_rng(seed)

@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..config import ConfigError
 from .synthetic import ChainTask, chain_reward
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -35,6 +36,14 @@ class PromptTask:
         return [self.train[i] for i in idx]
 
 
+    def training_prompts(self) -> list[str]:
+        """Prompts that bound what training will feed the model: every prompt of a file, or the generator's
+        longest possible prompt."""
+        if isinstance(self.train, ChainTask):
+            return [self.train.longest_prompt()]
+        return [p for p, _ in self.train]
+
+
 def synthetic_task(eval_size: int) -> PromptTask:
     task = ChainTask()
     held_out = [(p, g) for p, g, _ in task.problems(eval_size, seed=HELD_OUT_SEED)]
@@ -49,10 +58,12 @@ def math_file_task(path: str, eval_path: str | None, eval_size: int, tokenizer) 
 
     train = pairs(load_problems(path))
     if eval_path:
+        if not Path(eval_path).exists():
+            raise FileNotFoundError(f"eval_dataset {eval_path!r} does not exist")
         held_out = pairs(load_problems(eval_path))[:eval_size]
     else:
         if len(train) <= eval_size:
-            raise ValueError(f"{path} has {len(train)} problems: too few to hold out eval_size={eval_size}; "
+            raise ConfigError(f"{path} has {len(train)} problems: too few to hold out eval_size={eval_size}; "
                              "pass a smaller eval_size or an eval_dataset file")
         train, held_out = train[:-eval_size], train[-eval_size:]
     return PromptTask(Path(path).stem, train, held_out, "math")

@@ -41,19 +41,24 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2
     return Qwen2ForCausalLM(config)
 
 
-def load_model_and_tokenizer(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer from a local folder or a hub name the user gave.
+def load_model_and_tokenizer(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                             allow_download: bool = False):
+    """Load a causal LM and its tokenizer from a local folder, the local hub cache, or (``allow_download``) the hub.
 
     ``None`` means the embedded default checkpoint.
     """
-    path = Path(name_or_path) if name_or_path is not None else DEFAULT_MODEL_DIR
-    if name_or_path is None and not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"the embedded default model is missing at {path}; rebuild it with `python -m treerpo.models.warmup`")
-    source = str(path) if path.exists() else str(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    from .source import resolve_model_source
+
+    if name_or_path is None:
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise FileNotFoundError(f"the embedded default model is missing at {DEFAULT_MODEL_DIR}; rebuild it with "
+                                    "`python -m treerpo.models.warmup`")
+        source, local_only = str(DEFAULT_MODEL_DIR), True
+    else:
+        source, local_only = resolve_model_source(str(name_or_path), allow_download)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
     return model, tokenizer
