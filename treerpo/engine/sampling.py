@@ -48,8 +48,11 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
                 generators: Sequence[torch.Generator | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] (any dtype) -> (tokens [B], log-probs [B] in fp32).
 
-    With ``generators`` each row draws from its own generator (the same seed, the same
-    choice, whatever else is in the batch); without, the rows share torch's global RNG.
+    With ``generators`` each row draws one fp64 uniform from its own generator and takes the
+    inverse CDF of its distribution computed in fp64 (``seeded_draw``): the same logits and
+    seed give the same token whatever else is in the batch, and the draw adds no rounding of
+    its own, so logits that differ in their last bits change the token only when the uniform
+    lands within that difference of a CDF boundary. Without, the rows share torch's global RNG.
     """
     logits = logits.float()
     if params.temperature == 0:
@@ -57,12 +60,19 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
         return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
     scaled = logits / params.temperature
     logprobs = torch.log_softmax(scaled, -1)
-    probs = truncate_logits(scaled, params.top_k, params.top_p).softmax(-1)
     if generators is None:
+        probs = truncate_logits(scaled, params.top_k, params.top_p).softmax(-1)
         tokens = torch.multinomial(probs, 1).squeeze(1)
-    else:  # one uniform draw per row from its own generator, then a batched inverse-CDF lookup
-        u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
-        cdf = probs.cumsum(-1)
-        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-        tokens = tokens.clamp(max=probs.shape[-1] - 1)
+    else:
+        tokens = seeded_draw(logits, params, generators)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def seeded_draw(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Inverse-CDF draw in fp64: token = first index whose cumulative probability exceeds u * total."""
+    scaled = truncate_logits(logits.double() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(scaled, -1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators])
+    cdf = probs.cumsum(-1)
+    tokens = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return tokens.clamp(max=probs.shape[-1] - 1)
