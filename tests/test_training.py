@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import char_model_folder
 from treerpo.config import make_config
 from treerpo.trainer import Trainer
 
@@ -74,12 +75,12 @@ def test_resume_refuses_changed_options(tmp_path):
 
 
 def test_math_file_dataset_runs_through_the_trainer(tmp_path):
-    """A gsm8k-format file trains through the math-verify reward (the tiny model is not expected to score)."""
+    """A gsm8k-format file trains through the math-verify reward (the model is not expected to score)."""
     data = tmp_path / "gsm.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+{i}=", "answer": f"so #### {2 * i}"}) + "\n"
                             for i in range(12)))
-    summary = run(tmp_path / "out", dataset=str(data), eval_size=4, max_steps=1, max_prompt_tokens=32,
-                  truncate_prompts=True, ppo_epochs=1, minibatches=1)
+    summary = run(tmp_path / "out", model=str(char_model_folder(tmp_path / "model")), dataset=str(data),
+                  eval_size=4, max_steps=1, max_prompt_tokens=32, truncate_prompts=True, ppo_epochs=1, minibatches=1)
     assert summary["steps"] == 1 and summary["tokens_generated"] > 0
     assert 0.0 <= summary["final_eval_accuracy"] <= 1.0
 

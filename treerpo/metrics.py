@@ -2,22 +2,56 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+from .checkpoint import write_text_atomic
+
+
+class MetricsLogError(ValueError):
+    pass
+
+
+def finite_or_none(value):
+    """JSON has no NaN or Infinity: a non-finite number is logged as null (the record says why elsewhere)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json_line(record: dict) -> str:
+    return json.dumps({k: finite_or_none(v) for k, v in record.items()}, allow_nan=False) + "\n"
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int = 0):
-        """On resume, lines past ``resume_step`` (written after the checkpoint) are dropped."""
+    """``metrics.jsonl``: one valid JSON object a line, whatever the step computed or how the last run ended."""
+
+    def __init__(self, path: Path, resume_step: int = 0, log=print):
+        """On resume, lines past ``resume_step`` (written after the checkpoint) are dropped and a last line
+        truncated by a crash is repaired; the file is rewritten atomically."""
         self.path = Path(path)
         self.records: list[dict] = []
         if resume_step and self.path.exists():
-            self.records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self.records = [r for r in self._read(log) if r["step"] <= resume_step]
+        write_text_atomic(self.path, "".join(map(to_json_line, self.records)))
+
+    def _read(self, log) -> list[dict]:
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise MetricsLogError(f"{self.path} line {number} is not valid JSON; repair or delete that "
+                                          "line to resume") from None
+                log(f"resume: the last line of {self.path} was cut short (a crash while writing it); dropped it")
+        return records
 
     def append(self, record: dict) -> None:
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(to_json_line(record))
 
 
 def plot_metrics(records: list[dict], path: Path, title: str, initial_eval: float | None = None) -> None:

@@ -1,22 +1,65 @@
-"""``python -m treerpo.train``: TreeRPO (or GRPO) on the embedded default or your model and data."""
+"""``python -m treerpo.train``: TreeRPO (or GRPO) on the embedded default or your model and data.
+
+Exit codes: 0 done; 1 stopped by non-finite training; 2 refused input (nothing was trained);
+128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM) after writing a checkpoint.
+"""
 from __future__ import annotations
 
+import shlex
 import sys
 
 from .config import ConfigError, parse_args
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that name the bad input and its fix: printed without a traceback."""
+    from .data.math_datasets import DatasetFormatError
+    from .engine.kv_pool import RequestTooLarge
+    from .metrics import MetricsLogError
+    from .models.source import ModelSourceError
+    from .prompt_checks import UnrepresentablePromptError
+    from .reference_sampler import PromptTooLongError
+    from .resume import ResumeMismatchError
+    from .run_lock import OutputDirLockedError
+
+    return (ConfigError, DatasetFormatError, RequestTooLarge, MetricsLogError, ModelSourceError,
+            UnrepresentablePromptError, PromptTooLongError, ResumeMismatchError, OutputDirLockedError,
+            FileNotFoundError)
+
+
+def resume_command(argv: list[str]) -> str:
+    args = [a for a in argv if a != "--resume"]
+    return shlex.join(["python", "-m", "treerpo.train", *args, "--resume"])
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config = parse_args(argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from .finite_guard import NonFiniteError
+    from .graceful_stop import TrainingInterrupted
     from .trainer import Trainer
 
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         summary = trainer.train()
+    except TrainingInterrupted as stopped:
+        print(f"{stopped}\nresume with:\n  {resume_command(argv)}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt as err:
+        print(f"\nstopped at once ({err or 'interrupted'}); resume from the latest checkpoint with:\n  "
+              f"{resume_command(argv)}", file=sys.stderr)
+        return 130
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
     print(f"{summary['algo']}: held-out accuracy {summary['initial_eval_accuracy']:.3f} -> "

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ from .algorithms.grpo import grpo_spec
 from .algorithms.loss import policy_loss
 from .attention import enable_tree_attention
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
+from .finite_guard import NonFiniteError, all_finite, check_weights_finite
+from .graceful_stop import GracefulStop, TrainingInterrupted
 from .data.tasks import load_task, make_reward
 from .evaluation import pass_at_1
 from .generation import encode_prompts
@@ -26,13 +29,12 @@ from .logprobs import packed_logprobs
 from .metrics import MetricsLog, plot_metrics
 from .models.tiny import load_model_and_tokenizer
 from .packing import PackedBatch, pack_trees
+from .prompt_checks import check_prompts
 from .reference_sampler import ReferenceTreeSampler
+from .resume import check_resumable, comparable_config
+from .run_lock import RunLock
 from .scoring import score_trees
 from .tree import Tree, TreeSpec
-
-
-# options that do not change what a step computes: a resumed run may change them
-RESUMABLE_CHANGES = frozenset({"resume", "max_steps", "threads", "eval_every", "save_every", "keep_checkpoints"})
 
 
 def seed_everything(seed: int) -> None:
@@ -66,6 +68,22 @@ def micro_batches(trees: list[Tree], token_budget: int) -> list[list[Tree]]:
     return groups + ([current] if current else [])
 
 
+def has_loss_tokens(tree: Tree) -> bool:
+    """A tree some of whose generated tokens are trained on (a kept node with a non-empty segment)."""
+    lengths = np.diff(tree.offsets)
+    return bool(np.any(tree.kept[1:] & (lengths[1:] > 0)))
+
+
+def minibatch_trees(trees: list[Tree], minibatches: int) -> list[list[Tree]]:
+    """The trainable trees in random order, split into ``minibatches`` groups of whole trees (fewer only when
+    fewer trees have loss tokens): the number of optimizer steps does not depend on the micro-batch size."""
+    trainable = [t for t in trees if has_loss_tokens(t)]
+    if not trainable:
+        return []
+    order = np.random.permutation(len(trainable))
+    return [[trainable[i] for i in chunk] for chunk in np.array_split(order, min(minibatches, len(trainable)))]
+
+
 def make_sampler(config: TrainConfig, model, tokenizer):
     if config.sampler == "reference":
         return ReferenceTreeSampler(model, tokenizer, config.sampler_batch_size, config.truncate_prompts)
@@ -89,28 +107,51 @@ class Trainer:
         hf_logging.disable_progress_bar()
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out).acquire()
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        config = self.config
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if config.device == "auto" else config.device)
-        self.model, self.tokenizer = load_model_and_tokenizer(config.model)
+        self.reward_fn = None
+        self.model, self.tokenizer = load_model_and_tokenizer(config.model, allow_download=config.allow_download)
+        self.task = load_task(config.dataset, config.eval_dataset, config.eval_size, self.tokenizer)
+        self.spec = tree_spec(config)
+        self._check_inputs()
         self.model = enable_tree_attention(self.model).to(self.device)
         self.reference = self._frozen_copy(self.model) if config.kl_coef > 0 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.task = load_task(config.dataset, config.eval_dataset, config.eval_size, self.tokenizer)
-        kind = self.task.reward_kind if config.reward == "auto" else config.reward
-        self.reward_fn = make_reward(kind, config.reward_deadline_s)
-        self.spec = tree_spec(config)
         self.sampler = make_sampler(config, self.model, self.tokenizer)
         self.start_step, self.elapsed_before = 0, 0.0
         self.initial_eval = None
         self.counters = {"tokens_generated": 0, "tokens_trained": 0}
+        self.nonfinite_streak = 0
         if config.resume:
             self._resume()
         elif latest_checkpoint(self.out) is not None:
-            raise ValueError(f"{self.out} holds the checkpoints of an earlier run; continue it with --resume "
+            raise ConfigError(f"{self.out} holds the checkpoints of an earlier run; continue it with --resume "
                              "or choose another --output-dir")
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.start_step)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.start_step, log=self.log)
+        kind = self.task.reward_kind if config.reward == "auto" else config.reward
+        self.reward_fn = make_reward(kind, config.reward_deadline_s)
+
+    def _check_inputs(self) -> None:
+        """Everything the run will feed the model, checked before the opening evaluation."""
+        prompts = [p for p, _ in self.task.eval] + self.task.training_prompts()
+        longest = check_prompts(self.model, self.tokenizer, prompts, encode_prompts(self.tokenizer, prompts),
+                                self.spec, self.config.truncate_prompts, f"dataset {self.config.dataset!r}")
+        need = longest + self.spec.max_generated_tokens
+        if self.config.sampler == "engine" and need > self.config.kv_pool_tokens:
+            raise ConfigError(f"one tree may need {need} KV slots (prompt up to {longest} + "
+                             f"{self.spec.max_generated_tokens} generated) but kv_pool_tokens="
+                             f"{self.config.kv_pool_tokens}; raise kv_pool_tokens or make the tree smaller")
 
     @staticmethod
     def _frozen_copy(model):
@@ -125,13 +166,7 @@ class Trainer:
             self.log(f"resume: no checkpoint in {self.out}, starting from step 0")
             return
         state = load_trainer_state(checkpoint)
-        differ = {k: (v, state["config"].get(k)) for k, v in self.config.to_dict().items()
-                  if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}
-        if differ:
-            listed = ", ".join(f"{k}={new!r} (was {old!r})" for k, (new, old) in sorted(differ.items()))
-            raise ValueError(f"resume: the options differ from those {checkpoint} was trained with: {listed}; "
-                             f"use the same values (only {sorted(RESUMABLE_CHANGES)} may change) or another "
-                             "output_dir")
+        check_resumable(comparable_config(self.config), state["config"], checkpoint)
         loaded, _ = load_model_and_tokenizer(checkpoint)
         self.model.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
@@ -139,6 +174,7 @@ class Trainer:
         self.elapsed_before = state["wall_time_s"]
         self.initial_eval = state["initial_eval_accuracy"]
         self.counters = state["counters"]
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.log(f"resumed from {checkpoint} at step {self.start_step}")
 
     # ---- one step ---------------------------------------------------------------------------------
@@ -148,20 +184,22 @@ class Trainer:
         infos = [{"prompt": p, "answer": g} for p, g in pairs]
         return self.sampler.sample(prompt_ids, self.spec, infos)
 
-    def _prepare(self, trees: list[Tree]) -> list[PreparedBatch]:
-        """Pack the trees into micro-batches and compute old and reference log-probs through the same path."""
-        prepared = []
+    def _prepare(self, trees: list[Tree]) -> list[list[PreparedBatch]]:
+        """Minibatches of whole trees, each packed into micro-batches of at most ``micro_batch_tokens`` tokens,
+        with old and reference log-probs computed through the same path as the new ones."""
         multiple_updates = self.config.ppo_epochs > 1 or self.config.minibatches > 1
-        for group in micro_batches(trees, self.config.micro_batch_tokens):
-            packed = pack_trees(group, prune_unkept=True).to(self.device)
-            rows = torch.nonzero(packed.loss_mask).squeeze(1)
-            if len(rows) == 0:
-                continue
-            with torch.no_grad():
-                old = self._logprobs(self.model, packed, rows) if multiple_updates else None
-                ref = self._logprobs(self.reference, packed, rows) if self.reference is not None else None
-            prepared.append(PreparedBatch(packed, rows, old, ref))
-        return prepared
+        minibatches = []
+        for group in minibatch_trees(trees, self.config.minibatches):
+            prepared = []
+            for micro in micro_batches(group, self.config.micro_batch_tokens):
+                packed = pack_trees(micro, prune_unkept=True).to(self.device)
+                rows = torch.nonzero(packed.loss_mask).squeeze(1)
+                with torch.no_grad():
+                    old = self._logprobs(self.model, packed, rows) if multiple_updates else None
+                    ref = self._logprobs(self.reference, packed, rows) if self.reference is not None else None
+                prepared.append(PreparedBatch(packed, rows, old, ref))
+            minibatches.append(prepared)
+        return minibatches
 
     def _logprobs(self, model, packed, rows):
         return packed_logprobs(model, packed, rows, temperature=self.config.temperature or 1.0,
@@ -169,36 +207,46 @@ class Trainer:
 
     def update(self, trees: list[Tree]) -> dict[str, float]:
         started = time.perf_counter()
-        prepared = self._prepare(trees)
+        minibatches = self._prepare(trees)
         logprobs_s = time.perf_counter() - started
-        if not prepared:
-            return {"loss": 0.0, "tokens_trained": 0, "logprobs_s": logprobs_s}
+        if not minibatches:
+            return {"loss": 0.0, "tokens_trained": 0, "tokens_forward": 0, "optimizer_steps": 0,
+                    "skipped_updates": 0, "logprobs_s": logprobs_s}
         stats: dict[str, list[float]] = {}
-        tokens_forward = 0
+        counts = {"tokens_forward": 0, "optimizer_steps": 0, "skipped_updates": 0}
         for _ in range(self.config.ppo_epochs):
-            order = np.random.permutation(len(prepared))
-            for chunk in np.array_split(order, min(self.config.minibatches, len(prepared))):
-                batches = [prepared[i] for i in chunk]
-                normalizer = sum(len(b.rows) for b in batches)
-                self.optimizer.zero_grad(set_to_none=True)
-                for b in batches:
-                    logp = self._logprobs(self.model, b.packed, b.rows)
-                    old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
-                    loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], None, self.config.clip_low,
-                                          self.config.clip_high, b.ref_logprobs, self.config.kl_coef, normalizer)
-                    loss.backward()
-                    tokens_forward += b.packed.num_tokens
-                    for k, v in {**s, "loss": loss.item() * normalizer / len(b.rows)}.items():
-                        stats.setdefault(k, []).append(v)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-                stats.setdefault("grad_norm", []).append(float(grad_norm))
-                self.optimizer.step()
-                getattr(self.sampler, "on_weights_updated", lambda: None)()
+            for i in np.random.permutation(len(minibatches)):
+                applied = self._optimizer_step(minibatches[i], stats, counts)
+                counts["optimizer_steps" if applied else "skipped_updates"] += 1
         out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out["tokens_trained"] = int(sum(len(b.rows) for b in prepared))
-        out["tokens_forward"] = int(tokens_forward)
+        out["tokens_trained"] = int(sum(len(b.rows) for mb in minibatches for b in mb))
         out["logprobs_s"] = logprobs_s
-        return out
+        return {**out, **counts}
+
+    def _optimizer_step(self, batches: list[PreparedBatch], stats: dict, counts: dict) -> bool:
+        """One gradient step over a minibatch; not applied (optimizer state untouched) when the loss or the
+        gradient norm is not finite."""
+        normalizer = sum(len(b.rows) for b in batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for b in batches:
+            logp = self._logprobs(self.model, b.packed, b.rows)
+            old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
+            loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], None, self.config.clip_low,
+                                  self.config.clip_high, b.ref_logprobs, self.config.kl_coef, normalizer)
+            loss.backward()
+            losses.append(loss.detach())
+            counts["tokens_forward"] += b.packed.num_tokens
+            for k, v in {**s, "loss": loss.item() * normalizer / len(b.rows)}.items():
+                stats.setdefault(k, []).append(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        stats.setdefault("grad_norm", []).append(float(grad_norm))
+        if not all_finite([grad_norm, *losses]):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        getattr(self.sampler, "on_weights_updated", lambda: None)()
+        return True
 
     def evaluate(self) -> float:
         prompts, golds = zip(*self.task.eval)
@@ -213,6 +261,10 @@ class Trainer:
         t0 = time.perf_counter()
         trees = self.rollout(step)
         t1 = time.perf_counter()
+        if any(np.isnan(t.token_logprobs[t.offsets[1]:]).any() for t in trees if t.token_logprobs is not None):
+            raise NonFiniteError(f"step {step + 1}: the model's next-token distribution is not finite (NaN "
+                                 "log-probs while sampling): the weights have diverged; start again from the "
+                                 "latest checkpoint with a lower --lr")
         rewards = score_trees(trees, self.tokenizer, self.reward_fn)
         adv = compute_advantages(trees, self.config.value_mode, self.config.advantage_norm, self.config.tau)
         t2 = time.perf_counter()
@@ -229,37 +281,79 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> dict:
+        """Train to ``max_steps``. SIGINT/SIGTERM stop after the current step with a checkpoint
+        (``TrainingInterrupted``); a second signal stops at once (``KeyboardInterrupt``)."""
+        with GracefulStop() as stop:
+            return self._train(stop)
+
+    def _train(self, stop: GracefulStop) -> dict:
         from tqdm.auto import tqdm
 
         config = self.config
-        counters = self.counters
-        started = time.perf_counter()
+        self.started = time.perf_counter()
         if self.initial_eval is None:
             self.initial_eval = self.evaluate()
             self.log(f"initial held-out accuracy: {self.initial_eval:.3f}")
         final_eval = self.initial_eval
         bar = tqdm(range(self.start_step, config.max_steps), initial=self.start_step, total=config.max_steps,
                    desc=f"{config.algo}", dynamic_ncols=True)
+        done = self.start_step
         for step in bar:
+            if stop.requested is not None:
+                break
             record = self.train_step(step)
-            counters["tokens_generated"] += record["tokens_generated"]
-            counters["tokens_trained"] += record["tokens_trained"]
+            self.counters["tokens_generated"] += record["tokens_generated"]
+            self.counters["tokens_trained"] += record["tokens_trained"]
             done = step + 1
+            self._track_nonfinite(record)
             if (config.eval_every and done % config.eval_every == 0) or done == config.max_steps:
                 final_eval = record["eval_accuracy"] = self.evaluate()
             self.metrics.append(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{final_eval:.2f}")
+            self._raise_if_diverged(done)
             if (config.save_every and done % config.save_every == 0) or done == config.max_steps:
-                wall = self.elapsed_before + time.perf_counter() - started
-                save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer,
-                                {"config": config.to_dict(), "wall_time_s": wall, "counters": counters,
-                                 "initial_eval_accuracy": self.initial_eval}, keep=config.keep_checkpoints)
+                self.save(done)
         bar.close()
+        if stop.requested is not None:
+            self._stop_on_signal(stop.requested, done)
         if self.start_step >= config.max_steps:
             final_eval = self.evaluate()
+        return self._write_summary(final_eval)
+
+    def _track_nonfinite(self, record: dict) -> None:
+        record["nonfinite"] = record.get("skipped_updates", 0) > 0
+        self.nonfinite_streak = self.nonfinite_streak + 1 if record["nonfinite"] else 0
+
+    def _raise_if_diverged(self, done: int) -> None:
+        if self.nonfinite_streak >= self.config.max_nonfinite_steps:
+            latest = latest_checkpoint(self.out)
+            raise NonFiniteError(
+                f"steps {done - self.nonfinite_streak + 1}-{done}: the loss or gradient norm was not finite "
+                f"{self.nonfinite_streak} steps in a row (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
+                f"their updates were not applied. Lower --lr (now {self.config.lr}) and start again"
+                + (f" from {latest}" if latest else ""))
+
+    def save(self, done: int) -> Path:
+        check_weights_finite(self.model, f"after step {done}")
+        wall = self.elapsed_before + time.perf_counter() - self.started
+        return save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer,
+                               {"config": comparable_config(self.config), "wall_time_s": wall,
+                                "counters": self.counters, "initial_eval_accuracy": self.initial_eval,
+                                "nonfinite_streak": self.nonfinite_streak}, keep=self.config.keep_checkpoints)
+
+    def _stop_on_signal(self, signum: int, done: int) -> None:
+        latest = latest_checkpoint(self.out)
+        if latest is None or load_trainer_state(latest)["step"] != done:
+            latest = self.save(done)
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(f"{name}: stopped after step {done} of {self.config.max_steps}; checkpoint "
+                                  f"{latest}; continue with the same options plus --resume", signum)
+
+    def _write_summary(self, final_eval: float) -> dict:
+        config = self.config
         summary = {"algo": config.algo, "steps": config.max_steps, "initial_eval_accuracy": self.initial_eval,
                    "final_eval_accuracy": final_eval, "improvement": final_eval - self.initial_eval,
-                   "wall_time_s": self.elapsed_before + time.perf_counter() - started, **counters,
+                   "wall_time_s": self.elapsed_before + time.perf_counter() - self.started, **self.counters,
                    "model": config.model or "embedded tiny (treerpo/models/tiny_chain)", "dataset": config.dataset,
                    "tree": {"branching": list(self.spec.branching), "segment_tokens": self.spec.segment_tokens}}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -269,6 +363,13 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        close = getattr(self.reward_fn, "close", None)
+        close = getattr(getattr(self, "reward_fn", None), "close", None)
         if close:
             close()
+        self.lock.release()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
