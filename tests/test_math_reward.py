@@ -1,4 +1,5 @@
 """Tests of treerpo.rewards.math_verify_reward on hand cases and on ../shared/data."""
+import multiprocessing as mp
 import random
 import re
 import threading
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from treerpo.data.math_datasets import load_problems
-from treerpo.rewards.math_verify_reward import MathVerifyReward, extract_boxed, prepare_gold
+from treerpo.rewards.math_verify_reward import (WORKER_NAME, MathVerifyReward, extract_boxed,
+                                                prepare_gold)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"math data folder {DATA} is absent")
@@ -17,11 +19,20 @@ DATA_FILES = ["math_train.json", "math500_test.jsonl", "aime24_test.jsonl", "amc
               "minerva_math_test.jsonl", "olympiadbench_test.jsonl", "gsm8k_train.jsonl",
               "gsm8k_test.jsonl"]
 PATHOLOGICAL = r"\boxed{9^{9^{9^{9^{9}}}}}"  # math-verify hangs (> 20 s) comparing this with 1
+DEADLINE = 2.0  # of the hang tests; a worker start-up takes 8 s of CPU here (it imports torch)
 
 
 @pytest.fixture(scope="module")
 def reward():
-    with MathVerifyReward(deadline_s=5.0) as r:
+    with MathVerifyReward(deadline_s=5.0, workers=2, spares=0) as r:  # few start-ups: 2 CPUs here
+        yield r
+
+
+@pytest.fixture(scope="module")
+def hang_reward():
+    """Two workers and two spares. A hang test calls ``warm_up()`` before timing a call:
+    replacements of the workers an earlier test killed may still be starting."""
+    with MathVerifyReward(deadline_s=DEADLINE, workers=2, spares=2) as r:
         yield r
 
 
@@ -86,7 +97,7 @@ def test_length_mismatch_raises(reward):
 def test_no_boxed_answer_starts_no_worker():
     r = MathVerifyReward()
     assert r(["the answer is 4", "4"], ["4", "4"]) == [0.0, 0.0]
-    assert r._slots == [None]
+    assert r._pool.procs == []
     r.close()
 
 
@@ -105,23 +116,81 @@ def test_works_from_thread(reward):
 
 def test_recovers_from_dead_worker(reward):
     assert reward([boxed("5")], ["5"]) == [1.0]
-    reward._slots[0].proc.kill()
-    reward._slots[0].proc.join(5)
+    dead = next(w.proc for w in reward._pool.procs if w.ready)
+    dead.kill()
+    dead.join(5)
     assert reward([boxed("5"), boxed("6")], ["5", "5"]) == [1.0, 0.0]
+    assert dead not in [w.proc for w in reward._pool.procs]
 
 
-def test_pathological_input_hits_deadline():
-    deadline, margin = 1.0, 1.5
-    with MathVerifyReward(deadline_s=deadline) as r:
-        assert r([boxed("1")], ["1"]) == [1.0]  # worker started and warm
+def test_startup_does_not_count_against_deadline():
+    deadline = 0.5
+    with MathVerifyReward(deadline_s=deadline, workers=1, spares=0) as r:
         t0 = time.monotonic()
-        assert r([PATHOLOGICAL], ["1"]) == [0.0]
-        assert time.monotonic() - t0 < deadline + margin
-        # a later item in the same batch is scored by a fresh worker
-        t0 = time.monotonic()
-        assert r([boxed("3"), PATHOLOGICAL, boxed(r"\frac{6}{2}"), boxed("2")],
-                 ["3", "1", "3", "3"]) == [1.0, 0.0, 1.0, 0.0]
-        assert time.monotonic() - t0 < deadline + 60  # one deadline + worker restart
+        assert r([boxed("1")], ["1"]) == [1.0]
+        assert time.monotonic() - t0 > deadline  # the start-up alone takes longer
+
+
+def test_worker_failing_to_start_raises():
+    with MathVerifyReward(workers=1, spares=0, startup_timeout_s=0.01) as r:
+        with pytest.raises(RuntimeError, match="worker failed to start"):
+            r([boxed("1")], ["1"])
+        assert r._pool.procs == []
+
+
+def test_pathological_input_hits_deadline(hang_reward):
+    margin = 1.5
+    hang_reward.warm_up()
+    t0 = time.monotonic()
+    assert hang_reward([PATHOLOGICAL], ["1"]) == [0.0]
+    assert time.monotonic() - t0 < DEADLINE + margin
+    t0 = time.monotonic()
+    assert hang_reward([boxed("3"), PATHOLOGICAL, boxed(r"\frac{6}{2}"), boxed("2")],
+                       ["3", "1", "3", "3"]) == [1.0, 0.0, 1.0, 0.0]
+    assert time.monotonic() - t0 < DEADLINE + margin
+
+
+def test_hangs_in_one_batch_time_out_side_by_side(hang_reward):
+    """More answers hang than there are workers. Both workers get stuck at once; after the
+    stall delay (deadline / 4) the spares take the queue, one of them the third hang, the
+    other the normal answers. All hangs time out by 1.25 deadlines (2.7 s measured); the
+    bound of 2 deadlines leaves room for a busy machine. Serial replacement took at least
+    2 deadlines plus a worker restart (the third hang waits for a freed worker)."""
+    hang_reward.warm_up()  # replacements of workers killed by an earlier test are ready
+    hangs = [PATHOLOGICAL] * 3
+    normal = [boxed("3"), boxed(r"\frac{6}{2}"), boxed("2"), boxed("0.5"), boxed("7")]
+    t0 = time.monotonic()
+    scores = hang_reward(hangs + normal, ["1"] * 3 + ["3", "3", "3", "1/2", "8"])
+    elapsed = time.monotonic() - t0
+    assert scores == [0.0] * 3 + [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert elapsed < 2 * DEADLINE, elapsed
+
+
+def test_call_after_hangs_uses_warm_spares(hang_reward):
+    """Both workers are killed for hanging; the next call runs at once on the spares
+    while their replacements start in the background."""
+    hang_reward.warm_up()
+    assert hang_reward([PATHOLOGICAL, PATHOLOGICAL, boxed("1")], ["1"] * 3) == [0.0, 0.0, 1.0]
+    t0 = time.monotonic()
+    assert hang_reward([boxed("3"), boxed("4"), boxed(r"\sqrt{9}")], ["3"] * 3) == [1.0, 0.0, 1.0]
+    assert time.monotonic() - t0 < 1.0  # well under a worker start-up
+
+
+def _live_workers() -> set[int]:
+    return {p.pid for p in mp.active_children() if p.name == WORKER_NAME}
+
+
+def test_worker_processes_stay_bounded(hang_reward):
+    hang_reward.warm_up()
+    before = _live_workers()
+    for _ in range(2):
+        assert hang_reward([PATHOLOGICAL, boxed("1")], ["1", "1"]) == [0.0, 1.0]
+    assert len(hang_reward._pool.procs) == 4  # workers + spares
+    assert len(_live_workers()) == len(before)  # killed workers were reaped, none leaked
+    own = {w.proc.pid for w in hang_reward._pool.procs}
+    hang_reward.close()
+    assert not own & _live_workers()
+    assert len(_live_workers()) == len(before) - 4
 
 
 # --------------------------------------------------------- gold answers of files

@@ -10,20 +10,32 @@ The names another RL codebase needs to put tree rollouts into its own loop::
     logp = packed_logprobs(enable_tree_attention(model), batch)
     loss, stats = policy_loss(logp, old_logp, batch.advantages[batch.loss_mask], ...)
 """
-from .algorithms.advantages import compute_advantages, node_values
-from .algorithms.grpo import grpo_spec
-from .algorithms.loss import policy_loss
-from .attention import enable_tree_attention, tree_attention
-from .engine import TreeSampler
-from .logprobs import packed_logprobs
-from .models.tiny import load_model_and_tokenizer
-from .packing import PackedBatch, pack_trees
-from .reference_sampler import PromptTooLongError, ReferenceTreeSampler
-from .scoring import score_trees
-from .tree import Tree, TreeSpec
+import importlib
+
+# name -> module; imported on first use, so that light entry points (the math-verify worker processes,
+# `python -m treerpo.train --help`) do not pay for torch and transformers
+_EXPORTS = {
+    "compute_advantages": ".algorithms.advantages", "node_values": ".algorithms.advantages",
+    "grpo_spec": ".algorithms.grpo", "policy_loss": ".algorithms.loss",
+    "enable_tree_attention": ".attention", "tree_attention": ".attention", "TreeSampler": ".engine",
+    "packed_logprobs": ".logprobs", "load_model_and_tokenizer": ".models.tiny",
+    "PackedBatch": ".packing", "pack_trees": ".packing",
+    "PromptTooLongError": ".reference_sampler", "ReferenceTreeSampler": ".reference_sampler",
+    "score_trees": ".scoring", "Tree": ".tree", "TreeSpec": ".tree",
+}
 
 __version__ = "0.1.0"
 
-__all__ = ["PackedBatch", "PromptTooLongError", "ReferenceTreeSampler", "Tree", "TreeSampler", "TreeSpec", "compute_advantages",
-           "enable_tree_attention", "grpo_spec", "load_model_and_tokenizer", "node_values", "pack_trees",
-           "packed_logprobs", "policy_loss", "score_trees", "tree_attention"]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'treerpo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

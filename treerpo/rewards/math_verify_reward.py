@@ -1,12 +1,14 @@
 """Binary math reward: last boxed answer checked against a gold answer by math-verify.
 
 math-verify's own timeouts use ``signal.alarm`` (main thread only), so every
-parse/verify runs with its timeouts disabled in a persistent worker process; the
-parent bounds each answer with a deadline and replaces a worker that overruns.
+parse/verify runs with its timeouts disabled in a pool of persistent worker processes;
+the parent bounds each answer with a deadline and kills a worker that overruns, and
+warm spare workers keep the queue moving meanwhile.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import re
 import signal
 import threading
@@ -19,6 +21,8 @@ _ENOTATION_RE = re.compile(r"(?<![\w.\\])(\d+(?:\.\d+)?)[eE]([+-]?\d+)(?![\w.])"
 _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+")
 _DOLLAR_RE = re.compile(r"(?<!\\)\$")
 _READY = "ready"
+WORKER_NAME = "math-verify-worker"
+_STALL_S = 0.5  # a worker busy this long on one answer lets a spare take the next one
 
 
 def _closing_brace(text: str, open_pos: int) -> int | None:
@@ -87,6 +91,8 @@ def _worker_main(conn) -> None:
     from math_verify import parse, verify
 
     parse_gold = functools.lru_cache(maxsize=4096)(lambda s: parse(s, parsing_timeout=None))
+    # the first verify loads more (0.2 s): keep that off an answer's deadline
+    verify(parse_gold("$1$"), parse_gold("$1$"), timeout_seconds=None)
     conn.send(_READY)
     while True:
         try:
@@ -105,30 +111,23 @@ def _worker_main(conn) -> None:
 
 
 class _Worker:
-    """One verifier process and its pipe; waits for the worker's import lazily."""
+    """One verifier process, its pipe, and the answer it is verifying (if any)."""
 
-    def __init__(self, ctx, startup_timeout: float):
+    def __init__(self, ctx):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True,
-                                name="math-verify-worker")
+        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name=WORKER_NAME)
         self.proc.start()
         child.close()
-        self.ready, self.startup_timeout = False, startup_timeout
+        self.started = time.monotonic()
+        self.ready = False
+        self.job: tuple[int, float] | None = None  # (answer index, time it was sent)
 
-    def submit(self, gold: str, pred: str) -> None:
-        if not self.ready:
-            try:
-                ok = self.conn.poll(self.startup_timeout) and self.conn.recv() == _READY
-            except (EOFError, OSError):
-                ok = False
-            if not ok:
-                self.kill()
-                raise RuntimeError(
-                    "math-verify worker failed to start (see its stderr). It uses the 'spawn' "
-                    "start method: the main script must be a file guarded by "
-                    "`if __name__ == '__main__':`.")
-            self.ready = True
-        self.conn.send((gold, pred))
+    def submit(self, index: int, gold: str, pred: str) -> None:
+        self.job = (index, time.monotonic())
+        try:
+            self.conn.send((gold, pred))
+        except OSError:
+            pass  # the process just died: the pool reads EOF and the answer scores 0
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -136,43 +135,161 @@ class _Worker:
         self.proc.join(5)
         self.conn.close()
 
-    def stop(self) -> None:
+
+class _WorkerPool:
+    """Up to ``workers`` answers verified at once by a set of at most ``workers + spares``
+    processes; the processes not in use are warm spares.
+
+    A process busy for ``stall_s`` on one answer no longer counts against ``workers``, so a
+    spare takes the next queued answer while it is stuck. A process past its answer's
+    deadline, or crashed, is killed and a replacement started at once; it warms up in the
+    background and is not used before it is ready.
+    """
+
+    def __init__(self, workers: int, spares: int, deadline_s: float, startup_timeout_s: float):
+        self.procs: list[_Worker] = []
+        self._ctx = mp.get_context("spawn")
+        self._workers, self._size = workers, workers + spares
+        self._deadline_s, self._startup_timeout_s = deadline_s, startup_timeout_s
+        self._stall_s = min(_STALL_S, deadline_s / 4)
+
+    def run(self, jobs: deque, scores: list[float]) -> None:
+        """Write the score of each ``(index, gold, pred)`` of ``jobs`` to ``scores[index]``."""
+        self._fill()
         try:
-            self.conn.send(None)
-            self.proc.join(1)
-        except (OSError, ValueError):
-            pass
-        self.kill()
+            while jobs or self._busy():
+                self._dispatch(jobs)
+                self._wait(jobs_waiting=bool(jobs))
+                self._check_started()
+                self._collect(scores)
+        finally:
+            for w in self._busy():  # only after an exception: its late result must not be
+                self._remove(w)     # read as the result of a later answer; the next call refills
+
+    def wait_ready(self) -> None:
+        self._fill()
+        while not all(w.ready for w in self.procs):
+            self._wait(jobs_waiting=False)
+            self._check_started()
+
+    def close(self) -> None:
+        for w in self.procs:
+            try:
+                w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        end = time.monotonic() + 1.0
+        for w in self.procs:
+            w.proc.join(max(0.0, end - time.monotonic()))
+            w.kill()
+        self.procs = []
+
+    def _busy(self) -> list[_Worker]:
+        return [w for w in self.procs if w.job is not None]
+
+    def _idle(self) -> list[_Worker]:
+        idle = []
+        for w in [w for w in self.procs if w.ready and w.job is None]:
+            if w.proc.is_alive():
+                idle.append(w)
+            else:  # died between calls (e.g. killed from outside)
+                self._replace(w)
+        return idle
+
+    def _dispatch(self, jobs: deque) -> None:
+        now = time.monotonic()
+        running = sum(1 for w in self._busy() if now - w.job[1] < self._stall_s)
+        for w in self._idle():
+            if not jobs or running >= self._workers:
+                return
+            w.submit(*jobs.popleft())
+            running += 1
+
+    def _wait(self, jobs_waiting: bool) -> None:
+        """Block until a process answers or becomes ready, or until the next deadline,
+        stall (if answers are queued) or start-up timeout."""
+        now = time.monotonic()
+        events, conns = [], []
+        for w in self.procs:
+            if not w.ready:
+                events.append(w.started + self._startup_timeout_s)
+            elif w.job is not None:
+                sent = w.job[1]
+                events.append(sent + self._deadline_s)
+                if jobs_waiting and now < sent + self._stall_s:
+                    events.append(sent + self._stall_s)
+            else:
+                continue
+            conns.append(w.conn)
+        _wait_conns(conns, max(0.0, min(events, default=now) - now))
+
+    def _check_started(self) -> None:
+        now = time.monotonic()
+        for w in [w for w in self.procs if not w.ready]:
+            try:
+                w.ready = w.conn.poll() and w.conn.recv() == _READY
+                failed = not w.ready and now - w.started > self._startup_timeout_s
+            except (EOFError, OSError):
+                failed = True
+            if failed:
+                self._remove(w)
+                raise RuntimeError(
+                    "math-verify worker failed to start (see its stderr). It uses the 'spawn' "
+                    "start method: the main script must be a file guarded by "
+                    "`if __name__ == '__main__':`.")
+
+    def _collect(self, scores: list[float]) -> None:
+        """Record finished answers; replace a process that crashed or is past its answer's
+        deadline (that answer keeps its score of 0)."""
+        for w in self._busy():
+            index, sent = w.job
+            try:
+                if w.conn.poll():
+                    scores[index] = float(w.conn.recv())
+                    w.job = None
+                elif time.monotonic() - sent >= self._deadline_s:
+                    self._replace(w)
+            except (EOFError, OSError):
+                self._replace(w)
+
+    def _remove(self, w: _Worker) -> None:
+        w.kill()
+        self.procs.remove(w)
+
+    def _replace(self, w: _Worker) -> None:
+        self._remove(w)
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.procs) < self._size:
+            self.procs.append(_Worker(self._ctx))
 
 
 class MathVerifyReward:
     """1.0 if a completion's last boxed answer equals the gold answer, else 0.0.
 
-    Each answer gets ``deadline_s`` seconds of verifier time; on overrun it scores
-    0.0 and its worker is replaced. Safe to call from any thread (calls are
-    serialized). Workers use the "spawn" context: scripts need a main guard.
+    Answers are verified in parallel by ``workers`` processes (default ``min(4, CPUs)``). An
+    answer not verified within ``deadline_s`` of wall-clock after a ready worker received it
+    scores 0.0, and that worker is killed. ``spares`` more processes are kept started and
+    warm: one takes a killed worker's place at once, and takes queued answers while a worker
+    is stuck, so the answers that hang in one batch time out side by side. A batch thus takes
+    about one deadline plus normal verification time while fewer than ``workers + spares`` of
+    its answers hang (more hangs add a deadline and a worker start-up per round). At most
+    ``workers + spares`` worker processes are alive at any time.
+
+    Processes start on the first call with a boxed answer (or on ``warm_up()``); a call waits
+    for a start-up only when no started process is free. Safe to call from any thread (calls
+    are serialized). Workers use the "spawn" context: scripts need a main guard.
     """
 
-    def __init__(self, deadline_s: float = 5.0, workers: int = 1,
+    def __init__(self, deadline_s: float = 5.0, workers: int | None = None, spares: int = 2,
                  startup_timeout_s: float = 120.0):
-        if deadline_s <= 0 or workers < 1:
-            raise ValueError("deadline_s must be > 0 and workers >= 1")
-        self.deadline_s, self.startup_timeout_s = float(deadline_s), startup_timeout_s
-        self._ctx = mp.get_context("spawn")
-        self._slots: list[_Worker | None] = [None] * workers
+        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        if deadline_s <= 0 or workers < 1 or spares < 0:
+            raise ValueError("deadline_s must be > 0, workers >= 1 and spares >= 0")
+        self.deadline_s = float(deadline_s)
+        self._pool = _WorkerPool(workers, spares, self.deadline_s, startup_timeout_s)
         self._lock = threading.Lock()
-
-    def _worker(self, slot: int) -> _Worker:
-        w = self._slots[slot]
-        if w is None or not w.proc.is_alive():
-            if w is not None:
-                w.kill()
-            w = self._slots[slot] = _Worker(self._ctx, self.startup_timeout_s)
-        return w
-
-    def _replace(self, slot: int) -> None:
-        self._slots[slot].kill()
-        self._slots[slot] = _Worker(self._ctx, self.startup_timeout_s)  # warms up meanwhile
 
     def __call__(self, completions: list[str], golds: list[str]) -> list[float]:
         if len(completions) != len(golds):
@@ -185,37 +302,18 @@ class MathVerifyReward:
                 jobs.append((i, prepare_gold(gold), f"${normalize_answer(pred)}$"))
         if jobs:
             with self._lock:
-                self._run(jobs, scores)
+                self._pool.run(jobs, scores)
         return scores
 
-    def _run(self, jobs: deque, scores: list[float]) -> None:
-        busy: dict[int, tuple[int, float]] = {}  # slot -> (item index, deadline)
-        while jobs or busy:
-            for slot in range(len(self._slots)):
-                if jobs and slot not in busy:
-                    i, gold, pred = jobs.popleft()
-                    self._worker(slot).submit(gold, pred)
-                    busy[slot] = (i, time.monotonic() + self.deadline_s)
-            timeout = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
-            ready = _wait_conns([self._slots[s].conn for s in busy], timeout)
-            for slot, (i, deadline) in list(busy.items()):
-                w = self._slots[slot]
-                if w.conn in ready:
-                    try:
-                        scores[i] = float(w.conn.recv())
-                    except (EOFError, OSError):  # worker crashed on this item
-                        self._replace(slot)
-                    del busy[slot]
-                elif time.monotonic() >= deadline:
-                    self._replace(slot)
-                    del busy[slot]
+    def warm_up(self) -> None:
+        """Start all worker processes now and wait until each has imported math-verify."""
+        with self._lock:
+            self._pool.wait_ready()
 
     def close(self) -> None:
         """Stop the worker processes."""
-        for slot, w in enumerate(self._slots):
-            if w is not None:
-                w.stop()
-                self._slots[slot] = None
+        with self._lock:
+            self._pool.close()
 
     def __enter__(self) -> "MathVerifyReward":
         return self
