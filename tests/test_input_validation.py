@@ -97,8 +97,9 @@ def test_math_file_the_tiny_tokenizer_cannot_represent(tmp_path):
         trainer(tmp_path, dataset=str(data), eval_dataset=str(data), truncate_prompts=True)
 
 
-def test_over_long_prompt_and_tree_too_big_for_the_pool_before_evaluation(tmp_path, monkeypatch):
-    monkeypatch.setattr(Trainer, "evaluate", lambda self: pytest.fail("evaluation ran before the refusal"))
+def test_over_long_prompt_and_tree_too_big_for_the_pool_before_evaluation(tmp_path):
+    """Refused by the constructor, so before train() runs the opening evaluation (they used to be found by the
+    sampler, after it)."""
     with pytest.raises(PromptTooLongError, match=r"dataset .synthetic.: prompt \d+ has \d+ tokens but at most 8 fit"):
         trainer(tmp_path, max_prompt_tokens=8)
     with pytest.raises(PromptTooLongError, match=r"leaves no room for a prompt in the model's context of 128"):

@@ -1,7 +1,9 @@
 """Tests of treerpo.rewards.math_verify_reward on hand cases and on ../shared/data."""
 import multiprocessing as mp
+import os
 import random
 import re
+import signal
 import threading
 import time
 from decimal import Decimal
@@ -124,11 +126,27 @@ def test_recovers_from_dead_worker(reward):
 
 
 def test_startup_does_not_count_against_deadline():
-    deadline = 0.5
+    deadline = 0.2  # importing math-verify (sympy) alone takes longer anywhere
     with MathVerifyReward(deadline_s=deadline, workers=1, spares=0) as r:
         t0 = time.monotonic()
         assert r([boxed("1")], ["1"]) == [1.0]
         assert time.monotonic() - t0 > deadline  # the start-up alone takes longer
+
+
+def test_signals_to_the_process_group_do_not_lose_answers():
+    """Ctrl-C or SIGTERM sent to the trainer's process group reaches the workers too: a starting worker killed by
+    one is restarted (not 'failed to start'), and a ready worker ignores them."""
+    with MathVerifyReward(deadline_s=5.0, workers=1, spares=0) as r:
+        r._pool._fill()
+        starting = r._pool.procs[0].proc
+        os.kill(starting.pid, signal.SIGTERM)
+        assert r([boxed("3")], ["3"]) == [1.0]
+        ready = r._pool.procs[0].proc
+        assert ready is not starting
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            os.kill(ready.pid, signum)
+        assert r([boxed("4"), boxed("5")], ["4", "4"]) == [1.0, 0.0]
+        assert r._pool.procs[0].proc is ready and ready.is_alive()
 
 
 def test_worker_failing_to_start_raises():

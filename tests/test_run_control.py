@@ -17,7 +17,7 @@ from treerpo.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--prompts-per-step", "4", "--branching", "2", "2", "2", "--segment-tokens", "12", "--eval-size", "8",
-         "--eval-every", "0", "--save-every", "100", "--threads", "1", "--kv-pool-tokens", "4096"]
+         "--eval-every", "0", "--save-every", "100", "--threads", "1", "--kv-pool-tokens", "4096", "--device", "cpu"]
 
 
 def start(out: Path, steps: int, *extra: str) -> subprocess.Popen:
@@ -121,3 +121,14 @@ def test_stale_lock_file_does_not_block(tmp_path):
     with pytest.raises(OutputDirLockedError):
         RunLock(tmp_path).acquire()  # a second open file description conflicts, even in one process
     lock.release()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--lr", "0.1"], "python -m treerpo.train --lr 0.1 --resume"),
+    (["--resume", "false", "--output-dir", "a b"], "python -m treerpo.train --output-dir 'a b' --resume"),
+    (["--resume=no", "--max-steps", "3", "--resume"], "python -m treerpo.train --max-steps 3 --resume"),
+])
+def test_printed_resume_command(argv, expected):
+    from treerpo.train import resume_command
+
+    assert resume_command(argv) == expected

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import treerpo.trainer as trainer_module
+from helpers import char_model_folder
 from treerpo.config import make_config
 from treerpo.finite_guard import NonFiniteError
 from treerpo.resume import ResumeMismatchError
@@ -78,14 +79,20 @@ def test_huge_learning_rate_never_checkpoints_nonfinite_weights(tmp_path):
 
 @pytest.mark.slow
 def test_resume_resolves_paths_and_allows_evaluation_options(tmp_path, monkeypatch):
+    """Relative model, data and output paths written differently (and an output folder moved) are one run."""
     monkeypatch.chdir(tmp_path)
-    run("out", max_steps=1)
-    run("./out/", max_steps=2, resume=True, eval_every=1, eval_samples=2, eval_temperature=0.5)
+    char_model_folder(tmp_path / "m")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"question": f"{i}+1=", "answer": f"#### {i + 1}"}) + "\n"
+                                              for i in range(12)))
+    paths = dict(model="m", dataset="d.jsonl", eval_size=4, max_prompt_tokens=64, truncate_prompts=True)
+    run("out", max_steps=1, **paths)
+    run("./out/", max_steps=2, resume=True, eval_every=1, eval_samples=2, eval_temperature=0.5,
+        **{**paths, "model": "./m/", "dataset": str(tmp_path / "d.jsonl")})
     (tmp_path / "out").rename(tmp_path / "moved")
-    run(str(tmp_path / "moved"), max_steps=3, resume=True)
+    run(str(tmp_path / "moved"), max_steps=3, resume=True, **paths)
     assert [r["step"] for r in strict_json_lines(tmp_path / "moved" / "metrics.jsonl")] == [1, 2, 3]
     with pytest.raises(ResumeMismatchError, match=r"lr=0.001 \(was 5e-05\)"):
-        run("moved", max_steps=4, resume=True, lr=1e-3)
+        run("moved", max_steps=4, resume=True, lr=1e-3, **paths)
 
 
 @pytest.mark.slow
@@ -140,3 +147,24 @@ def test_optimizer_steps_per_epoch_do_not_depend_on_micro_batch_tokens(tmp_path)
     # last-bit differences of near-zero gradients, so compare at a fraction of one step
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=2e-5)
+
+
+def test_signal_during_the_last_step_completes_the_run(tmp_path):
+    """The step finishes, the final checkpoint and summary are written: the run is done, not interrupted."""
+    import signal
+
+    from treerpo.graceful_stop import GracefulStop
+
+    t = make_trainer(tmp_path, max_steps=1)
+    stop, real_step = GracefulStop(), t.train_step
+
+    def step_then_signal(step):
+        record = real_step(step)
+        stop.requested = signal.SIGINT
+        return record
+    t.train_step = step_then_signal
+    try:
+        summary = t._train(stop)
+    finally:
+        t.close()
+    assert summary["steps"] == 1 and (tmp_path / "summary.json").exists() and (tmp_path / "checkpoint-1").is_dir()

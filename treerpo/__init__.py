@@ -31,7 +31,10 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'treerpo' has no attribute {name!r}")
+        try:
+            return importlib.import_module(f".{name}", __name__)  # treerpo.packing etc. without importing them
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'treerpo' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     globals()[name] = value
     return value

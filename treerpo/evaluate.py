@@ -48,11 +48,12 @@ def max_new_tokens(args, kind: str) -> int:
 def check_context(model, encoded: list[list[int]], max_new: int, name: str) -> None:
     """Every prompt plus ``max_new`` answer tokens within the model's positions (else the score means nothing)."""
     from .prompt_checks import max_positions_of
+    from .reference_sampler import PromptTooLongError
 
     limit = max_positions_of(model)
     longest = max((len(ids) for ids in encoded), default=0)
     if limit is not None and longest + max_new > limit:
-        raise ValueError(f"{name}: a prompt of {longest} tokens plus --max-new-tokens {max_new} overruns the "
+        raise PromptTooLongError(f"{name}: a prompt of {longest} tokens plus --max-new-tokens {max_new} overruns the "
                          f"model's context of {limit} positions; lower --max-new-tokens (at most "
                          f"{max(limit - longest, 0)} here) or use a model with a longer context")
 
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m treerpo.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="local model folder or hub name (default: the embedded model)")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="fetch a hub model that is not in the local cache (off: no network traffic)")
     parser.add_argument("--data", nargs="+", required=True, help="benchmark files (.jsonl/.json) or 'synthetic'")
     parser.add_argument("--samples", type=int, default=1, help="samples per problem (n)")
     parser.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for n=1, else 1.0")
@@ -80,19 +83,22 @@ def main(argv=None) -> int:
                      "the current folder unasked); e.g. --output results/eval.json")
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
 
+    from .data.math_datasets import DatasetFormatError
     from .data.tasks import make_reward
+    from .models.source import ModelSourceError
     from .models.tiny import load_model_and_tokenizer
-
     from .prompt_checks import UnrepresentablePromptError, check_representable
+    from .reference_sampler import PromptTooLongError
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    loaded = [(name, *benchmark(name, tokenizer, args.limit)) for name in args.data]
     try:
+        model, tokenizer = load_model_and_tokenizer(args.model, allow_download=args.allow_download)
+        loaded = [(name, *benchmark(name, tokenizer, args.limit)) for name in args.data]
         for name, prompts, _, kind in loaded:
             encoded = encode_prompts(tokenizer, prompts)
             check_representable(tokenizer, prompts, encoded, name)
             check_context(model, encoded, max_new_tokens(args, kind), name)
-    except (UnrepresentablePromptError, ValueError) as err:
+    except (ModelSourceError, FileNotFoundError, DatasetFormatError, UnrepresentablePromptError,
+            PromptTooLongError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rewards = {}

@@ -16,8 +16,14 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def check_weights_finite(model, when: str) -> None:
+def restart_advice(config, latest_checkpoint) -> str:
+    """How to go on after a divergence: a new run (a resume may not change lr) from the last good weights."""
+    start = f"--model {latest_checkpoint} " if latest_checkpoint else ""
+    return (f"The learning rate ({config.lr}) is likely too high: start a new run {start}with a lower --lr and "
+            "another --output-dir (a resume keeps the lr; a new run from a checkpoint also takes it as the KL "
+            "reference)")
+
+
+def check_weights_finite(model, when: str, advice: str = "") -> None:
     if not all_finite(model.parameters()):
-        raise NonFiniteError(f"the model's weights are not finite {when}; nothing was written. The learning rate "
-                             "is too high for this model (or the data produced an overflow): start again from the "
-                             "latest checkpoint with a lower --lr")
+        raise NonFiniteError(f"the model's weights are not finite {when}; no checkpoint was written. {advice}")

@@ -5,8 +5,8 @@ The trainer polls ``requested`` between steps, writes a checkpoint and raises
 """
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import threading
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -33,18 +33,20 @@ class GracefulStop:
             self._restore()
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once, no checkpoint")
         self.requested = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing the current step, then writing a checkpoint; "
-              "send it again to stop at once", file=sys.stderr, flush=True)
+        # os.write, not print: the signal may have interrupted a write to sys.stderr (re-entering it raises)
+        os.write(2, f"\n{signal.Signals(signum).name} received: finishing the current step, then writing a "
+                    "checkpoint; send it again to stop at once\n".encode())
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: installed from C
         self._previous.clear()
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. nohup: the user asked to ignore it
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

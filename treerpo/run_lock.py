@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import warnings
 from pathlib import Path
 
 LOCK_NAME = ".lock"
@@ -32,6 +33,11 @@ class RunLock:
             raise OutputDirLockedError(
                 f"{self.path.parent} is in use by another run (pid {holder}); wait for it to finish, stop it, "
                 "or choose another --output-dir") from None
+        except OSError as err:  # a file system without flock (some NFS, Lustre, FUSE mounts)
+            os.close(fd)
+            warnings.warn(f"{self.path.parent}: file locks are not supported here ({err.strerror}); a second run "
+                          "on this folder would not be refused", stacklevel=2)
+            return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -28,7 +28,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def resume_command(argv: list[str]) -> str:
-    args = [a for a in argv if a != "--resume"]
+    args, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")  # its value, e.g. "--resume false"
+            continue
+        if not a.startswith("--resume="):
+            args.append(a)
     return shlex.join(["python", "-m", "treerpo.train", *args, "--resume"])
 
 
@@ -48,6 +57,9 @@ def main(argv=None) -> int:
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted while setting up: nothing was trained or written", file=sys.stderr)
+        return 130
     try:
         summary = trainer.train()
     except TrainingInterrupted as stopped:

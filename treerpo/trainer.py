@@ -7,7 +7,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from .algorithms.loss import policy_loss
 from .attention import enable_tree_attention
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .finite_guard import NonFiniteError, all_finite, check_weights_finite
+from .finite_guard import NonFiniteError, all_finite, check_weights_finite, restart_advice
 from .graceful_stop import GracefulStop, TrainingInterrupted
 from .data.tasks import load_task, make_reward
 from .evaluation import pass_at_1
@@ -144,9 +144,13 @@ class Trainer:
 
     def _check_inputs(self) -> None:
         """Everything the run will feed the model, checked before the opening evaluation."""
-        prompts = [p for p, _ in self.task.eval] + self.task.training_prompts()
-        longest = check_prompts(self.model, self.tokenizer, prompts, encode_prompts(self.tokenizer, prompts),
+        train = self.task.training_prompts()
+        longest = check_prompts(self.model, self.tokenizer, train, encode_prompts(self.tokenizer, train),
                                 self.spec, self.config.truncate_prompts, f"dataset {self.config.dataset!r}")
+        held_out = [p for p, _ in self.task.eval]
+        check_prompts(self.model, self.tokenizer, held_out, encode_prompts(self.tokenizer, held_out),
+                      replace(self.spec, max_prompt_tokens=1 << 30), False,
+                      f"held-out set of {self.config.eval_dataset or self.config.dataset!r} (evaluation never truncates)")
         need = longest + self.spec.max_generated_tokens
         if self.config.sampler == "engine" and need > self.config.kv_pool_tokens:
             raise ConfigError(f"one tree may need {need} KV slots (prompt up to {longest} + "
@@ -261,10 +265,6 @@ class Trainer:
         t0 = time.perf_counter()
         trees = self.rollout(step)
         t1 = time.perf_counter()
-        if any(np.isnan(t.token_logprobs[t.offsets[1]:]).any() for t in trees if t.token_logprobs is not None):
-            raise NonFiniteError(f"step {step + 1}: the model's next-token distribution is not finite (NaN "
-                                 "log-probs while sampling): the weights have diverged; start again from the "
-                                 "latest checkpoint with a lower --lr")
         rewards = score_trees(trees, self.tokenizer, self.reward_fn)
         adv = compute_advantages(trees, self.config.value_mode, self.config.advantage_norm, self.config.tau)
         t2 = time.perf_counter()
@@ -314,7 +314,7 @@ class Trainer:
             if (config.save_every and done % config.save_every == 0) or done == config.max_steps:
                 self.save(done)
         bar.close()
-        if stop.requested is not None:
+        if stop.requested is not None and done < config.max_steps:
             self._stop_on_signal(stop.requested, done)
         if self.start_step >= config.max_steps:
             final_eval = self.evaluate()
@@ -330,11 +330,10 @@ class Trainer:
             raise NonFiniteError(
                 f"steps {done - self.nonfinite_streak + 1}-{done}: the loss or gradient norm was not finite "
                 f"{self.nonfinite_streak} steps in a row (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
-                f"their updates were not applied. Lower --lr (now {self.config.lr}) and start again"
-                + (f" from {latest}" if latest else ""))
+                f"their updates were not applied. {restart_advice(self.config, latest)}")
 
     def save(self, done: int) -> Path:
-        check_weights_finite(self.model, f"after step {done}")
+        check_weights_finite(self.model, f"after step {done}", restart_advice(self.config, latest_checkpoint(self.out)))
         wall = self.elapsed_before + time.perf_counter() - self.started
         return save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer,
                                {"config": comparable_config(self.config), "wall_time_s": wall,

@@ -55,6 +55,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
     lands within that difference of a CDF boundary. Without, the rows share torch's global RNG.
     """
     logits = logits.float()
+    check_finite_logits(logits)
     if params.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
@@ -66,6 +67,16 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
     else:
         tokens = seeded_draw(logits, params, generators)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """NaN or +inf logits mean diverged weights: refuse to sample (torch.multinomial would fail with a device
+    assert on CUDA, and an inverse-CDF draw would silently pick garbage). -inf (a masked token) is fine."""
+    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
+        from ..finite_guard import NonFiniteError
+
+        raise NonFiniteError("the model's next-token logits are not finite (NaN or +inf): its weights have "
+                             "diverged or overflowed; sampling stopped")
 
 
 def seeded_draw(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:

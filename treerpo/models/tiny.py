@@ -56,9 +56,15 @@ def load_model_and_tokenizer(name_or_path: str | Path | None = None, dtype: torc
         source, local_only = str(DEFAULT_MODEL_DIR), True
     else:
         source, local_only = resolve_model_source(str(name_or_path), allow_download)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    except OSError as err:  # e.g. a hub name whose config is cached but not its weights
+        from .source import ModelSourceError
+
+        raise ModelSourceError(f"model {name_or_path}: could not be loaded ({err}); check the folder, or pass "
+                               "--allow-download to fetch what is missing from the hub") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
     return model, tokenizer

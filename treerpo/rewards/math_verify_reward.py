@@ -21,6 +21,7 @@ _ENOTATION_RE = re.compile(r"(?<![\w.\\])(\d+(?:\.\d+)?)[eE]([+-]?\d+)(?![\w.])"
 _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+")
 _DOLLAR_RE = re.compile(r"(?<!\\)\$")
 _READY = "ready"
+_PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 WORKER_NAME = "math-verify-worker"
 _STALL_S = 0.5  # a worker busy this long on one answer lets a spare take the next one
 
@@ -86,7 +87,8 @@ def _worker_main(conn) -> None:
     import functools
     import logging
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in _PARENT_SIGNALS:  # the parent decides when to stop; then it closes or kills us
+        signal.signal(signum, signal.SIG_IGN)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     from math_verify import parse, verify
 
@@ -134,6 +136,11 @@ class _Worker:
             self.proc.kill()
         self.proc.join(5)
         self.conn.close()
+
+
+def _stopped_by_parent_signal(w: _Worker) -> bool:
+    w.proc.join(1)
+    return w.proc.exitcode in {-s for s in _PARENT_SIGNALS}
 
 
 class _WorkerPool:
@@ -231,7 +238,9 @@ class _WorkerPool:
                 failed = not w.ready and now - w.started > self._startup_timeout_s
             except (EOFError, OSError):
                 failed = True
-            if failed:
+            if failed and _stopped_by_parent_signal(w):
+                self._replace(w)  # Ctrl-C / SIGTERM to the process group hit it before it could ignore them
+            elif failed:
                 self._remove(w)
                 raise RuntimeError(
                     "math-verify worker failed to start (see its stderr). It uses the 'spawn' "
