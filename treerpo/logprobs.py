@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .attention import default_tree_backend, tree_attention
+from .attention.context import metadata_kwargs
 from .packing import PackedBatch
 
 
@@ -40,9 +41,10 @@ def packed_logprobs(model, batch: PackedBatch, rows: torch.Tensor | None = None,
         rows = torch.nonzero(batch.loss_mask).squeeze(1)
     if (batch.prev_index[rows] < 0).any():
         raise ValueError("a requested row has no predecessor (the first prompt token of a tree has no log-prob)")
+    body = decoder_of(model)
     with tree_attention(batch.tin, batch.tout, backend or default_tree_backend(device)):
-        hidden = decoder_of(model)(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
-                                   use_cache=False).last_hidden_state[0]
+        hidden = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False,
+                      **metadata_kwargs(body)).last_hidden_state[0]
     head = model.get_output_embeddings()
     states = hidden[batch.prev_index[rows]]
     targets = batch.input_ids[rows]

@@ -68,6 +68,25 @@ def micro_batches(trees: list[Tree], token_budget: int) -> list[list[Tree]]:
     return groups + ([current] if current else [])
 
 
+CHECKPOINTING_ABOVE_PARAMETERS = 1_000_000_000
+
+
+def use_activation_checkpointing(config: TrainConfig, model) -> bool:
+    if config.gradient_checkpointing is not None:
+        return config.gradient_checkpointing
+    return sum(p.numel() for p in model.parameters()) > CHECKPOINTING_ABOVE_PARAMETERS
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant checkpointing of every decoder layer (the tree metadata reaches the recomputed attention as a
+    forward keyword argument: ``attention.context.metadata_kwargs``)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def has_loss_tokens(tree: Tree) -> bool:
     """A tree some of whose generated tokens are trained on (a kept node with a non-empty segment)."""
     lengths = np.diff(tree.offsets)
@@ -126,6 +145,8 @@ class Trainer:
         self.spec = tree_spec(config)
         self._check_inputs()
         self.model = enable_tree_attention(self.model).to(self.device)
+        if use_activation_checkpointing(config, self.model):
+            enable_activation_checkpointing(self.model)
         self.reference = self._frozen_copy(self.model) if config.kl_coef > 0 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = make_sampler(config, self.model, self.tokenizer)

@@ -39,6 +39,24 @@ def attention_metadata(meta):
         _CURRENT.reset(token)
 
 
+def metadata_kwargs(model) -> dict:
+    """``{name: metadata}`` to pass to the forward of ``model`` (a decoder body) so that the tree metadata reaches
+    the attention layers as a keyword argument too, which activation checkpointing replays; empty outside a block
+    or for a model whose forward takes no extra keyword arguments (then only the context variable carries it)."""
+    meta = current_tree_metadata()
+    if meta is None or not _takes_kwargs(model):
+        return {}
+    from .hf_integration import METADATA_KWARG
+
+    return {METADATA_KWARG: meta}
+
+
+def _takes_kwargs(model) -> bool:
+    import inspect
+
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+
+
 @contextlib.contextmanager
 def tree_attention(tin: torch.Tensor, tout: torch.Tensor, backend: str = "sdpa"):
     """Within this block, layers using the ``tree`` attention treat the batch as a packed tree."""

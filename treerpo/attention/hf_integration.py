@@ -19,9 +19,14 @@ from .registry import get_tree_backend
 ATTENTION_NAME = "tree"
 
 
+METADATA_KWARG = "treerpo_metadata"
+
+
 def tree_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
-    meta = current_tree_metadata()
+    # the forward's keyword arguments reach here through the model's layers (as packed cu_seq_lens do); unlike
+    # the context variable, they are captured by activation checkpointing and seen again when it recomputes
+    meta = kwargs.pop(METADATA_KWARG, None) or current_tree_metadata()
     if meta is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
