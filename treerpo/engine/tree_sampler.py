@@ -38,6 +38,7 @@ class _Branch:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     own_slots: list[int] = field(default_factory=list)
+    done: bool = False  # completed: its own slots belong to the tree's slots_to_free
 
 
 @dataclass
@@ -84,10 +85,23 @@ class TreeSampler:
         self.eos = set() if ignore_eos else eos_token_ids(model, tokenizer)
         self.share_prefixes = share_prefixes
         self.cascade = cascade
+        self._weights_version = self._current_weights_version()
 
     def on_weights_updated(self) -> None:
         """Call after every optimizer step: KV computed with the old weights is never reused."""
         self.cache.bump_version()
+        self._weights_version = self._current_weights_version()
+
+    def _current_weights_version(self) -> tuple[int, ...]:
+        """Every in-place change of a parameter (``optimizer.step``, ``load_state_dict``, ``copy_``) bumps it."""
+        return tuple(p._version for p in self.model.parameters())
+
+    def _forget_stale_kv(self) -> None:
+        """A weight change nobody announced with ``on_weights_updated`` still retires the cached K/V."""
+        version = self._current_weights_version()
+        if version != self._weights_version:
+            self.cache.bump_version()
+            self._weights_version = version
 
     # ---- public ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -107,6 +121,7 @@ class TreeSampler:
                     f"tree {i} may need {st.worst_tokens} KV slots (prompt {len(st.prompt)} + up to "
                     f"{spec.max_generated_tokens} generated) but the pool holds {self.pool.capacity_tokens}; "
                     "give the sampler a larger pool (pool_tokens / memory_bytes) or a smaller tree")
+        self._forget_stale_kv()
         was_training = self.model.training
         self.model.eval()
         try:
@@ -120,14 +135,26 @@ class TreeSampler:
         waiting = deque(range(len(states)))
         running: set[int] = set()
         pending: list[tuple[_Branch, int]] = []  # branches with a sampled token to feed
-        while waiting or pending:
-            admitted = self._admit(states, waiting, running)
-            pending.extend(self._prefill(states, admitted, spec, params))
-            if pending:
-                pending = self._decode(states, pending, spec, params)
-            for t in [t for t in running if states[t].live == 0]:  # also trees whose branches all ended at once
-                self._release(states[t])
-                running.discard(t)
+        try:
+            while waiting or pending:
+                admitted = self._admit(states, waiting, running)
+                pending.extend(self._prefill(states, admitted, spec, params))
+                if pending:
+                    pending = self._decode(states, pending, spec, params)
+                for t in [t for t in running if states[t].live == 0]:  # also trees whose branches all ended at once
+                    self._release(states[t])
+                    running.discard(t)
+        except BaseException:  # a forward that raised, non-finite logits, Ctrl-C: give back every slot and lock
+            self._abandon(states, running, pending)
+            raise
+
+    def _abandon(self, states, running, pending) -> None:
+        for b, _ in pending:
+            if not b.done:
+                states[b.tree].slots_to_free.extend(b.own_slots)
+                b.done = True
+        for t in running:
+            self._release(states[t])
 
     def _outstanding(self, states, running) -> int:
         return sum(states[t].worst_tokens - states[t].used_tokens for t in running)
@@ -169,11 +196,16 @@ class TreeSampler:
         for t in admitted:
             groups.setdefault(tuple(states[t].prompt), []).append(t)
         steps, keys = [], list(groups)
-        for key in keys:
-            matched, _ = self.cache.match_prefix(list(key[:-1]))
-            new_tokens = list(key[len(matched):])
-            steps.append(SequenceStep(matched, new_tokens, self.pool.alloc(len(new_tokens))))
-        logits = self.runner.forward(steps)
+        try:
+            for key in keys:
+                matched, _ = self.cache.match_prefix(list(key[:-1]))
+                new_tokens = list(key[len(matched):])
+                steps.append(SequenceStep(matched, new_tokens, self.pool.alloc(len(new_tokens))))
+            logits = self.runner.forward(steps)
+        except BaseException:  # nobody owns the new slots yet
+            for step in steps:
+                self.pool.decref(step.new_slots)
+            raise
         pending = []
         for key, step, row in zip(keys, steps, logits):
             slots = torch.cat([step.cached_slots, step.new_slots])
@@ -193,14 +225,16 @@ class TreeSampler:
         return pending
 
     def _prefill_unshared(self, states, admitted, spec, params):
-        steps = [SequenceStep(torch.zeros(0, dtype=torch.long), states[t].prompt,
-                              self.pool.alloc(len(states[t].prompt))) for t in admitted]
+        steps = []
+        for t in admitted:
+            steps.append(SequenceStep(torch.zeros(0, dtype=torch.long), states[t].prompt,
+                                      self.pool.alloc(len(states[t].prompt))))
+            states[t].slots_to_free.extend(steps[-1].new_slots.tolist())
         logits = self.runner.forward(steps)
         pending = []
         for t, step, row in zip(admitted, steps, logits):
             st = states[t]
             st.prompt_slots = step.new_slots
-            st.slots_to_free.extend(step.new_slots.tolist())
             st.used_tokens += len(st.prompt)
             pending.extend(self._fork(st, t, 0, 1, step.new_slots, (), row, spec, params))
         return pending
@@ -245,15 +279,18 @@ class TreeSampler:
     def _complete(self, st: _TreeState, b: _Branch, finished: bool) -> int:
         st.records.append((b.parent, b.child_index, b.tokens, b.logprobs, finished))
         st.slots_to_free.extend(b.own_slots)
+        b.done = True
         st.live -= 1
         return len(st.records)  # record index of this node (the prompt is 0)
 
     def _decode(self, states, pending, spec, params):
         slots = self.pool.alloc(len(pending)).numpy()
-        steps, shared = self._decode_steps(pending, slots)
-        for i, (b, _) in enumerate(pending):
-            b.own_slots.append(int(slots[i]))
-            states[b.tree].used_tokens += 1
+        try:
+            steps, shared = self._decode_steps(pending, slots)
+        finally:  # owned by their branches from here on, so an exception frees them with the branch
+            for i, (b, _) in enumerate(pending):
+                b.own_slots.append(int(slots[i]))
+                states[b.tree].used_tokens += 1
         logits = self.runner.forward(steps, shared)
         next_pending, continuing, cont_rows = [], [], []
         for row, (b, _) in enumerate(pending):
