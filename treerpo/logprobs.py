@@ -1,6 +1,6 @@
 """Per-token log-probs of a packed tree batch: one tree-masked forward, rows gathered by ``prev_index``.
 
-The LM head and log-softmax run in fp32 over chunks of rows, recomputed in the backward,
+The LM head (``lm_head.LMHead``) and log-softmax run in fp32 over chunks of rows, recomputed in the backward,
 so the [tokens, vocab] logits never exist for the whole batch at once.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import default_tree_backend, tree_attention
 from .attention.context import metadata_kwargs
+from .lm_head import LMHead
 from .packing import PackedBatch
 
 
@@ -17,16 +18,6 @@ def decoder_of(model):
     """The transformer body (without the LM head) of a Hugging Face causal LM."""
     body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     return body if body is not None else model.get_decoder()
-
-
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    logits = hidden.float() @ weight.float().t()
-    if bias is not None:
-        logits = logits + bias.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
 def packed_logprobs(model, batch: PackedBatch, rows: torch.Tensor | None = None, temperature: float = 1.0,
@@ -42,18 +33,18 @@ def packed_logprobs(model, batch: PackedBatch, rows: torch.Tensor | None = None,
     if (batch.prev_index[rows] < 0).any():
         raise ValueError("a requested row has no predecessor (the first prompt token of a tree has no log-prob)")
     body = decoder_of(model)
-    with tree_attention(batch.tin, batch.tout, backend or default_tree_backend(device)):
+    longest = int(batch.position_ids.max()) + 1 if len(batch.position_ids) else 0
+    with tree_attention(batch.tin, batch.tout, backend or default_tree_backend(device), longest):
         hidden = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False,
                       **metadata_kwargs(body)).last_hidden_state[0]
-    head = model.get_output_embeddings()
+    head = LMHead(model)
     states = hidden[batch.prev_index[rows]]
     targets = batch.input_ids[rows]
     out = []
     for start in range(0, len(rows), chunk_size):
-        args = (states[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size],
-                temperature)
-        if torch.is_grad_enabled():
-            out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        args = (states[start:start + chunk_size], targets[start:start + chunk_size], temperature)
+        if torch.is_grad_enabled():  # the chunk's logits are recomputed in the backward, never all kept
+            out.append(checkpoint(head.token_logprobs, *args, use_reentrant=False))
         else:
-            out.append(_chunk_logprobs(*args))
+            out.append(head.token_logprobs(*args))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

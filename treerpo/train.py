@@ -13,6 +13,7 @@ from .config import ConfigError, parse_args
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that name the bad input and its fix: printed without a traceback."""
+    from .attention.hf_integration import UnsupportedModelError
     from .data.math_datasets import DatasetFormatError
     from .engine.kv_pool import RequestTooLarge
     from .metrics import MetricsLogError
@@ -23,7 +24,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .run_lock import OutputDirLockedError
 
     return (ConfigError, DatasetFormatError, RequestTooLarge, MetricsLogError, ModelSourceError,
-            UnrepresentablePromptError, PromptTooLongError, ResumeMismatchError, OutputDirLockedError,
+            UnrepresentablePromptError, PromptTooLongError, ResumeMismatchError, OutputDirLockedError, UnsupportedModelError,
             FileNotFoundError)
 
 

@@ -18,6 +18,7 @@ from .algorithms.advantages import compute_advantages
 from .algorithms.grpo import grpo_spec
 from .algorithms.loss import policy_loss
 from .attention import enable_tree_attention
+from .attention.hf_integration import smallest_sliding_window
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .finite_guard import NonFiniteError, all_finite, check_weights_finite, restart_advice
@@ -172,6 +173,11 @@ class Trainer:
         check_prompts(self.model, self.tokenizer, held_out, encode_prompts(self.tokenizer, held_out),
                       replace(self.spec, max_prompt_tokens=1 << 30), False,
                       f"held-out set of {self.config.eval_dataset or self.config.dataset!r} (evaluation never truncates)")
+        window = smallest_sliding_window(self.model)
+        if window is not None and longest + self.spec.max_new_tokens > window:
+            raise ConfigError(f"the model's sliding window ({window} positions) is shorter than a path (prompt up to "
+                              f"{longest} + {self.spec.max_new_tokens} generated tokens), and tree attention does "
+                              "not implement sliding windows; shorten the tree or the prompts")
         need = longest + self.spec.max_generated_tokens
         if self.config.sampler == "engine" and need > self.config.kv_pool_tokens:
             raise ConfigError(f"one tree may need {need} KV slots (prompt up to {longest} + "

@@ -19,6 +19,7 @@ class TreeAttentionMetadata:
     tout: torch.Tensor  # int32 [N]
     backend: str = "sdpa"
     cache: dict = field(default_factory=dict)  # per-forward artefacts shared by all layers (e.g. a dense mask)
+    max_positions: int | None = None  # the longest path of the batch, for the sliding-window check
 
 
 _CURRENT: contextvars.ContextVar[object | None] = contextvars.ContextVar("treerpo_tree", default=None)
@@ -58,7 +59,7 @@ def _takes_kwargs(model) -> bool:
 
 
 @contextlib.contextmanager
-def tree_attention(tin: torch.Tensor, tout: torch.Tensor, backend: str = "sdpa"):
+def tree_attention(tin: torch.Tensor, tout: torch.Tensor, backend: str = "sdpa", max_positions: int | None = None):
     """Within this block, layers using the ``tree`` attention treat the batch as a packed tree."""
-    with attention_metadata(TreeAttentionMetadata(tin, tout, backend)):
+    with attention_metadata(TreeAttentionMetadata(tin, tout, backend, max_positions=max_positions)):
         yield

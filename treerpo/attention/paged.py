@@ -83,6 +83,7 @@ class PagedAttentionMetadata:
     query_key_pos: torch.Tensor  # long [B, Q]: index in kv_slots of each new token (key j visible iff j <= it)
     backend: str = "torch"
     groups: CascadeGroups | None = None  # decode only: shared prefixes read once per group
+    max_positions: int | None = None  # the longest path in the forward, for the sliding-window check
 
     @classmethod
     def build(cls, pool, sequences: list[tuple], device, prefixes: list | None = None,

@@ -19,6 +19,7 @@ from ..attention import enable_tree_attention
 from ..attention.context import attention_metadata
 from ..attention.optional_kernels import import_optional
 from ..attention.paged import PagedAttentionMetadata
+from ..lm_head import LMHead
 from ..logprobs import decoder_of
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class ModelRunner:
         self.model = enable_tree_attention(model)
         self.pool = pool
         self.device = next(model.parameters()).device
-        self.head = model.get_output_embeddings()
+        self.head = LMHead(model)
         self.forward_tokens = 0  # tokens pushed through the model, for benchmarks
         self.paged_backend = default_paged_backend(self.device)  # attention/paged.py backend of every forward
         self.cascade_min_saved_bytes = CASCADE_MIN_SAVED_BYTES  # see cascade_pays
@@ -81,6 +82,7 @@ class ModelRunner:
             raise ValueError("every sequence in a forward needs at least one new token")
         meta, cached_len = self._metadata(steps, shared)
         meta.backend = self.paged_backend
+        meta.max_positions = int((cached_len + new_len).max())
         ends = np.cumsum(new_len)
         positions = np.arange(ends[-1]) + np.repeat(cached_len - (ends - new_len), new_len)
         input_ids = torch.tensor([list(chain.from_iterable(s.new_tokens for s in steps))], device=self.device)
@@ -90,10 +92,7 @@ class ModelRunner:
                                             use_cache=False).last_hidden_state[0]
         self.forward_tokens += int(ends[-1])
         last = hidden[torch.from_numpy(ends - 1).to(self.device)]
-        logits = last.float() @ self.head.weight.float().t()
-        if getattr(self.head, "bias", None) is not None:
-            logits = logits + self.head.bias.float()
-        return logits
+        return self.head.logits(last)
 
     def _metadata(self, steps, shared: SharedPrefixes | None) -> tuple[PagedAttentionMetadata, np.ndarray]:
         """The forward's paged attention metadata and the length of each step's cached path."""
