@@ -33,7 +33,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, state: dict, keep: int = 2,
+                    extra: dict | None = None) -> Path:
+    """``extra``: more tensors to keep, {file name: object for torch.save} (e.g. fp32 master weights)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
@@ -42,6 +44,8 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, st
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

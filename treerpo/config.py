@@ -15,6 +15,7 @@ CHOICES = {
     "reward": ("auto", "chain", "math"),
     "device": ("auto", "cpu", "cuda"),
     "sampler": ("engine", "reference"),
+    "dtype": (None, "float32", "bfloat16", "float16"),
 }
 
 
@@ -70,16 +71,23 @@ class TrainConfig:
     reward: str = "auto"
     reward_deadline_s: float = 5.0
     device: str = "auto"
+    dtype: str | None = field(default=None, metadata={
+        "help": "float32, bfloat16 or float16 for the policy, the reference model and the KV pool (half precision: "
+                "fp32 master weights and optimizer state); default: the checkpoint's own on CUDA, float32 on CPU"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     sampler: str = field(default="engine", metadata={"help": "engine: radix-cache KV pool; reference: generate()"})
     kv_pool_tokens: int = field(default=1 << 15, metadata={"help": "KV slots of the engine's pool"})
     sampler_batch_size: int = field(default=256, metadata={"help": "rows per generate() call (reference, eval)"})
+    verify_kernels: bool = field(default=True, metadata={
+        "help": "check each Triton kernel against the PyTorch reference the first time it runs on a device and "
+                "dtype, falling back on a mismatch; turn off on a device already proven"})
     tree_attention_backend: str | None = field(default=None, metadata={"help": "sdpa, ...; default: best for device"})
 
     def validate(self) -> "TrainConfig":
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of {list(choices)}")
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of "
+                                  f"{[c for c in choices if c is not None]}")
         positive = ["eval_size", "max_steps", "prompts_per_step", "segment_tokens", "group_size", "max_new_tokens",
                     "max_prompt_tokens", "ppo_epochs", "minibatches", "micro_batch_tokens", "eval_samples",
                     "keep_checkpoints", "sampler_batch_size", "kv_pool_tokens", "max_nonfinite_steps"]
@@ -222,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not MISSING else f.default_factory()
         help_text = f.metadata.get("help", "") + f" (default: {default})"
         if f.name in CHOICES:
-            help_text += f" choices: {', '.join(CHOICES[f.name])}"
+            help_text += f" choices: {', '.join(c for c in CHOICES[f.name] if c is not None)}"
         if _field_type(f) is bool:
             parser.add_argument(flag, nargs="?", const="true", default=None, help=help_text)
         elif _field_type(f) is list:

@@ -11,7 +11,7 @@ from pathlib import Path
 # options that do not change what a training step computes
 RESUMABLE_CHANGES = frozenset({
     "resume", "output_dir", "max_steps", "threads", "eval_every", "eval_samples", "eval_temperature",
-    "save_every", "keep_checkpoints", "max_nonfinite_steps", "allow_download",
+    "save_every", "keep_checkpoints", "max_nonfinite_steps", "allow_download", "verify_kernels",
 })
 PATH_OPTIONS = ("model", "dataset", "eval_dataset")
 

@@ -19,6 +19,7 @@ from .algorithms.grpo import grpo_spec
 from .algorithms.loss import policy_loss
 from .attention import enable_tree_attention
 from .attention.hf_integration import smallest_sliding_window
+from .attention.kernel_check import set_kernel_verification
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .finite_guard import NonFiniteError, all_finite, check_weights_finite, restart_advice
@@ -30,6 +31,7 @@ from .logprobs import packed_logprobs
 from .metrics import MetricsLog, plot_metrics
 from .models.tiny import load_model_and_tokenizer
 from .packing import PackedBatch, pack_trees
+from .precision import MasterWeights, resolve_dtype
 from .prompt_checks import check_prompts
 from .reference_sampler import ReferenceTreeSampler
 from .resume import check_resumable, comparable_config
@@ -70,6 +72,7 @@ def micro_batches(trees: list[Tree], token_budget: int) -> list[list[Tree]]:
 
 
 CHECKPOINTING_ABOVE_PARAMETERS = 1_000_000_000
+MASTER_WEIGHTS = "master_weights.pt"  # fp32 master weights of a half-precision run
 
 
 def use_activation_checkpointing(config: TrainConfig, model) -> bool:
@@ -138,18 +141,22 @@ class Trainer:
         config = self.config
         if config.threads:
             torch.set_num_threads(config.threads)
+        set_kernel_verification(config.verify_kernels)
         self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if config.device == "auto" else config.device)
         self.reward_fn = None
         self.model, self.tokenizer = load_model_and_tokenizer(config.model, allow_download=config.allow_download)
+        self.dtype = resolve_dtype(config.dtype, self.device, getattr(self.model.config, "dtype", None))
         self.task = load_task(config.dataset, config.eval_dataset, config.eval_size, self.tokenizer)
         self.spec = tree_spec(config)
         self._check_inputs()
-        self.model = enable_tree_attention(self.model).to(self.device)
+        self.model = enable_tree_attention(self.model).to(self.device, self.dtype)
+        self.master = MasterWeights(self.model) if self.dtype != torch.float32 else None
         if use_activation_checkpointing(config, self.model):
             enable_activation_checkpointing(self.model)
         self.reference = self._frozen_copy(self.model) if config.kl_coef > 0 else None
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        trained = self.master.params if self.master is not None else self.model.parameters()
+        self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = make_sampler(config, self.model, self.tokenizer)
         self.start_step, self.elapsed_before = 0, 0.0
         self.initial_eval = None
@@ -201,6 +208,8 @@ class Trainer:
         loaded, _ = load_model_and_tokenizer(checkpoint)
         self.model.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        if self.master is not None:
+            self.master.load_state_dict(torch.load(checkpoint / MASTER_WEIGHTS, weights_only=True))
         self.start_step = state["step"]
         self.elapsed_before = state["wall_time_s"]
         self.initial_eval = state["initial_eval_accuracy"]
@@ -270,12 +279,17 @@ class Trainer:
             counts["tokens_forward"] += b.packed.num_tokens
             for k, v in {**s, "loss": loss.item() * normalizer / len(b.rows)}.items():
                 stats.setdefault(k, []).append(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        if self.master is not None:
+            self.master.grads_to_master()
+        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, self.config.max_grad_norm)
         stats.setdefault("grad_norm", []).append(float(grad_norm))
         if not all_finite([grad_norm, *losses]):
             self.optimizer.zero_grad(set_to_none=True)
             return False
         self.optimizer.step()
+        if self.master is not None:
+            self.master.master_to_model()
         getattr(self.sampler, "on_weights_updated", lambda: None)()
         return True
 
@@ -362,10 +376,12 @@ class Trainer:
     def save(self, done: int) -> Path:
         check_weights_finite(self.model, f"after step {done}", restart_advice(self.config, latest_checkpoint(self.out)))
         wall = self.elapsed_before + time.perf_counter() - self.started
+        extra = {MASTER_WEIGHTS: self.master.state_dict()} if self.master is not None else {}
         return save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer,
                                {"config": comparable_config(self.config), "wall_time_s": wall,
                                 "counters": self.counters, "initial_eval_accuracy": self.initial_eval,
-                                "nonfinite_streak": self.nonfinite_streak}, keep=self.config.keep_checkpoints)
+                                "nonfinite_streak": self.nonfinite_streak}, keep=self.config.keep_checkpoints,
+                               extra=extra)
 
     def _stop_on_signal(self, signum: int, done: int) -> None:
         latest = latest_checkpoint(self.out)

@@ -20,6 +20,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .context import current_tree_metadata
+from .kernel_check import checked_backend
 from .paged import PagedAttentionMetadata, get_paged_backend
 from .registry import get_tree_backend
 
@@ -44,8 +45,10 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch is one row; got batch size {query.shape[0]}")
     if isinstance(meta, PagedAttentionMetadata):
-        return get_paged_backend(meta.backend)(module, query, key, value, meta, scaling), None
-    out = get_tree_backend(meta.backend)(query, key, value, meta.tin, meta.tout, scale=scaling, cache=meta.cache)
+        backend = checked_backend("paged", meta.backend, query.device, query.dtype)
+        return get_paged_backend(backend)(module, query, key, value, meta, scaling), None
+    backend = checked_backend("tree", meta.backend, query.device, query.dtype)
+    out = get_tree_backend(backend)(query, key, value, meta.tin, meta.tout, scale=scaling, cache=meta.cache)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,0 +1,109 @@
+"""Unproven kernels are checked before they are trusted.
+
+The first time a Triton backend (tree attention, paged/cascade decode) would run on a device
+and dtype in this process, it is compared with the PyTorch reference on a small random case
+(values; gradients too for tree attention). On a mismatch or an exception one warning names the
+kernel and the device, and the reference backend is used from then on. ``TREERPO_VERIFY_KERNELS=0``
+(or ``set_kernel_verification(False)``, the trainer's ``--verify-kernels false``) skips the check
+on a device already proven.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+FALLBACK = {"tree": "sdpa", "paged": "torch"}
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+_verdicts: dict[tuple[str, str, str, str], bool] = {}
+_enabled = os.environ.get("TREERPO_VERIFY_KERNELS", "1") != "0"
+
+
+def set_kernel_verification(enabled: bool) -> None:
+    global _enabled
+    _enabled = enabled
+
+
+def checked_backend(kind: str, name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``name``, or the reference backend when ``name`` is a Triton kernel that failed its check here."""
+    if name != "triton" or not _enabled:
+        return name
+    key = (kind, name, str(device), str(dtype))
+    if key not in _verdicts:
+        _verdicts[key] = _verify(kind, device, dtype)
+    return name if _verdicts[key] else FALLBACK[kind]
+
+
+def _verify(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        error = (_tree_error if kind == "tree" else _paged_error)(device, dtype)
+    except Exception as exc:  # a kernel that does not compile or launch here
+        error, detail = float("inf"), f"{type(exc).__name__}: {exc}"
+    else:
+        detail = f"max error {error:.3g} against the PyTorch reference"
+    if error <= TOLERANCE.get(dtype, 6e-2):
+        return True
+    logger.warning("the Triton %s attention kernel failed its first-use check on %s (%s, %s); using the %r "
+                   "backend for this device and dtype", kind, device, dtype, detail, FALLBACK[kind])
+    return False
+
+
+def _small_tree() -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler intervals of a prompt of 5 tokens and two branches (with a fork in the second), 24 tokens."""
+    parent = [-1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 4, 10, 11, 12, 13, 14, 15, 12, 17, 18, 19, 20, 21, 22]
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parent):
+        children.setdefault(p, []).append(i)
+    tin, tout, clock, stack = [0] * len(parent), [0] * len(parent), 0, [(0, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            tout[node] = clock
+            continue
+        tin[node], clock = clock, clock + 1
+        stack.append((node, True))
+        stack.extend((c, False) for c in reversed(children.get(node, [])))
+    order = sorted(range(len(parent)), key=tin.__getitem__)  # packed depth-first
+    return (torch.tensor([tin[i] for i in order], dtype=torch.int32),
+            torch.tensor([tout[i] for i in order], dtype=torch.int32))
+
+
+@torch.enable_grad()
+def _tree_error(device, dtype) -> float:
+    from .registry import get_tree_backend
+
+    gen = torch.Generator().manual_seed(0)
+    tin, tout = (t.to(device) for t in _small_tree())
+    q, k, v = (torch.randn(1, heads, len(tin), 32, generator=gen).to(device, dtype).requires_grad_()
+               for heads in (4, 2, 2))
+    grad_out = torch.randn(1, 4, len(tin), 32, generator=gen).to(device, dtype)
+    results = []
+    for backend in ("triton", FALLBACK["tree"]):
+        out = get_tree_backend(backend)(q, k, v, tin, tout, scale=None, cache={})
+        results.append([out.detach().float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad_out))])
+    return max(float((a - b).abs().max()) for a, b in zip(*results))
+
+
+def _paged_error(device, dtype) -> float:
+    from .paged import PagedAttentionMetadata, get_paged_backend
+
+    from ..engine.kv_pool import KVPool
+
+    gen = torch.Generator().manual_seed(0)
+    pool = KVPool(1, 2, 32, dtype, device, page_size=1, num_pages=64)
+    slots = pool.alloc(40)
+    pool.write(0, slots, *(torch.randn(40, 2, 32, generator=gen).to(device, dtype) for _ in range(2)))
+    sequences = [(slots[:9].numpy(), slots[9:10].numpy()), (slots[10:29].numpy(), slots[29:30].numpy())]
+    meta = PagedAttentionMetadata.build(pool, sequences, device)
+    query = torch.randn(1, 4, 2, 32, generator=gen).to(device, dtype)
+    key, value = (torch.randn(1, 2, 2, 32, generator=gen).to(device, dtype) for _ in range(2))
+    module = _LayerZero()
+    outs = [get_paged_backend(name)(module, query, key, value, meta, None).float()
+            for name in ("triton", FALLBACK["paged"])]
+    return float((outs[0] - outs[1]).abs().max())
+
+
+class _LayerZero:
+    layer_idx = 0
