@@ -13,7 +13,7 @@ import torch
 import transformers as hf
 
 from helpers import random_tree
-from treerpo.attention import enable_tree_attention
+from treerpo.attention import available_tree_backends, enable_tree_attention
 from treerpo.attention.hf_integration import UnsupportedModelError
 from treerpo.engine import TreeSampler
 from treerpo.logprobs import packed_logprobs
@@ -93,6 +93,9 @@ def per_path_reference(plain, trees, batch, rows):
     return torch.stack(out)
 
 
+CPU_BACKENDS = [b for b in ("paths", "sdpa", "flex") if b in available_tree_backends()]  # flex: forward only
+
+
 def exact(family):
     return FAMILIES[family][3] is None
 
@@ -117,7 +120,7 @@ def test_packed_logprobs_and_gradients(family):
         return
     with torch.no_grad():
         expected = per_path_reference(plain, trees, batch, rows)
-        for backend in ("paths", "sdpa"):
+        for backend in CPU_BACKENDS:
             got = packed_logprobs(tree_model, batch, rows, backend=backend)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=f"{family} {backend}")
         ids = trees[0].path_token_ids(int(trees[0].leaves()[0]))
