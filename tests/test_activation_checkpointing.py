@@ -51,14 +51,18 @@ def test_trainer_option_gives_the_same_step(tmp_path):
     from treerpo.config import make_config
     from treerpo.trainer import Trainer
 
-    weights = []
+    weights, layer_calls = [], []
     for on in (False, True):
         config = make_config({"output_dir": str(tmp_path / str(on)), "prompts_per_step": 8, "eval_size": 8,
                               "threads": 1, "tau": 0.0, "gradient_checkpointing": on})
         with Trainer(config, log=lambda *a: None) as trainer:
-            assert trainer.model.is_gradient_checkpointing == on
+            calls = []
+            layer = trainer.model.model.layers[0].self_attn  # a pre-hook: recomputation may stop early, after it
+            layer.register_forward_pre_hook(lambda *a: calls.append(torch.is_grad_enabled()))
             record = trainer.train_step(0)
             assert record["tokens_trained"] > 0
+            layer_calls.append(len(calls))
             weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    assert layer_calls[1] > layer_calls[0], "the checkpointed layers were recomputed in the backward"
     for k in weights[0]:
         torch.testing.assert_close(weights[1][k], weights[0][k], rtol=0, atol=1e-7, msg=k)

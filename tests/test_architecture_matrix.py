@@ -54,6 +54,7 @@ FAMILIES = {  # name: (config class, model class, config overrides, None = exact
                 None),
     "gpt-oss": ("GptOssConfig", "GptOssForCausalLM", dict(head_dim=8, num_local_experts=2, num_experts_per_tok=1,
                                                           sliding_window=LONG_WINDOW), "attention sinks"),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5), None),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=LONG_WINDOW), None),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}, None),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=8), None),

@@ -35,12 +35,22 @@ def test_bf16_packed_logprobs_match_per_path_bf16_forwards():
     torch.testing.assert_close(got, torch.stack(expected), rtol=0, atol=BF16_TOLERANCE)
 
 
+def test_master_gradients_accumulate_in_fp32():
+    model = torch.nn.Linear(2, 1, bias=False).to(torch.bfloat16)
+    master = MasterWeights(model)
+    for _ in range(300):  # 1 + 300 * 1e-3: bf16 accumulation would stall at 1 (its step there is 2^-7)
+        model.weight.grad = torch.full_like(model.weight, 1e-3 if master.params[0].grad is not None else 1.0)
+        master.grads_to_master()
+    torch.testing.assert_close(master.params[0].grad, torch.full((1, 2), 1.299), rtol=0, atol=2e-3)
+
+
 def test_master_weights_keep_updates_bf16_would_lose():
     model = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
     master = MasterWeights(model)
     optimizer = torch.optim.SGD(master.params, lr=1e-4)
     start = model.weight.detach().float().clone()
     for _ in range(100):  # each step is below bf16's resolution near 1; together they are not
+        optimizer.zero_grad(set_to_none=True)
         model.weight.grad = torch.ones_like(model.weight)
         master.grads_to_master()
         optimizer.step()

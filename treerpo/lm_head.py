@@ -1,7 +1,7 @@
 """The model's output layer as one function for the engine, the samplers and the trainer.
 
 Hidden states -> fp32 logits with the family's own post-processing (Granite's ``logits_scaling``,
-Gemma's ``final_logit_softcapping``). The weights stay in the model's dtype: an fp32 model
+Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Gemma's ``final_logit_softcapping``). The weights stay in the model's dtype: an fp32 model
 multiplies directly; a half-precision one converts the head a vocabulary chunk at a time, so a
 full fp32 copy of the head never exists (and the products accumulate in fp32).
 """
@@ -21,6 +21,7 @@ class LMHead:
         self.layer = model.get_output_embeddings()
         config = text_config(model.config)
         self.logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides the logits by it
+        self.logit_scale = getattr(config, "logit_scale", None) or getattr(config, "lm_head_multiplier", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)  # Gemma: cap * tanh(logits / cap)
 
     @property
@@ -37,11 +38,12 @@ class LMHead:
             logits = hidden.float() @ weight.t()
         else:
             h = hidden.float()
-            logits = torch.cat([h @ weight[i:i + VOCAB_CHUNK].float().t()
-                                for i in range(0, weight.shape[0], VOCAB_CHUNK)], dim=1)
+            logits = torch.cat([h @ chunk.float().t() for chunk in weight.split(VOCAB_CHUNK)], dim=1)  # one grad
         return logits + bias.float() if bias is not None else logits
 
     def post_process(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.logit_scale:  # Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier
+            logits = logits * self.logit_scale
         if self.logits_scaling:
             logits = logits / self.logits_scaling
         if self.softcap:

@@ -12,13 +12,12 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str | None, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-    """The option's dtype; by default the checkpoint's own on CUDA, fp32 on CPU."""
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype | str:
+    """What to load the model in: the option's dtype; by default "auto" (the checkpoint's own) on CUDA, fp32 on
+    CPU."""
     if name is not None:
         return DTYPES[name]
-    if device.type == "cuda" and checkpoint_dtype in DTYPES.values():
-        return checkpoint_dtype
-    return torch.float32
+    return "auto" if device.type == "cuda" else torch.float32
 
 
 class MasterWeights:
@@ -29,9 +28,11 @@ class MasterWeights:
         self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params]
 
     def grads_to_master(self) -> None:
+        """Add the model's (half-precision) gradients to the fp32 master gradients and clear them."""
         for master, p in zip(self.params, self.model_params):
-            master.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
+            if p.grad is not None:
+                master.grad = p.grad.float() if master.grad is None else master.grad + p.grad.float()
+                p.grad = None
 
     @torch.no_grad()
     def master_to_model(self) -> None:

@@ -1,6 +1,7 @@
 """The training loop: sample trees, score them, compute advantages, one packed PPO update, repeat."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -34,7 +35,7 @@ from .packing import PackedBatch, pack_trees
 from .precision import MasterWeights, resolve_dtype
 from .prompt_checks import check_prompts
 from .reference_sampler import ReferenceTreeSampler
-from .resume import check_resumable, comparable_config
+from .resume import ResumeMismatchError, check_resumable, comparable_config
 from .run_lock import RunLock
 from .scoring import score_trees
 from .tree import Tree, TreeSpec
@@ -91,6 +92,20 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+@contextlib.contextmanager
+def recomputing_layers(model):
+    """Transformers checkpoints a layer only in training mode; the policy runs in eval mode (no dropout, the same
+    function as the sampler's), so only the checkpointed layers themselves are switched, not their dropouts."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+
+
 def has_loss_tokens(tree: Tree) -> bool:
     """A tree some of whose generated tokens are trained on (a kept node with a non-empty segment)."""
     lengths = np.diff(tree.offsets)
@@ -145,12 +160,14 @@ class Trainer:
         self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if config.device == "auto" else config.device)
         self.reward_fn = None
-        self.model, self.tokenizer = load_model_and_tokenizer(config.model, allow_download=config.allow_download)
-        self.dtype = resolve_dtype(config.dtype, self.device, getattr(self.model.config, "dtype", None))
+        load_dtype = resolve_dtype(config.dtype, self.device)
+        self.model, self.tokenizer = load_model_and_tokenizer(config.model, dtype=load_dtype,
+                                                              allow_download=config.allow_download)
+        self.dtype = next(self.model.parameters()).dtype  # "auto" (CUDA default): the checkpoint's own
         self.task = load_task(config.dataset, config.eval_dataset, config.eval_size, self.tokenizer)
         self.spec = tree_spec(config)
         self._check_inputs()
-        self.model = enable_tree_attention(self.model).to(self.device, self.dtype)
+        self.model = enable_tree_attention(self.model).to(self.device)  # loaded in its dtype: RoPE buffers stay fp32
         self.master = MasterWeights(self.model) if self.dtype != torch.float32 else None
         if use_activation_checkpointing(config, self.model):
             enable_activation_checkpointing(self.model)
@@ -205,6 +222,10 @@ class Trainer:
             return
         state = load_trainer_state(checkpoint)
         check_resumable(comparable_config(self.config), state["config"], checkpoint)
+        if state.get("dtype", "torch.float32") != str(self.dtype):
+            raise ResumeMismatchError(f"resume: {checkpoint} was trained in {state.get('dtype', 'torch.float32')} "
+                                      f"but this run resolves --dtype to {self.dtype}; pass --dtype "
+                                      f"{state.get('dtype', 'torch.float32').removeprefix('torch.')}")
         loaded, _ = load_model_and_tokenizer(checkpoint)
         self.model.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
@@ -270,17 +291,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for b in batches:
-            logp = self._logprobs(self.model, b.packed, b.rows)
+            with recomputing_layers(self.model):
+                logp = self._logprobs(self.model, b.packed, b.rows)
             old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
             loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], None, self.config.clip_low,
                                   self.config.clip_high, b.ref_logprobs, self.config.kl_coef, normalizer)
             loss.backward()
+            if self.master is not None:  # accumulate in fp32, not in the model's half precision
+                self.master.grads_to_master()
             losses.append(loss.detach())
             counts["tokens_forward"] += b.packed.num_tokens
             for k, v in {**s, "loss": loss.item() * normalizer / len(b.rows)}.items():
                 stats.setdefault(k, []).append(v)
-        if self.master is not None:
-            self.master.grads_to_master()
         trained = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, self.config.max_grad_norm)
         stats.setdefault("grad_norm", []).append(float(grad_norm))
@@ -380,7 +402,8 @@ class Trainer:
         return save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer,
                                {"config": comparable_config(self.config), "wall_time_s": wall,
                                 "counters": self.counters, "initial_eval_accuracy": self.initial_eval,
-                                "nonfinite_streak": self.nonfinite_streak}, keep=self.config.keep_checkpoints,
+                                "nonfinite_streak": self.nonfinite_streak, "dtype": str(self.dtype)},
+                               keep=self.config.keep_checkpoints,
                                extra=extra)
 
     def _stop_on_signal(self, signum: int, done: int) -> None:

@@ -73,7 +73,8 @@ def check_supported_call(module, meta, dropout: float, kwargs: dict) -> None:
     if dropout:
         raise UnsupportedModelError(f"{type(module).__name__}: attention dropout {dropout} in a tree forward is "
                                     "not implemented; set config.attention_dropout = 0 for RL training")
-    window, longest = kwargs.get("sliding_window"), getattr(meta, "max_positions", None)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    longest = getattr(meta, "max_positions", None)
     if window and longest is not None and longest > window:
         raise UnsupportedModelError(
             f"{type(module).__name__}: a sliding window of {window} positions is shorter than this batch's paths "

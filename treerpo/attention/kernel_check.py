@@ -38,7 +38,10 @@ def checked_backend(kind: str, name: str, device: torch.device, dtype: torch.dty
 
 def _verify(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
     try:
-        error = (_tree_error if kind == "tree" else _paged_error)(device, dtype)
+        # identity hooks: inside a layer under activation checkpointing, its saved-tensor hooks must not see
+        # the check's own graph
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            error = (_tree_error if kind == "tree" else _paged_error)(device, dtype)
     except Exception as exc:  # a kernel that does not compile or launch here
         error, detail = float("inf"), f"{type(exc).__name__}: {exc}"
     else:
@@ -50,9 +53,24 @@ def _verify(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
+def _chain(parent: list[int], start: int, length: int) -> int:
+    """Append ``length`` tokens after token ``start``; returns the last one."""
+    for _ in range(length):
+        parent.append(start)
+        start = len(parent) - 1
+    return start
+
+
 def _small_tree() -> tuple[torch.Tensor, torch.Tensor]:
-    """Euler intervals of a prompt of 5 tokens and two branches (with a fork in the second), 24 tokens."""
-    parent = [-1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 4, 10, 11, 12, 13, 14, 15, 12, 17, 18, 19, 20, 21, 22]
+    """Euler intervals of a 40-token prompt with three 30-token branches, one forking again after 15 tokens
+    (145 tokens: several tiles, skipped tiles, a fork inside a tile)."""
+    parent: list[int] = [-1]
+    prompt_end = _chain(parent, 0, 39)
+    for b in range(3):
+        mid = _chain(parent, prompt_end, 15)
+        _chain(parent, mid, 15)
+        if b == 1:
+            _chain(parent, mid, 15)
     children: dict[int, list[int]] = {}
     for i, p in enumerate(parent):
         children.setdefault(p, []).append(i)

@@ -93,8 +93,9 @@ class TreeSampler:
         self._weights_version = self._current_weights_version()
 
     def _current_weights_version(self) -> tuple[int, ...]:
-        """Every in-place change of a parameter (``optimizer.step``, ``load_state_dict``, ``copy_``) bumps it."""
-        return tuple(p._version for p in self.model.parameters())
+        """In-place changes (``optimizer.step``, ``load_state_dict``, ``copy_``) bump a parameter's version, new
+        storage moves its pointer; writes through ``.data`` do neither: announce those with on_weights_updated."""
+        return tuple((p._version, p.data_ptr()) for p in self.model.parameters())
 
     def _forget_stale_kv(self) -> None:
         """A weight change nobody announced with ``on_weights_updated`` still retires the cached K/V."""
@@ -206,13 +207,13 @@ class TreeSampler:
             for step in steps:
                 self.pool.decref(step.new_slots)
             raise
-        pending = []
-        for key, step, row in zip(keys, steps, logits):
-            slots = torch.cat([step.cached_slots, step.new_slots])
-            already = self.cache.insert(list(key), slots)
+        for key, step in zip(keys, steps):  # every new slot in the cache first: a failing fork leaks none
+            already = self.cache.insert(list(key), torch.cat([step.cached_slots, step.new_slots]))
             duplicate = step.new_slots[:max(0, already - len(step.cached_slots))]
             if len(duplicate):
                 self.pool.decref(duplicate)
+        pending = []
+        for key, row in zip(keys, logits):
             prompt_slots, node = self.cache.match_prefix(list(key))
             path = prompt_slots.numpy()  # one array for all trees of this prompt: their branches form one group
             for t in groups[key]:
