@@ -1,7 +1,7 @@
 """``python -m treerpo.evaluate``: pass@1 of a model on benchmark files (every format of ../shared/data).
 
     python -m treerpo.evaluate --model PATH --data ../shared/data/math500_test.jsonl ../shared/data/gsm8k_test.jsonl
-    python -m treerpo.evaluate --data synthetic          # the embedded model on the held-out chain problems
+    python -m treerpo.evaluate --data synthetic --output eval.json   # the embedded model, held-out chain problems
 
 Greedy by default; ``--samples N --temperature T`` gives the mean accuracy over N samples.
 Results go to ``--output``, by default ``eval_results.json`` in the model's folder; the embedded
