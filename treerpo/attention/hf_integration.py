@@ -45,11 +45,16 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch is one row; got batch size {query.shape[0]}")
     if isinstance(meta, PagedAttentionMetadata):
-        backend = checked_backend("paged", meta.backend, query.device, query.dtype)
+        backend = checked_backend("paged", meta.backend, query.device, query.dtype, heads_of(query, key))
         return get_paged_backend(backend)(module, query, key, value, meta, scaling), None
-    backend = checked_backend("tree", meta.backend, query.device, query.dtype)
+    backend = checked_backend("tree", meta.backend, query.device, query.dtype, heads_of(query, key))
     out = get_tree_backend(backend)(query, key, value, meta.tin, meta.tout, scale=scaling, cache=meta.cache)
     return out.transpose(1, 2).contiguous(), None
+
+
+def heads_of(query, key) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of a [B, H, N, D] call."""
+    return query.shape[1], key.shape[1], query.shape[3]
 
 
 def default_attention(module):

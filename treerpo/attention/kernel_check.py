@@ -26,22 +26,24 @@ def set_kernel_verification(enabled: bool) -> None:
     _enabled = enabled
 
 
-def checked_backend(kind: str, name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``name``, or the reference backend when ``name`` is a Triton kernel that failed its check here."""
+def checked_backend(kind: str, name: str, device: torch.device, dtype: torch.dtype,
+                    heads: tuple[int, int, int] = (4, 2, 32)) -> str:
+    """``name``, or the reference backend when ``name`` is a Triton kernel that failed its check here.
+    ``heads``: (query heads, KV heads, head dim) of the call, checked with the same shapes."""
     if name != "triton" or not _enabled:
         return name
-    key = (kind, name, str(device), str(dtype))
+    key = (kind, name, str(device), str(dtype), heads)
     if key not in _verdicts:
-        _verdicts[key] = _verify(kind, device, dtype)
+        _verdicts[key] = _verify(kind, device, dtype, heads)
     return name if _verdicts[key] else FALLBACK[kind]
 
 
-def _verify(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+def _verify(kind: str, device: torch.device, dtype: torch.dtype, heads: tuple[int, int, int]) -> bool:
     try:
         # identity hooks: inside a layer under activation checkpointing, its saved-tensor hooks must not see
         # the check's own graph
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            error = (_tree_error if kind == "tree" else _paged_error)(device, dtype)
+            error = (_tree_error if kind == "tree" else _paged_error)(device, dtype, *heads)
     except Exception as exc:  # a kernel that does not compile or launch here
         error, detail = float("inf"), f"{type(exc).__name__}: {exc}"
     else:
@@ -89,14 +91,14 @@ def _small_tree() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.enable_grad()
-def _tree_error(device, dtype) -> float:
+def _tree_error(device, dtype, hq: int, hkv: int, d: int) -> float:
     from .registry import get_tree_backend
 
     gen = torch.Generator().manual_seed(0)
     tin, tout = (t.to(device) for t in _small_tree())
-    q, k, v = (torch.randn(1, heads, len(tin), 32, generator=gen).to(device, dtype).requires_grad_()
-               for heads in (4, 2, 2))
-    grad_out = torch.randn(1, 4, len(tin), 32, generator=gen).to(device, dtype)
+    q, k, v = (torch.randn(1, heads, len(tin), d, generator=gen).to(device, dtype).requires_grad_()
+               for heads in (hq, hkv, hkv))
+    grad_out = torch.randn(1, hq, len(tin), d, generator=gen).to(device, dtype)
     results = []
     for backend in ("triton", FALLBACK["tree"]):
         out = get_tree_backend(backend)(q, k, v, tin, tout, scale=None, cache={})
@@ -104,19 +106,19 @@ def _tree_error(device, dtype) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(*results))
 
 
-def _paged_error(device, dtype) -> float:
+def _paged_error(device, dtype, hq: int, hkv: int, d: int) -> float:
     from .paged import PagedAttentionMetadata, get_paged_backend
 
     from ..engine.kv_pool import KVPool
 
     gen = torch.Generator().manual_seed(0)
-    pool = KVPool(1, 2, 32, dtype, device, page_size=1, num_pages=64)
-    slots = pool.alloc(40)
-    pool.write(0, slots, *(torch.randn(40, 2, 32, generator=gen).to(device, dtype) for _ in range(2)))
-    sequences = [(slots[:9].numpy(), slots[9:10].numpy()), (slots[10:29].numpy(), slots[29:30].numpy())]
+    pool = KVPool(1, hkv, d, dtype, device, page_size=1, num_pages=160)
+    slots = pool.alloc(150)
+    pool.write(0, slots, *(torch.randn(150, hkv, d, generator=gen).to(device, dtype) for _ in range(2)))
+    sequences = [(slots[:9].numpy(), slots[9:10].numpy()), (slots[10:149].numpy(), slots[149:150].numpy())]
     meta = PagedAttentionMetadata.build(pool, sequences, device)
-    query = torch.randn(1, 4, 2, 32, generator=gen).to(device, dtype)
-    key, value = (torch.randn(1, 2, 2, 32, generator=gen).to(device, dtype) for _ in range(2))
+    query = torch.randn(1, hq, 2, d, generator=gen).to(device, dtype)
+    key, value = (torch.randn(1, hkv, 2, d, generator=gen).to(device, dtype) for _ in range(2))
     module = _LayerZero()
     outs = [get_paged_backend(name)(module, query, key, value, meta, None).float()
             for name in ("triton", FALLBACK["paged"])]
