@@ -92,11 +92,14 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def checkpointed_layers(model) -> list:
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+
+
 @contextlib.contextmanager
-def recomputing_layers(model):
+def recomputing_layers(layers: list):
     """Transformers checkpoints a layer only in training mode; the policy runs in eval mode (no dropout, the same
     function as the sampler's), so only the checkpointed layers themselves are switched, not their dropouts."""
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     for layer in layers:
         layer.training = True
     try:
@@ -171,6 +174,7 @@ class Trainer:
         self.master = MasterWeights(self.model) if self.dtype != torch.float32 else None
         if use_activation_checkpointing(config, self.model):
             enable_activation_checkpointing(self.model)
+        self.checkpointed = checkpointed_layers(self.model)  # found once, not on every training forward
         self.reference = self._frozen_copy(self.model) if config.kl_coef > 0 else None
         trained = self.master.params if self.master is not None else self.model.parameters()
         self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
@@ -291,7 +295,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for b in batches:
-            with recomputing_layers(self.model):
+            with recomputing_layers(self.checkpointed):
                 logp = self._logprobs(self.model, b.packed, b.rows)
             old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
             loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], None, self.config.clip_low,
