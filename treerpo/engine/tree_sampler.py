@@ -65,11 +65,12 @@ class TreeSampler:
 
     def __init__(self, model, tokenizer, pool_tokens: int | None = None, memory_bytes: int | None = None,
                  truncate_prompts: bool = False, stop_strings: Sequence[str] = (), share_prefixes: bool = True,
-                 ignore_eos: bool = False, cascade: bool = True):
+                 ignore_eos: bool = False, cascade: bool = True, eos_ids: Sequence[int] | None = None):
         """``share_prefixes=False`` prefills every tree's prompt on its own and skips the radix cache (the
         baseline of benchmarks); ``ignore_eos`` generates full segments whatever is sampled (throughput runs);
         ``cascade=False`` decodes every branch over its whole path instead of reading the path its siblings
-        share once per sibling group where ``ModelRunner.cascade_pays`` (same tokens, for comparisons)."""
+        share once per sibling group where ``ModelRunner.cascade_pays`` (same tokens, for comparisons).
+        ``eos_ids`` end a segment (default: the model's generation config's and the tokenizer's EOS)."""
         self.model = model
         self.tokenizer = tokenizer
         self.truncate_prompts = truncate_prompts
@@ -82,7 +83,7 @@ class TreeSampler:
                            num_pages=pool_tokens, memory_bytes=memory_bytes if pool_tokens is None else None)
         self.cache = RadixCache(self.pool)
         self.runner = ModelRunner(model, self.pool)
-        self.eos = set() if ignore_eos else eos_token_ids(model, tokenizer)
+        self.eos = set() if ignore_eos else set(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
         self.share_prefixes = share_prefixes
         self.cascade = cascade
         self._weights_version = self._current_weights_version()

@@ -1,0 +1,1 @@
+"""treerpo inside other RL frameworks (``treerpo.integrations.trl``: TRL's GRPOTrainer)."""

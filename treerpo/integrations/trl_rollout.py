@@ -1,0 +1,67 @@
+"""``rollout_func`` for TRL's GRPOTrainer: its G completions per prompt sampled by treerpo's engine.
+
+TRL repeats each prompt G times in a row; each run of identical prompts becomes one depth-1 tree, so the
+prompt is prefilled once for its G completions (and served from the radix cache while the weights are
+unchanged). The engine runs on the very model TRL trains: no weight copy, and an optimizer step retires the
+cached K/V by itself (the engine watches the parameters' versions).
+"""
+from __future__ import annotations
+
+from itertools import groupby
+from typing import Callable
+
+from ..algorithms.grpo import grpo_spec
+from .trl_sampling import UnsupportedTRLOption, engine_sampling
+
+FEATURE = "treerpo_rollout"
+
+
+def treerpo_rollout(pool_tokens: int | None = None, memory_bytes: int | None = None) -> Callable:
+    """A ``rollout_func`` for ``GRPOTrainer(..., rollout_func=treerpo_rollout())``.
+
+    ``pool_tokens`` / ``memory_bytes`` size the engine's KV pool (default 65,536 tokens); a group whose
+    worst case does not fit is refused before any work with the size it needs. Returns TRL's keys
+    ``prompt_ids``, ``completion_ids`` (cut after the first EOS, as TRL's own generation does) and
+    ``logprobs`` (the sampler's log-prob of each completion token)."""
+    engines: dict[int, object] = {}
+
+    def rollout(prompts: list, trainer) -> dict:
+        sampling = engine_sampling(trainer, FEATURE)
+        prompt_ids, images, _ = trainer._tokenize_prompts(prompts)
+        if images is not None:
+            raise UnsupportedTRLOption(f"{FEATURE} does not support images: use TRL's own generation")
+        sampler = _engine_for(trainer, engines, pool_tokens, memory_bytes, sampling.eos_ids)
+        completions, logprobs = [], []
+        for group in _runs_of_identical(prompt_ids):
+            spec = grpo_spec(len(group), sampling.max_new_tokens, max(len(prompt_ids[group[0]]), 1),
+                             sampling.temperature, sampling.top_p)
+            (tree,) = sampler.sample([prompt_ids[group[0]]], spec)
+            for leaf in tree.children(0):
+                completions.append(tree.segment(int(leaf)).tolist())
+                logprobs.append(tree.token_logprobs[tree.offsets[leaf]:tree.offsets[leaf + 1]].tolist())
+        return {"prompt_ids": [list(p) for p in prompt_ids], "completion_ids": completions, "logprobs": logprobs}
+
+    return rollout
+
+
+def _runs_of_identical(prompt_ids: list) -> list[list[int]]:
+    """Indices of consecutive rows with the same prompt tokens."""
+    runs, start = [], 0
+    for _, rows in groupby(range(len(prompt_ids)), key=lambda i: tuple(prompt_ids[i])):
+        size = len(list(rows))
+        runs.append(list(range(start, start + size)))
+        start += size
+    return runs
+
+
+def _engine_for(trainer, engines: dict, pool_tokens, memory_bytes, eos_ids):
+    """One engine per trained model, built on first use (its KV pool lives as long as the trainer)."""
+    from ..attention import enable_tree_attention
+    from ..engine.tree_sampler import TreeSampler
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if id(model) not in engines:
+        enable_tree_attention(model)  # in place: TRL's own forwards keep the model's attention (no tree metadata)
+        engines[id(model)] = TreeSampler(model, trainer._tokenizer, pool_tokens=pool_tokens,
+                                         memory_bytes=memory_bytes, eos_ids=eos_ids)
+    return engines[id(model)]

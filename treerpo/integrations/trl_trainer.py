@@ -1,0 +1,271 @@
+"""TreeRPO inside TRL: ``TreeRPOTrainer`` / ``TreeRPOConfig``, subclasses of TRL's GRPO classes.
+
+TRL keeps its Trainer: accelerate, callbacks, logging, checkpoints, ``push_to_hub``, reward functions in its
+signature. What changes is a generation batch: each prompt (repeated ``num_generations`` = leaves-per-tree
+times by TRL's sampler) becomes one tree sampled by treerpo's engine; the leaves are scored by TRL's reward
+functions; treerpo computes node values and sibling-group advantages; and the loss runs on packed trees
+(each shared token forwarded once) instead of TRL's padded root-to-leaf rows. The loss is treerpo's: PPO-clip
+with TRL's ``epsilon`` / ``epsilon_high``, k3 KL with ``beta``, divided by the number of loss tokens of the
+optimizer step (TRL's ``dapo`` normalisation). Options that would change that meaning are refused.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from trl import GRPOConfig, GRPOTrainer
+from trl.data_utils import is_conversational
+
+from ..algorithms.advantages import NORMALIZATIONS, VALUE_MODES, compute_advantages
+from ..algorithms.loss import policy_loss
+from ..attention import enable_tree_attention
+from ..flatten import loss_token_count
+from ..logprobs import packed_logprobs
+from ..packing import pack_trees
+from ..scoring import leaf_completions
+from ..trainer import PreparedBatch, has_loss_tokens, micro_batches
+from ..tree import Tree, TreeSpec
+from .trl_sampling import UnsupportedTRLOption, engine_sampling
+
+FEATURE = "TreeRPOTrainer"
+
+
+@dataclass
+class TreeRPOConfig(GRPOConfig):
+    """GRPOConfig plus the tree. ``num_generations`` is the number of leaves of a tree (prod(branching)) and
+    ``max_completion_length`` the deepest path (depth x segment_tokens); both are derived, not set."""
+
+    branching: list[int] = field(default_factory=lambda: [4, 2, 2],
+                                 metadata={"help": "children per node at each level"})
+    segment_tokens: int = field(default=12, metadata={"help": "tokens per tree node"})
+    value_mode: str = field(default="children_mean", metadata={"help": f"one of {VALUE_MODES}"})
+    advantage_norm: str = field(default="group_std", metadata={"help": f"one of {NORMALIZATIONS}"})
+    tau: float = field(default=0.1, metadata={"help": "drop sibling groups whose value std is below tau"})
+    micro_batch_tokens: int = field(default=8192, metadata={"help": "packed tokens per forward/backward"})
+    kv_pool_tokens: int = field(default=1 << 16, metadata={"help": "KV slots of the engine's pool"})
+    num_generations: int | None = field(default=None, metadata={"help": "derived: leaves per tree"})
+    max_completion_length: int | None = field(default=None, metadata={"help": "derived: depth x segment_tokens"})
+
+    def __post_init__(self):
+        spec = TreeSpec(tuple(self.branching), self.segment_tokens)  # validates the shape
+        self.branching = list(spec.branching)
+        for name, value, derived in (("num_generations", self.num_generations, spec.max_leaves),
+                                     ("max_completion_length", self.max_completion_length, spec.max_new_tokens)):
+            if value is not None and value != derived:
+                raise UnsupportedTRLOption(f"{FEATURE}: {name}={value} but the tree {self.branching} x "
+                                           f"{self.segment_tokens} tokens gives {derived}; leave {name} unset")
+        self.num_generations, self.max_completion_length = spec.max_leaves, spec.max_new_tokens
+        _refuse_unsupported_config(self)
+        super().__post_init__()
+
+
+def _refuse_unsupported_config(args: TreeRPOConfig) -> None:
+    """TRL options whose meaning the tree loss would silently change."""
+    checks = [
+        (args.value_mode in VALUE_MODES, f"value_mode={args.value_mode!r}", f"choose one of {VALUE_MODES}"),
+        (args.advantage_norm in NORMALIZATIONS, f"advantage_norm={args.advantage_norm!r}",
+         f"choose one of {NORMALIZATIONS}"),
+        (args.tau >= 0, f"tau={args.tau}", "tau must be >= 0"),
+        (args.micro_batch_tokens >= 1, f"micro_batch_tokens={args.micro_batch_tokens}", "use a positive count"),
+        (args.loss_type == "dapo", f"loss_type={args.loss_type!r}",
+         "the tree loss is token-mean over the optimizer step's loss tokens (TRL's 'dapo'); set loss_type='dapo'"),
+        (args.importance_sampling_level == "token", f"importance_sampling_level={args.importance_sampling_level!r}",
+         "sequence-level ratios are undefined for shared tree tokens; use 'token'"),
+        (args.scale_rewards in ("group", True), f"scale_rewards={args.scale_rewards!r}",
+         "advantages are normalised by advantage_norm (group_std, mean_only, batch_std); leave scale_rewards unset"),
+        (args.multi_objective_aggregation == "sum_then_normalize",
+         f"multi_objective_aggregation={args.multi_objective_aggregation!r}",
+         "leaf rewards are the weighted sum of the reward functions; leave it 'sum_then_normalize'"),
+        (not args.mask_truncated_completions, "mask_truncated_completions=True",
+         "a truncated leaf still scores its path; set it to False"),
+        (args.top_entropy_quantile >= 1.0, f"top_entropy_quantile={args.top_entropy_quantile}", "set it to 1.0"),
+        (args.entropy_coef == 0.0 and not args.use_adaptive_entropy, "an entropy bonus", "set entropy_coef=0"),
+        (args.off_policy_mask_threshold is None, "off_policy_mask_threshold", "leave it None"),
+        (args.delta is None, f"delta={args.delta}", "leave it None"),
+        (not args.use_vllm, "use_vllm=True", "the engine samples with the trained model; set use_vllm=False"),
+        (args.eval_strategy in ("no", None) or str(args.eval_strategy) == "IntervalStrategy.NO",
+         f"eval_strategy={args.eval_strategy!r}",
+         "evaluate with a callback (e.g. treerpo.evaluation.pass_at_1) and set eval_strategy='no'"),
+    ]
+    for ok, option, fix in checks:
+        if not ok:
+            raise UnsupportedTRLOption(f"{FEATURE} does not support {option}: {fix}")
+
+
+@dataclass
+class TreeChunk:
+    """What one TRL training step (one micro-step of gradient accumulation) trains on."""
+
+    batches: list[PreparedBatch]
+    normalizer: int  # loss tokens of the whole optimizer step this chunk belongs to
+
+
+class TreeRPOTrainer(GRPOTrainer):
+    """GRPOTrainer's arguments (``args`` a TreeRPOConfig); trains TreeRPO on trees from treerpo's engine."""
+
+    _tag_names = ["trl", "treerpo"]
+    _name = "TreeRPO"
+
+    def __init__(self, model, reward_funcs, args: TreeRPOConfig, *positional, **kwargs):
+        if not isinstance(args, TreeRPOConfig):
+            raise UnsupportedTRLOption(f"{FEATURE} needs args=TreeRPOConfig(...), got {type(args).__name__}")
+        for name in ("rollout_func", "tools", "environment_factory", "peft_config"):
+            if kwargs.get(name) is not None:
+                raise UnsupportedTRLOption(f"{FEATURE} does not support {name}: trees are sampled by treerpo's "
+                                           "engine on the full model")
+        super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise UnsupportedTRLOption(f"{FEATURE} runs in one process (no DeepSpeed/FSDP): a tree must not span "
+                                       "processes; for several GPUs use treerpo's own trainer")
+        self.sampling = engine_sampling(self, FEATURE)
+        self.spec = TreeSpec(tuple(args.branching), args.segment_tokens, temperature=self.sampling.temperature,
+                             top_p=self.sampling.top_p)
+        enable_tree_attention(self._policy())
+        if self.ref_model is not None:
+            enable_tree_attention(self.accelerator.unwrap_model(self.ref_model))
+        self._engine = None
+
+    def _policy(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _sampler(self):
+        if self._engine is None:
+            from ..engine.tree_sampler import TreeSampler
+
+            self._engine = TreeSampler(self._policy(), self._tokenizer, pool_tokens=self.args.kv_pool_tokens,
+                                       eos_ids=self.sampling.eos_ids)
+        return self._engine
+
+    # ---- a generation batch: rows -> trees -> scored trees -> chunks ----------------------------------
+    def _prepare_inputs(self, generation_batch) -> TreeChunk:
+        if not self.model.training:
+            raise UnsupportedTRLOption(f"{FEATURE} has no evaluation loop; set eval_strategy='no'")
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            trees = self.sample_trees(generation_batch)
+            self.score_trees(trees, generation_batch)
+            self._buffered_inputs = self.prepare_chunks(trees)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def sample_trees(self, rows: list[dict]) -> list[Tree]:
+        """One tree per prompt of the generation batch (TRL repeats each prompt ``num_generations`` times)."""
+        leaves = self.num_generations
+        prompts = [rows[i]["prompt"] for i in range(0, len(rows), leaves)]
+        for i, prompt in enumerate(prompts):
+            if any(r["prompt"] != prompt for r in rows[i * leaves:(i + 1) * leaves]):
+                raise RuntimeError(f"{FEATURE}: the generation batch does not repeat each prompt {leaves} times")
+        prompt_ids, images, _ = self._tokenize_prompts(prompts)
+        if images is not None:
+            raise UnsupportedTRLOption(f"{FEATURE} does not support images")
+        spec = replace(self.spec, max_prompt_tokens=max(len(p) for p in prompt_ids))
+        infos = [{"prompt": p, "row": i * leaves} for i, p in enumerate(prompts)]
+        started = time.perf_counter()
+        trees = self._sampler().sample([list(p) for p in prompt_ids], spec, infos)
+        self._metrics["train"]["timing/rollout_s"].append(time.perf_counter() - started)
+        return trees
+
+    def score_trees(self, trees: list[Tree], rows: list[dict]) -> None:
+        """Leaf rewards from TRL's reward functions (weighted sum), then node values and advantages."""
+        keys, texts = leaf_completions(trees, self._tokenizer)
+        leaf_rank = {}
+        inputs = []
+        for t, leaf in keys:
+            rank = leaf_rank[t] = leaf_rank.get(t, -1) + 1
+            inputs.append(rows[trees[t].info["row"] + rank])
+        prompts = [trees[t].info["prompt"] for t, _ in keys]
+        completions = ([[{"role": "assistant", "content": c}] for c in texts]
+                       if is_conversational({"prompt": prompts[0]}) else texts)
+        completion_ids = [trees[t].path_token_ids(leaf, include_prompt=False).tolist() for t, leaf in keys]
+        per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)
+        unscorable = torch.isnan(per_func).all(dim=1)
+        if unscorable.any():
+            raise ValueError(f"{FEATURE}: every reward function returned None for completion "
+                             f"{int(unscorable.nonzero()[0])} ({completions[int(unscorable.nonzero()[0])]!r}); a tree "
+                             "needs a reward on every leaf")
+        rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1).cpu().numpy()
+        for (t, leaf), r in zip(keys, rewards):
+            trees[t].reward[leaf] = float(r)
+        stats = compute_advantages(trees, self.args.value_mode, self.args.advantage_norm, self.args.tau)
+        self._log_rollout(trees, rewards, per_func, stats)
+
+    def _log_rollout(self, trees, rewards, per_func, stats) -> None:
+        metrics = self._metrics["train"]
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(float(torch.nanmean(per_func[:, i])))
+        metrics["reward"].append(float(np.mean(rewards)))
+        metrics["reward_std"].append(float(np.std(rewards)))
+        lengths = np.concatenate([t.completion_lengths() for t in trees])
+        metrics["completions/mean_length"].append(float(lengths.mean()))
+        metrics["tree/leaves"].append(float(len(rewards)))
+        metrics["tree/kept_group_fraction"].append(stats["kept_groups"] / max(stats["groups"], 1))
+        generated = sum(t.generated_tokens for t in trees)
+        metrics["tokens/generated"].append(float(generated))
+        self.state.num_input_tokens_seen += sum(t.num_tokens for t in trees)
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+
+    def prepare_chunks(self, trees: list[Tree]) -> list[TreeChunk]:
+        """The trees with loss tokens split, whole, into ``steps_per_generation`` chunks (one per TRL step),
+        each packed into micro-batches; every chunk knows the loss tokens of its optimizer step."""
+        steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        trainable = [t for t in trees if has_loss_tokens(t)]
+        groups = [[trainable[i] for i in idx] for idx in np.array_split(np.arange(len(trainable)), steps)]
+        off_policy = self.num_iterations > 1 or accumulation % (steps * self.num_iterations) != 0
+        chunks = []
+        for g, group in enumerate(groups):
+            window = groups[g - g % accumulation: g - g % accumulation + accumulation]
+            normalizer = loss_token_count([t for trees_ in window for t in trees_])
+            chunks.append(TreeChunk([self._prepare(micro, off_policy) for micro in
+                                     micro_batches(group, self.args.micro_batch_tokens)], normalizer))
+        return chunks
+
+    @torch.no_grad()
+    def _prepare(self, trees: list[Tree], off_policy: bool) -> PreparedBatch:
+        packed = pack_trees(trees, prune_unkept=True).to(self.accelerator.device)
+        rows = torch.nonzero(packed.loss_mask).squeeze(1)
+        old = self._logprobs(self._policy(), packed, rows) if off_policy else None
+        ref = (self._logprobs(self.accelerator.unwrap_model(self.ref_model), packed, rows)
+               if self.beta != 0.0 else None)
+        return PreparedBatch(packed, rows, old, ref)
+
+    def _logprobs(self, model, packed, rows):
+        return packed_logprobs(model, packed, rows, temperature=self.sampling.temperature or 1.0)
+
+    # ---- the loss -----------------------------------------------------------------------------------
+    def micro_batch_loss(self, batch: PreparedBatch, normalizer: int) -> torch.Tensor:
+        logp = self._logprobs(self._policy(), batch.packed, batch.rows)
+        old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
+        loss, stats = policy_loss(logp, old, batch.packed.advantages[batch.rows], None, self.epsilon_low,
+                                  self.epsilon_high, batch.ref_logprobs, self.beta, normalizer)
+        for name, value in stats.items():
+            self._metrics["train"][name].append(value)
+        return loss
+
+    def compute_loss(self, model, inputs: TreeChunk, return_outputs=False, num_items_in_batch=None):
+        """The chunk's loss (its share of the optimizer step's token-mean loss), all micro-batches at once."""
+        if return_outputs:
+            raise ValueError(f"{FEATURE} does not return outputs")
+        losses = [self.micro_batch_loss(b, inputs.normalizer) for b in inputs.batches]
+        return torch.stack(losses).sum() if losses else self._zero_loss()
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """One micro-step: a backward per packed micro-batch, so only one micro-batch's activations live."""
+        started = time.perf_counter()
+        model.train()
+        chunk = self._prepare_inputs(inputs)
+        total = self._zero_loss().detach()
+        for batch in chunk.batches:
+            with self.compute_loss_context_manager():
+                loss = self.micro_batch_loss(batch, chunk.normalizer)
+            self.accelerator.backward(loss)
+            total = total + loss.detach()
+        self._step += 1
+        self._current_train_step_time += time.perf_counter() - started
+        if self._step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["step_time"].append(self._current_train_step_time)
+            self._current_train_step_time = 0.0
+        return total
+
+    def _zero_loss(self) -> torch.Tensor:
+        return torch.zeros((), device=self.accelerator.device, requires_grad=False)
