@@ -1,0 +1,233 @@
+"""treerpo inside TRL's GRPOTrainer: the engine's rollout, TreeRPOTrainer, and the options they refuse."""
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from treerpo.algorithms.loss import policy_loss  # noqa: E402
+from treerpo.attention import enable_tree_attention  # noqa: E402
+from treerpo.flatten import flatten_trees, loss_token_count  # noqa: E402
+from treerpo.logprobs import packed_logprobs  # noqa: E402
+from treerpo.packing import pack_trees  # noqa: E402
+from treerpo.data.tasks import load_task, make_reward  # noqa: E402
+from treerpo.integrations.trl import (TreeRPOConfig, TreeRPOTrainer, UnsupportedTRLOption,  # noqa: E402
+                                      treerpo_rollout)
+from treerpo.models.tiny import DEFAULT_MODEL_DIR, load_model_and_tokenizer  # noqa: E402
+
+COMMON = dict(use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, bf16=False,
+              shuffle_dataset=False, lr_scheduler_type="constant", max_grad_norm=1e9)
+
+
+def tiny():
+    model, tokenizer = load_model_and_tokenizer(None)
+    model.config._name_or_path = str(DEFAULT_MODEL_DIR)  # TRL loads a reference model from here when beta > 0
+    return model, tokenizer
+
+
+def same_length_rows(tokenizer, count: int) -> list[dict]:
+    """Chain problems whose prompts have equal token counts (TRL's batched generate pads nothing)."""
+    task = load_task("synthetic", None, 1, tokenizer)
+    pairs = [pair for step in range(40) for pair in task.batch(step, 8, 0)]
+    length = len(tokenizer(pairs[0][0])["input_ids"])
+    rows = [{"prompt": p, "answer": a} for p, a in pairs if len(tokenizer(p)["input_ids"]) == length]
+    return rows[:count]
+
+
+def varied_reward(seen: list):
+    """Differs within a group of identical completions (row parity), so greedy groups still have advantages."""
+    def reward(prompts, completions, answer, **kwargs):
+        seen.extend(completions)
+        return [float((len(c) + i) % 3) for i, c in enumerate(completions)]
+    return reward
+
+
+def grpo_run(rollout_func, rows, generation_kwargs=None, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model, tokenizer = tiny()
+    seen = []
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=1, per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=40, learning_rate=1e-3, beta=0.0, seed=seed,
+                      generation_kwargs=generation_kwargs, **{**COMMON, **overrides})
+    trainer = GRPOTrainer(model=model, reward_funcs=varied_reward(seen), args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer, rollout_func=rollout_func)
+    return trainer, seen
+
+
+def test_greedy_rollout_gives_trl_its_own_completions_and_update():
+    _, tokenizer = tiny()
+    rows = same_length_rows(tokenizer, 4)
+    initial = {k: v.clone() for k, v in tiny()[0].state_dict().items()}
+    results = []
+    for rollout in (None, treerpo_rollout()):
+        trainer, seen = grpo_run(rollout, rows, {"do_sample": False})
+        trainer.train()
+        results.append((seen, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}))
+    (trl_text, trl_weights), (engine_text, engine_weights) = results
+    assert len(engine_text) == 8 and engine_text == trl_text
+    assert max((trl_weights[k] - engine_weights[k]).abs().max().item() for k in trl_weights) < 1e-6
+    assert max((trl_weights[k] - initial[k]).abs().max().item() for k in initial) > 1e-4  # a real update
+
+
+def test_sampled_rollout_returns_groups_with_the_models_logprobs():
+    _, tokenizer = tiny()
+    rows = same_length_rows(tokenizer, 4)[:2] + [{"prompt": "7+5-2=", "answer": "10"}] * 2
+    trainer, _ = grpo_run(treerpo_rollout(pool_tokens=4096), rows)
+    prompts = [r["prompt"] for r in rows for _ in range(4)]
+    out = trainer.rollout_func(prompts, trainer)
+    assert len(out["completion_ids"]) == len(prompts) == len(out["logprobs"])
+    model = trainer.model.eval()
+    eos = set(trainer.eos_token_ids)
+    for prompt, prompt_ids, completion, logprobs in zip(prompts, out["prompt_ids"], out["completion_ids"],
+                                                        out["logprobs"]):
+        assert prompt_ids == tokenizer(prompt)["input_ids"]
+        assert 1 <= len(completion) <= 40 and (len(completion) == 40 or completion[-1] in eos)
+        assert not eos & set(completion[:-1])  # cut after the first EOS, as TRL's generate does
+        ids = torch.tensor([prompt_ids + completion])
+        with torch.no_grad():
+            reference = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1:-1].float(), -1)
+        expected = reference.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+        assert np.allclose(logprobs, expected.numpy(), atol=1e-4)
+    # the last two prompts are one prompt repeated: one group of 8 sampled completions, not two copies of 4
+    tail = out["completion_ids"][8:]
+    assert len({tuple(c) for c in tail}) > 1
+
+
+# ---- TreeRPOTrainer ---------------------------------------------------------------------------------------
+def treerpo_trl(rows, max_steps=1, **overrides):
+    torch.manual_seed(0)
+    model, tokenizer = tiny()
+    task = load_task("synthetic", None, 1, tokenizer)
+    verifier = make_reward(task.reward_kind)
+
+    def reward(prompts, completions, answer, **kwargs):  # the verifier plus a length term: most groups differ
+        return [v + len(c) % 3 for v, c in zip(verifier(completions, answer), completions)]
+
+    settings = dict(output_dir=tempfile.mkdtemp(), max_steps=max_steps, branching=[2, 2], segment_tokens=20,
+                    per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-4, beta=0.0,
+                    tau=0.0, **COMMON)
+    args = TreeRPOConfig(**{**settings, **overrides})
+    return TreeRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer)
+
+
+def chain_rows(count: int) -> list[dict]:
+    _, tokenizer = tiny()
+    task = load_task("synthetic", None, 1, tokenizer)
+    return [{"prompt": p, "answer": a} for step in range(count // 4) for p, a in task.batch(step, 4, 0)]
+
+
+def gradients(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def treerpo_own_gradient(trees):
+    """What treerpo's own trainer computes for one minibatch: all trees packed, one token-mean PPO loss."""
+    model, _ = tiny()
+    enable_tree_attention(model)
+    packed = pack_trees(trees, prune_unkept=True)
+    logp = packed_logprobs(model, packed)
+    loss, _ = policy_loss(logp, logp.detach(), packed.advantages[packed.loss_mask], None, 0.2, 0.2,
+                          normalizer=loss_token_count(trees))
+    loss.backward()
+    return float(loss), gradients(model)
+
+
+def flattened_gradient(trees):
+    """An independent reference: every root-to-leaf row through the model's own attention (no tree mask),
+    tokens weighted by flatten_trees."""
+    model, _ = tiny()
+    flat = flatten_trees(trees)
+    total = 0.0
+    for prompt, completion, advantage in zip(flat.prompt_ids, flat.completion_ids, flat.token_advantages):
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
+        logp = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+        loss = -(torch.as_tensor(advantage, dtype=torch.float32) * torch.exp(logp - logp.detach())).sum()
+        (loss / flat.loss_tokens).backward()
+        total += float(loss) / flat.loss_tokens
+    return total, gradients(model)
+
+
+def assert_same_gradients(grads, reference):
+    assert grads.keys() == reference.keys()
+    scale = max(g.abs().max().item() for g in reference.values())
+    assert scale > 0
+    for name, grad in grads.items():
+        assert torch.allclose(grad, reference[name], atol=1e-5 * scale, rtol=1e-4), name
+
+
+def test_treerpo_trainer_loss_and_gradients_equal_treerpo_trainer():
+    trainer = treerpo_trl(chain_rows(16), per_device_train_batch_size=16, micro_batch_tokens=64)
+    rows = list(trainer.get_train_dataloader())[0]
+    trees = trainer.sample_trees(rows)
+    trainer.score_trees(trees, rows)
+    chunks = trainer.prepare_chunks(trees)
+    assert len(chunks) == 2 and sum(len(c.batches) for c in chunks) > 2  # several micro-batches per step
+    assert all(c.normalizer == loss_token_count(trees) for c in chunks)  # one optimizer step's loss tokens
+    trainer.model.zero_grad(set_to_none=True)
+    loss = 0.0
+    for chunk in chunks:
+        chunk_loss = trainer.compute_loss(trainer.model, chunk)
+        chunk_loss.backward()
+        loss += float(chunk_loss)
+    grads = gradients(trainer.model)
+    for reference_loss, reference_grads in (treerpo_own_gradient(trees), flattened_gradient(trees)):
+        assert abs(loss - reference_loss) < 1e-5 * max(1.0, abs(reference_loss))
+        assert_same_gradients(grads, reference_grads)
+
+
+def test_treerpo_trainer_trains_saves_and_reloads(tmp_path):
+    trainer = treerpo_trl(chain_rows(16), max_steps=3, beta=0.04, save_strategy="steps", save_steps=3,
+                          output_dir=str(tmp_path))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.model.state_dict()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) > 0
+    logged = [entry for entry in trainer.state.log_history if "tree/leaves" in entry]
+    assert len(logged) == 3 and all(entry["tree/leaves"] == 16 for entry in logged) and "kl" in logged[0]
+    reloaded, _ = load_model_and_tokenizer(str(tmp_path / "checkpoint-3"))
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, after[name]), name
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(loss_type="grpo"), "loss_type='grpo'"),
+    (dict(importance_sampling_level="sequence"), "importance_sampling_level"),
+    (dict(scale_rewards="batch"), "scale_rewards"),
+    (dict(mask_truncated_completions=True), "mask_truncated_completions"),
+    (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
+    (dict(num_generations=3), "num_generations=3"),
+    (dict(max_completion_length=10), "max_completion_length=10"),
+    (dict(eval_strategy="steps", eval_steps=1), "eval_strategy"),
+    (dict(advantage_norm="zscore"), "advantage_norm"),
+])
+def test_treerpo_config_refuses_what_it_would_reinterpret(option, message):
+    with pytest.raises(UnsupportedTRLOption, match=message):
+        TreeRPOConfig(output_dir=tempfile.mkdtemp(), branching=[2, 2], segment_tokens=8, **{**COMMON, **option})
+
+
+def test_treerpo_trainer_refuses_unsupported_sampling_and_rollouts():
+    with pytest.raises(UnsupportedTRLOption, match="top_k=5"):
+        treerpo_trl(chain_rows(4), top_k=5)
+    with pytest.raises(UnsupportedTRLOption, match="rollout_func"):
+        TreeRPOTrainer(model=tiny()[0], reward_funcs=lambda **k: [], args=TreeRPOConfig(
+            output_dir=tempfile.mkdtemp(), branching=[2], segment_tokens=8, **COMMON), rollout_func=lambda p, t: {})
+
+
+@pytest.mark.parametrize("generation_kwargs, overrides, message", [
+    ({"num_beams": 2}, {}, "num_beams"),
+    (None, {"repetition_penalty": 1.2}, "repetition_penalty=1.2"),
+    (None, {"min_p": 0.1}, "min_p=0.1"),
+])
+def test_rollout_refuses_generation_options_it_cannot_honour(generation_kwargs, overrides, message):
+    _, tokenizer = tiny()
+    trainer, _ = grpo_run(treerpo_rollout(), same_length_rows(tokenizer, 2), generation_kwargs, **overrides)
+    with pytest.raises(UnsupportedTRLOption, match=message):
+        trainer.rollout_func(["1+2="] * 4, trainer)

@@ -1,0 +1,12 @@
+"""treerpo for TRL users (``pip install treerpo[trl]``).
+
+    GRPOTrainer(..., rollout_func=treerpo_rollout())     # TRL's GRPO, completions sampled by treerpo's engine
+    TreeRPOTrainer(model, reward_funcs, args=TreeRPOConfig(branching=[4, 2, 2], segment_tokens=12, ...))
+
+See docs/embedding.md.
+"""
+from .trl_rollout import treerpo_rollout
+from .trl_sampling import UnsupportedTRLOption
+from .trl_trainer import TreeRPOConfig, TreeRPOTrainer
+
+__all__ = ["TreeRPOConfig", "TreeRPOTrainer", "UnsupportedTRLOption", "treerpo_rollout"]
