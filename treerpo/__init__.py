@@ -9,6 +9,13 @@ The names another RL codebase needs to put tree rollouts into its own loop::
     batch = pack_trees(trees)                           # one depth-first packed sequence
     logp = packed_logprobs(enable_tree_attention(model), batch)
     loss, stats = policy_loss(logp, old_logp, batch.advantages[batch.loss_mask], ...)
+
+or, for a trainer that works on (prompt, completion) rows, the trees as rows with tree credit per token::
+
+    flat = flatten_trees(trees)   # rows -> (tree, leaf); token_advantages, token_weights, loss_tokens
+
+TRL users: ``treerpo_rollout()`` (GRPOTrainer's rollout_func) and ``TreeRPOTrainer`` / ``TreeRPOConfig``.
+See docs/embedding.md.
 """
 import importlib
 
@@ -17,7 +24,8 @@ import importlib
 _EXPORTS = {
     "compute_advantages": ".algorithms.advantages", "node_values": ".algorithms.advantages",
     "grpo_spec": ".algorithms.grpo", "policy_loss": ".algorithms.loss",
-    "enable_tree_attention": ".attention", "tree_attention": ".attention", "TreeSampler": ".engine",
+    "enable_tree_attention": ".attention", "FlatCompletions": ".flatten", "flatten_trees": ".flatten",
+    "TreeRPOConfig": ".integrations.trl", "TreeRPOTrainer": ".integrations.trl", "treerpo_rollout": ".integrations.trl", "tree_attention": ".attention", "TreeSampler": ".engine",
     "packed_logprobs": ".logprobs", "load_model_and_tokenizer": ".models.tiny",
     "PackedBatch": ".packing", "pack_trees": ".packing",
     "PromptTooLongError": ".reference_sampler", "ReferenceTreeSampler": ".reference_sampler",
