@@ -16,6 +16,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "sampler": ("engine", "reference"),
     "dtype": (None, "float32", "bfloat16", "float16"),
+    "parallel": ("none", "ddp", "fsdp"),
 }
 
 
@@ -75,6 +76,9 @@ class TrainConfig:
         "help": "float32, bfloat16 or float16 for the policy, the reference model and the KV pool (half precision: "
                 "fp32 master weights and optimizer state); default: the checkpoint's own on CUDA, float32 on CPU"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    parallel: str = field(default="none", metadata={
+        "help": "data parallelism under torchrun: ddp (a full replica a rank) or fsdp (FSDP2: parameters, gradients "
+                "and optimizer state sharded); none: one process"})
     sampler: str = field(default="engine", metadata={"help": "engine: radix-cache KV pool; reference: generate()"})
     kv_pool_tokens: int = field(default=1 << 15, metadata={"help": "KV slots of the engine's pool"})
     sampler_batch_size: int = field(default=256, metadata={"help": "rows per generate() call (reference, eval)"})

@@ -32,9 +32,16 @@ def comparable_config(config) -> dict:
     return {**values, **{k: _resolved(values[k]) for k in PATH_OPTIONS}}
 
 
+def _defaults_of_newer_options() -> dict:
+    """Options added after a checkpoint was written count as having had their default."""
+    from .config import TrainConfig
+
+    return {"parallel": TrainConfig.parallel}
+
+
 def check_resumable(current: dict, saved: dict, checkpoint: Path) -> None:
     """Refuse a resume whose options would make its steps differ from the run it continues."""
-    saved = {**saved, **{k: _resolved(saved.get(k)) for k in PATH_OPTIONS}}
+    saved = {**_defaults_of_newer_options(), **saved, **{k: _resolved(saved.get(k)) for k in PATH_OPTIONS}}
     current = {**current, **{k: _resolved(current.get(k)) for k in PATH_OPTIONS}}
     differ = {k: (v, saved.get(k)) for k, v in current.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
               and not (k not in saved and v is None)}

@@ -5,6 +5,7 @@ Exit codes: 0 done; 1 stopped by non-finite training; 2 refused input (nothing w
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -39,7 +40,15 @@ def resume_command(argv: list[str]) -> str:
             continue
         if not a.startswith("--resume="):
             args.append(a)
-    return shlex.join(["python", "-m", "treerpo.train", *args, "--resume"])
+    return shlex.join([*launcher(), "-m", "treerpo.train", *args, "--resume"])
+
+
+def launcher() -> list[str]:
+    """How this process was started: plain python, or torchrun with its node and process counts."""
+    if "LOCAL_WORLD_SIZE" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return ["python"]
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+    return ["torchrun", f"--nnodes={world // per_node}", f"--nproc_per_node={per_node}"]
 
 
 def main(argv=None) -> int:
@@ -75,6 +84,8 @@ def main(argv=None) -> int:
         return 1
     finally:
         trainer.close()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports for all
+        return 0
     print(f"{summary['algo']}: held-out accuracy {summary['initial_eval_accuracy']:.3f} -> "
           f"{summary['final_eval_accuracy']:.3f} in {summary['steps']} steps, {summary['wall_time_s']:.0f} s; "
           f"outputs in {config.output_dir}")

@@ -26,12 +26,16 @@ from .config import ConfigError, TrainConfig
 from .finite_guard import NonFiniteError, all_finite, check_weights_finite, restart_advice
 from .graceful_stop import GracefulStop, TrainingInterrupted
 from .data.tasks import load_task, make_reward
+from .distributed import World, close_world, init_world, launched_by_torchrun
 from .evaluation import pass_at_1
 from .generation import encode_prompts
 from .logprobs import packed_logprobs
 from .metrics import MetricsLog, plot_metrics
+from .minibatch_plan import filler_tree, loss_token_count, micro_batches, minibatch_indices
 from .models.tiny import load_model_and_tokenizer
 from .packing import PackedBatch, pack_trees
+from .parallel_policy import (PolicyLogprobs, gradient_sync, local_tensor, reshard_all, run_with_full_weights,
+                              wrap_policy)
 from .precision import MasterWeights, resolve_dtype
 from .prompt_checks import check_prompts
 from .reference_sampler import ReferenceTreeSampler
@@ -52,24 +56,17 @@ def step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
+def tree_seed(seed: int, step: int, prompt_index: int) -> int:
+    """A tree's own sampling seed: the trees of a step do not depend on how the prompts are spread over ranks."""
+    return int(np.random.SeedSequence([seed, step, prompt_index, 1]).generate_state(1)[0])
+
+
 def tree_spec(config: TrainConfig) -> TreeSpec:
     if config.algo == "grpo":
         return grpo_spec(config.group_size, config.max_new_tokens, config.max_prompt_tokens, config.temperature,
                          config.top_p)
     return TreeSpec(tuple(config.branching), config.segment_tokens, config.max_prompt_tokens, config.temperature,
                     config.top_p)
-
-
-def micro_batches(trees: list[Tree], token_budget: int) -> list[list[Tree]]:
-    """Consecutive groups of trees of at most ``token_budget`` tokens (a bigger tree goes alone)."""
-    groups, current, size = [], [], 0
-    for tree in trees:
-        if current and size + tree.num_tokens > token_budget:
-            groups.append(current)
-            current, size = [], 0
-        current.append(tree)
-        size += tree.num_tokens
-    return groups + ([current] if current else [])
 
 
 CHECKPOINTING_ABOVE_PARAMETERS = 1_000_000_000
@@ -111,18 +108,14 @@ def recomputing_layers(layers: list):
 
 def has_loss_tokens(tree: Tree) -> bool:
     """A tree some of whose generated tokens are trained on (a kept node with a non-empty segment)."""
-    lengths = np.diff(tree.offsets)
-    return bool(np.any(tree.kept[1:] & (lengths[1:] > 0)))
+    return loss_token_count(tree) > 0
 
 
 def minibatch_trees(trees: list[Tree], minibatches: int) -> list[list[Tree]]:
     """The trainable trees in random order, split into ``minibatches`` groups of whole trees (fewer only when
     fewer trees have loss tokens): the number of optimizer steps does not depend on the micro-batch size."""
-    trainable = [t for t in trees if has_loss_tokens(t)]
-    if not trainable:
-        return []
-    order = np.random.permutation(len(trainable))
-    return [[trainable[i] for i in chunk] for chunk in np.array_split(order, min(minibatches, len(trainable)))]
+    return [[trees[i] for i in group] for group in minibatch_indices([loss_token_count(t) for t in trees],
+                                                                    minibatches)]
 
 
 def make_sampler(config: TrainConfig, model, tokenizer):
@@ -133,23 +126,63 @@ def make_sampler(config: TrainConfig, model, tokenizer):
     return TreeSampler(model, tokenizer, pool_tokens=config.kv_pool_tokens, truncate_prompts=config.truncate_prompts)
 
 
+def check_parallel_options(config: TrainConfig) -> None:
+    """Combinations the data-parallel trainer does not support, refused before anything is loaded."""
+    import os
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    mode = config.parallel
+    if mode == "none":
+        if launched_by_torchrun() and world_size > 1:
+            raise ConfigError(f"launched by torchrun with {world_size} processes but --parallel none: each would "
+                              "train alone on the same output; pass --parallel ddp or --parallel fsdp")
+        return
+    if not launched_by_torchrun():
+        raise ConfigError(f"--parallel {mode} needs a torchrun launch (torchrun --nproc_per_node N -m treerpo.train "
+                          "...); in one process use --parallel none")
+    if config.sampler == "reference":
+        raise ConfigError(f"--parallel {mode} needs --sampler engine: the reference sampler draws from the global RNG, "
+                          "so its trees would depend on the number of ranks")
+    if config.dtype in ("bfloat16", "float16"):
+        raise ConfigError(f"--parallel {mode} with --dtype {config.dtype} is not supported yet (fp32 master weights "
+                          "are not combined with DDP/FSDP2); pass --dtype float32 or train in one process")
+    if mode == "fsdp" and config.gradient_checkpointing:
+        raise ConfigError("--parallel fsdp with --gradient-checkpointing is not supported yet (not validated); use "
+                          "--parallel ddp with checkpointing, or fsdp without it")
+
+
 @dataclass
 class PreparedBatch:
     packed: PackedBatch
     rows: torch.Tensor
     old_logprobs: torch.Tensor
     ref_logprobs: torch.Tensor | None
+    filler: bool = False  # padding for the collectives of a rank with fewer micro-batches: its loss counts zero
+
+
+@dataclass
+class Minibatch:
+    """One optimizer step's share on this rank; ``normalizer`` counts the loss tokens of all ranks' shares."""
+    normalizer: int
+    batches: list[PreparedBatch]
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, log=print):
         self.config = config.validate()
-        self.log = log
         hf_logging.disable_progress_bar()
         self.out = Path(config.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.lock = RunLock(self.out).acquire()
+        self.lock = None
+        self.world = World()
         try:
+            check_parallel_options(self.config)
+            self.world = init_world(self.config.device if self.config.device != "auto" else
+                                    ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.log = log if self.world.is_main else (lambda *a, **k: None)
+            if self.world.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.lock = RunLock(self.out).acquire()
+            self.world.barrier()
             self._setup()
         except BaseException:
             self.close()
@@ -160,13 +193,22 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         set_kernel_verification(config.verify_kernels)
-        self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if config.device == "auto" else config.device)
+        self.device = (self.world.device if self.world.initialized else
+                       torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                                    else "cpu" if config.device == "auto" else config.device))
         self.reward_fn = None
+        if config.prompts_per_step < self.world.size:
+            raise ConfigError(f"prompts_per_step={config.prompts_per_step} is smaller than the number of ranks "
+                              f"({self.world.size}): some ranks would have no tree to sample; raise --prompts-per-step "
+                              "or launch fewer processes")
         load_dtype = resolve_dtype(config.dtype, self.device)
         self.model, self.tokenizer = load_model_and_tokenizer(config.model, dtype=load_dtype,
                                                               allow_download=config.allow_download)
         self.dtype = next(self.model.parameters()).dtype  # "auto" (CUDA default): the checkpoint's own
+        if config.parallel != "none" and self.dtype != torch.float32:
+            raise ConfigError(f"--parallel {config.parallel} trains in float32 only for now (the model resolves to "
+                              f"{self.dtype}; fp32 master weights are not combined with DDP/FSDP2 yet); pass "
+                              "--dtype float32 or train in one process")
         self.task = load_task(config.dataset, config.eval_dataset, config.eval_size, self.tokenizer)
         self.spec = tree_spec(config)
         self._check_inputs()
@@ -176,7 +218,11 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         self.checkpointed = checkpointed_layers(self.model)  # found once, not on every training forward
         self.reference = self._frozen_copy(self.model) if config.kl_coef > 0 else None
-        trained = self.master.params if self.master is not None else self.model.parameters()
+        self.policy = self.reference_policy = None  # DDP / FSDP2 wrappers of the log-prob forward
+        if config.parallel != "none":
+            self._wrap_for_parallel()
+        trained = (self.master.params if self.master is not None else
+                   (self.policy or self.model).parameters())
         self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = make_sampler(config, self.model, self.tokenizer)
         self.start_step, self.elapsed_before = 0, 0.0
@@ -188,9 +234,19 @@ class Trainer:
         elif latest_checkpoint(self.out) is not None:
             raise ConfigError(f"{self.out} holds the checkpoints of an earlier run; continue it with --resume "
                              "or choose another --output-dir")
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.start_step, log=self.log)
+        self.metrics = (MetricsLog(self.out / "metrics.jsonl", resume_step=self.start_step, log=self.log)
+                        if self.world.is_main else None)
         kind = self.task.reward_kind if config.reward == "auto" else config.reward
         self.reward_fn = make_reward(kind, config.reward_deadline_s)
+
+    def _wrap_for_parallel(self) -> None:
+        """DDP or FSDP2 around the log-prob forward; under FSDP2 the frozen reference is sharded too."""
+        temperature, backend = self.config.temperature or 1.0, self.config.tree_attention_backend
+        self.policy = wrap_policy(self.model, self.config.parallel, self.device, temperature, backend)
+        if self.reference is not None:
+            self.reference_policy = (wrap_policy(self.reference, "fsdp", self.device, temperature, backend)
+                                     if self.config.parallel == "fsdp" else
+                                     PolicyLogprobs(self.reference, temperature, backend))
 
     def _check_inputs(self) -> None:
         """Everything the run will feed the model, checked before the opening evaluation."""
@@ -230,45 +286,103 @@ class Trainer:
             raise ResumeMismatchError(f"resume: {checkpoint} was trained in {state.get('dtype', 'torch.float32')} "
                                       f"but this run resolves --dtype to {self.dtype}; pass --dtype "
                                       f"{state.get('dtype', 'torch.float32').removeprefix('torch.')}")
-        loaded, _ = load_model_and_tokenizer(checkpoint)
-        self.model.load_state_dict(loaded.state_dict())
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        if self.master is not None:
-            self.master.load_state_dict(torch.load(checkpoint / MASTER_WEIGHTS, weights_only=True))
+        if self.policy is not None:
+            self._resume_distributed(checkpoint, state)
+        else:
+            loaded, _ = load_model_and_tokenizer(checkpoint)
+            self.model.load_state_dict(loaded.state_dict())
+            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+            if self.master is not None:
+                self.master.load_state_dict(torch.load(checkpoint / MASTER_WEIGHTS, weights_only=True))
         self.start_step = state["step"]
         self.elapsed_before = state["wall_time_s"]
         self.initial_eval = state["initial_eval_accuracy"]
         self.counters = state["counters"]
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        self.sampler.on_weights_updated()
         self.log(f"resumed from {checkpoint} at step {self.start_step}")
+
+    def _resume_distributed(self, checkpoint: Path, state: dict) -> None:
+        from .distributed_checkpoint import load_distributed_state
+
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world.size:
+            self.log(f"resume: {checkpoint} was written by {saved_world} ranks and this run has {self.world.size}; "
+                     "the weights and optimizer state are resharded exactly, but the steps from here on are not "
+                     "bit-identical to a run that kept the old world size (reductions add in another order)")
+        load_distributed_state(checkpoint, self.policy, self.optimizer, self.world)
 
     # ---- one step ---------------------------------------------------------------------------------
     def rollout(self, step: int) -> list[Tree]:
+        """This rank's trees: its share of the step's prompts, each tree seeded from (seed, step, prompt index)."""
         pairs = self.task.batch(step, self.config.prompts_per_step, self.config.seed)
-        prompt_ids = encode_prompts(self.tokenizer, [p for p, _ in pairs])
-        infos = [{"prompt": p, "answer": g} for p, g in pairs]
-        return self.sampler.sample(prompt_ids, self.spec, infos)
+        mine = self.world.shard(len(pairs))
+        prompt_ids = encode_prompts(self.tokenizer, [pairs[i][0] for i in mine])
+        infos = [{"prompt": pairs[i][0], "answer": pairs[i][1]} for i in mine]
+        if self.config.sampler == "reference":  # one process only: draws from the global torch RNG
+            return self.sampler.sample(prompt_ids, self.spec, infos)
+        seeds = [tree_seed(self.config.seed, step, i) for i in mine]
+        return run_with_full_weights(self.policy, lambda: self.sampler.sample(prompt_ids, self.spec, infos, seeds))
 
-    def _prepare(self, trees: list[Tree]) -> list[list[PreparedBatch]]:
-        """Minibatches of whole trees, each packed into micro-batches of at most ``micro_batch_tokens`` tokens,
-        with old and reference log-probs computed through the same path as the new ones."""
+    def advantages(self, trees: list[Tree]) -> dict[str, int]:
+        """Advantages within each tree; ``batch_std`` divides by the std over the kept nodes of every rank's trees."""
+        config = self.config
+        distributed_scale = self.world.initialized and config.advantage_norm == "batch_std"
+        norm = "mean_only" if distributed_scale else config.advantage_norm
+        adv = compute_advantages(trees, config.value_mode, norm, config.tau)
+        if distributed_scale:
+            self._divide_by_global_std(trees)
+        groups, kept = self.world.sum([adv["groups"], adv["kept_groups"]])
+        return {"groups": int(groups), "kept_groups": int(kept)}
+
+    def _divide_by_global_std(self, trees: list[Tree], eps: float = 1e-6) -> None:
+        centred = np.concatenate([t.advantage[t.kept] for t in trees] + [np.zeros(0)])
+        count, total = self.world.sum([len(centred), centred.sum()])
+        if count == 0:
+            return
+        mean = total / count
+        squares, = self.world.sum([((centred - mean) ** 2).sum()])
+        scale = math.sqrt(squares / count) + eps
+        for tree in trees:
+            tree.advantage = tree.advantage / scale
+
+    def _prepare(self, trees: list[Tree]) -> list[Minibatch]:
+        """Minibatches of whole trees chosen over the global batch, this rank's members packed into micro-batches
+        of at most ``micro_batch_tokens`` tokens (padded to the longest rank's count), with old and reference
+        log-probs computed through the same path as the new ones."""
         multiple_updates = self.config.ppo_epochs > 1 or self.config.minibatches > 1
+        counts = [c for part in self.world.gather([loss_token_count(t) for t in trees]) for c in part]
+        first = self.world.shard(self.config.prompts_per_step).start
+        groups = minibatch_indices(counts, self.config.minibatches)
+        micros = [micro_batches([trees[i - first] for i in group if 0 <= i - first < len(trees)],
+                                self.config.micro_batch_tokens) for group in groups]
+        widths = self.world.max([len(m) for m in micros]) if groups else []
+        filler = filler_tree(self.tokenizer.eos_token_id or 0)
         minibatches = []
-        for group in minibatch_trees(trees, self.config.minibatches):
+        for group, micro, width in zip(groups, micros, widths):
             prepared = []
-            for micro in micro_batches(group, self.config.micro_batch_tokens):
-                packed = pack_trees(micro, prune_unkept=True).to(self.device)
+            for i in range(int(width)):
+                real = i < len(micro)
+                packed = pack_trees(micro[i] if real else [filler], prune_unkept=True).to(self.device)
                 rows = torch.nonzero(packed.loss_mask).squeeze(1)
                 with torch.no_grad():
-                    old = self._logprobs(self.model, packed, rows) if multiple_updates else None
-                    ref = self._logprobs(self.reference, packed, rows) if self.reference is not None else None
-                prepared.append(PreparedBatch(packed, rows, old, ref))
-            minibatches.append(prepared)
+                    old = self._train_logprobs(packed, rows) if multiple_updates else None
+                    ref = self._reference_logprobs(packed, rows) if self.reference is not None else None
+                prepared.append(PreparedBatch(packed, rows, old, ref, filler=not real))
+            minibatches.append(Minibatch(sum(counts[i] for i in group), prepared))
         return minibatches
 
     def _logprobs(self, model, packed, rows):
         return packed_logprobs(model, packed, rows, temperature=self.config.temperature or 1.0,
                                backend=self.config.tree_attention_backend)
+
+    def _train_logprobs(self, packed, rows):
+        return self.policy(packed, rows) if self.policy is not None else self._logprobs(self.model, packed, rows)
+
+    def _reference_logprobs(self, packed, rows):
+        if self.reference_policy is not None:
+            return self.reference_policy(packed, rows)
+        return self._logprobs(self.reference, packed, rows)
 
     def update(self, trees: list[Tree]) -> dict[str, float]:
         started = time.perf_counter()
@@ -284,33 +398,50 @@ class Trainer:
                 applied = self._optimizer_step(minibatches[i], stats, counts)
                 counts["optimizer_steps" if applied else "skipped_updates"] += 1
         out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out["tokens_trained"] = int(sum(len(b.rows) for mb in minibatches for b in mb))
+        out["tokens_trained"] = int(sum(mb.normalizer for mb in minibatches))
         out["logprobs_s"] = logprobs_s
+        counts["tokens_forward"] = int(self.world.sum([counts["tokens_forward"]])[0])
         return {**out, **counts}
 
-    def _optimizer_step(self, batches: list[PreparedBatch], stats: dict, counts: dict) -> bool:
-        """One gradient step over a minibatch; not applied (optimizer state untouched) when the loss or the
-        gradient norm is not finite."""
-        normalizer = sum(len(b.rows) for b in batches)
+    def _optimizer_step(self, minibatch: Minibatch, stats: dict, counts: dict) -> bool:
+        """One gradient step over a minibatch (all ranks' shares); not applied (optimizer state untouched) when the
+        loss or the gradient norm is not finite on any rank. Statistics are token means over the minibatch."""
+        normalizer, batches = minibatch.normalizer, minibatch.batches
+        # DDP and FSDP2 average gradients over ranks; each rank's loss is its share of the global token sum
+        scale = self.world.size if self.policy is not None else 1
         self.optimizer.zero_grad(set_to_none=True)
-        losses = []
-        for b in batches:
-            with recomputing_layers(self.checkpointed):
-                logp = self._logprobs(self.model, b.packed, b.rows)
-            old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
-            loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], None, self.config.clip_low,
-                                  self.config.clip_high, b.ref_logprobs, self.config.kl_coef, normalizer)
-            loss.backward()
+        sums = dict.fromkeys(["loss", "clip_fraction", "ratio_mean", "kl", "nonfinite"], 0.0)
+        for i, b in enumerate(batches):
+            sync = gradient_sync(self.policy, i == len(batches) - 1) if self.policy is not None else contextlib.nullcontext()
+            with sync:
+                with recomputing_layers(self.checkpointed):
+                    logp = self._train_logprobs(b.packed, b.rows)
+                old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
+                loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], None, self.config.clip_low,
+                                      self.config.clip_high, b.ref_logprobs, self.config.kl_coef, normalizer)
+                if b.filler:
+                    loss = loss * 0.0
+                (loss * scale if scale != 1 else loss).backward()
             if self.master is not None:  # accumulate in fp32, not in the model's half precision
                 self.master.grads_to_master()
-            losses.append(loss.detach())
+            if b.filler:
+                continue
             counts["tokens_forward"] += b.packed.num_tokens
-            for k, v in {**s, "loss": loss.item() * normalizer / len(b.rows)}.items():
-                stats.setdefault(k, []).append(v)
+            tokens = len(b.rows)
+            sums["loss"] += loss.item()
+            sums["nonfinite"] += 0.0 if all_finite([loss.detach()]) else 1.0
+            for k in ("clip_fraction", "ratio_mean", "kl"):
+                sums[k] += s.get(k, 0.0) * tokens
+        reduced = dict(zip(sums, self.world.sum(list(sums.values()))))
+        for k in ("clip_fraction", "ratio_mean") + (("kl",) if self.reference is not None and self.config.kl_coef > 0
+                                                      else ()):
+            stats.setdefault(k, []).append(reduced[k] / normalizer)
+        stats.setdefault("loss", []).append(reduced["loss"])
         trained = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, self.config.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         stats.setdefault("grad_norm", []).append(float(grad_norm))
-        if not all_finite([grad_norm, *losses]):
+        if reduced["nonfinite"] > 0 or not all_finite([grad_norm]):
             self.optimizer.zero_grad(set_to_none=True)
             return False
         self.optimizer.step()
@@ -320,12 +451,18 @@ class Trainer:
         return True
 
     def evaluate(self) -> float:
+        """Pass@1 on the held-out set, each rank evaluating its share, the scores gathered."""
         prompts, golds = zip(*self.task.eval)
-        result = pass_at_1(self.model, self.tokenizer, list(prompts), list(golds), self.reward_fn,
-                           self.spec.max_new_tokens, n=self.config.eval_samples,
-                           temperature=self.config.eval_temperature, top_p=self.config.top_p,
-                           batch_size=self.config.sampler_batch_size)
-        return result.accuracy
+        mine = self.world.shard(len(prompts))
+
+        def run():
+            return pass_at_1(self.model, self.tokenizer, [prompts[i] for i in mine], [golds[i] for i in mine],
+                             self.reward_fn, self.spec.max_new_tokens, n=self.config.eval_samples,
+                             temperature=self.config.eval_temperature, top_p=self.config.top_p,
+                             batch_size=self.config.sampler_batch_size)
+
+        scores = np.concatenate(self.world.gather(run_with_full_weights(self.policy, run).scores))
+        return float(scores.mean()) if scores.size else 0.0
 
     def train_step(self, step: int) -> dict:
         seed_everything(step_seed(self.config.seed, step))
@@ -333,16 +470,19 @@ class Trainer:
         trees = self.rollout(step)
         t1 = time.perf_counter()
         rewards = score_trees(trees, self.tokenizer, self.reward_fn)
-        adv = compute_advantages(trees, self.config.value_mode, self.config.advantage_norm, self.config.tau)
+        adv = self.advantages(trees)
         t2 = time.perf_counter()
         upd = self.update(trees)
         t3 = time.perf_counter()
-        generated = sum(t.generated_tokens for t in trees)
-        lengths = np.concatenate([t.completion_lengths() for t in trees])
-        return {"step": step + 1, "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-                "accuracy": float((rewards > 0.5).mean()) if len(rewards) else 0.0,
-                "leaves": int(len(rewards)), "groups": adv["groups"], "kept_groups": adv["kept_groups"],
-                "tokens_generated": int(generated), "response_tokens_mean": float(lengths.mean()), **upd,
+        lengths = np.concatenate([t.completion_lengths() for t in trees] + [np.zeros(0)])
+        reward_sum, correct, leaves, generated, length_sum, answers = self.world.sum(
+            [rewards.sum(), (rewards > 0.5).sum(), len(rewards), sum(t.generated_tokens for t in trees),
+             lengths.sum(), len(lengths)])
+        return {"step": step + 1, "reward_mean": float(reward_sum / leaves) if leaves else 0.0,
+                "accuracy": float(correct / leaves) if leaves else 0.0,
+                "leaves": int(leaves), "groups": adv["groups"], "kept_groups": adv["kept_groups"],
+                "tokens_generated": int(generated),
+                "response_tokens_mean": float(length_sum / answers) if answers else 0.0, **upd,
                 "rollout_s": t1 - t0, "scoring_s": t2 - t1, "training_s": t3 - t2 - upd["logprobs_s"],
                 "step_s": t3 - t0}
 
@@ -363,10 +503,11 @@ class Trainer:
             self.log(f"initial held-out accuracy: {self.initial_eval:.3f}")
         final_eval = self.initial_eval
         bar = tqdm(range(self.start_step, config.max_steps), initial=self.start_step, total=config.max_steps,
-                   desc=f"{config.algo}", dynamic_ncols=True)
-        done = self.start_step
+                   desc=f"{config.algo}", dynamic_ncols=True, disable=not self.world.is_main)
+        done, stop_signal = self.start_step, None
         for step in bar:
-            if stop.requested is not None:
+            stop_signal = self._agreed_stop(stop)
+            if stop_signal is not None:
                 break
             record = self.train_step(step)
             self.counters["tokens_generated"] += record["tokens_generated"]
@@ -375,17 +516,23 @@ class Trainer:
             self._track_nonfinite(record)
             if (config.eval_every and done % config.eval_every == 0) or done == config.max_steps:
                 final_eval = record["eval_accuracy"] = self.evaluate()
-            self.metrics.append(record)
+            if self.metrics is not None:
+                self.metrics.append(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{final_eval:.2f}")
             self._raise_if_diverged(done)
             if (config.save_every and done % config.save_every == 0) or done == config.max_steps:
                 self.save(done)
         bar.close()
-        if stop.requested is not None and done < config.max_steps:
-            self._stop_on_signal(stop.requested, done)
+        if stop_signal is not None and done < config.max_steps:
+            self._stop_on_signal(stop_signal, done)
         if self.start_step >= config.max_steps:
             final_eval = self.evaluate()
         return self._write_summary(final_eval)
+
+    def _agreed_stop(self, stop: GracefulStop) -> int | None:
+        """The signal that stops the run before the next step: every rank stops after the same step."""
+        signum = int(self.world.max([stop.requested or 0])[0])
+        return signum or None
 
     def _track_nonfinite(self, record: dict) -> None:
         record["nonfinite"] = record.get("skipped_updates", 0) > 0
@@ -399,16 +546,28 @@ class Trainer:
                 f"{self.nonfinite_streak} steps in a row (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
                 f"their updates were not applied. {restart_advice(self.config, latest)}")
 
-    def save(self, done: int) -> Path:
-        check_weights_finite(self.model, f"after step {done}", restart_advice(self.config, latest_checkpoint(self.out)))
+    def _trainer_state(self) -> dict:
         wall = self.elapsed_before + time.perf_counter() - self.started
+        return {"config": comparable_config(self.config), "wall_time_s": wall, "counters": self.counters,
+                "initial_eval_accuracy": self.initial_eval, "nonfinite_streak": self.nonfinite_streak,
+                "dtype": str(self.dtype), "world_size": self.world.size}
+
+    def save(self, done: int) -> Path:
+        advice = restart_advice(self.config, latest_checkpoint(self.out))
+        if self.policy is not None:
+            from .distributed_checkpoint import save_distributed_checkpoint
+
+            reshard_all(self.policy)
+            if self.world.min([all_finite(local_tensor(p.detach()) for p in self.policy.parameters())])[0] == 0:
+                raise NonFiniteError(f"the model's weights are not finite after step {done}; no checkpoint was "
+                                     f"written. {advice}")
+            return save_distributed_checkpoint(self.world, self.out, done, self.policy, self.optimizer,
+                                               self.model, self.tokenizer, self._trainer_state(),
+                                               keep=self.config.keep_checkpoints)
+        check_weights_finite(self.model, f"after step {done}", advice)
         extra = {MASTER_WEIGHTS: self.master.state_dict()} if self.master is not None else {}
-        return save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer,
-                               {"config": comparable_config(self.config), "wall_time_s": wall,
-                                "counters": self.counters, "initial_eval_accuracy": self.initial_eval,
-                                "nonfinite_streak": self.nonfinite_streak, "dtype": str(self.dtype)},
-                               keep=self.config.keep_checkpoints,
-                               extra=extra)
+        return save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer, self._trainer_state(),
+                               keep=self.config.keep_checkpoints, extra=extra)
 
     def _stop_on_signal(self, signum: int, done: int) -> None:
         latest = latest_checkpoint(self.out)
@@ -425,17 +584,23 @@ class Trainer:
                    "wall_time_s": self.elapsed_before + time.perf_counter() - self.started, **self.counters,
                    "model": config.model or "embedded tiny (treerpo/models/tiny_chain)", "dataset": config.dataset,
                    "tree": {"branching": list(self.spec.branching), "segment_tokens": self.spec.segment_tokens}}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_metrics(self.metrics.records, self.out / "training.png",
-                     f"{config.algo} on {self.task.name}: held-out {self.initial_eval:.2f} -> {final_eval:.2f}",
-                     self.initial_eval)
+        if self.world.initialized:
+            summary["world_size"], summary["parallel"] = self.world.size, config.parallel
+        if self.world.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            plot_metrics(self.metrics.records, self.out / "training.png",
+                         f"{config.algo} on {self.task.name}: held-out {self.initial_eval:.2f} -> {final_eval:.2f}",
+                         self.initial_eval)
+        self.world.barrier()
         return summary
 
     def close(self) -> None:
         close = getattr(getattr(self, "reward_fn", None), "close", None)
         if close:
             close()
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
+        close_world(self.world)
 
     def __enter__(self) -> "Trainer":
         return self
