@@ -1,6 +1,8 @@
-"""End to end: treerpo TreeRPO, treerpo GRPO and TRL's GRPOTrainer side by side, same model, prompts and budget.
+"""End to end: treerpo TreeRPO, treerpo GRPO and TRL's GRPOTrainer side by side, same model, prompts and budget,
+with the two ways a TRL user takes treerpo: GRPOTrainer with treerpo's rollout_func (trl_rollout) and TRL's
+Trainer running TreeRPO (trl_treerpo, TreeRPOTrainer).
 
-    python benchmarks/e2e.py --preset tiny --json e2e_tiny.json                 # 3 systems x 3 seeds, CPU
+    python benchmarks/e2e.py --preset tiny --json e2e_tiny.json                 # 5 systems x 3 seeds, CPU
     python benchmarks/e2e.py --preset tiny --budget tokens --json e2e_tiny_tokens.json
     python benchmarks/e2e.py --preset smollm2 --json e2e_smollm2.json           # SmolLM2-135M on GSM8K
     python benchmarks/e2e.py --preset qwen1.5b --json e2e_qwen.json             # a GPU; random weights
@@ -25,19 +27,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_json  # noqa: E402
 from e2e_presets import PRESETS, get_preset  # noqa: E402
 from e2e_report import markdown_tables, plot_all, summarize  # noqa: E402
-from e2e_systems import SYSTEMS  # noqa: E402
+from e2e_systems import SYSTEMS, TRL_SYSTEMS  # noqa: E402
 
 WORKER = Path(__file__).parent / "e2e_systems.py"
 
 
 def check_trl(systems) -> None:
-    if "trl" not in systems:
+    if not set(systems) & set(TRL_SYSTEMS):
         return
     try:
         import trl  # noqa: F401
     except ImportError:
-        raise SystemExit("the TRL anchor needs trl: pip install -c constraints.txt -e '.[bench]' "
-                         "(or leave it out with --systems treerpo grpo)") from None
+        raise SystemExit("the TRL systems need trl: pip install -c constraints.txt -e '.[bench]' "
+                         "(or leave them out with --systems treerpo grpo)") from None
 
 
 def run_one(preset: str, system: str, seed: int, budget: str, steps, out_dir: Path, timeout: float) -> dict:
@@ -86,7 +88,8 @@ def main(argv=None):
                 f"TreeRPO tree {list(preset.branching)} x {preset.segment_tokens} tokens ({preset.leaves} leaves, "
                 f"{preset.tree_tokens_per_prompt} tokens/prompt at most), GRPO G={group} x {preset.max_new_tokens} "
                 f"tokens ({group * preset.max_new_tokens} tokens/prompt at most); equal generated-token budget per run: "
-                f"GRPO and TRL {preset.steps} steps, TreeRPO {preset.steps_for('treerpo', args.budget)} steps")
+                f"GRPO and TRL {preset.steps} steps, TreeRPO {preset.steps_for('treerpo', args.budget)} steps; "
+                f"systems {args.systems}")
     print(describe, flush=True)
     runs = [run_one(preset.name, system, seed, args.budget, args.steps, out_dir, args.timeout)
             for seed in seeds for system in args.systems]

@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TREE_SYSTEMS = ("treerpo", "trl_treerpo")  # systems that sample the TreeRPO tree (the others sample G answers)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Preset:
     def steps_for(self, system: str, budget: str) -> int:
         """Run length: every system gets the same nominal generated-token budget (prompts x longest generation per
         prompt x steps); in ``leaves`` mode the TreeRPO tree generates fewer tokens a step, so it runs more steps."""
-        if system != "treerpo":
+        if system not in TREE_SYSTEMS:
             return self.steps
         grpo_tokens = self.group_size(budget) * self.max_new_tokens
         return max(1, round(self.steps * grpo_tokens / self.tree_tokens_per_prompt))

@@ -5,7 +5,8 @@ import statistics
 from pathlib import Path
 
 PHASES = ("rollout_s", "scoring_s", "logprobs_s", "training_s")
-LABELS = {"treerpo": "treerpo TreeRPO", "grpo": "treerpo GRPO", "trl": "TRL GRPOTrainer"}
+LABELS = {"treerpo": "treerpo TreeRPO", "grpo": "treerpo GRPO", "trl": "TRL GRPOTrainer",
+          "trl_rollout": "TRL GRPOTrainer + treerpo rollout", "trl_treerpo": "TRL TreeRPOTrainer"}
 
 
 def _median(values):
@@ -79,6 +80,10 @@ def summarize(runs: list[dict]) -> dict:
     paired("grpo_rollout_speedup_vs_trl", "trl", "grpo", "rollout_s")
     paired("grpo_training_speedup_vs_trl", "trl", "grpo", "training_s")
     paired("trl_peak_memory_over_grpo", "trl", "grpo", "peak_memory_MiB")
+    paired("trl_rollout_step_speedup_vs_trl", "trl", "trl_rollout")
+    paired("trl_rollout_rollout_speedup_vs_trl", "trl", "trl_rollout", "rollout_s")
+    paired("trl_treerpo_step_speedup_vs_trl", "trl", "trl_treerpo")
+    paired("trl_treerpo_wall_clock_speedup_vs_trl", "trl", "trl_treerpo", "wall_s")
     crossings = _crossings(runs, seeds, ratios, spread)
     return {"systems": by_system, "ratios": ratios, "ratio_spread": spread, "crossings": crossings, "seeds": seeds}
 
@@ -88,7 +93,7 @@ def _crossings(runs, seeds, ratios, spread) -> dict:
     of the same seed; TRL's wall-clock and tokens are those of its whole run."""
     run_of = {(r["system"], r["seed"]): r for r in runs}
     out = {}
-    for system in ("treerpo", "grpo"):
+    for system in ("treerpo", "grpo", "trl_rollout", "trl_treerpo"):
         rows, wall_ratios, token_ratios = [], [], []
         for seed in seeds:
             trl, ours = run_of.get(("trl", seed)), run_of.get((system, seed))

@@ -1,4 +1,6 @@
-"""One end-to-end run of one system: treerpo (--algo treerpo / grpo) or TRL's GRPOTrainer, on one preset and seed.
+"""One end-to-end run of one system on one preset and seed: treerpo (--algo treerpo / grpo), TRL's GRPOTrainer
+with its own generation (trl) or with treerpo's engine as its rollout_func (trl_rollout), or TRL's Trainer
+training TreeRPO through treerpo.integrations.trl.TreeRPOTrainer (trl_treerpo).
 
 Every system gets the same model, prompts (``PromptTask.batch(step, P, seed)``: the same problems at the
 same step), reward function, temperature 1 sampling, learning rate, KL coefficient, clip range and
@@ -18,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from e2e_presets import Preset
+from e2e_presets import TREE_SYSTEMS, Preset
 
 from treerpo.data.tasks import load_task, make_reward
 from treerpo.evaluation import pass_at_1
 
-SYSTEMS = ("treerpo", "grpo", "trl")
+SYSTEMS = ("treerpo", "grpo", "trl", "trl_rollout", "trl_treerpo")
+TRL_SYSTEMS = ("trl", "trl_rollout", "trl_treerpo")
 
 
 def hash_reward(completions: list[str], golds: list[str]) -> list[float]:
@@ -83,7 +86,7 @@ class HeldOut:
 def _run_record(preset, system, seed, budget, group_size) -> dict:
     return {"system": system, "seed": seed, "budget": budget, "preset": preset.name, "group_size": group_size,
             "planned_steps": preset.steps_for(system, budget),
-            "leaves_per_prompt": preset.leaves if system == "treerpo" else group_size, "steps": [], "evals": []}
+            "leaves_per_prompt": preset.leaves if system in TREE_SYSTEMS else group_size, "steps": [], "evals": []}
 
 
 def _add_eval(run: dict, held_out: HeldOut, model, step: int) -> None:
@@ -130,22 +133,29 @@ def run_treerpo(preset: Preset, algo: str, seed: int, budget: str, log=print) ->
 
 # ---- TRL ----------------------------------------------------------------------------------------------
 class _Timers:
-    """Wraps a GRPOTrainer's phases with timers (its own timings reach only wandb/mlflow/trackio)."""
+    """Wraps a TRL trainer's phases with timers (its own timings reach only wandb/mlflow/trackio)."""
 
-    def __init__(self, trainer):
-        self.phase = {"rollout_s": 0.0, "scoring_s": 0.0, "logprobs_s": 0.0}
-        self.completion_tokens = 0  # generated, and all in TRL's loss (it keeps every group)
+    def __init__(self, trainer, phases: dict[str, str], grad_free: tuple[str, ...] = ()):
+        self.phase = dict.fromkeys(phases.values(), 0.0)
+        self.phase.update({k: 0.0 for k in ("rollout_s", "scoring_s", "logprobs_s")})
+        self.completion_tokens = self.trained_tokens = 0
         self.response_tokens_mean = self.reward_mean = 0.0
-        self._wrap(trainer, "_generate", "rollout_s")
-        self._wrap(trainer, "_calculate_rewards", "scoring_s")
-        self._wrap(trainer, "_get_per_token_logps_and_entropies", "logprobs_s", only_without_grad=True)
+        for method, phase in phases.items():
+            self._wrap(trainer, method, phase, only_without_grad=method in grad_free)
+
+    @classmethod
+    def for_grpo(cls, trainer) -> "_Timers":
+        timers = cls(trainer, {"_generate": "rollout_s", "_calculate_rewards": "scoring_s",
+                               "_get_per_token_logps_and_entropies": "logprobs_s"},
+                     grad_free=("_get_per_token_logps_and_entropies",))
         score = trainer._generate_and_score_completions
 
         def counted(inputs):
             out = score(inputs)
             lengths = out["completion_mask"].sum(dim=1)
-            self.completion_tokens += int(lengths.sum())
-            self.response_tokens_mean = float(lengths.float().mean())
+            timers.completion_tokens += int(lengths.sum())  # generated, and all in TRL's loss (it keeps every group)
+            timers.trained_tokens += int(lengths.sum())
+            timers.response_tokens_mean = float(lengths.float().mean())
             return out
 
         trainer._generate_and_score_completions = counted
@@ -153,10 +163,32 @@ class _Timers:
 
         def scored(*args, **kwargs):
             out = rewards(*args, **kwargs)
-            self.reward_mean = float(torch.nansum(out, dim=1).mean())
+            timers.reward_mean = float(torch.nansum(out, dim=1).mean())
             return out
 
         trainer._calculate_rewards = scored
+        return timers
+
+    @classmethod
+    def for_trees(cls, trainer) -> "_Timers":
+        """TreeRPOTrainer: sampling, scoring (rewards and advantages), packing with old/reference log-probs."""
+        from treerpo.flatten import loss_token_count
+
+        timers = cls(trainer, {"sample_trees": "rollout_s", "score_trees": "scoring_s",
+                               "prepare_chunks": "logprobs_s"})
+        score = trainer.score_trees
+
+        def counted(trees, rows):
+            score(trees, rows)
+            lengths = [n for t in trees for n in t.completion_lengths()]
+            timers.completion_tokens += sum(t.generated_tokens for t in trees)
+            timers.trained_tokens += loss_token_count(trees)
+            timers.response_tokens_mean = sum(lengths) / max(len(lengths), 1)
+            leaf_rewards = [r for t in trees for r in t.reward[t.leaves()]]
+            timers.reward_mean = sum(leaf_rewards) / max(len(leaf_rewards), 1)
+
+        trainer.score_trees = counted
+        return timers
 
     def _wrap(self, trainer, name: str, phase: str, only_without_grad: bool = False) -> None:
         fn = getattr(trainer, name)
@@ -176,17 +208,28 @@ class _Timers:
 
     def take(self, step_s: float) -> dict:
         out = {**self.phase, "step_s": step_s, "tokens_generated": self.completion_tokens,
-               "tokens_trained": self.completion_tokens,
+               "tokens_trained": self.trained_tokens,
                "reward_mean": self.reward_mean, "response_tokens_mean": self.response_tokens_mean}
         out["training_s"] = step_s - sum(self.phase.values())
         self.phase = dict.fromkeys(self.phase, 0.0)
-        self.completion_tokens = 0
+        self.completion_tokens = self.trained_tokens = 0
         return out
 
 
+def trl_common(preset: Preset, seed: int, output_dir: str, steps: int) -> dict:
+    """GRPOConfig settings as a knowledgeable user sets them for this comparison: treerpo's hyper-parameters,
+    fp32, no gradient checkpointing (a small model does not need it), no logging backends."""
+    return dict(
+        output_dir=output_dir, max_steps=steps, seed=seed, data_seed=seed, num_iterations=1, temperature=1.0,
+        top_p=1.0, top_k=0, learning_rate=preset.lr, lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=1.0, beta=preset.kl_coef, epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
+        shuffle_dataset=False, bf16=False, fp16=False, gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_steps=10**9,
+        disable_tqdm=True, dataloader_num_workers=0)
+
+
 def trl_config(preset: Preset, group_size: int, seed: int, output_dir: str):
-    """GRPOConfig as a knowledgeable user sets it for this comparison: treerpo's hyper-parameters, fp32, no
-    gradient checkpointing (a small model does not need it), no logging backends, one optimizer step a rollout."""
+    """TRL's GRPO: one optimizer step a rollout (gradient accumulation over it for a big model)."""
     from trl import GRPOConfig
 
     completions = preset.prompts_per_step * group_size
@@ -194,32 +237,62 @@ def trl_config(preset: Preset, group_size: int, seed: int, output_dir: str):
     if completions % per_device:
         raise ValueError(f"trl_per_device_batch={per_device} must divide the {completions} completions of a step")
     accumulation = completions // per_device  # a big model: gradient accumulation over one generation batch
-    return GRPOConfig(
-        output_dir=output_dir, max_steps=preset.steps, seed=seed, data_seed=seed,
-        per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
-        steps_per_generation=accumulation, num_generations=group_size, num_iterations=1,
-        max_completion_length=preset.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        learning_rate=preset.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-        beta=preset.kl_coef, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group",
-        shuffle_dataset=False, bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_steps=10**9,
-        disable_tqdm=True, dataloader_num_workers=0)
+    return GRPOConfig(**trl_common(preset, seed, output_dir, preset.steps), per_device_train_batch_size=per_device,
+                      gradient_accumulation_steps=accumulation, steps_per_generation=accumulation,
+                      num_generations=group_size, max_completion_length=preset.max_new_tokens,
+                      scale_rewards="group")
 
 
-def run_trl(preset: Preset, seed: int, budget: str, log=print) -> dict:
+def tree_trl_config(preset: Preset, seed: int, output_dir: str, steps: int):
+    """TreeRPOTrainer: the preset's tree, the whole generation batch in one TRL step (one optimizer step a
+    rollout), packed micro-batches of treerpo's size."""
+    from treerpo.integrations.trl import TreeRPOConfig
+
+    return TreeRPOConfig(**trl_common(preset, seed, output_dir, steps), branching=list(preset.branching),
+                         segment_tokens=preset.segment_tokens, tau=preset.tau,
+                         per_device_train_batch_size=preset.prompts_per_step * preset.leaves,
+                         gradient_accumulation_steps=1, micro_batch_tokens=preset.micro_batch_tokens,
+                         kv_pool_tokens=preset.kv_pool_tokens)
+
+
+def make_trl_trainer(system: str, preset: Preset, seed: int, group_size: int, steps: int, model, tokenizer,
+                     reward, dataset, callbacks):
+    """(trainer, timers) for one of the TRL systems."""
+    from trl import GRPOTrainer
+
+    output_dir = tempfile.mkdtemp(prefix=f"e2e-{system}-")
+    if system == "trl_treerpo":
+        from treerpo.integrations.trl import TreeRPOTrainer
+
+        trainer = TreeRPOTrainer(model=model, reward_funcs=reward, args=tree_trl_config(preset, seed, output_dir, steps),
+                                 train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+        return trainer, _Timers.for_trees(trainer)
+    rollout = None
+    if system == "trl_rollout":
+        from treerpo.integrations.trl import treerpo_rollout
+
+        rollout = treerpo_rollout(pool_tokens=preset.kv_pool_tokens)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config(preset, group_size, seed, output_dir),
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
+                          rollout_func=rollout)
+    return trainer, _Timers.for_grpo(trainer)
+
+
+def run_trl(preset: Preset, system: str, seed: int, budget: str, log=print) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOTrainer
 
     from treerpo.models.tiny import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     group_size = preset.group_size(budget)
+    steps = preset.steps_for(system, budget)
     path = model_path(preset)
     model, tokenizer = load_model_and_tokenizer(path)
     model.config._name_or_path = str(path or DEFAULT_MODEL_DIR)  # TRL loads its reference model from here
     task = load_task(preset.dataset, preset.eval_dataset, max(preset.eval_size, 1), tokenizer)
     reward_fn = reward_for(preset, task)
-    batches = [task.batch(step, preset.prompts_per_step, seed) for step in range(preset.steps)]
+    batches = [task.batch(step, preset.prompts_per_step, seed) for step in range(steps)]
     rows = [{"prompt": p, "answer": a} for batch in batches for p, a in batch]
     seen_prompts: list[str] = []
 
@@ -227,9 +300,9 @@ def run_trl(preset: Preset, seed: int, budget: str, log=print) -> dict:
         seen_prompts.extend(prompts)
         return reward_fn(completions, answer)
 
-    run = _run_record(preset, "trl", seed, budget, group_size)
+    run = _run_record(preset, system, seed, budget, group_size)
     run["same_prompts_as_treerpo"] = True  # checked at every step: TRL drew the prompts treerpo draws
-    held_out = HeldOut(preset, preset.steps, task, tokenizer, reward_fn)
+    held_out = HeldOut(preset, steps, task, tokenizer, reward_fn)
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -239,24 +312,25 @@ def run_trl(preset: Preset, seed: int, budget: str, log=print) -> dict:
         def on_step_end(self, args, state, control, model=None, **kwargs):
             sync()
             run["steps"].append(timers.take(time.perf_counter() - self.started))
-            expected = sorted(p for p, _ in batches[state.global_step - 1] for _ in range(group_size))
-            run["same_prompts_as_treerpo"] &= sorted(seen_prompts) == expected
+            expected = [p for p, _ in batches[state.global_step - 1]]
+            if system == "trl_treerpo":  # one reward call per leaf; a branch that ends early has fewer leaves
+                run["same_prompts_as_treerpo"] &= set(seen_prompts) == set(expected)
+            else:
+                run["same_prompts_as_treerpo"] &= sorted(seen_prompts) == sorted(expected * group_size)
             seen_prompts.clear()
             _add_eval(run, held_out, model, state.global_step)
-            log(f"trl seed {seed} step {state.global_step}/{preset.steps}: {run['steps'][-1]['step_s']:.2f} s")
+            log(f"{system} seed {seed} step {state.global_step}/{steps}: {run['steps'][-1]['step_s']:.2f} s")
 
-    config = trl_config(preset, group_size, seed, tempfile.mkdtemp(prefix="e2e-trl-"))
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, callbacks=[StepClock()])
-    timers = _Timers(trainer)
+    trainer, timers = make_trl_trainer(system, preset, seed, group_size, steps, model, tokenizer, reward,
+                                       Dataset.from_list(rows), [StepClock()])
     _add_eval(run, held_out, trainer.model, 0)
     trainer.train()
     close = getattr(reward_fn, "close", None)
     if close:
         close()
     run["peak_memory_MiB"] = peak_memory_mib()
-    run["trl_config"] = {"per_device_train_batch_size": config.per_device_train_batch_size,
-                         "gradient_accumulation_steps": config.gradient_accumulation_steps}
+    run["trl_config"] = {"per_device_train_batch_size": trainer.args.per_device_train_batch_size,
+                         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps}
     return run
 
 
@@ -265,7 +339,8 @@ def run_system(preset: Preset, system: str, seed: int, budget: str, log=print) -
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # the same for every system
     started = time.perf_counter()
-    run = run_trl(preset, seed, budget, log) if system == "trl" else run_treerpo(preset, system, seed, budget, log)
+    run = (run_trl(preset, system, seed, budget, log) if system in TRL_SYSTEMS
+           else run_treerpo(preset, system, seed, budget, log))
     run["process_s"] = time.perf_counter() - started
     return run
 

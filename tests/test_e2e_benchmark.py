@@ -1,4 +1,4 @@
-"""benchmarks/e2e.py: the three systems run end to end; the report's arithmetic against hand-computed cases."""
+"""benchmarks/e2e.py: the five systems run end to end; the report's arithmetic against hand-computed cases."""
 import json
 import subprocess
 import sys
@@ -46,6 +46,17 @@ def test_summary_ratios_and_crossings_by_hand():
     assert summary["systems"]["trl"]["step_s"]["mean"] == pytest.approx(3.0)
 
 
+def test_trl_integration_ratios_by_hand():
+    runs = [_run("trl", 0, [9.0, 3.0, 3.0], [(0, 0, 0.3), (9, 150, 0.5)]),
+            _run("trl_rollout", 0, [5.0, 2.0, 2.0], [(0, 0, 0.3), (5, 150, 0.5)]),
+            _run("trl_treerpo", 0, [2.0, 1.0, 1.0, 1.0], [(0, 0, 0.3), (5, 150, 0.5)])]
+    ratios = summarize(runs)["ratios"]
+    assert ratios["trl_rollout_step_speedup_vs_trl"] == pytest.approx(1.5)
+    assert ratios["trl_rollout_rollout_speedup_vs_trl"] == pytest.approx(1.5)  # rollout = step / 2 in _run
+    assert ratios["trl_treerpo_step_speedup_vs_trl"] == pytest.approx(3.0)
+    assert ratios["trl_treerpo_wall_clock_speedup_vs_trl"] == pytest.approx(15 / 5)
+
+
 def test_no_crossing_ratio_when_a_seed_never_reaches_the_target():
     runs = [_run("trl", s, [2.0, 2.0], [(0, 0, 0.3), (4, 200, 0.7)]) for s in (0, 1)]
     runs += [_run("treerpo", 0, [1.0, 1.0], [(0, 0, 0.3), (2, 100, 0.8)]),
@@ -78,7 +89,7 @@ def test_hash_reward_is_deterministic_and_varies():
     assert set(scores) == {0.0, 1.0}
 
 
-def test_e2e_runs_all_three_systems(tmp_path):
+def test_e2e_runs_all_five_systems(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "e2e.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--preset", "tiny", "--steps", "2",
@@ -86,16 +97,17 @@ def test_e2e_runs_all_three_systems(tmp_path):
                    check=True, cwd=ROOT, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     runs = {r["system"]: r for r in result["runs"]}
-    assert set(runs) == {"treerpo", "grpo", "trl"}
+    assert set(runs) == {"treerpo", "grpo", "trl", "trl_rollout", "trl_treerpo"}
     for run in runs.values():
-        steps = 3 if run["system"] == "treerpo" else 2  # the tree generates fewer tokens a step
+        steps = 3 if run["system"] in ("treerpo", "trl_treerpo") else 2  # the tree generates fewer tokens a step
         assert run["planned_steps"] == len(run["steps"]) == steps
         assert [e["step"] for e in run["evals"]] == [0, steps]
         assert all(s["tokens_generated"] > 0 and s["rollout_s"] > 0 for s in run["steps"])
-    assert runs["trl"]["same_prompts_as_treerpo"]
+    assert all(runs[s]["same_prompts_as_treerpo"] for s in ("trl", "trl_rollout", "trl_treerpo"))
     # GRPO with G = 16 and TRL sample the same number of answers of the same length limit
-    assert runs["grpo"]["group_size"] == runs["trl"]["group_size"] == 16
-    for key in ("grpo_step_speedup_vs_trl", "treerpo_step_speedup_vs_trl"):
+    assert runs["grpo"]["group_size"] == runs["trl"]["group_size"] == runs["trl_rollout"]["group_size"] == 16
+    for key in ("grpo_step_speedup_vs_trl", "treerpo_step_speedup_vs_trl", "trl_rollout_step_speedup_vs_trl",
+                "trl_treerpo_step_speedup_vs_trl"):
         assert result["ratios"][key] > 0
     for png in ("accuracy_vs_wallclock.png", "accuracy_vs_tokens.png", "step_breakdown.png"):
         assert (tmp_path / "runs" / png).stat().st_size > 0
@@ -119,7 +131,7 @@ def test_trl_with_gradient_accumulation_records_one_step_per_rollout():
 
     preset = replace(get_preset("tiny"), steps=2, prompts_per_step=4, eval_size=8, eval_every=0,
                      trl_per_device_batch=16)
-    run = run_trl(preset, seed=0, budget="leaves", log=lambda message: None)
+    run = run_trl(preset, "trl", seed=0, budget="leaves", log=lambda message: None)
     assert run["trl_config"] == {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 4}
     assert len(run["steps"]) == 2 and [e["step"] for e in run["evals"]] == [0, 2]
     for step in run["steps"]:  # 4 prompts x 16 answers of 1 to 36 tokens, counted once per rollout

@@ -31,14 +31,17 @@ def treerpo_rollout(pool_tokens: int | None = None, memory_bytes: int | None = N
         if images is not None:
             raise UnsupportedTRLOption(f"{FEATURE} does not support images: use TRL's own generation")
         sampler = _engine_for(trainer, engines, pool_tokens, memory_bytes, sampling.eos_ids)
-        completions, logprobs = [], []
-        for group in _runs_of_identical(prompt_ids):
-            spec = grpo_spec(len(group), sampling.max_new_tokens, max(len(prompt_ids[group[0]]), 1),
+        completions, logprobs = [None] * len(prompt_ids), [None] * len(prompt_ids)
+        groups = _runs_of_identical(prompt_ids)
+        for size in sorted({len(g) for g in groups}):  # one engine call per group size: all groups decode together
+            same_size = [g for g in groups if len(g) == size]
+            spec = grpo_spec(size, sampling.max_new_tokens, max(len(prompt_ids[g[0]]) for g in same_size),
                              sampling.temperature, sampling.top_p)
-            (tree,) = sampler.sample([prompt_ids[group[0]]], spec)
-            for leaf in tree.children(0):
-                completions.append(tree.segment(int(leaf)).tolist())
-                logprobs.append(tree.token_logprobs[tree.offsets[leaf]:tree.offsets[leaf + 1]].tolist())
+            trees = sampler.sample([list(prompt_ids[g[0]]) for g in same_size], spec)
+            for group, tree in zip(same_size, trees):
+                for row, leaf in zip(group, tree.children(0)):
+                    completions[row] = tree.segment(int(leaf)).tolist()
+                    logprobs[row] = tree.token_logprobs[tree.offsets[leaf]:tree.offsets[leaf + 1]].tolist()
         return {"prompt_ids": [list(p) for p in prompt_ids], "completion_ids": completions, "logprobs": logprobs}
 
     return rollout
