@@ -172,7 +172,7 @@ class _Timers:
     @classmethod
     def for_trees(cls, trainer) -> "_Timers":
         """TreeRPOTrainer: sampling, scoring (rewards and advantages), packing with old/reference log-probs."""
-        from treerpo.flatten import loss_token_count
+        from treerpo.minibatch_plan import loss_token_count
 
         timers = cls(trainer, {"sample_trees": "rollout_s", "score_trees": "scoring_s",
                                "prepare_chunks": "logprobs_s"})
@@ -182,7 +182,7 @@ class _Timers:
             score(trees, rows)
             lengths = [n for t in trees for n in t.completion_lengths()]
             timers.completion_tokens += sum(t.generated_tokens for t in trees)
-            timers.trained_tokens += loss_token_count(trees)
+            timers.trained_tokens += sum(loss_token_count(t) for t in trees)
             timers.response_tokens_mean = sum(lengths) / max(len(lengths), 1)
             leaf_rewards = [r for t in trees for r in t.reward[t.leaves()]]
             timers.reward_mean = sum(leaf_rewards) / max(len(leaf_rewards), 1)

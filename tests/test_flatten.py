@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from helpers import random_tree
-from treerpo.flatten import flatten_trees, leaves_below, loss_token_count
+from treerpo.flatten import flatten_trees, leaves_below
+from treerpo.minibatch_plan import loss_token_count
 from treerpo.packing import pack_trees
 from treerpo.tree import Tree
 
@@ -45,4 +46,4 @@ def test_weighted_row_sums_equal_sums_over_the_packed_loss_tokens(seed):
     ids = packed.input_ids.numpy()[mask]
     assert np.isclose(rows_sum, value[ids].sum())
     assert np.isclose(adv_sum, (packed.advantages.numpy()[mask] * value[ids]).sum(), atol=1e-5)
-    assert flat.loss_tokens == loss_token_count(trees) == int(mask.sum())
+    assert flat.loss_tokens == sum(map(loss_token_count, trees)) == int(mask.sum())

@@ -14,7 +14,8 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from treerpo.algorithms.loss import policy_loss  # noqa: E402
 from treerpo.attention import enable_tree_attention  # noqa: E402
-from treerpo.flatten import flatten_trees, loss_token_count  # noqa: E402
+from treerpo.flatten import flatten_trees  # noqa: E402
+from treerpo.minibatch_plan import loss_token_count  # noqa: E402
 from treerpo.logprobs import packed_logprobs  # noqa: E402
 from treerpo.packing import pack_trees  # noqa: E402
 from treerpo.data.tasks import load_task, make_reward  # noqa: E402
@@ -135,7 +136,7 @@ def treerpo_own_gradient(trees):
     packed = pack_trees(trees, prune_unkept=True)
     logp = packed_logprobs(model, packed)
     loss, _ = policy_loss(logp, logp.detach(), packed.advantages[packed.loss_mask], None, 0.2, 0.2,
-                          normalizer=loss_token_count(trees))
+                          normalizer=sum(map(loss_token_count, trees)))
     loss.backward()
     return float(loss), gradients(model)
 
@@ -170,7 +171,7 @@ def test_treerpo_trainer_loss_and_gradients_equal_treerpo_trainer():
     trainer.score_trees(trees, rows)
     chunks = trainer.prepare_chunks(trees)
     assert len(chunks) == 2 and sum(len(c.batches) for c in chunks) > 2  # several micro-batches per step
-    assert all(c.normalizer == loss_token_count(trees) for c in chunks)  # one optimizer step's loss tokens
+    assert all(c.normalizer == sum(map(loss_token_count, trees)) for c in chunks)  # one optimizer step's loss tokens
     trainer.model.zero_grad(set_to_none=True)
     loss = 0.0
     for chunk in chunks:

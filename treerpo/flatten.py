@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .minibatch_plan import loss_token_count
 from .tree import Tree
 
 
@@ -59,11 +60,6 @@ def _path_values(tree: Tree, leaf: int, per_node: np.ndarray) -> np.ndarray:
         if nodes else np.zeros(0)
 
 
-def loss_token_count(trees: Sequence[Tree]) -> int:
-    """Generated tokens of kept nodes: the denominator of treerpo's token-mean loss."""
-    return int(sum(np.diff(t.offsets)[1:][t.kept[1:]].sum() for t in trees))
-
-
 def flatten_trees(trees: Sequence[Tree]) -> FlatCompletions:
     """One row per leaf path, in tree order then leaf order (the order of ``scoring.leaf_completions``)."""
     rows, prompts, completions, logprobs, weights, advantages = [], [], [], [], [], []
@@ -82,4 +78,4 @@ def flatten_trees(trees: Sequence[Tree]) -> FlatCompletions:
             advantages.append(_path_values(tree, int(leaf), weight_of_node * tree.advantage))
     have_logprobs = all(t.token_logprobs is not None for t in trees)
     return FlatCompletions(rows, prompts, completions, logprobs if have_logprobs else None, weights, advantages,
-                           loss_token_count(trees))
+                           sum(loss_token_count(t) for t in trees))

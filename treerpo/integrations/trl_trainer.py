@@ -21,11 +21,11 @@ from trl.data_utils import is_conversational
 from ..algorithms.advantages import NORMALIZATIONS, VALUE_MODES, compute_advantages
 from ..algorithms.loss import policy_loss
 from ..attention import enable_tree_attention
-from ..flatten import loss_token_count
 from ..logprobs import packed_logprobs
+from ..minibatch_plan import loss_token_count, micro_batches
 from ..packing import pack_trees
 from ..scoring import leaf_completions
-from ..trainer import PreparedBatch, has_loss_tokens, micro_batches
+from ..trainer import PreparedBatch
 from ..tree import Tree, TreeSpec
 from .trl_sampling import UnsupportedTRLOption, engine_sampling
 
@@ -209,13 +209,13 @@ class TreeRPOTrainer(GRPOTrainer):
         """The trees with loss tokens split, whole, into ``steps_per_generation`` chunks (one per TRL step),
         each packed into micro-batches; every chunk knows the loss tokens of its optimizer step."""
         steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
-        trainable = [t for t in trees if has_loss_tokens(t)]
+        trainable = [t for t in trees if loss_token_count(t) > 0]
         groups = [[trainable[i] for i in idx] for idx in np.array_split(np.arange(len(trainable)), steps)]
         off_policy = self.num_iterations > 1 or accumulation % (steps * self.num_iterations) != 0
         chunks = []
         for g, group in enumerate(groups):
             window = groups[g - g % accumulation: g - g % accumulation + accumulation]
-            normalizer = loss_token_count([t for trees_ in window for t in trees_])
+            normalizer = sum(loss_token_count(t) for members in window for t in members)
             chunks.append(TreeChunk([self._prepare(micro, off_policy) for micro in
                                      micro_batches(group, self.args.micro_batch_tokens)], normalizer))
         return chunks
