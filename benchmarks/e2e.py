@@ -42,11 +42,13 @@ def check_trl(systems) -> None:
                          "(or leave them out with --systems treerpo grpo)") from None
 
 
-def run_one(preset: str, system: str, seed: int, budget: str, steps, out_dir: Path, timeout: float) -> dict:
+def run_one(preset: str, system: str, seed: int, budget: str, steps, out_dir: Path, timeout: float,
+            threads: int | None = None) -> dict:
     out = out_dir / f"run_{system}_seed{seed}.json"
     log = out_dir / f"run_{system}_seed{seed}.log"
     cmd = [sys.executable, str(WORKER), "--preset", preset, "--system", system, "--seed", str(seed),
-           "--budget", budget, "--out", str(out)] + (["--steps", str(steps)] if steps else [])
+           "--budget", budget, "--out", str(out)] + (["--steps", str(steps)] if steps else []) + (
+              ["--threads", str(threads)] if threads else [])
     started = time.perf_counter()
     with open(log, "w") as fh:
         try:
@@ -69,6 +71,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--out", default=None, help="folder for runs, logs, tables, plots (default e2e_<preset>_<budget>)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of every run (default: torch's)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--report-only", metavar="E2E_JSON", default=None,
                         help="rebuild tables, plots and ratios from a saved e2e.json (runs nothing)")
@@ -89,9 +92,9 @@ def main(argv=None):
                 f"{preset.tree_tokens_per_prompt} tokens/prompt at most), GRPO G={group} x {preset.max_new_tokens} "
                 f"tokens ({group * preset.max_new_tokens} tokens/prompt at most); equal generated-token budget per run: "
                 f"GRPO and TRL {preset.steps} steps, TreeRPO {preset.steps_for('treerpo', args.budget)} steps; "
-                f"systems {args.systems}")
+                f"systems {args.systems}; torch threads {args.threads or 'default'}")
     print(describe, flush=True)
-    runs = [run_one(preset.name, system, seed, args.budget, args.steps, out_dir, args.timeout)
+    runs = [run_one(preset.name, system, seed, args.budget, args.steps, out_dir, args.timeout, args.threads)
             for seed in seeds for system in args.systems]
     report(runs, describe, preset.name, args.budget, seeds, machine(), out_dir, args.json)
 

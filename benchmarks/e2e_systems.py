@@ -359,7 +359,10 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", choices=("leaves", "tokens"), required=True)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     preset = get_preset(args.preset, steps=args.steps)
     run = run_system(preset, args.system, args.seed, args.budget, log=lambda m: print(m, flush=True))
     Path(args.out).write_text(json.dumps(run))
