@@ -19,6 +19,7 @@ from treerpo.minibatch_plan import loss_token_count  # noqa: E402
 from treerpo.logprobs import packed_logprobs  # noqa: E402
 from treerpo.packing import pack_trees  # noqa: E402
 from treerpo.data.tasks import load_task, make_reward  # noqa: E402
+from treerpo.engine.tree_sampler import TreeSampler  # noqa: E402
 from treerpo.integrations.trl import (TreeRPOConfig, TreeRPOTrainer, UnsupportedTRLOption,  # noqa: E402
                                       treerpo_rollout)
 from treerpo.models.tiny import DEFAULT_MODEL_DIR, load_model_and_tokenizer  # noqa: E402
@@ -77,11 +78,18 @@ def test_greedy_rollout_gives_trl_its_own_completions_and_update():
     assert max((trl_weights[k] - initial[k]).abs().max().item() for k in initial) > 1e-4  # a real update
 
 
-def test_sampled_rollout_returns_groups_with_the_models_logprobs():
+def test_sampled_rollout_returns_groups_with_the_models_logprobs(monkeypatch):
     _, tokenizer = tiny()
     rows = same_length_rows(tokenizer, 4)[:2] + [{"prompt": "7+5-2=", "answer": "10"}] * 2
     trainer, _ = grpo_run(treerpo_rollout(pool_tokens=4096), rows)
     prompts = [r["prompt"] for r in rows for _ in range(4)]
+    calls, sample = [], TreeSampler.sample
+
+    def recorded(self, prompt_ids, spec, *args, **kwargs):
+        calls.append((spec.branching, len(prompt_ids)))
+        return sample(self, prompt_ids, spec, *args, **kwargs)
+
+    monkeypatch.setattr(TreeSampler, "sample", recorded)
     out = trainer.rollout_func(prompts, trainer)
     assert len(out["completion_ids"]) == len(prompts) == len(out["logprobs"])
     model = trainer.model.eval()
@@ -96,9 +104,9 @@ def test_sampled_rollout_returns_groups_with_the_models_logprobs():
             reference = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1:-1].float(), -1)
         expected = reference.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
         assert np.allclose(logprobs, expected.numpy(), atol=1e-4)
-    # the last two prompts are one prompt repeated: one group of 8 sampled completions, not two copies of 4
-    tail = out["completion_ids"][8:]
-    assert len({tuple(c) for c in tail}) > 1
+    # the last two rows are one prompt repeated: one group of 8 sampled completions in the same engine call
+    assert len({tuple(c) for c in out["completion_ids"][8:]}) > 1
+    assert calls == [((4,), 2), ((8,), 1)]
 
 
 # ---- TreeRPOTrainer ---------------------------------------------------------------------------------------
@@ -141,16 +149,32 @@ def treerpo_own_gradient(trees):
     return float(loss), gradients(model)
 
 
-def flattened_gradient(trees):
+def flattened_gradient(trees, state_dict=None, beta=0.0):
     """An independent reference: every root-to-leaf row through the model's own attention (no tree mask),
-    tokens weighted by flatten_trees."""
+    tokens weighted by flatten_trees; with ``beta``, TRL's KL (k3 times the importance ratio) to the initial
+    model, weighted the same way."""
     model, _ = tiny()
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    reference, _ = tiny()
     flat = flatten_trees(trees)
+
+    def completion_logprobs(net, prompt, completion):
+        logits = net(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
+        return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
     total = 0.0
-    for prompt, completion, advantage in zip(flat.prompt_ids, flat.completion_ids, flat.token_advantages):
-        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
-        logp = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
-        loss = -(torch.as_tensor(advantage, dtype=torch.float32) * torch.exp(logp - logp.detach())).sum()
+    for prompt, completion, advantage, weight in zip(flat.prompt_ids, flat.completion_ids, flat.token_advantages,
+                                                      flat.token_weights):
+        logp = completion_logprobs(model, prompt, completion)
+        ratio = torch.exp(logp - logp.detach())
+        loss = -(torch.as_tensor(advantage, dtype=torch.float32) * ratio).sum()
+        if beta:
+            with torch.no_grad():
+                delta = completion_logprobs(reference, prompt, completion) - logp
+            delta = delta.detach() + logp.detach() - logp  # ref - logp, differentiable in logp
+            kl = torch.exp(delta) - delta - 1.0
+            loss = loss + beta * (torch.as_tensor(weight, dtype=torch.float32) * kl * ratio).sum()
         (loss / flat.loss_tokens).backward()
         total += float(loss) / flat.loss_tokens
     return total, gradients(model)
@@ -164,24 +188,78 @@ def assert_same_gradients(grads, reference):
         assert torch.allclose(grad, reference[name], atol=1e-5 * scale, rtol=1e-4), name
 
 
-def test_treerpo_trainer_loss_and_gradients_equal_treerpo_trainer():
-    trainer = treerpo_trl(chain_rows(16), per_device_train_batch_size=16, micro_batch_tokens=64)
+def sampled_chunks(trainer):
     rows = list(trainer.get_train_dataloader())[0]
     trees = trainer.sample_trees(rows)
     trainer.score_trees(trees, rows)
-    chunks = trainer.prepare_chunks(trees)
-    assert len(chunks) == 2 and sum(len(c.batches) for c in chunks) > 2  # several micro-batches per step
-    assert all(c.normalizer == sum(map(loss_token_count, trees)) for c in chunks)  # one optimizer step's loss tokens
+    return trees, trainer.prepare_chunks(trees)
+
+
+def chunk_gradients(trainer, chunks):
     trainer.model.zero_grad(set_to_none=True)
     loss = 0.0
     for chunk in chunks:
         chunk_loss = trainer.compute_loss(trainer.model, chunk)
         chunk_loss.backward()
         loss += float(chunk_loss)
-    grads = gradients(trainer.model)
+    return loss, gradients(trainer.model)
+
+
+def test_treerpo_trainer_loss_and_gradients_equal_treerpo_trainer():
+    trainer = treerpo_trl(chain_rows(16), per_device_train_batch_size=16, micro_batch_tokens=64)
+    trees, chunks = sampled_chunks(trainer)
+    assert len(chunks) == 2 and sum(len(c.batches) for c in chunks) > 2  # several micro-batches per step
+    assert all(c.normalizer == sum(map(loss_token_count, trees)) for c in chunks)  # one optimizer step's loss tokens
+    loss, grads = chunk_gradients(trainer, chunks)
     for reference_loss, reference_grads in (treerpo_own_gradient(trees), flattened_gradient(trees)):
         assert abs(loss - reference_loss) < 1e-5 * max(1.0, abs(reference_loss))
         assert_same_gradients(grads, reference_grads)
+
+
+def test_treerpo_trainer_kl_gradient_is_trls_bias_corrected_kl():
+    trainer = treerpo_trl(chain_rows(8), beta=0.5, micro_batch_tokens=64)
+    torch.manual_seed(1)
+    with torch.no_grad():  # the policy moves away from TRL's reference model (the initial weights)
+        for p in trainer.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    trees, chunks = sampled_chunks(trainer)
+    loss, grads = chunk_gradients(trainer, chunks)
+    reference_loss, reference_grads = flattened_gradient(trees, trainer.model.state_dict(), beta=0.5)
+    assert abs(loss - reference_loss) < 1e-5 * max(1.0, abs(reference_loss)) and reference_loss > 0
+    assert_same_gradients(grads, reference_grads)
+
+
+def test_training_step_backward_per_micro_batch_equals_the_chunk_loss():
+    trainer = treerpo_trl(chain_rows(16), per_device_train_batch_size=16, micro_batch_tokens=64)
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    rows = list(trainer.get_train_dataloader())[0]
+    trainer.model.zero_grad(set_to_none=True)
+    reported = trainer.training_step(trainer.model, rows)
+    stepped = gradients(trainer.model)
+    first = trainer._buffered_inputs[0]
+    assert len(first.batches) > 1
+    loss, grads = chunk_gradients(trainer, [first])
+    assert abs(float(reported) - loss) < 1e-6
+    assert_same_gradients(stepped, grads)
+
+
+@pytest.mark.parametrize("generation_steps, accumulation, iterations", [(2, 2, 1), (4, 2, 1), (2, 2, 2), (4, 2, 2)])
+def test_every_optimizer_step_is_one_token_mean(generation_steps, accumulation, iterations):
+    """TRL's schedule: micro-step s trains chunk s % steps_per_generation; an optimizer step is
+    gradient_accumulation_steps micro-steps; each must sum its chunks' tokens over exactly its own count."""
+    trainer = treerpo_trl(chain_rows(32), per_device_train_batch_size=16, steps_per_generation=generation_steps,
+                          gradient_accumulation_steps=accumulation, num_iterations=iterations)
+    trees, chunks = sampled_chunks(trainer)
+    assert len(chunks) == generation_steps
+    share = {}
+    for step in range(generation_steps * iterations):
+        chunk = chunks[step % generation_steps]
+        tokens = sum(len(b.rows) for b in chunk.batches)
+        if tokens:
+            share[step // accumulation] = share.get(step // accumulation, 0.0) + tokens / chunk.normalizer
+    assert share and all(abs(v - 1.0) < 1e-9 for v in share.values())
+    off_policy = generation_steps > accumulation or iterations > 1
+    assert all((b.old_logprobs is not None) == off_policy for c in chunks for b in c.batches)
 
 
 def test_treerpo_trainer_trains_saves_and_reloads(tmp_path):
@@ -208,6 +286,9 @@ def test_treerpo_trainer_trains_saves_and_reloads(tmp_path):
     (dict(max_completion_length=10), "max_completion_length=10"),
     (dict(eval_strategy="steps", eval_steps=1), "eval_strategy"),
     (dict(advantage_norm="zscore"), "advantage_norm"),
+    (dict(steps_per_generation=3, gradient_accumulation_steps=2), "steps_per_generation=3"),
+    (dict(steps_per_generation=2, gradient_accumulation_steps=4), "steps_per_generation=2"),
+    (dict(log_completions=True), "log_completions"),
 ])
 def test_treerpo_config_refuses_what_it_would_reinterpret(option, message):
     with pytest.raises(UnsupportedTRLOption, match=message):
@@ -217,6 +298,10 @@ def test_treerpo_config_refuses_what_it_would_reinterpret(option, message):
 def test_treerpo_trainer_refuses_unsupported_sampling_and_rollouts():
     with pytest.raises(UnsupportedTRLOption, match="top_k=5"):
         treerpo_trl(chain_rows(4), top_k=5)
+    with pytest.raises(UnsupportedTRLOption, match="greedy"):
+        treerpo_trl(chain_rows(4), generation_kwargs={"do_sample": False})
+    with pytest.raises(UnsupportedTRLOption, match="temperature"):
+        treerpo_trl(chain_rows(4), generation_kwargs={"temperature": 0.7})
     with pytest.raises(UnsupportedTRLOption, match="rollout_func"):
         TreeRPOTrainer(model=tiny()[0], reward_funcs=lambda **k: [], args=TreeRPOConfig(
             output_dir=tempfile.mkdtemp(), branching=[2], segment_tokens=8, **COMMON), rollout_func=lambda p, t: {})

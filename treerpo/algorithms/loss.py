@@ -7,12 +7,14 @@ import torch
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float | None = None,
                 ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
-                normalizer: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                normalizer: float | None = None, kl_times_ratio: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-mean PPO-clip loss over the tokens where ``mask`` is true (default: all).
 
     ``normalizer`` is the number of loss tokens in the whole batch, so that a batch split into
     micro-batches gives the same gradient as one pass (defaults to this call's mask count).
     ``clip_high`` (e.g. 0.28) makes the clip asymmetric; None means ``clip_low``.
+    ``kl_times_ratio`` multiplies the KL term by the importance ratio (TRL's ``use_bias_correction_kl``): the
+    unbiased reverse-KL gradient off-policy; on-policy too its gradient differs, the ratio being differentiable.
     """
     clip_high = clip_low if clip_high is None else clip_high
     mask = torch.ones_like(logprobs) if mask is None else mask.to(logprobs.dtype)
@@ -27,7 +29,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         # k3 estimator of KL(pi || pi_ref): exp(ref - pi) - (ref - pi) - 1, always >= 0
         delta = ref_logprobs - logprobs
         kl = torch.exp(delta) - delta - 1.0
-        per_token = per_token + kl_coef * kl
+        per_token = per_token + kl_coef * (kl * ratio if kl_times_ratio else kl)
         stats["kl"] = float((kl.detach() * mask).sum() / max(float(mask.sum()), 1.0))
     loss = (per_token * mask).sum() / denom
     with torch.no_grad():

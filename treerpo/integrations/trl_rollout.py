@@ -11,6 +11,7 @@ from itertools import groupby
 from typing import Callable
 
 from ..algorithms.grpo import grpo_spec
+from ..engine.kv_pool import RequestTooLarge
 from .trl_sampling import UnsupportedTRLOption, engine_sampling
 
 FEATURE = "treerpo_rollout"
@@ -37,7 +38,10 @@ def treerpo_rollout(pool_tokens: int | None = None, memory_bytes: int | None = N
             same_size = [g for g in groups if len(g) == size]
             spec = grpo_spec(size, sampling.max_new_tokens, max(len(prompt_ids[g[0]]) for g in same_size),
                              sampling.temperature, sampling.top_p)
-            trees = sampler.sample([list(prompt_ids[g[0]]) for g in same_size], spec)
+            try:
+                trees = sampler.sample([list(prompt_ids[g[0]]) for g in same_size], spec)
+            except RequestTooLarge as error:
+                raise RequestTooLarge(f"{error} (here: treerpo_rollout(pool_tokens=...))") from None
             for group, tree in zip(same_size, trees):
                 for row, leaf in zip(group, tree.children(0)):
                     completions[row] = tree.segment(int(leaf)).tolist()

@@ -30,6 +30,9 @@ def engine_sampling(trainer, feature: str) -> EngineSampling:
         refuse("tools", "tool calling is not supported by the engine; use TRL's own generation")
     if getattr(trainer, "environment_factories", None) is not None:
         refuse("environment_factory", "environments are not supported by the engine; use TRL's own generation")
+    if getattr(trainer, "is_fsdp_enabled", False) or _zero_stage(trainer) == 3:
+        refuse("sharded parameters (FSDP, DeepSpeed ZeRO-3)", "the engine needs the whole model on each process; "
+               "use DDP or ZeRO-1/2, or TRL's own generation")
     if getattr(trainer, "use_transformers_continuous_batching", False):
         refuse("use_transformers_continuous_batching=True", "drop it: the engine batches continuously itself")
     settings = {"do_sample": True, "temperature": trainer.temperature, "top_p": trainer.top_p,
@@ -48,6 +51,11 @@ def engine_sampling(trainer, feature: str) -> EngineSampling:
     temperature = 0.0 if greedy else float(settings["temperature"])
     top_p = 1.0 if greedy else float(settings["top_p"])
     return EngineSampling(temperature, top_p, int(trainer.max_completion_length), tuple(trainer.eos_token_ids))
+
+
+def _zero_stage(trainer) -> int | None:
+    plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
+    return getattr(plugin, "zero_stage", None) if plugin is not None else None
 
 
 def _refuser(feature: str):

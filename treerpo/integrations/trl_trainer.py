@@ -21,6 +21,7 @@ from trl.data_utils import is_conversational
 from ..algorithms.advantages import NORMALIZATIONS, VALUE_MODES, compute_advantages
 from ..algorithms.loss import policy_loss
 from ..attention import enable_tree_attention
+from ..engine.kv_pool import RequestTooLarge
 from ..logprobs import packed_logprobs
 from ..minibatch_plan import loss_token_count, micro_batches
 from ..packing import pack_trees
@@ -85,6 +86,11 @@ def _refuse_unsupported_config(args: TreeRPOConfig) -> None:
         (args.off_policy_mask_threshold is None, "off_policy_mask_threshold", "leave it None"),
         (args.delta is None, f"delta={args.delta}", "leave it None"),
         (not args.use_vllm, "use_vllm=True", "the engine samples with the trained model; set use_vllm=False"),
+        (args.steps_per_generation is None or args.steps_per_generation % args.gradient_accumulation_steps == 0,
+         f"steps_per_generation={args.steps_per_generation} with gradient_accumulation_steps="
+         f"{args.gradient_accumulation_steps}", "an optimizer step must cover whole chunks of one generation: make "
+         "steps_per_generation a multiple of gradient_accumulation_steps"),
+        (not args.log_completions, "log_completions=True", "completion tables are not filled; set it to False"),
         (args.eval_strategy in ("no", None) or str(args.eval_strategy) == "IntervalStrategy.NO",
          f"eval_strategy={args.eval_strategy!r}",
          "evaluate with a callback (e.g. treerpo.evaluation.pass_at_1) and set eval_strategy='no'"),
@@ -119,7 +125,17 @@ class TreeRPOTrainer(GRPOTrainer):
         if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise UnsupportedTRLOption(f"{FEATURE} runs in one process (no DeepSpeed/FSDP): a tree must not span "
                                        "processes; for several GPUs use treerpo's own trainer")
+        if self.aux_loss_enabled:
+            raise UnsupportedTRLOption(f"{FEATURE} does not add the MoE router auxiliary loss: set "
+                                       "router_aux_loss_coef=0")
         self.sampling = engine_sampling(self, FEATURE)
+        if self.sampling.temperature == 0:
+            raise UnsupportedTRLOption(f"{FEATURE} does not support greedy decoding (do_sample=False): identical "
+                                       "siblings have no advantage; sample with a temperature")
+        if self.sampling.temperature != self.temperature:
+            raise UnsupportedTRLOption(f"{FEATURE}: generation_kwargs temperature {self.sampling.temperature} differs "
+                                       f"from temperature={self.temperature} (the log-probs' temperature); set "
+                                       "GRPOConfig.temperature only")
         self.spec = TreeSpec(tuple(args.branching), args.segment_tokens, temperature=self.sampling.temperature,
                              top_p=self.sampling.top_p)
         enable_tree_attention(self._policy())
@@ -159,10 +175,13 @@ class TreeRPOTrainer(GRPOTrainer):
         prompt_ids, images, _ = self._tokenize_prompts(prompts)
         if images is not None:
             raise UnsupportedTRLOption(f"{FEATURE} does not support images")
-        spec = replace(self.spec, max_prompt_tokens=max(len(p) for p in prompt_ids))
+        spec = replace(self.spec, max_prompt_tokens=max(max(len(p) for p in prompt_ids), 1))
         infos = [{"prompt": p, "row": i * leaves} for i, p in enumerate(prompts)]
         started = time.perf_counter()
-        trees = self._sampler().sample([list(p) for p in prompt_ids], spec, infos)
+        try:
+            trees = self._sampler().sample([list(p) for p in prompt_ids], spec, infos)
+        except RequestTooLarge as error:
+            raise RequestTooLarge(f"{error} (here: TreeRPOConfig.kv_pool_tokens)") from None
         self._metrics["train"]["timing/rollout_s"].append(time.perf_counter() - started)
         return trees
 
@@ -230,14 +249,18 @@ class TreeRPOTrainer(GRPOTrainer):
         return PreparedBatch(packed, rows, old, ref)
 
     def _logprobs(self, model, packed, rows):
-        return packed_logprobs(model, packed, rows, temperature=self.sampling.temperature or 1.0)
+        """Under TRL's mixed precision (accelerate patches ``model.forward`` with autocast; the packed forward
+        calls the decoder body, so it takes the same autocast here)."""
+        with self.accelerator.autocast():
+            return packed_logprobs(model, packed, rows, temperature=self.temperature)
 
     # ---- the loss -----------------------------------------------------------------------------------
     def micro_batch_loss(self, batch: PreparedBatch, normalizer: int) -> torch.Tensor:
         logp = self._logprobs(self._policy(), batch.packed, batch.rows)
         old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
         loss, stats = policy_loss(logp, old, batch.packed.advantages[batch.rows], None, self.epsilon_low,
-                                  self.epsilon_high, batch.ref_logprobs, self.beta, normalizer)
+                                  self.epsilon_high, batch.ref_logprobs, self.beta, normalizer,
+                                  kl_times_ratio=self.args.use_bias_correction_kl)
         for name, value in stats.items():
             self._metrics["train"][name].append(value)
         return loss
@@ -253,6 +276,8 @@ class TreeRPOTrainer(GRPOTrainer):
         """One micro-step: a backward per packed micro-batch, so only one micro-batch's activations live."""
         started = time.perf_counter()
         model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers
+            self.optimizer.train()
         chunk = self._prepare_inputs(inputs)
         total = self._zero_loss().detach()
         for batch in chunk.batches:
