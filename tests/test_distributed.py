@@ -228,3 +228,17 @@ def test_unsupported_combinations_are_refused_before_any_work(monkeypatch, optio
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=message):
         check_parallel_options(make_config(options))
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_writes_ratios(tmp_path):
+    out = tmp_path / "scaling.json"
+    subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "scaling.py"), "--ranks", "1", "2", "--steps", "2",
+                    "--prompts-per-rank", "2", "--global-prompts", "2", "--json", str(out)], check=True,
+                   capture_output=True, timeout=600, env=environment())
+    result = json.loads(out.read_text())
+    assert [p["ranks"] for p in result["weak"]] == [1, 2] and [p["prompts_per_step"] for p in result["weak"]] == [2, 4]
+    assert [p["prompts_per_step"] for p in result["strong"]] == [2, 2]
+    assert set(result["ratios"]) == {"weak_efficiency_2_ranks", "weak_tokens_per_s_speedup_2_ranks",
+                                     "strong_steps_per_s_speedup_2_ranks"}
+    assert all(v > 0 for v in result["ratios"].values())
