@@ -242,3 +242,27 @@ def test_scaling_benchmark_writes_ratios(tmp_path):
     assert set(result["ratios"]) == {"weak_efficiency_2_ranks", "weak_tokens_per_s_speedup_2_ranks",
                                      "strong_steps_per_s_speedup_2_ranks"}
     assert all(v > 0 for v in result["ratios"].values())
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = flags({**SMALL, "output_dir": str(out), "max_steps": 200, "save_every": 0, "parallel": "ddp"})
+    proc = subprocess.Popen(torchrun(["-m", "treerpo.train", *args]), env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    steps = [r["step"] for r in records(out)]
+    assert 1 <= len(steps) < 200 and steps == list(range(1, len(steps) + 1))
+    latest = out / (out / "latest").read_text()
+    assert json.loads((latest / "trainer_state.json").read_text())["step"] == steps[-1]
+    assert stderr.count("resume with:") == 1  # rank 0 speaks for all
+    assert "torchrun --nnodes=1 --nproc_per_node=2 -m treerpo.train" in stderr

@@ -43,6 +43,11 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join([*launcher(), "-m", "treerpo.train", *args, "--resume"])
 
 
+def is_main_process() -> bool:
+    """One process, or rank 0 of a torchrun launch (which reports for all ranks)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def launcher() -> list[str]:
     """How this process was started: plain python, or torchrun with its node and process counts."""
     if "LOCAL_WORLD_SIZE" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -73,7 +78,8 @@ def main(argv=None) -> int:
     try:
         summary = trainer.train()
     except TrainingInterrupted as stopped:
-        print(f"{stopped}\nresume with:\n  {resume_command(argv)}", file=sys.stderr)
+        if is_main_process():
+            print(f"{stopped}\nresume with:\n  {resume_command(argv)}", file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt as err:
         print(f"\nstopped at once ({err or 'interrupted'}); resume from the latest checkpoint with:\n  "
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         trainer.close()
-    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports for all
+    if not is_main_process():
         return 0
     print(f"{summary['algo']}: held-out accuracy {summary['initial_eval_accuracy']:.3f} -> "
           f"{summary['final_eval_accuracy']:.3f} in {summary['steps']} steps, {summary['wall_time_s']:.0f} s; "
