@@ -139,8 +139,6 @@ def test_trees_do_not_depend_on_the_number_of_ranks(tmp_path):
 def test_a_rank_without_kept_groups_finishes_with_the_right_gradient(tmp_path, mode):
     """Rank 1 has nothing to train on: it pads with zero-loss micro-batches (no hang) and the update equals one
     process training on the same trees, rank 1's share emptied the same way."""
-    from distributed_worker import update_without_kept_groups_on
-
     config = {**SMALL, "output_dir": str(tmp_path / "two"), "parallel": mode, "kl_coef": 0.0}
     run_worker("uneven", config, tmp_path / "uneven")
     two = torch.load(tmp_path / "uneven.weights.pt")
