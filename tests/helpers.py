@@ -9,6 +9,15 @@ from treerpo.attention import enable_tree_attention
 from treerpo.tree import Tree
 
 
+def python_block(path, heading: str) -> str:
+    """The first ```python block after ``heading`` in a markdown file (the docs' examples run as tests)."""
+    import re
+    from pathlib import Path
+
+    section = Path(path).read_text().split(heading, 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
 def random_tree(rng: np.random.Generator, num_nodes: int, vocab: int = 40, prompt_len: int | None = None,
                 max_segment: int = 5, shape: str = "random") -> Tree:
     """A tree of ``num_nodes`` generated nodes; ``shape`` is random, chain or fan (all children of the root)."""

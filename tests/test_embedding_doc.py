@@ -4,12 +4,13 @@ from pathlib import Path
 
 import torch
 
+from helpers import python_block
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "embedding.md"
 
 
 def example_code() -> str:
-    section = DOC.read_text().split("## 2. A trainer that works on (prompt, completion) rows", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return python_block(DOC, "## 2. A trainer that works on (prompt, completion) rows")
 
 
 def test_row_example_reproduces_the_packed_loss(capsys):

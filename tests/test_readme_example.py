@@ -1,15 +1,15 @@
 """The README's embedding example runs as written and actually trains (the weights change)."""
-import re
 from pathlib import Path
 
 import torch
+
+from helpers import python_block
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def example_code() -> str:
-    section = README.read_text().split("## Use it in your own RL loop", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return python_block(README, "## Use it in your own RL loop")
 
 
 def test_readme_example_runs(capsys):

@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..algorithms.grpo import grpo_spec
 from ..engine.kv_pool import RequestTooLarge
-from .trl_sampling import UnsupportedTRLOption, engine_sampling
+from .trl_sampling import UnsupportedTRLOption, engine_for, engine_sampling
 
 FEATURE = "treerpo_rollout"
 
@@ -24,14 +24,12 @@ def treerpo_rollout(pool_tokens: int | None = None, memory_bytes: int | None = N
     worst case does not fit is refused before any work with the size it needs. Returns TRL's keys
     ``prompt_ids``, ``completion_ids`` (cut after the first EOS, as TRL's own generation does) and
     ``logprobs`` (the sampler's log-prob of each completion token)."""
-    engines: dict[int, object] = {}
-
     def rollout(prompts: list, trainer) -> dict:
         sampling = engine_sampling(trainer, FEATURE)
         prompt_ids, images, _ = trainer._tokenize_prompts(prompts)
         if images is not None:
             raise UnsupportedTRLOption(f"{FEATURE} does not support images: use TRL's own generation")
-        sampler = _engine_for(trainer, engines, pool_tokens, memory_bytes, sampling.eos_ids)
+        sampler = engine_for(trainer, sampling, pool_tokens, memory_bytes)
         completions, logprobs = [None] * len(prompt_ids), [None] * len(prompt_ids)
         groups = _runs_of_identical(prompt_ids)
         for size in sorted({len(g) for g in groups}):  # one engine call per group size: all groups decode together
@@ -53,22 +51,4 @@ def treerpo_rollout(pool_tokens: int | None = None, memory_bytes: int | None = N
 
 def _runs_of_identical(prompt_ids: list) -> list[list[int]]:
     """Indices of consecutive rows with the same prompt tokens."""
-    runs, start = [], 0
-    for _, rows in groupby(range(len(prompt_ids)), key=lambda i: tuple(prompt_ids[i])):
-        size = len(list(rows))
-        runs.append(list(range(start, start + size)))
-        start += size
-    return runs
-
-
-def _engine_for(trainer, engines: dict, pool_tokens, memory_bytes, eos_ids):
-    """One engine per trained model, built on first use (its KV pool lives as long as the trainer)."""
-    from ..attention import enable_tree_attention
-    from ..engine.tree_sampler import TreeSampler
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if id(model) not in engines:
-        enable_tree_attention(model)  # in place: TRL's own forwards keep the model's attention (no tree metadata)
-        engines[id(model)] = TreeSampler(model, trainer._tokenizer, pool_tokens=pool_tokens,
-                                         memory_bytes=memory_bytes, eos_ids=eos_ids)
-    return engines[id(model)]
+    return [list(rows) for _, rows in groupby(range(len(prompt_ids)), key=lambda i: tuple(prompt_ids[i]))]

@@ -53,6 +53,20 @@ def engine_sampling(trainer, feature: str) -> EngineSampling:
     return EngineSampling(temperature, top_p, int(trainer.max_completion_length), tuple(trainer.eos_token_ids))
 
 
+def engine_for(trainer, sampling: EngineSampling, pool_tokens: int | None = None, memory_bytes: int | None = None):
+    """The trainer's engine, built on the model it trains at first use (its KV pool lives as long as the trainer)."""
+    engine = getattr(trainer, "_treerpo_engine", None)
+    if engine is None:
+        from ..attention import enable_tree_attention
+        from ..engine.tree_sampler import TreeSampler
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        enable_tree_attention(model)  # in place: TRL's own forwards keep the model's attention (no tree metadata)
+        engine = trainer._treerpo_engine = TreeSampler(model, trainer._tokenizer, pool_tokens=pool_tokens,
+                                                       memory_bytes=memory_bytes, eos_ids=sampling.eos_ids)
+    return engine
+
+
 def _zero_stage(trainer) -> int | None:
     plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
     return getattr(plugin, "zero_stage", None) if plugin is not None else None

@@ -28,7 +28,7 @@ from ..packing import pack_trees
 from ..scoring import leaf_completions
 from ..trainer import PreparedBatch
 from ..tree import Tree, TreeSpec
-from .trl_sampling import UnsupportedTRLOption, engine_sampling
+from .trl_sampling import UnsupportedTRLOption, engine_for, engine_sampling
 
 FEATURE = "TreeRPOTrainer"
 
@@ -141,18 +141,9 @@ class TreeRPOTrainer(GRPOTrainer):
         enable_tree_attention(self._policy())
         if self.ref_model is not None:
             enable_tree_attention(self.accelerator.unwrap_model(self.ref_model))
-        self._engine = None
 
     def _policy(self):
         return self.accelerator.unwrap_model(self.model)
-
-    def _sampler(self):
-        if self._engine is None:
-            from ..engine.tree_sampler import TreeSampler
-
-            self._engine = TreeSampler(self._policy(), self._tokenizer, pool_tokens=self.args.kv_pool_tokens,
-                                       eos_ids=self.sampling.eos_ids)
-        return self._engine
 
     # ---- a generation batch: rows -> trees -> scored trees -> chunks ----------------------------------
     def _prepare_inputs(self, generation_batch) -> TreeChunk:
@@ -179,7 +170,7 @@ class TreeRPOTrainer(GRPOTrainer):
         infos = [{"prompt": p, "row": i * leaves} for i, p in enumerate(prompts)]
         started = time.perf_counter()
         try:
-            trees = self._sampler().sample([list(p) for p in prompt_ids], spec, infos)
+            trees = engine_for(self, self.sampling, self.args.kv_pool_tokens).sample([list(p) for p in prompt_ids], spec, infos)
         except RequestTooLarge as error:
             raise RequestTooLarge(f"{error} (here: TreeRPOConfig.kv_pool_tokens)") from None
         self._metrics["train"]["timing/rollout_s"].append(time.perf_counter() - started)
