@@ -317,3 +317,12 @@ def test_rollout_refuses_generation_options_it_cannot_honour(generation_kwargs, 
     trainer, _ = grpo_run(treerpo_rollout(), same_length_rows(tokenizer, 2), generation_kwargs, **overrides)
     with pytest.raises(UnsupportedTRLOption, match=message):
         trainer.rollout_func(["1+2="] * 4, trainer)
+
+
+def test_treerpo_trainer_refuses_a_leaf_no_reward_function_scored():
+    trainer = treerpo_trl(chain_rows(4), per_device_train_batch_size=4)
+    trainer.reward_funcs[0] = lambda completions, **kwargs: [None] * len(completions)
+    rows = list(trainer.get_train_dataloader())[0]
+    trees = trainer.sample_trees(rows)
+    with pytest.raises(ValueError, match="a tree needs a reward on every leaf"):
+        trainer.score_trees(trees, rows)

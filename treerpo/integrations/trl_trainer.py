@@ -168,9 +168,10 @@ class TreeRPOTrainer(GRPOTrainer):
             raise UnsupportedTRLOption(f"{FEATURE} does not support images")
         spec = replace(self.spec, max_prompt_tokens=max(max(len(p) for p in prompt_ids), 1))
         infos = [{"prompt": p, "row": i * leaves} for i, p in enumerate(prompts)]
+        engine = engine_for(self, self.sampling, self.args.kv_pool_tokens)
         started = time.perf_counter()
         try:
-            trees = engine_for(self, self.sampling, self.args.kv_pool_tokens).sample([list(p) for p in prompt_ids], spec, infos)
+            trees = engine.sample([list(p) for p in prompt_ids], spec, infos)
         except RequestTooLarge as error:
             raise RequestTooLarge(f"{error} (here: TreeRPOConfig.kv_pool_tokens)") from None
         self._metrics["train"]["timing/rollout_s"].append(time.perf_counter() - started)
@@ -189,11 +190,10 @@ class TreeRPOTrainer(GRPOTrainer):
                        if is_conversational({"prompt": prompts[0]}) else texts)
         completion_ids = [trees[t].path_token_ids(leaf, include_prompt=False).tolist() for t, leaf in keys]
         per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)
-        unscorable = torch.isnan(per_func).all(dim=1)
-        if unscorable.any():
-            raise ValueError(f"{FEATURE}: every reward function returned None for completion "
-                             f"{int(unscorable.nonzero()[0])} ({completions[int(unscorable.nonzero()[0])]!r}); a tree "
-                             "needs a reward on every leaf")
+        unscorable = torch.isnan(per_func).all(dim=1).nonzero().flatten().tolist()
+        if unscorable:
+            raise ValueError(f"{FEATURE}: every reward function returned None for completion {unscorable[0]} "
+                             f"({completions[unscorable[0]]!r}); a tree needs a reward on every leaf")
         rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1).cpu().numpy()
         for (t, leaf), r in zip(keys, rewards):
             trees[t].reward[leaf] = float(r)
