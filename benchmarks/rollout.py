@@ -8,6 +8,15 @@ Systems, on the same prompts, tree shape and number of leaves:
   (c) hf_generate   Hugging Face generate with num_return_sequences = leaves (how TRL samples without vLLM)
 and, for plain sampling (depth-1 trees, nothing to share), the engine against generate.
 Full segments are generated (EOS ignored) so every system produces the tokens the shape asks for.
+
+Each system's useful FLOP rate is also set against this machine's matmul limit: useful tokens (the
+generated tokens, all kept here, plus every distinct prompt's tokens once) x 2 x (non-embedding parameters
++ the LM head) / seconds, over the FLOP/s of the model's own layer matmuls (hidden -> 2 x intermediate,
+intermediate -> hidden, hidden -> hidden) at a row count equal to the widest decode batch (prompts x leaves),
+in the model's dtype, best of a few repeats (``matmul_limit_fraction``). Decode is memory-bound, so that
+limit is far below the chip's large-matrix peak; it is the ceiling of the matmuls decoding actually runs.
+
+    python benchmarks/rollout.py --model random-qwen2-1.5b --prompts 8 --branching 4 2 2 --json r.json   # a GPU
 """
 from __future__ import annotations
 
@@ -35,13 +44,62 @@ PROMPTS = ["Question: Natalia sold clips to 48 of her friends in April, and then
            "Question: James writes a 3-page letter to 2 different friends twice a week. How many pages a year?\nAnswer:"]
 
 
-def load(name: str):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     if name == "smollm2":
         from treerpo.models.smollm2 import smollm2_dir
 
         name = smollm2_dir()
-    model, tok = load_model_and_tokenizer(None if name == "tiny" else name)
-    return enable_tree_attention(model).eval(), tok
+    elif name == "random-qwen2-1.5b":  # Qwen2-1.5B-shaped, random weights, made once locally (nothing downloaded)
+        from e2e_random_model import random_qwen2_dir
+
+        name = str(random_qwen2_dir())
+    model, tok = load_model_and_tokenizer(None if name == "tiny" else name, dtype=dtype)
+    return enable_tree_attention(model.to(device)).eval(), tok
+
+
+def flops_per_token(model) -> dict:
+    """2 x (non-embedding parameters + the LM head): the forward FLOPs of one token in its matmuls (the input
+    embedding is a lookup; attention's score FLOPs are left out). Tied weights count once as the head."""
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    skip = {embed.data_ptr(), head.data_ptr()}
+    body = sum(p.numel() for p in model.parameters() if p.data_ptr() not in skip)
+    return {"non_embedding_params": body, "lm_head_params": head.numel(), "flops_per_token": 2 * (body + head.numel())}
+
+
+def matmul_limit(config, dtype: torch.dtype, device, rows: int, repeats: int = 5, budget_bytes: int = 1 << 30) -> dict:
+    """FLOP/s of the model's decode-shaped layer matmuls: ``rows`` x hidden against hidden -> 2 x intermediate
+    (gate and up), intermediate -> hidden (down) and hidden -> hidden (attention output), one weight set per
+    layer (as many as fit ``budget_bytes``, so that the weights stream from memory as in decoding, not from
+    cache), random inputs; the fastest of ``repeats`` timed sweeps after a warm-up."""
+    device = torch.device(device)
+    h = config.hidden_size
+    i = getattr(config, "intermediate_size", None) or 4 * h
+    shapes = [(h, 2 * i), (i, h), (h, h)]
+    set_bytes = sum(a * b for a, b in shapes) * torch.tensor([], dtype=dtype).element_size()
+    sets = max(1, min(config.num_hidden_layers, budget_bytes // set_bytes))
+    gen = torch.Generator().manual_seed(0)
+    weights = [[(torch.randn(a, b, generator=gen) / a ** 0.5).to(device, dtype) for a, b in shapes]
+               for _ in range(sets)]
+    inputs = [torch.randn(rows, a, generator=gen).to(device, dtype) for a, _ in shapes]
+    outputs = [torch.empty(rows, b, device=device, dtype=dtype) for _, b in shapes]
+    flops_per_sweep = 2 * rows * sum(a * b for a, b in shapes) * sets
+
+    def sweep(n: int):
+        for _ in range(n):
+            for ws in weights:
+                for x, w, y in zip(inputs, ws, outputs):
+                    torch.mm(x, w, out=y)
+
+    sweep(2)  # warm-up (kernel selection, first-touch of the outputs)
+    once = min(timed(lambda: sweep(1))[1] for _ in range(3))
+    inner = max(1, min(1000, round((0.02 if device.type == "cuda" else 0.05) / max(once, 1e-9))))
+    best = min(timed(lambda: sweep(inner))[1] for _ in range(repeats))
+    return {"rows": rows, "hidden": h, "intermediate": i, "weight_sets": sets, "dtype": str(dtype).replace("torch.", ""),
+            "device": str(device), "sweeps_per_repeat": inner, "repeats": repeats, "seconds": best / inner,
+            "flop_per_s": flops_per_sweep * inner / best}
 
 
 def run_engine(model, tok, prompts, spec, share: bool, pool_tokens: int, cascade: bool = True):
@@ -80,7 +138,11 @@ def analytic_ratio(spec: TreeSpec) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="smollm2, tiny, or a local model folder")
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2, tiny, random-qwen2-1.5b (Qwen2-1.5B-shaped, random weights), or a local model folder")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--matmul-repeats", type=int, default=5, help="timed sweeps of the matmul limit (best kept)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--branching", type=int, nargs="+", default=[2, 2, 2])
     parser.add_argument("--segment-tokens", type=int, default=32)
@@ -91,17 +153,24 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model, tok = load(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    model, tok = load(args.model, dtype, device)
     texts = (PROMPTS * args.prompts)[:args.prompts]
     if args.model == "tiny":
         texts = [f"{i + 1}+{i + 2}-3=" for i in range(args.prompts)]
     prompts = [tok(t)["input_ids"] for t in texts]
     spec = TreeSpec(tuple(args.branching), args.segment_tokens, max_prompt_tokens=256)
     flat = TreeSpec((spec.max_leaves,), spec.depth * spec.segment_tokens, max_prompt_tokens=256)
-    print(f"rollout benchmark on {machine()}; model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
-          f"params, {model.dtype}); {len(prompts)} prompts; tree {list(spec.branching)} x {spec.segment_tokens} "
-          f"tokens = {spec.max_leaves} leaves of {spec.max_new_tokens} tokens")
-
+    prompt_tokens = sum(len(p) for p in prompts)
+    counts = flops_per_token(model)
+    print(f"rollout benchmark on {machine()}, device {device}; model {args.model} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {counts['non_embedding_params'] / 1e6:.1f}M "
+          f"non-embedding + {counts['lm_head_params'] / 1e6:.1f}M LM head, {model.dtype}); {len(prompts)} prompts "
+          f"({prompt_tokens} tokens); tree {list(spec.branching)} x {spec.segment_tokens} tokens = {spec.max_leaves} "
+          f"leaves of {spec.max_new_tokens} tokens")
+    print("compared: engine_tree (the tree, shared prefixes), engine_noshare (each leaf an independent chain), "
+          "hf_generate (generate, num_return_sequences = leaves), engine_flat (depth-1 trees of the same leaves)")
     def best(fn):
         runs = [fn() for _ in range(args.repeats)]
         return min(runs, key=lambda r: r["seconds"])
@@ -113,11 +182,24 @@ def main(argv=None):
         "hf_generate": best(lambda: run_generate(model, tok, prompts, spec.max_leaves, spec.max_new_tokens)),
         "engine_flat": best(lambda: run_engine(model, tok, prompts, flat, True, args.pool_tokens, cascade)),
     }
+    # measured after the systems (the model's memory is in use, as during decoding) and once more; the faster kept,
+    # so that a passing disturbance of the machine does not lower the limit
+    limit = max((matmul_limit(model.config, model.dtype, device, rows=len(prompts) * spec.max_leaves,
+                              repeats=args.matmul_repeats) for _ in range(2)), key=lambda m: m["flop_per_s"])
+    print(f"matmul limit: {limit['flop_per_s'] / 1e12:.4g} TFLOP/s ({limit['rows']} rows x hidden {limit['hidden']} "
+          f"against {limit['hidden']}->{2 * limit['intermediate']}, {limit['intermediate']}->{limit['hidden']}, "
+          f"{limit['hidden']}->{limit['hidden']}, {limit['weight_sets']} weight sets, {limit['dtype']}, best of "
+          f"{limit['repeats']} x 2)")
     rows = []
     for name, r in systems.items():
         r["tokens_per_s"] = r["generated_tokens"] / r["seconds"]
-        rows.append({"system": name, **r, "kv_peak_MiB": r["kv_peak_bytes"] / 2**20})
-    print_table(rows, ["system", "leaves", "generated_tokens", "forward_tokens", "kv_peak_MiB", "seconds", "tokens_per_s"])
+        r["useful_tokens"] = r["generated_tokens"] + prompt_tokens  # every generated token is kept (EOS ignored)
+        r["useful_flop_per_s"] = r["useful_tokens"] * counts["flops_per_token"] / r["seconds"]
+        r["matmul_limit_fraction"] = r["useful_flop_per_s"] / limit["flop_per_s"]
+        rows.append({"system": name, **r, "kv_peak_MiB": r["kv_peak_bytes"] / 2**20,
+                     "useful_TFLOP_s": r["useful_flop_per_s"] / 1e12})
+    print_table(rows, ["system", "leaves", "generated_tokens", "forward_tokens", "kv_peak_MiB", "seconds", "tokens_per_s",
+                       "useful_TFLOP_s", "matmul_limit_fraction"])
     ratios = {
         "analytic_generated_token_ratio": analytic_ratio(spec),
         "measured_generated_token_ratio": systems["hf_generate"]["generated_tokens"] / systems["engine_tree"]["generated_tokens"],
@@ -127,10 +209,14 @@ def main(argv=None):
         "kv_peak_ratio_hf_generate_over_engine_tree": systems["hf_generate"]["kv_peak_bytes"] / systems["engine_tree"]["kv_peak_bytes"],
     }
     ratios["speedup_over_analytic"] = ratios["engine_tree_speedup_vs_hf_generate"] / ratios["analytic_generated_token_ratio"]
+    ratios["engine_flat_matmul_limit_fraction"] = systems["engine_flat"]["matmul_limit_fraction"]
+    ratios["engine_tree_matmul_limit_fraction"] = systems["engine_tree"]["matmul_limit_fraction"]
     for k, v in ratios.items():
-        print(f"{k}: {v:.2f}")
-    write_json(args.json, {"machine": machine(), "model": args.model, "cascade": cascade, "prompts": len(prompts),
-                           "branching": list(spec.branching), "segment_tokens": spec.segment_tokens,
+        print(f"{k}: {v:.3g}")
+    write_json(args.json, {"machine": machine(), "device": device, "dtype": str(model.dtype).replace("torch.", ""),
+                           "model": args.model, "cascade": cascade, "prompts": len(prompts),
+                           "prompt_tokens": prompt_tokens, "branching": list(spec.branching),
+                           "segment_tokens": spec.segment_tokens, **counts, "matmul_limit": limit,
                            "systems": systems, "ratios": ratios})
 
 

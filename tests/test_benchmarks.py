@@ -25,6 +25,15 @@ def test_rollout_benchmark_writes_ratios(tmp_path):
     systems = result["systems"]
     assert systems["engine_tree"]["leaves"] == systems["hf_generate"]["leaves"] == 16
     assert systems["engine_tree"]["forward_tokens"] < systems["engine_noshare"]["forward_tokens"]
+    # the useful FLOP rate against this CPU's decode-shaped matmul limit
+    assert result["matmul_limit"]["flop_per_s"] > 0 and result["matmul_limit"]["rows"] == 2 * 8
+    assert result["flops_per_token"] == 2 * (result["non_embedding_params"] + result["lm_head_params"])
+    for name in ("engine_tree", "engine_flat", "engine_noshare", "hf_generate"):
+        assert 0 < systems[name]["matmul_limit_fraction"] < 1.5, name
+        assert systems[name]["useful_tokens"] == systems[name]["generated_tokens"] + result["prompt_tokens"]
+    for name in ("engine_flat", "engine_tree"):
+        assert ratios[f"{name}_matmul_limit_fraction"] == systems[name]["matmul_limit_fraction"]
+        assert 0 < ratios[f"{name}_matmul_limit_fraction"] < 1.5
 
 
 def test_tree_ops_benchmark_writes_ratios(tmp_path):
