@@ -17,11 +17,12 @@ slots, siblings of a tree share their ancestors' pages). One kernel serves every
   (one key list per group, many query rows), each sequence's suffix ``[prefix_len, kv_len)`` separately,
   and the two partial results are merged exactly with their log-sum-exps (``merge_attention_states``).
 
-``paged_decode_backend`` is the engine's "triton" paged backend (``treerpo.attention.paged``): decode
-forwards (one new token per sequence) run the plain kernel, or the cascade when the metadata carries the
-sibling groups of the step (``PagedAttentionMetadata.groups``: each sequence's ``kv_slots`` are then its
-suffix), after writing the new K/V into the pool exactly as the PyTorch reference does; prefill forwards
-fall back to ``paged_attention_torch``.
+* cascade with the groups precomputed (``cascade_decode_grouped``): ``kv_slots`` are already each sequence's
+  suffix and the groups' query rows come as a CSR (``members``, ``member_start``), built once by the caller
+  for all layers (no host sync per layer).
+
+The kernels take tensors only; the engine's "triton" paged backend, which turns its metadata into these calls
+(and falls back to the PyTorch path for prefill), is ``treerpo.attention.triton_backends``.
 
 Dots run on the query dtype (fp16/bf16 operands, fp32 accumulation) on a GPU, exact fp32 for fp32, and
 fp32 for bf16 under ``TRITON_INTERPRET=1`` (the interpreter computes bf16 wrongly).
@@ -35,10 +36,8 @@ import triton.language as tl
 
 from ._common import dot_modes, interpreting
 
-from treerpo.attention.paged import paged_attention_torch, register_paged_backend
-
-__all__ = ["paged_decode_attention", "cascade_decode_attention", "merge_attention_states",
-           "paged_decode_backend"]
+__all__ = ["paged_decode_attention", "cascade_decode_attention", "cascade_decode_grouped", "merge_attention_states",
+           "merge_two"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -274,42 +273,22 @@ def _merge_with_prefix(q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_l
     return merge_attention_states(torch.cat((suf_o, pre_o)), torch.cat((suf_l, pre_l)))
 
 
-def _cascade_decode_groups(q, k_cache, v_cache, meta, scale):
-    """Cascade decode over the engine's metadata: ``meta.kv_slots`` are the suffixes, ``meta.groups`` the prefixes
-    and their members, precomputed once per forward (no host sync per layer) -> fp32 out [B, Hq, D]."""
-    _check(q, k_cache, v_cache, meta.kv_slots)
+def cascade_decode_grouped(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
+                           kv_len: torch.Tensor, prefix_slots: torch.Tensor, prefix_len: torch.Tensor,
+                           members: torch.Tensor, member_start: torch.Tensor, max_members: int,
+                           scale: float | None = None, splits: int | None = None) -> torch.Tensor:
+    """The cascade with its groups precomputed: ``kv_slots[b, :kv_len[b]]`` are sequence b's keys after its
+    group's prefix (its whole path when it is in no group); group g's prefix is ``prefix_slots[g,
+    :prefix_len[g]]`` and its query rows ``members[member_start[g]:member_start[g + 1]]``, at most
+    ``max_members`` of them (a host int: no device sync). -> out [B, Hq, D] in q's dtype."""
+    _check(q, k_cache, v_cache, kv_slots)
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     q = q if q.stride(2) == 1 else q.contiguous()
-    g = meta.groups
     b = q.shape[0]
     ar = torch.arange(b + 1, device=q.device, dtype=torch.int64)
-    suffix_len = (meta.query_key_pos[:, 0] + 1).contiguous()
-    suf_o, suf_l = _partial_attention(q, k_cache, v_cache, meta.kv_slots, torch.zeros_like(suffix_len), suffix_len,
-                                      ar, ar[:-1].contiguous(), 1, scale, splits=None,
-                                      max_keys=meta.kv_slots.shape[1])
-    out, _ = _merge_with_prefix(q, k_cache, v_cache, suf_o, suf_l, g.prefix_slots, g.prefix_len, g.members,
-                                g.member_start, g.member_rows.shape[1], scale, None)
-    return out
-
-
-def paged_decode_backend(module, query, key, value, meta, scale):
-    """The "triton" paged backend: ``paged_attention_torch``'s signature and result; decode forwards (one new
-    token per sequence) run ``paged_decode_attention``, or the cascade when the metadata carries sibling groups
-    (``meta.groups``); prefill forwards the PyTorch reference."""
-    if meta.query_rows.shape[1] != 1:
-        return paged_attention_torch(module, query, key, value, meta, scale)
-    layer = module.layer_idx
-    meta.pool.write(layer, meta.write_slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    rows = meta.query_rows[:, 0]
-    q = query[0].transpose(0, 1)[rows]  # [B, Hq, D]
-    if meta.groups is not None:
-        out = _cascade_decode_groups(q, meta.pool.k[layer], meta.pool.v[layer], meta, scale)
-    else:
-        kv_len = meta.query_key_pos[:, 0] + 1
-        out = paged_decode_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.kv_slots, kv_len, scale=scale)
-    packed = query.new_empty((query.shape[2], query.shape[1], query.shape[3]))
-    packed[rows] = out.to(query.dtype)
-    return packed[None]
-
-
-register_paged_backend("triton", paged_decode_backend)
+    kv_len = kv_len.contiguous()
+    suf_o, suf_l = _partial_attention(q, k_cache, v_cache, kv_slots, torch.zeros_like(kv_len), kv_len,
+                                      ar, ar[:-1].contiguous(), 1, scale, splits=splits, max_keys=kv_slots.shape[1])
+    out, _ = _merge_with_prefix(q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_len, members,
+                                member_start, max_members, scale, splits)
+    return out.to(q.dtype)

@@ -1,9 +1,12 @@
 """Tree attention in Triton: flash-style forward and backward over the key tiles of a skip list.
 
 Token q sees token k iff ``tin[k] <= tin[q] < tout[k]`` (k is an ancestor-or-self of q in a packed
-depth-first batch). Queries and keys are cut into tiles of ``BLOCK`` rows; ``treerpo.tile_skip``
-lists, per query tile, the key tiles holding at least one visible pair (a CSR computed once per batch
-and shared by every head and layer through ``cache``). The kernels visit only those tiles:
+depth-first batch). Queries and keys are cut into tiles of ``block`` rows (``block_config``); the caller
+passes, as tensors, the skip list of those tiles: per query tile the key tiles holding at least one
+visible pair (a CSR ``offsets``/``key_tiles``) and its transpose, per key tile the query tiles that see
+it (``q_offsets``/``q_tiles``). This module knows nothing of trees beyond ``tin``/``tout``: the lists are
+computed (once per batch, shared by every head and layer) by the caller, ``treerpo.attention.triton_backends``.
+The kernels visit only those tiles:
 
 * forward: one program per (query tile, query head); online softmax in fp32 (base 2), the output and
   the log-sum-exp (base 2, per row) are stored for the backward;
@@ -25,7 +28,7 @@ import triton.language as tl
 
 from ._common import dot_modes, interpreting
 
-from treerpo.tile_skip import tile_skip
+__all__ = ["triton_tree_attention", "TreeAttentionFunction", "block_config"]
 
 LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(-inf - _NEG) = 0, never NaN
@@ -197,48 +200,23 @@ def _tree_attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TIN, TOUT, OFFSETS, KEY_TILES
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# ------------------------------------------------------------------------------------------ skip lists
-def transpose_skip(offsets: torch.Tensor, key_tiles: torch.Tensor, num_k_tiles: int):
-    """CSR by query tile -> CSR by key tile: ``(q_offsets int64 [num_k_tiles + 1], q_tiles int32)``,
-    the query tiles of each key tile ascending."""
-    offsets = offsets.long()
-    num_q = offsets.numel() - 1
-    q_of_pair = torch.repeat_interleave(torch.arange(num_q, device=offsets.device), offsets.diff())
-    order = torch.sort(key_tiles.long(), stable=True).indices  # pairs are ascending by query tile: stable keeps it
-    counts = torch.bincount(key_tiles.long(), minlength=num_k_tiles)
-    q_offsets = torch.zeros(num_k_tiles + 1, dtype=torch.long, device=offsets.device)
-    torch.cumsum(counts, 0, out=q_offsets[1:])
-    return q_offsets, q_of_pair[order].to(torch.int32)
-
-
-def _block_config(head_dim: int, n: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): one tile size for queries and keys, so one skip list serves forward and backward."""
+# ------------------------------------------------------------------------------------------- host side
+def block_config(head_dim: int, n: int) -> tuple[int, int]:
+    """(block, num_warps): one tile size for queries and keys, so one skip list serves forward and backward."""
     if interpreting():
         return 16, 1
     block = 64 if n > 64 else max(16, triton.next_power_of_2(n))
     return block, (8 if head_dim > 64 else 4)
 
 
-def _skip_lists(tin: torch.Tensor, tout: torch.Tensor, block: int, device, cache: dict | None) -> dict:
-    key = ("triton_skip", block, str(device))
-    if cache is not None and key in cache:
-        return cache[key]
-    n = tin.numel()
-    offsets, key_tiles = tile_skip(tin.cpu(), tout.cpu(), block, block)
-    q_offsets, q_tiles = transpose_skip(offsets, key_tiles, -(-n // block))
-    lists = {"tin": tin.to(device=device, dtype=torch.int32).contiguous(),
-             "tout": tout.to(device=device, dtype=torch.int32).contiguous(),
-             "offsets": offsets.to(device), "key_tiles": key_tiles.to(device),
-             "q_offsets": q_offsets.to(device), "q_tiles": q_tiles.to(device)}
-    if cache is not None:
-        cache[key] = lists
-    return lists
-
-
 # ------------------------------------------------------------------------------------------- autograd
 class TreeAttentionFunction(torch.autograd.Function):
+    """``skip``: (tin, tout, offsets, key_tiles, q_offsets, q_tiles) on the inputs' device (int32, int32,
+    int64, int32, int64, int32), kept on ``ctx`` (not saved tensors) for the backward."""
+
     @staticmethod
-    def forward(ctx, query, key, value, lists, scale, block, num_warps):
+    def forward(ctx, query, key, value, skip, scale, block, num_warps):
+        tin, tout, offsets, key_tiles = skip[:4]
         b, hq, n, d = query.shape
         hkv = key.shape[1]
         q = query.reshape(b * hq, n, d).contiguous()
@@ -249,13 +227,13 @@ class TreeAttentionFunction(torch.autograd.Function):
         dot_fp32, precision = dot_modes(q.dtype)
         block_d = max(16, triton.next_power_of_2(d))
         grid = (triton.cdiv(n, block), b * hq)
-        _tree_attn_fwd[grid](q, k, v, o, lse, lists["tin"], lists["tout"], lists["offsets"], lists["key_tiles"],
+        _tree_attn_fwd[grid](q, k, v, o, lse, tin, tout, offsets, key_tiles,
                              n, hq, hkv, hq // hkv, scale * LOG2E,
                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
                              HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block,
                              DOT_FP32=dot_fp32, PRECISION=precision, num_warps=num_warps)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.lists, ctx.scale, ctx.block, ctx.num_warps = lists, scale, block, num_warps
+        ctx.skip, ctx.scale, ctx.block, ctx.num_warps = skip, scale, block, num_warps
         ctx.shape = (b, hq, hkv, n, d)
         return o.view(b, hq, n, d)
 
@@ -263,7 +241,8 @@ class TreeAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, o, lse = ctx.saved_tensors
         b, hq, hkv, n, d = ctx.shape
-        lists, block, scale = ctx.lists, ctx.block, ctx.scale
+        tin, tout, offsets, key_tiles, q_offsets, q_tiles = ctx.skip
+        block, scale = ctx.block, ctx.scale
         do = grad_out.reshape(b * hq, n, d).contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()  # [B*Hq, N]
         dot_fp32, precision = dot_modes(q.dtype)
@@ -276,11 +255,11 @@ class TreeAttentionFunction(torch.autograd.Function):
         common = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, DOT_FP32=dot_fp32,
                       PRECISION=precision, num_warps=ctx.num_warps)
         _tree_attn_bwd_dkdv[(num_tiles, b * hq)](
-            q, k, v, do, lse, delta, dk, dv, lists["tin"], lists["tout"], lists["q_offsets"], lists["q_tiles"],
+            q, k, v, do, lse, delta, dk, dv, tin, tout, q_offsets, q_tiles,
             n, hq, hkv, group, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), dk.stride(0), dk.stride(1), **common)
         _tree_attn_bwd_dq[(num_tiles, b * hq)](
-            q, k, v, do, lse, delta, dq, lists["tin"], lists["tout"], lists["offsets"], lists["key_tiles"],
+            q, k, v, do, lse, delta, dq, tin, tout, offsets, key_tiles,
             n, hq, hkv, group, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), **common)
         dk = dk.view(b, hkv, group, n, d).sum(2).to(k.dtype)
@@ -289,12 +268,16 @@ class TreeAttentionFunction(torch.autograd.Function):
 
 
 def triton_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tin: torch.Tensor,
-                          tout: torch.Tensor, scale: float | None = None, cache: dict | None = None,
-                          block: int | None = None) -> torch.Tensor:
+                          tout: torch.Tensor, offsets: torch.Tensor, key_tiles: torch.Tensor,
+                          q_offsets: torch.Tensor, q_tiles: torch.Tensor, block: int, scale: float | None = None,
+                          num_warps: int | None = None) -> torch.Tensor:
     """query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, Hq, N, D]; the layout of ``sdpa_tree_attention``.
 
-    ``cache`` (a dict shared by the layers of one forward) keeps the skip lists, so they are computed once
-    per batch. ``block`` overrides the tile size (queries and keys alike)."""
+    ``tin``/``tout`` [N]: the tokens' intervals. The skip list of tiles of ``block`` rows (queries and keys
+    alike): ``offsets`` [ceil(N / block) + 1] and ``key_tiles``, the key tiles of query tile i being
+    ``key_tiles[offsets[i]:offsets[i + 1]]`` (every tile holding a visible pair, ascending); ``q_offsets`` and
+    ``q_tiles``, its transpose (the query tiles of each key tile, ascending), for the dK/dV backward.
+    ``num_warps`` defaults to ``block_config``'s."""
     b, hq, n, d = query.shape
     if key.shape[1] == 0 or hq % key.shape[1]:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({key.shape[1]})")
@@ -302,8 +285,17 @@ def triton_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
         raise ValueError(f"tin/tout have {tin.numel()}/{tout.numel()} entries for {n} tokens")
     if n == 0:
         return query.new_empty(query.shape)
-    default_block, num_warps = _block_config(d, n)
-    block = block or default_block
+    num_tiles = -(-n // block)
+    if offsets.numel() != num_tiles + 1 or q_offsets.numel() != num_tiles + 1:
+        raise ValueError(f"skip lists of {offsets.numel() - 1}/{q_offsets.numel() - 1} tiles for {num_tiles} "
+                         f"tiles of {block} rows")
+    if num_warps is None:
+        num_warps = block_config(d, n)[1]
     scale = d ** -0.5 if scale is None else float(scale)
-    lists = _skip_lists(tin, tout, block, query.device, cache)
-    return TreeAttentionFunction.apply(query, key, value, lists, scale, block, num_warps)
+    dev = query.device
+    skip = (tin.to(device=dev, dtype=torch.int32).contiguous(), tout.to(device=dev, dtype=torch.int32).contiguous(),
+            offsets.to(device=dev, dtype=torch.int64).contiguous(),
+            key_tiles.to(device=dev, dtype=torch.int32).contiguous(),
+            q_offsets.to(device=dev, dtype=torch.int64).contiguous(),
+            q_tiles.to(device=dev, dtype=torch.int32).contiguous())
+    return TreeAttentionFunction.apply(query, key, value, skip, scale, block, num_warps)

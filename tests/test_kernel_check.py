@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from helpers import random_tree, tiny_model  # noqa: E402
 from treerpo.attention import kernel_check, registry  # noqa: E402
-from treerpo.attention.paged import register_paged_backend, get_paged_backend  # noqa: E402
+from treerpo.attention.registry import register_paged_backend, get_paged_backend  # noqa: E402
 from treerpo.logprobs import packed_logprobs  # noqa: E402
 from treerpo.packing import pack_trees  # noqa: E402
 
@@ -23,8 +23,8 @@ CPU = torch.device("cpu")
 def fresh_verdicts(monkeypatch):
     monkeypatch.setattr(kernel_check, "_verdicts", {})
     monkeypatch.setattr(kernel_check, "_enabled", True)
-    assert registry._register_triton()
-    import treerpo.kernels.paged_decode  # noqa: F401  (registers the "triton" paged backend)
+    assert registry._register_triton("tree")
+    assert registry._register_triton("paged")
 
 
 def test_the_real_kernels_pass(caplog):
@@ -36,7 +36,7 @@ def test_the_real_kernels_pass(caplog):
 
 def test_a_wrong_tree_kernel_falls_back_and_results_equal_the_reference(monkeypatch, caplog):
     real = registry.get_tree_backend("triton")
-    monkeypatch.setitem(registry._BACKENDS, "triton", lambda *a, **k: real(*a, **k) * 1.01)
+    monkeypatch.setitem(registry._BACKENDS["tree"], "triton", lambda *a, **k: real(*a, **k) * 1.01)
     rng = np.random.default_rng(0)
     batch = pack_trees([random_tree(rng, 6), random_tree(rng, 4)])
     model = tiny_model("qwen2")
@@ -66,6 +66,6 @@ def test_a_failing_paged_kernel_falls_back(monkeypatch, caplog):
 
 
 def test_the_check_can_be_turned_off(monkeypatch):
-    monkeypatch.setitem(registry._BACKENDS, "triton", lambda *a, **k: pytest.fail("the check ran the kernel"))
+    monkeypatch.setitem(registry._BACKENDS["tree"], "triton", lambda *a, **k: pytest.fail("the check ran the kernel"))
     kernel_check.set_kernel_verification(False)
     assert kernel_check.checked_backend("tree", "triton", CPU, torch.float32) == "triton"

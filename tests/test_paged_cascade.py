@@ -9,7 +9,7 @@ import torch
 
 from helpers import tiny_model
 
-from treerpo.attention import paged
+from treerpo.attention import registry
 from treerpo.attention.paged import PagedAttentionMetadata, paged_attention_torch
 from treerpo.engine.kv_pool import KVPool
 from treerpo.engine.model_runner import ModelRunner, SequenceStep, SharedPrefixes, kv_shape
@@ -133,7 +133,7 @@ def spy_on_groups(monkeypatch) -> list[bool]:
         seen.append(meta.groups is not None)
         return paged_attention_torch(module, query, key, value, meta, scale)
 
-    monkeypatch.setitem(paged._PAGED_BACKENDS, "torch", spy)
+    monkeypatch.setitem(registry._BACKENDS["paged"], "torch", spy)
     return seen
 
 

@@ -20,16 +20,24 @@ triton = pytest.importorskip("triton")
 from helpers import tiny_model  # noqa: E402
 from test_paged_cascade import LAYER, cascade_and_plain_metadata, random_decode_groups  # noqa: E402
 
-from treerpo.attention.paged import PagedAttentionMetadata, get_paged_backend  # noqa: E402
+from treerpo.attention import registry, triton_backends  # noqa: E402
+from treerpo.attention.paged import PagedAttentionMetadata  # noqa: E402
+from treerpo.attention.registry import get_paged_backend  # noqa: E402
+from treerpo.attention.triton_backends import paged_decode_backend  # noqa: E402
 from treerpo.engine import model_runner  # noqa: E402
 from treerpo.engine.kv_pool import KVPool  # noqa: E402
 from treerpo.engine.model_runner import ModelRunner, SequenceStep, kv_shape  # noqa: E402
-from treerpo.kernels import paged_decode  # noqa: E402
 from treerpo.kernels.paged_decode import (EMPTY_LSE, cascade_decode_attention, merge_attention_states,  # noqa: E402
-                                          merge_two, paged_decode_attention, paged_decode_backend)
+                                          merge_two, paged_decode_attention)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def triton_paged_backend():
+    """The "triton" paged backend registered, as ``default_paged_backend`` does on CUDA (not at kernel import)."""
+    assert registry._register_triton("paged")
 
 
 def reference(q, k_cache, v_cache, kv_slots, kv_len, scale=None):
@@ -176,6 +184,7 @@ def test_backend_matches_the_torch_backend_and_falls_back_for_prefill():
         got = paged_decode_backend(module, q, k, v, meta, None)
         assert got.shape == ref.shape == (1, n, hq, d)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert registry._register_triton("paged")
     assert get_paged_backend("triton") is paged_decode_backend
 
 
@@ -208,9 +217,9 @@ def test_engine_forward_with_the_triton_backend(monkeypatch):
         calls.append(1)
         return paged_decode_backend(*args)
 
-    from treerpo.attention import kernel_check, paged
+    from treerpo.attention import kernel_check
     monkeypatch.setattr(kernel_check, "_enabled", False)  # counts the model's calls only (the check: test_kernel_check)
-    monkeypatch.setitem(paged._PAGED_BACKENDS, "triton", spy)
+    monkeypatch.setitem(registry._BACKENDS["paged"], "triton", spy)
     logits = {}
     rng = np.random.default_rng(0)
     prompt = rng.integers(1, 40, size=7).tolist()
@@ -244,8 +253,8 @@ def test_tree_sampler_with_the_triton_backend_samples_the_same_trees(monkeypatch
     prompts = [tok(p)["input_ids"] for p in ("12+3-4=", "7-19+2=")]
     spec = TreeSpec((2, 2), segment_tokens=3, temperature=1.0)
     cascade_calls = []
-    monkeypatch.setattr(paged_decode, "_cascade_decode_groups",
-                        lambda *args, f=paged_decode._cascade_decode_groups: cascade_calls.append(1) or f(*args))
+    monkeypatch.setattr(triton_backends, "cascade_decode",
+                        lambda *args, f=triton_backends.cascade_decode: cascade_calls.append(1) or f(*args))
     trees = {}
     for backend in ("torch", "triton"):
         monkeypatch.setattr(model_runner, "default_paged_backend", lambda device, b=backend: b)
@@ -272,7 +281,7 @@ def test_default_paged_backend_on_cuda_and_its_fallback(monkeypatch, caplog):
     assert model_runner.default_paged_backend("cuda") == "triton"
     monkeypatch.delitem(cache, kernel)  # forget the import (restored after the test)
     monkeypatch.setitem(sys.modules, kernel, None)  # import now raises ImportError
-    with caplog.at_level("WARNING", logger=model_runner.__name__):
+    with caplog.at_level("WARNING", logger=registry.__name__):
         assert model_runner.default_paged_backend(torch.device("cuda", 0)) == "torch"
         assert model_runner.default_paged_backend("cuda") == "torch"
     assert len([r for r in caplog.records if "Triton paged decode attention unavailable" in r.message]) == 1

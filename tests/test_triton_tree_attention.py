@@ -24,7 +24,7 @@ from helpers import random_tree  # noqa: E402
 
 from treerpo.attention import registry  # noqa: E402
 from treerpo.attention.sdpa_backend import interval_mask, sdpa_tree_attention  # noqa: E402
-from treerpo.kernels.tree_attention import _skip_lists, transpose_skip, triton_tree_attention  # noqa: E402
+from treerpo.attention.triton_backends import skip_lists, transpose_skip, triton_tree_backend  # noqa: E402
 from treerpo.packing import pack_trees  # noqa: E402
 from treerpo.tile_skip import tile_skip_dense  # noqa: E402
 
@@ -51,8 +51,8 @@ def _run(batch, hq, hkv, d, dtype, seed=0, cache=None, scale=None):
     q, k, v = (torch.randn(1, h, n, d, generator=gen).to(DEVICE, dtype) for h in (hq, hkv, hkv))
     grad = torch.randn(1, hq, n, d, generator=gen).to(DEVICE, dtype)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = triton_tree_attention(*leaves, batch.tin.to(DEVICE), batch.tout.to(DEVICE), scale=scale,
-                                cache={} if cache is None else cache, block=BLOCK)
+    out = triton_tree_backend(*leaves, batch.tin.to(DEVICE), batch.tout.to(DEVICE), scale=scale,
+                              cache={} if cache is None else cache, block=BLOCK)
     grads = torch.autograd.grad(out, leaves, grad)
     ref_leaves = [x.float().clone().requires_grad_() for x in (q, k, v)]
     ref = sdpa_tree_attention(*ref_leaves, batch.tin.to(DEVICE), batch.tout.to(DEVICE), scale=scale)
@@ -130,7 +130,7 @@ def test_kernel_visits_only_the_skip_list():
 def test_transposed_skip_list_is_brute_force(case, block):
     batch = _batch(case)
     n = batch.tin.numel()
-    lists = _skip_lists(batch.tin, batch.tout, block, "cpu", None)
+    lists = skip_lists(batch.tin, batch.tout, block, "cpu", None)
     offsets, key_tiles = tile_skip_dense(batch.tin, batch.tout, block, block)
     assert torch.equal(lists["offsets"], offsets) and torch.equal(lists["key_tiles"], key_tiles)
     num_tiles = -(-n // block)
@@ -149,16 +149,16 @@ def test_bad_shapes_refused():
     n = batch.tin.numel()
     q, k = torch.randn(1, 3, n, 16), torch.randn(1, 2, n, 16)
     with pytest.raises(ValueError, match="multiple"):
-        triton_tree_attention(q, k, k, batch.tin, batch.tout)
+        triton_tree_backend(q, k, k, batch.tin, batch.tout)
     with pytest.raises(ValueError, match="entries"):
-        triton_tree_attention(q[:, :2], k, k, batch.tin[:-1], batch.tout[:-1])
+        triton_tree_backend(q[:, :2], k, k, batch.tin[:-1], batch.tout[:-1])
 
 
 def test_default_backend():
     assert registry.default_tree_backend("cpu") == "paths"
     assert registry.default_tree_backend(torch.device("cpu")) == "paths"
     assert registry._register_triton()
-    assert registry.get_tree_backend("triton") is triton_tree_attention
+    assert registry.get_tree_backend("triton") is triton_tree_backend
     if torch.cuda.is_available():
         assert registry.default_tree_backend("cuda") == "triton"
 
@@ -178,9 +178,9 @@ def test_packed_logprobs_through_triton_backend(monkeypatch):
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("cache"))
-        return triton_tree_attention(*args, **kwargs)
+        return triton_tree_backend(*args, **kwargs)
 
-    monkeypatch.setitem(registry._BACKENDS, "triton", counted)
+    monkeypatch.setitem(registry._BACKENDS["tree"], "triton", counted)
     rng = np.random.default_rng(5)
     batch = pack_trees([random_tree(rng, 5), random_tree(rng, 3, shape="chain")])
     model = tiny_model("qwen2").to(DEVICE)

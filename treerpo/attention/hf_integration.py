@@ -21,8 +21,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .context import current_tree_metadata
 from .kernel_check import checked_backend
-from .paged import PagedAttentionMetadata, get_paged_backend
-from .registry import get_tree_backend
+from .paged import PagedAttentionMetadata
+from .registry import get_paged_backend, get_tree_backend
 
 ATTENTION_NAME = "tree"
 METADATA_KWARG = "treerpo_metadata"

@@ -107,7 +107,8 @@ def _tree_error(device, dtype, hq: int, hkv: int, d: int) -> float:
 
 
 def _paged_error(device, dtype, hq: int, hkv: int, d: int) -> float:
-    from .paged import PagedAttentionMetadata, get_paged_backend
+    from .paged import PagedAttentionMetadata
+    from .registry import get_paged_backend
 
     from ..engine.kv_pool import KVPool
 

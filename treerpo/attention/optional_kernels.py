@@ -8,7 +8,7 @@ For a single causal sequence (e.g. the prompt-only prefix pass) ``causal_prefix_
 
 On CUDA with neither package importable, one line is logged (once) naming the fallback. Not wired into
 the engine: a helper for callers and benchmarks. ``import_optional`` (import once, say once when it fails)
-also serves the Triton kernels' registration (``registry.py``, ``engine/model_runner.py``).
+also serves the Triton kernels' registration (``registry.py``).
 """
 from __future__ import annotations
 

@@ -185,17 +185,3 @@ def _cascade_decode_torch(query, meta: PagedAttentionMetadata, layer: int, scale
     weight = torch.sigmoid(prefix_lse - lse).unsqueeze(-1)
     return torch.lerp(out, prefix_out, weight).reshape(b, hq, d).to(query.dtype)[None]
 
-
-_PAGED_BACKENDS = {"torch": paged_attention_torch}
-
-
-def register_paged_backend(name: str, fn) -> None:
-    """Add a decode/prefill backend over the KV pool (e.g. a Triton paged kernel), selected by ``backend``."""
-    _PAGED_BACKENDS[name] = fn
-
-
-def get_paged_backend(name: str):
-    try:
-        return _PAGED_BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown paged attention backend {name!r}; available: {sorted(_PAGED_BACKENDS)}") from None

@@ -1,52 +1,124 @@
-"""Tree attention backends by name: ``tree_attention(q, k, v, tin, tout, scale, cache) -> out``."""
+"""Attention backends by kind and name, in one registry.
+
+* ``"tree"``: ``fn(q, k, v, tin, tout, scale, cache) -> out``, the attention of a packed tree batch
+  (``sdpa``, ``paths``, ``flex`` where FlexAttention imports, ``triton`` on CUDA);
+* ``"paged"``: ``fn(module, query, key, value, meta, scale) -> out``, the engine's attention over its KV pool
+  (``torch``, ``triton`` on CUDA).
+
+The "triton" backends (``triton_backends.py``, adapting ``treerpo.kernels``) are registered lazily, when a
+default backend is asked for a CUDA device and the kernel imports; when it does not, one warning, and the
+PyTorch backend is the default.
+"""
 from __future__ import annotations
 
 import logging
 from typing import Callable
 
 from .optional_kernels import import_optional
+from .paged import paged_attention_torch
 from .paths_backend import paths_tree_attention
 from .sdpa_backend import sdpa_tree_attention
 
 TreeAttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
+PagedAttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 
-_BACKENDS: dict[str, TreeAttentionFn] = {"sdpa": sdpa_tree_attention, "paths": paths_tree_attention}
+KINDS = {"tree": "tree attention", "paged": "paged attention"}
+_BACKENDS: dict[str, dict[str, Callable]] = {
+    "tree": {"sdpa": sdpa_tree_attention, "paths": paths_tree_attention},
+    "paged": {"torch": paged_attention_torch},
+}
+# kind -> (kernel module, notice when it does not import, the backend used instead)
+_TRITON = {
+    "tree": ("treerpo.kernels.tree_attention", "Triton tree attention unavailable (%s: %s); using the sdpa backend.",
+             "sdpa"),
+    "paged": ("treerpo.kernels.paged_decode",
+              "Triton paged decode attention unavailable (%s: %s); using the torch paged backend.", "torch"),
+}
 logger = logging.getLogger(__name__)
 
 
+def _backends(kind: str) -> dict[str, Callable]:
+    try:
+        return _BACKENDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown attention backend kind {kind!r}; kinds: {sorted(_BACKENDS)}") from None
+
+
+def register_backend(kind: str, name: str, fn: Callable) -> None:
+    """Add (or replace) the ``kind`` backend ``name``."""
+    _backends(kind)[name] = fn
+
+
+def get_backend(kind: str, name: str) -> Callable:
+    backends = _backends(kind)
+    try:
+        return backends[name]
+    except KeyError:
+        raise ValueError(f"unknown {KINDS[kind]} backend {name!r}; available: {sorted(backends)}") from None
+
+
+def available_backends(kind: str) -> list[str]:
+    return sorted(_backends(kind))
+
+
+def _register_triton(kind: str = "tree") -> bool:
+    """Import the Triton kernel of ``kind`` and register its backend as "triton" (once); when the kernel does
+    not import, one notice, False."""
+    module, notice, _ = _TRITON[kind]
+    if import_optional(module, notice, logger) is None:
+        return False
+    if "triton" not in _backends(kind):
+        from .triton_backends import BACKENDS
+
+        register_backend(kind, "triton", BACKENDS[kind])
+    return True
+
+
+def _default_backend(kind: str, device, cpu_default: str) -> str:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return "triton" if _register_triton(kind) else _TRITON[kind][2]
+    return cpu_default
+
+
+# ---------------------------------------------------------------------------------- the names callers use
 def register_tree_backend(name: str, fn: TreeAttentionFn) -> None:
-    _BACKENDS[name] = fn
+    register_backend("tree", name, fn)
 
 
 def get_tree_backend(name: str) -> TreeAttentionFn:
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown tree attention backend {name!r}; available: {sorted(_BACKENDS)}") from None
+    return get_backend("tree", name)
 
 
 def available_tree_backends() -> list[str]:
-    return sorted(_BACKENDS)
-
-
-def _register_triton() -> bool:
-    """Import the Triton kernel and register it as "triton" (once); when it does not import, one notice, False."""
-    kernel = import_optional("treerpo.kernels.tree_attention",
-                             "Triton tree attention unavailable (%s: %s); using the sdpa backend.", logger)
-    if kernel is not None and "triton" not in _BACKENDS:
-        register_tree_backend("triton", kernel.triton_tree_attention)
-    return kernel is not None
+    return available_backends("tree")
 
 
 def default_tree_backend(device) -> str:
     """The fastest backend for a device: ``triton`` on CUDA when triton imports (else ``sdpa``, whose memory does
     not grow with prompt length x chunks), ``paths`` on CPU (its cost follows the visible pairs; ``sdpa``, the
     dense-mask reference, pays the square of each tree)."""
-    import torch
+    return _default_backend("tree", device, "paths")
 
-    if torch.device(device).type == "cuda":
-        return "triton" if _register_triton() else "sdpa"
-    return "paths"
+
+def register_paged_backend(name: str, fn: PagedAttentionFn) -> None:
+    """Add a decode/prefill backend over the KV pool (e.g. a Triton paged kernel), selected by ``backend``."""
+    register_backend("paged", name, fn)
+
+
+def get_paged_backend(name: str) -> PagedAttentionFn:
+    return get_backend("paged", name)
+
+
+def available_paged_backends() -> list[str]:
+    return available_backends("paged")
+
+
+def default_paged_backend(device) -> str:
+    """"triton" (the paged decode kernel of ``treerpo.kernels.paged_decode``) on CUDA when it imports, else
+    "torch"; says once when CUDA is there but the kernel does not import."""
+    return _default_backend("paged", device, "torch")
 
 
 def _register_flex() -> bool:

@@ -19,22 +19,12 @@ from ..attention import enable_tree_attention
 from ..attention.context import attention_metadata
 from ..attention.optional_kernels import import_optional
 from ..attention.paged import PagedAttentionMetadata
+from ..attention.registry import default_paged_backend  # looked up here by ModelRunner (tests patch it)
 from ..lm_head import LMHead
 from ..logprobs import decoder_of
 
 logger = logging.getLogger(__name__)
 CASCADE_MIN_SAVED_BYTES = 1 << 20
-
-
-def default_paged_backend(device) -> str:
-    """"triton" (the paged decode kernel of ``treerpo.kernels.paged_decode``) on CUDA when it imports, else
-    "torch"; says once when CUDA is there but the kernel does not import."""
-    if torch.device(device).type != "cuda":
-        return "torch"
-    kernel = import_optional("treerpo.kernels.paged_decode",  # importing it registers the "triton" paged backend
-                             "Triton paged decode attention unavailable (%s: %s); using the torch paged backend.",
-                             logger)
-    return "triton" if kernel is not None else "torch"
 
 
 @dataclass
