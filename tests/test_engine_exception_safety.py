@@ -42,11 +42,11 @@ def test_exception_releases_every_slot_and_lock(model_and_tokenizer, share_prefi
     sampler = TreeSampler(model, tok, pool_tokens=2048, share_prefixes=share_prefixes)
     sampler.sample(prompts[:1], spec, seeds=[0])  # something cached and unlocked beforehand
     free, cached = sampler.pool.free_tokens, sampler.cache.total_cached_tokens
-    real_forward = sampler.runner.forward
-    sampler.runner.forward = failing_after(real_forward, calls, error)
+    real_forward = sampler.runner.run  # every forward of the engine (prefill and decode)
+    sampler.runner.run = failing_after(real_forward, calls, error)
     with pytest.raises(error):
         sampler.sample(prompts, spec, seeds=range(len(prompts)))
-    sampler.runner.forward = real_forward
+    sampler.runner.run = real_forward
     sampler.cache.check_invariants()
     assert sampler.cache.evictable_tokens == sampler.cache.matchable_tokens, "a node is still locked"
     assert sampler.pool.free_tokens + sampler.cache.total_cached_tokens == free + cached, "slots leaked"

@@ -73,17 +73,44 @@ def check_finite_logits(logits: torch.Tensor) -> None:
     """NaN or +inf logits mean diverged weights: refuse to sample (torch.multinomial would fail with a device
     assert on CUDA, and an inverse-CDF draw would silently pick garbage). -inf (a masked token) is fine."""
     if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
-        from ..finite_guard import NonFiniteError
-
-        raise NonFiniteError("the model's next-token logits are not finite (NaN or +inf): its weights have "
-                             "diverged or overflowed; sampling stopped")
+        raise_nonfinite()
 
 
 def seeded_draw(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Inverse-CDF draw in fp64: token = first index whose cumulative probability exceeds u * total."""
-    scaled = truncate_logits(logits.double() / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(scaled, -1)
+    """Inverse-CDF draw in fp64 at one fp64 uniform of each row's generator."""
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators])
-    cdf = probs.cumsum(-1)
-    tokens = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True).squeeze(1)
-    return tokens.clamp(max=probs.shape[-1] - 1)
+    return inverse_cdf(logits, params, u[:, None].to(logits.device)).squeeze(1)
+
+
+def inverse_cdf(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> torch.Tensor:
+    """logits [R, V], fp64 uniforms u [R, K] -> tokens [R, K]: for each uniform, the first index whose cumulative
+    probability (fp64, after temperature and truncation) exceeds u * total. K draws of a row share its CDF."""
+    scaled = truncate_logits(logits.double() / params.temperature, params.top_k, params.top_p)
+    cdf = torch.softmax(scaled, -1).cumsum(-1)
+    tokens = torch.searchsorted(cdf, u.to(cdf.dtype) * cdf[:, -1:], right=True)
+    return tokens.clamp(max=cdf.shape[-1] - 1)
+
+
+def draw(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """Batched draws for the engine, without any host synchronisation: logits [R, V] and fp64 uniforms u [R, K]
+    (ignored when greedy) -> (tokens [R, K], their log-probs under ``logits / temperature`` [R, K] in fp32, a
+    bool scalar tensor: some logit is NaN or +inf). Row r's K draws (a node's children) share its CDF."""
+    logits = logits.float()
+    bad = torch.isnan(logits).any() | torch.isposinf(logits).any()
+    k = u.shape[1]
+    if params.temperature == 0:
+        tokens = logits.argmax(-1, keepdim=True).expand(-1, k)
+        logprobs = torch.log_softmax(logits, -1)
+    else:
+        logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0)  # refused after the draw; keeps the CDF sane
+        tokens = inverse_cdf(logits, params, u)
+        logprobs = torch.log_softmax(logits / params.temperature, -1)
+    return tokens, logprobs.gather(1, tokens), bad
+
+
+def raise_nonfinite() -> None:
+    from ..finite_guard import NonFiniteError
+
+    raise NonFiniteError("the model's next-token logits are not finite (NaN or +inf): its weights have "
+                         "diverged or overflowed; sampling stopped")

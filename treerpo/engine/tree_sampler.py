@@ -10,8 +10,7 @@ waits, never fails half-way.
 """
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+import time
 from typing import Sequence
 
 import numpy as np
@@ -20,44 +19,15 @@ import torch
 from ..generation import eos_token_ids
 from ..reference_sampler import check_prompt_lengths
 from ..tree import Tree, TreeSpec
+from .block_manager import BlockManager
+from .branch_seeds import child_seeds, root_seeds, uniforms
 from .kv_pool import KVPool, RequestTooLarge
-from .model_runner import ModelRunner, SequenceStep, SharedPrefixes, kv_shape
+from .model_runner import ModelRunner, kv_shape
 from .radix_cache import RadixCache
-from .sampling import SamplingParams, sample_next
-
-
-@dataclass
-class _Branch:
-    tree: int
-    parent: int  # record index of the parent node (0 = the prompt)
-    child_index: int
-    depth: int  # 1-based level of the node this branch is generating
-    path_slots: np.ndarray  # int64 slots of everything before this segment
-    generator: torch.Generator | None
-    seed_path: tuple
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    own_slots: list[int] = field(default_factory=list)
-    done: bool = False  # completed: its own slots belong to the tree's slots_to_free
-
-
-@dataclass
-class _TreeState:
-    prompt: list[int]
-    info: dict
-    seed: int | None
-    worst_tokens: int
-    radix_node: object = None
-    prompt_slots: torch.Tensor | None = None
-    live: int = 0
-    used_tokens: int = 0
-    # generated nodes, in completion order: (parent record, child index, tokens, logprobs, finished)
-    records: list = field(default_factory=list)
-    slots_to_free: list = field(default_factory=list)
-
-
-def _child_seed(tree_seed: int, seed_path: tuple) -> int:
-    return int(np.random.SeedSequence([tree_seed, *seed_path]).generate_state(1)[0])
+from .sampling import SamplingParams, draw, raise_nonfinite
+from .scheduler import Scheduler
+from .sequence import ROOT, Branches, NodeRecords, children_of, roots
+from .step_builder import HostStaging, decode_inputs, decode_saves_bytes, sequence_inputs
 
 
 class TreeSampler:
@@ -84,6 +54,12 @@ class TreeSampler:
         self.cache = RadixCache(self.pool)
         self.runner = ModelRunner(model, self.pool)
         self.eos = set() if ignore_eos else set(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
+        self._eos_ids = np.array(sorted(self.eos), dtype=np.int64)
+        self.blocks = BlockManager(self.pool, self.cache)
+        self.staging = HostStaging(device)
+        self.profile = False  # when True, every step appends to step_records (model time synchronised on CUDA)
+        self.step_records: list[dict] = []
+        self._model_seconds = 0.0
         self.share_prefixes = share_prefixes
         self.cascade = cascade
         self._weights_version = self._current_weights_version()
@@ -109,249 +85,201 @@ class TreeSampler:
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], spec: TreeSpec, infos: Sequence[dict] | None = None,
                seeds: Sequence[int] | None = None) -> list[Tree]:
-        """One tree per prompt. With ``seeds`` every tree draws from its own generators (same seed, same tree);
-        without, from torch's global RNG."""
+        """One tree per prompt. With ``seeds`` every tree draws from its own counter-based stream (same seed, same
+        tree, whatever else is in the batch); without, from torch's global RNG."""
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
         prompts = check_prompt_lengths(prompts, spec, max_positions, self.truncate_prompts)
         infos = list(infos) if infos is not None else [{} for _ in prompts]
-        params = SamplingParams(spec.temperature, spec.top_p)
-        states = [_TreeState(p, info, None if seeds is None else int(seeds[i]), len(p) + spec.max_generated_tokens)
-                  for i, (p, info) in enumerate(zip(prompts, infos))]
-        for i, st in enumerate(states):
-            if st.worst_tokens > self.pool.capacity_tokens:
+        worst = np.array([len(p) + spec.max_generated_tokens for p in prompts], dtype=np.int64)
+        for i, need in enumerate(worst):
+            if need > self.pool.capacity_tokens:
                 raise RequestTooLarge(
-                    f"tree {i} may need {st.worst_tokens} KV slots (prompt {len(st.prompt)} + up to "
+                    f"tree {i} may need {need} KV slots (prompt {len(prompts[i])} + up to "
                     f"{spec.max_generated_tokens} generated) but the pool holds {self.pool.capacity_tokens}; "
                     "give the sampler a larger pool (pool_tokens / memory_bytes) or a smaller tree")
         self._forget_stale_kv()
+        batch = _Batch(prompts, spec, SamplingParams(spec.temperature, spec.top_p),
+                       None if seeds is None else root_seeds([int(s) for s in seeds]), Scheduler(self.blocks, worst))
+        self.blocks.start(max(map(len, prompts), default=0) + (spec.depth - 1) * spec.segment_tokens)
         was_training = self.model.training
         self.model.eval()
         try:
-            self._run(states, spec, params)
+            self._run(batch)
         finally:
             self.model.train(was_training)
-        return [self._build_tree(st) for st in states]
+        return batch.records.build_trees(prompts, infos)
 
-    # ---- scheduling --------------------------------------------------------------------------------
-    def _run(self, states: list[_TreeState], spec: TreeSpec, params: SamplingParams) -> None:
-        waiting = deque(range(len(states)))
-        running: set[int] = set()
-        pending: list[tuple[_Branch, int]] = []  # branches with a sampled token to feed
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _run(self, batch: "_Batch") -> None:
         try:
-            while waiting or pending:
-                admitted = self._admit(states, waiting, running)
-                pending.extend(self._prefill(states, admitted, spec, params))
-                if pending:
-                    pending = self._decode(states, pending, spec, params)
-                for t in [t for t in running if states[t].live == 0]:  # also trees whose branches all ended at once
-                    self._release(states[t])
-                    running.discard(t)
+            while not batch.scheduler.done:
+                admitted = batch.scheduler.admit()
+                if admitted:
+                    self._timed("prefill", batch, lambda: self._prefill(batch, admitted))
+                if len(batch.live):
+                    self._timed("decode", batch, lambda: self._decode(batch))
+                batch.scheduler.set_live(batch.live.tree)
+                batch.scheduler.release_finished()
         except BaseException:  # a forward that raised, non-finite logits, Ctrl-C: give back every slot and lock
-            self._abandon(states, running, pending)
+            batch.scheduler.abandon()
             raise
 
-    def _abandon(self, states, running, pending) -> None:
-        for b, _ in pending:
-            if not b.done:
-                states[b.tree].slots_to_free.extend(b.own_slots)
-                b.done = True
-        for t in running:
-            self._release(states[t])
+    def _timed(self, kind: str, batch: "_Batch", step) -> None:
+        if not self.profile:
+            return step()
+        start, self._model_seconds, forks_before = time.perf_counter(), 0.0, batch.records.count
+        step()
+        self.step_records.append({"kind": kind, "branches": len(batch.live), "model_s": self._model_seconds,
+                                  "step_s": time.perf_counter() - start,
+                                  "forked": kind == "decode" and batch.forked})
 
-    def _outstanding(self, states, running) -> int:
-        return sum(states[t].worst_tokens - states[t].used_tokens for t in running)
-
-    def _admit(self, states, waiting, running) -> list[int]:
-        admitted = []
-        while waiting:
-            need = states[waiting[0]].worst_tokens
-            short = need + self._outstanding(states, running) - self.pool.free_tokens
-            if short > 0:
-                short -= self.cache.evict_pages(short)
-            if short > 0:
-                if not running and not admitted:
-                    raise RuntimeError(
-                        f"tree {waiting[0]} needs {need} KV slots but only {self.pool.free_tokens} are free after "
-                        f"evicting the cache ({self.cache.total_cached_tokens} cached tokens are locked); "
-                        "give the sampler a larger pool (kv_pool_tokens / memory_bytes)")
-                break
-            t = waiting.popleft()
-            running.add(t)
-            admitted.append(t)
-        return admitted
-
-    def _release(self, st: _TreeState) -> None:
-        if st.slots_to_free:
-            self.pool.decref(torch.tensor(st.slots_to_free, dtype=torch.long))
-            st.slots_to_free = []
-        if st.radix_node is not None:
-            self.cache.unlock(st.radix_node)
-            st.radix_node = None
+    def _forward(self, inputs) -> torch.Tensor:
+        if not self.profile:
+            return self.runner.run(inputs)
+        start = time.perf_counter()
+        logits = self.runner.run(inputs)
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        self._model_seconds += time.perf_counter() - start
+        return logits
 
     # ---- prefill -----------------------------------------------------------------------------------
-    def _prefill(self, states, admitted, spec, params) -> list[tuple[_Branch, int]]:
-        if not admitted:
-            return []
-        if not self.share_prefixes:
-            return self._prefill_unshared(states, admitted, spec, params)
+    def _prefill(self, batch: "_Batch", admitted: list[int]) -> None:
+        """Prompts of newly admitted trees: identical prompts prefilled once (and matched in the radix cache),
+        then every tree's first-level branches forked from its prompt's last logits."""
         groups: dict[tuple, list[int]] = {}
         for t in admitted:
-            groups.setdefault(tuple(states[t].prompt), []).append(t)
-        steps, keys = [], list(groups)
+            groups.setdefault(tuple(batch.prompts[t]) if self.share_prefixes else (t,), []).append(t)
+        keys = list(groups)
+        prompts = [tuple(batch.prompts[groups[k][0]]) for k in keys]
+        cached = [self.cache.match_prefix(list(p[:-1]))[0] if self.share_prefixes else torch.zeros(0, dtype=torch.long)
+                  for p in prompts]
+        new = [p[len(c):] for p, c in zip(prompts, cached)]
+        slots = self.pool.alloc(sum(map(len, new)))
+        news = torch.split(slots, [len(n) for n in new])
         try:
-            for key in keys:
-                matched, _ = self.cache.match_prefix(list(key[:-1]))
-                new_tokens = list(key[len(matched):])
-                steps.append(SequenceStep(matched, new_tokens, self.pool.alloc(len(new_tokens))))
-            logits = self.runner.forward(steps)
+            logits = self._forward(sequence_inputs(self.pool, list(zip(cached, news)), new, self.runner.device))
         except BaseException:  # nobody owns the new slots yet
-            for step in steps:
-                self.pool.decref(step.new_slots)
+            self.pool.decref(slots)
             raise
-        for key, step in zip(keys, steps):  # every new slot in the cache first: a failing fork leaks none
-            already = self.cache.insert(list(key), torch.cat([step.cached_slots, step.new_slots]))
-            duplicate = step.new_slots[:max(0, already - len(step.cached_slots))]
-            if len(duplicate):
-                self.pool.decref(duplicate)
-        pending = []
-        for key, row in zip(keys, logits):
-            prompt_slots, node = self.cache.match_prefix(list(key))
-            path = prompt_slots.numpy()  # one array for all trees of this prompt: their branches form one group
-            for t in groups[key]:
-                st = states[t]
-                self.cache.lock(node)
-                st.radix_node, st.prompt_slots = node, prompt_slots
-                st.used_tokens += len(key)
-                pending.extend(self._fork(st, t, parent=0, depth=1, path_slots=path, seed_path=(),
-                                          logits=row, spec=spec, params=params))
-        return pending
-
-    def _prefill_unshared(self, states, admitted, spec, params):
-        steps = []
-        for t in admitted:
-            steps.append(SequenceStep(torch.zeros(0, dtype=torch.long), states[t].prompt,
-                                      self.pool.alloc(len(states[t].prompt))))
-            states[t].slots_to_free.extend(steps[-1].new_slots.tolist())
-        logits = self.runner.forward(steps)
-        pending = []
-        for t, step, row in zip(admitted, steps, logits):
-            st = states[t]
-            st.prompt_slots = step.new_slots
-            st.used_tokens += len(st.prompt)
-            pending.extend(self._fork(st, t, 0, 1, step.new_slots, (), row, spec, params))
-        return pending
+        trees, paths = [], []
+        for key, prompt, c, n in zip(keys, prompts, cached, news):
+            if self.share_prefixes:  # every new slot in the cache first: a failing fork leaks none
+                already = self.cache.insert(list(prompt), torch.cat([c, n]))
+                duplicate = n[:max(0, already - len(c))]
+                if len(duplicate):
+                    self.pool.decref(duplicate)
+                paths.append(self.blocks.hold_cached_prompt(groups[key], prompt))
+            else:
+                paths.append(self.blocks.hold_own_prompt(groups[key][0], n))
+            trees.append(groups[key])
+        batch.scheduler.count_used(np.array(admitted), [len(batch.prompts[t]) for t in admitted])
+        tree_ids = np.concatenate([np.asarray(g, dtype=np.int64) for g in trees])
+        group_rows = np.repeat(np.arange(len(trees)), [len(g) for g in trees])
+        parents = roots(tree_ids, np.asarray(paths, dtype=np.int64)[group_rows],
+                        batch.seeds[tree_ids] if batch.seeds is not None else np.zeros(len(tree_ids), np.uint64))
+        self._grow(batch, parents, np.full(len(parents), ROOT), parents.path, logits, group_rows, [])
 
     # ---- decode ------------------------------------------------------------------------------------
-    def _fork(self, st, t, parent, depth, path_slots, seed_path, logits, spec, params):
-        """Branches of one node; they all hold the same ``path_slots`` array, the key of their decode group."""
-        path_slots = np.asarray(path_slots, dtype=np.int64)
-        branches = []
-        for c in range(spec.branching[depth - 1]):
-            path = (*seed_path, c)
-            gen = None
-            if st.seed is not None:
-                gen = torch.Generator(device=logits.device).manual_seed(_child_seed(st.seed, path))
-            branches.append(_Branch(t, parent, c, depth, path_slots, gen, path))
-        st.live += len(branches)
-        return self._sample_into(branches, logits.expand(len(branches), -1), {t: st}, spec, params)
+    def _decode(self, batch: "_Batch") -> None:
+        """Feed every live branch its last token; branches whose segment is full fork, the others draw on."""
+        live, spec = batch.live, batch.spec
+        slots = self.blocks.alloc_for(live.tree)
+        live.own_slots[np.arange(len(live)), live.n - 1] = slots
+        batch.scheduler.count_used(live.tree)
+        cascade = self.cascade and decode_saves_bytes(
+            live, self.blocks.paths, self.pool.bytes_per_token // self.pool.num_layers) >= \
+            self.runner.cascade_min_saved_bytes
+        logits = self._forward(decode_inputs(live, self.blocks.paths, self.pool, self.staging, cascade))
+        forks = live.n == spec.segment_tokens  # only below the last level: full last-level segments ended earlier
+        batch.forked = bool(forks.any())
+        fork_rows, cont_rows = np.flatnonzero(forks), np.flatnonzero(~forks)
+        parents = live.take(fork_rows)
+        records = batch.records.add(parents, np.zeros(len(fork_rows), dtype=bool))
+        paths = self.blocks.paths.extended(parents.path, parents.own_slots) if len(fork_rows) else fork_rows
+        batch.live = live.take(cont_rows)
+        self._grow(batch, parents, records, paths, logits, fork_rows, cont_rows)
 
-    def _sample_into(self, branches, logits, states_by_tree, spec, params):
-        """Sample one token for each branch; return those that need feeding."""
-        gens = [b.generator for b in branches] if branches and branches[0].generator is not None else None
-        tokens, logps = sample_next(logits, params, gens)
-        pending = []
-        for b, tok, lp in zip(branches, tokens.tolist(), logps.tolist()):
-            b.tokens.append(tok)
-            b.logprobs.append(lp)
-            st = states_by_tree[b.tree]
-            if tok in self.eos or self._hit_stop_string(b):
-                self._complete(st, b, finished=True)
-            elif len(b.tokens) == spec.segment_tokens and b.depth == spec.depth:
-                self._complete(st, b, finished=False)
-            else:
-                pending.append((b, tok))
-        return pending
+    def _grow(self, batch: "_Batch", parents: Branches, records: np.ndarray, paths: np.ndarray,
+              logits: torch.Tensor, fork_rows, cont_rows) -> None:
+        """One draw for every continuing branch (logits rows ``cont_rows``, already in ``batch.live``) and one per
+        child of every forking node (rows ``fork_rows``), all in one batched call; then ends the branches that
+        sampled EOS or a stop string, or filled a last-level segment."""
+        spec, live = batch.spec, batch.live
+        fork_rows, cont_rows = np.asarray(fork_rows, dtype=np.int64), np.asarray(cont_rows, dtype=np.int64)
+        k = np.asarray(spec.branching, dtype=np.int64)[parents.depth] if len(parents) else np.zeros(0, np.int64)
+        rows = np.concatenate([cont_rows, fork_rows])
+        draws = np.concatenate([np.ones(len(cont_rows), dtype=np.int64), k])
+        width = int(draws.max(initial=1))
+        u = self._uniforms(batch, live, parents, width)
+        tokens, logprobs = self._draw(logits, rows, u, width, batch.params)
+        if len(cont_rows):
+            live.append(tokens[:len(cont_rows), 0], logprobs[:len(cont_rows), 0])
+        born = [live]
+        fork_tokens, fork_logprobs = tokens[len(cont_rows):], logprobs[len(cont_rows):]
+        for depth in np.unique(parents.depth):  # levels, not branches
+            at = np.flatnonzero(parents.depth == depth)
+            born.append(children_of(parents.take(at), records[at], paths[at], spec,
+                                    fork_tokens[at], fork_logprobs[at]))
+        batch.live = self._end_finished(batch, Branches.concat(born) if len(born) > 1 else live)
 
-    def _hit_stop_string(self, b: _Branch) -> bool:
+    @staticmethod
+    def _uniforms(batch, live: Branches, parents: Branches, width: int) -> np.ndarray | None:
+        """fp64 uniforms [continuing + forking rows, width]: a continuing branch's next token, then each child's
+        first (child j of a forking node in column j). None: unseeded, drawn from torch's generator."""
+        rows = len(live) + len(parents)
+        if batch.params.temperature == 0:
+            return np.zeros((rows, width))
+        if batch.seeds is None:
+            return None
+        u = np.zeros((rows, width))
+        u[:len(live), 0] = uniforms(live.seed, live.n)
+        if len(parents):
+            k = np.asarray(batch.spec.branching, dtype=np.int64)[parents.depth]
+            j = np.arange(width)[None, :]
+            u[len(live):] = np.where(j < k[:, None], uniforms(child_seeds(parents.seed[:, None], j), 0), 0.0)
+        return u
+
+    @staticmethod
+    def _draw(logits, rows: np.ndarray, u: np.ndarray | None, width: int, params) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and log-probs [rows, width] on the host: the step's one host-device synchronisation."""
+        index = torch.from_numpy(rows).to(logits.device)
+        if u is None:
+            u_dev = torch.rand((len(rows), width), dtype=torch.float64, device=logits.device)
+        else:
+            u_dev = torch.from_numpy(u).to(logits.device, non_blocking=True)
+        tokens, logprobs, bad = draw(logits.index_select(0, index), params, u_dev)
+        host = torch.cat([tokens.double().reshape(-1), logprobs.double().reshape(-1), bad.double()[None]]).cpu()
+        if host[-1]:
+            raise_nonfinite()
+        n = tokens.numel()
+        return host[:n].long().numpy().reshape(tokens.shape), host[n:2 * n].numpy().reshape(tokens.shape)
+
+    def _end_finished(self, batch: "_Batch", live: Branches) -> Branches:
+        """Branches that sampled EOS or a stop string (finished), or filled a last-level segment, become nodes."""
+        spec = batch.spec
+        last = live.last_tokens()
+        eos = np.isin(last, self._eos_ids) | self._hit_stop_strings(live)
+        full = (live.n == spec.segment_tokens) & (live.depth == spec.depth)
+        ending = eos | full
+        if ending.any():
+            batch.records.add(live.take(np.flatnonzero(ending)), eos[ending])
+            live = live.take(np.flatnonzero(~ending))
+        return live
+
+    def _hit_stop_strings(self, live: Branches) -> np.ndarray:
         if not self.stop_strings:
-            return False
-        tail = self.tokenizer.decode(b.tokens[-8:])
-        return any(tail.endswith(s) for s in self.stop_strings)
+            return np.zeros(len(live), dtype=bool)
+        tails = (self.tokenizer.decode(live.tokens[b, max(0, n - 8):n].tolist()) for b, n in enumerate(live.n))
+        return np.fromiter((any(t.endswith(s) for s in self.stop_strings) for t in tails), dtype=bool,
+                           count=len(live))
 
-    def _complete(self, st: _TreeState, b: _Branch, finished: bool) -> int:
-        st.records.append((b.parent, b.child_index, b.tokens, b.logprobs, finished))
-        st.slots_to_free.extend(b.own_slots)
-        b.done = True
-        st.live -= 1
-        return len(st.records)  # record index of this node (the prompt is 0)
 
-    def _decode(self, states, pending, spec, params):
-        slots = self.pool.alloc(len(pending)).numpy()
-        try:
-            steps, shared = self._decode_steps(pending, slots)
-        finally:  # owned by their branches from here on, so an exception frees them with the branch
-            for i, (b, _) in enumerate(pending):
-                b.own_slots.append(int(slots[i]))
-                states[b.tree].used_tokens += 1
-        logits = self.runner.forward(steps, shared)
-        next_pending, continuing, cont_rows = [], [], []
-        for row, (b, _) in enumerate(pending):
-            if len(b.tokens) == spec.segment_tokens:  # segment done: its children fork from these logits
-                st = states[b.tree]
-                node = self._complete(st, b, finished=False)
-                path_slots = self._slots_of(b)
-                next_pending.extend(self._fork(st, b.tree, node, b.depth + 1, path_slots, b.seed_path,
-                                               logits[row], spec, params))
-            else:
-                continuing.append(b)
-                cont_rows.append(row)
-        if continuing:
-            by_tree = {b.tree: states[b.tree] for b in continuing}
-            next_pending.extend(self._sample_into(continuing, logits[cont_rows], by_tree, spec, params))
-        return next_pending
+class _Batch:
+    """One ``sample`` call's state: its trees' live branches, completed nodes and scheduling."""
 
-    def _decode_steps(self, pending, slots) -> tuple[list[SequenceStep], SharedPrefixes | None]:
-        """One step per branch: over its own slots after the path its siblings share, read once per group, when
-        the cascade is on and pays; else over its whole path."""
-        if self.cascade:
-            shared = self._sibling_groups(pending)
-            if self.runner.cascade_pays(shared):
-                return [SequenceStep(np.asarray(b.own_slots, dtype=np.int64), [tok], slots[i:i + 1])
-                        for i, (b, tok) in enumerate(pending)], shared
-        return [SequenceStep(self._slots_of(b), [tok], slots[i:i + 1]) for i, (b, tok) in enumerate(pending)], None
-
-    @staticmethod
-    def _sibling_groups(pending) -> SharedPrefixes:
-        """Branches grouped by the path they fork from (siblings, or every depth-1 branch of the trees of one
-        prompt): the deepest prefix they all share, found by the identity of the array they hold."""
-        group_of_path: dict[int, int] = {}
-        prefixes, group_of_step = [], np.empty(len(pending), dtype=np.int64)
-        for i, (b, _) in enumerate(pending):
-            group = group_of_step[i] = group_of_path.setdefault(id(b.path_slots), len(prefixes))
-            if group == len(prefixes):
-                prefixes.append(b.path_slots)
-        return SharedPrefixes(prefixes, group_of_step)
-
-    @staticmethod
-    def _slots_of(b: _Branch) -> np.ndarray:
-        return np.concatenate([b.path_slots, np.asarray(b.own_slots, dtype=np.int64)])
-
-    # ---- output ------------------------------------------------------------------------------------
-    def _build_tree(self, st: _TreeState) -> Tree:
-        """Renumber nodes breadth-first (children in order), the layout of the reference sampler."""
-        children: dict[int, list[tuple[int, int]]] = {}
-        for rec_id, (parent, child_index, *_rest) in enumerate(st.records, start=1):
-            children.setdefault(parent, []).append((child_index, rec_id))
-        order, new_id, queue = [], {0: 0}, deque([0])
-        while queue:
-            node = queue.popleft()
-            for _, rec_id in sorted(children.get(node, [])):
-                new_id[rec_id] = len(order) + 1
-                order.append(rec_id)
-                queue.append(rec_id)
-        recs = [st.records[r - 1] for r in order]
-        tree = Tree.from_segments(st.prompt, [new_id[r[0]] for r in recs], [r[2] for r in recs],
-                                  [r[4] for r in recs], st.info)
-        tree.token_logprobs = np.concatenate([np.full(len(st.prompt), np.nan)] +
-                                             [np.asarray(r[3], dtype=np.float64) for r in recs])
-        return tree
+    def __init__(self, prompts, spec: TreeSpec, params: SamplingParams, seeds, scheduler: Scheduler):
+        self.prompts, self.spec, self.params, self.seeds, self.scheduler = prompts, spec, params, seeds, scheduler
+        self.live = Branches.empty(spec.segment_tokens)
+        self.records = NodeRecords()
+        self.forked = False

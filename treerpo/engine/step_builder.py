@@ -1,0 +1,158 @@
+"""The inputs of one forward over the KV pool (``StepInputs``), built from whole arrays.
+
+A decode step feeds every live branch its last sampled token: the token ids, positions and
+paged-attention metadata of all branches come from a few vectorised operations on the
+branch table and the path table, with no Python loop over branches. With ``cascade`` the
+branches are grouped by the path they read (the siblings of a node, or the trees of one
+prompt), each group's path listed once and each branch carrying only its own segment's
+slots. Host arrays reach the device through ``HostStaging`` in one copy a step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..attention.paged import CascadeGroups, PagedAttentionMetadata, _head_rows, _padding
+from .block_manager import PathTable
+from .sequence import Branches
+
+
+@dataclass
+class StepInputs:
+    """What ``ModelRunner.run`` needs: the new tokens of many sequences packed in one row."""
+    input_ids: torch.Tensor  # long [1, N]
+    position_ids: torch.Tensor  # long [1, N]
+    meta: PagedAttentionMetadata
+    last_rows: torch.Tensor  # long [B]: the packed row whose logits each sequence returns
+    num_tokens: int
+
+
+class HostStaging:
+    """Moves a step's int64 host arrays to the device. On CUDA they are packed into one of two persistent pinned
+    buffers (alternating, each reused only after its previous copy completed) and copied asynchronously in one
+    transfer; on the CPU they are wrapped without a copy."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._copied: list = [None, None]
+        self._turn = 0
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        if self.device.type != "cuda":
+            return {k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for k, a in arrays.items()}
+        sizes = [a.size for a in arrays.values()]
+        buffer = self._buffer(sum(sizes))
+        host = buffer.numpy()
+        start = 0
+        for a, size in zip(arrays.values(), sizes):
+            host[start:start + size] = a.reshape(-1)
+            start += size
+        on_device = buffer[:start].to(self.device, non_blocking=True)
+        self._copied[self._turn] = torch.cuda.Event()
+        self._copied[self._turn].record()
+        self._turn ^= 1
+        out, start = {}, 0
+        for (name, a), size in zip(arrays.items(), sizes):
+            out[name] = on_device[start:start + size].view(a.shape)
+            start += size
+        return out
+
+    def _buffer(self, size: int) -> torch.Tensor:
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].synchronize()  # its last copy left long ago: the step's tokens came back
+        buffer = self._pinned[self._turn]
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(max(size, 1 << 16, 2 * (0 if buffer is None else buffer.numel())),
+                                 dtype=torch.int64, pin_memory=True)
+            self._pinned[self._turn] = buffer
+        return buffer
+
+
+def decode_inputs(branches: Branches, paths: PathTable, pool, staging: HostStaging, cascade: bool) -> StepInputs:
+    """Every branch's last sampled token, its slot already in ``own_slots[b, n - 1]``."""
+    b = len(branches)
+    rows = np.arange(b)
+    own_len = branches.n  # own slots to read, the new token's included
+    path_len = paths.length[branches.path]
+    arrays = {"input_ids": branches.last_tokens()[None], "position_ids": (path_len + own_len - 1)[None],
+              "write_slots": branches.own_slots[rows, own_len - 1], "query_rows": rows[:, None],
+              "last_rows": rows}
+    own = branches.own_slots[:, :int(own_len.max())]
+    if cascade:
+        group_paths, group_of_seq = np.unique(branches.path, return_inverse=True)
+        arrays.update(kv_slots=own, query_key_pos=(own_len - 1)[:, None])
+        arrays.update(_cascade_arrays(paths.slots[group_paths], paths.length[group_paths], group_of_seq, own,
+                                      own_len, pool.num_kv_heads))
+    else:
+        kv_len = path_len + own_len
+        arrays.update(kv_slots=_joined(paths.slots[branches.path], path_len, own, own_len),
+                      query_key_pos=(kv_len - 1)[:, None])
+    t = staging(arrays)
+    groups = None
+    if cascade:
+        groups = CascadeGroups(**{k: t[k] for k in _CASCADE_FIELDS},
+                               prefix_padding=t["prefix_padding"].bool(), suffix_padding=t["suffix_padding"].bool())
+    meta = PagedAttentionMetadata(pool, t["write_slots"], t["query_rows"], t["kv_slots"], t["query_key_pos"],
+                                  groups=groups, max_positions=int((path_len + own_len).max()))
+    return StepInputs(t["input_ids"], t["position_ids"], meta, t["last_rows"], b)
+
+
+def decode_saves_bytes(branches: Branches, paths: PathTable, bytes_per_key: int) -> int:
+    """K/V bytes per layer a cascade step does not read again: every path read once instead of once a branch."""
+    path_len = paths.length
+    return int((path_len[branches.path].sum() - path_len[np.unique(branches.path)].sum()) * bytes_per_key)
+
+
+_CASCADE_FIELDS = ("prefix_slots", "prefix_len", "group_of_seq", "member_rows", "rank_in_group", "members",
+                   "member_start", "prefix_rows", "suffix_rows")
+
+
+def _cascade_arrays(prefix_slots, prefix_len, group_of_seq, suffix_slots, suffix_len, kv_heads) -> dict:
+    """The arrays of ``CascadeGroups`` for sequences grouped by a shared prefix (vectorised, host side)."""
+    width = int(prefix_len.max())
+    prefix_slots = prefix_slots[:, :width]
+    counts = np.bincount(group_of_seq, minlength=len(prefix_len))
+    members = np.argsort(group_of_seq, kind="stable")
+    rank = np.empty_like(members)
+    rank[members] = np.arange(len(members)) - np.repeat(np.cumsum(counts) - counts, counts)
+    member_rows = np.zeros((len(prefix_len), int(counts.max(initial=1))), dtype=np.int64)
+    member_rows[group_of_seq, rank] = np.arange(len(members))
+    return dict(prefix_slots=prefix_slots, prefix_len=prefix_len, group_of_seq=group_of_seq, member_rows=member_rows,
+                rank_in_group=rank, members=members, member_start=np.concatenate(([0], np.cumsum(counts))),
+                prefix_rows=_head_rows(prefix_slots, kv_heads), prefix_padding=_padding(prefix_len, width),
+                suffix_rows=_head_rows(suffix_slots, kv_heads),
+                suffix_padding=_padding(suffix_len, suffix_slots.shape[1]))
+
+
+def _joined(path_rows: np.ndarray, path_len: np.ndarray, own: np.ndarray, own_len: np.ndarray) -> np.ndarray:
+    """Row b: ``path_rows[b, :path_len[b]]`` then ``own[b, :own_len[b]]``, padded with slot 0 to the longest."""
+    kv_len = path_len + own_len
+    cols = np.arange(int(kv_len.max()))[None, :]
+    joined = np.zeros((len(kv_len), cols.shape[1]), dtype=np.int64)
+    in_path = cols < path_len[:, None]
+    width = min(cols.shape[1], path_rows.shape[1])
+    joined[:, :width][in_path[:, :width]] = path_rows[:, :width][in_path[:, :width]]
+    joined[~in_path & (cols < kv_len[:, None])] = own[np.arange(own.shape[1])[None, :] < own_len[:, None]]
+    return joined
+
+
+def sequence_inputs(pool, sequences: list[tuple], new_tokens: list, device, prefixes=None,
+                    group_of_seq=None) -> StepInputs:
+    """Inputs of a forward over arbitrary sequences (prefill, or decode steps given one by one): per sequence the
+    slots of its cached path (after its group's prefix, with ``prefixes``), its new slots and new tokens."""
+    meta = PagedAttentionMetadata.build(pool, sequences, device, prefixes, group_of_seq)
+    cached_len = np.fromiter((len(old) for old, _ in sequences), dtype=np.int64, count=len(sequences))
+    if prefixes is not None:
+        cached_len += np.fromiter(map(len, prefixes), dtype=np.int64, count=len(prefixes))[group_of_seq]
+    new_len = np.fromiter(map(len, new_tokens), dtype=np.int64, count=len(new_tokens))
+    if not new_len.all():
+        raise ValueError("every sequence in a forward needs at least one new token")
+    ends = np.cumsum(new_len)
+    positions = np.arange(ends[-1]) + np.repeat(cached_len - (ends - new_len), new_len)
+    meta.max_positions = int((cached_len + new_len).max())
+    as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)  # noqa: E731
+    return StepInputs(as_tensor(np.concatenate([np.asarray(t, dtype=np.int64) for t in new_tokens]))[None],
+                      as_tensor(positions)[None], meta, as_tensor(ends - 1), int(ends[-1]))
