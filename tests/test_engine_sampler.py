@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from treerpo.attention import enable_tree_attention, paged
+from treerpo.attention import enable_tree_attention, paged, registry
 from treerpo.engine.kv_pool import RequestTooLarge
 from treerpo.engine.tree_sampler import TreeSampler
 from treerpo.logprobs import packed_logprobs
@@ -172,7 +172,7 @@ def test_cascade_on_and_off_sample_the_same_trees(model_and_tokenizer, monkeypat
         grouped.append(meta.groups is not None)
         return paged.paged_attention_torch(module, query, key, value, meta, scale)
 
-    monkeypatch.setitem(paged._PAGED_BACKENDS, "torch", spy)
+    monkeypatch.setitem(registry._BACKENDS["paged"], "torch", spy)
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     spec = TreeSpec(branching, segment_tokens=segment, temperature=temperature)
     trees = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import torch
@@ -18,10 +17,10 @@ import torch
 from ..attention import enable_tree_attention
 from ..attention.context import attention_metadata
 from ..attention.optional_kernels import import_optional
-from ..attention.paged import PagedAttentionMetadata
 from ..attention.registry import default_paged_backend  # looked up here by ModelRunner (tests patch it)
 from ..lm_head import LMHead
 from ..logprobs import decoder_of
+from .step_builder import StepInputs, sequence_inputs
 
 logger = logging.getLogger(__name__)
 CASCADE_MIN_SAVED_BYTES = 1 << 20
@@ -67,32 +66,20 @@ class ModelRunner:
     def forward(self, steps: list[SequenceStep], shared: SharedPrefixes | None = None) -> torch.Tensor:
         """fp32 logits [len(steps), vocab] after each sequence's last new token. With ``shared`` (decode steps),
         each step's ``cached_slots`` follow its group's shared prefix, which the attention reads once per group."""
-        new_len = np.fromiter((len(s.new_tokens) for s in steps), dtype=np.int64, count=len(steps))
-        if not new_len.all():
-            raise ValueError("every sequence in a forward needs at least one new token")
-        meta, cached_len = self._metadata(steps, shared)
-        meta.backend = self.paged_backend
-        meta.max_positions = int((cached_len + new_len).max())
-        ends = np.cumsum(new_len)
-        positions = np.arange(ends[-1]) + np.repeat(cached_len - (ends - new_len), new_len)
-        input_ids = torch.tensor([list(chain.from_iterable(s.new_tokens for s in steps))], device=self.device)
-        position_ids = torch.from_numpy(positions)[None].to(self.device)
-        with attention_metadata(meta):
-            hidden = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids,
-                                            use_cache=False).last_hidden_state[0]
-        self.forward_tokens += int(ends[-1])
-        last = hidden[torch.from_numpy(ends - 1).to(self.device)]
-        return self.head.logits(last)
-
-    def _metadata(self, steps, shared: SharedPrefixes | None) -> tuple[PagedAttentionMetadata, np.ndarray]:
-        """The forward's paged attention metadata and the length of each step's cached path."""
-        cached_len = np.fromiter((len(s.cached_slots) for s in steps), dtype=np.int64, count=len(steps))
         sequences = [(s.cached_slots, s.new_slots) for s in steps]
-        if shared is None:
-            return PagedAttentionMetadata.build(self.pool, sequences, self.device), cached_len
-        cached_len += shared.prefix_len[shared.group_of_step]
-        meta = PagedAttentionMetadata.build(self.pool, sequences, self.device, shared.prefixes, shared.group_of_step)
-        return meta, cached_len
+        prefixes, group_of_step = (None, None) if shared is None else (shared.prefixes, shared.group_of_step)
+        return self.run(sequence_inputs(self.pool, sequences, [s.new_tokens for s in steps], self.device, prefixes,
+                                        group_of_step))
+
+    @torch.no_grad()
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """The one entry point of every forward over the pool: fp32 logits [B, vocab] at ``inputs.last_rows``."""
+        inputs.meta.backend = self.paged_backend
+        with attention_metadata(inputs.meta):
+            hidden = decoder_of(self.model)(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
+                                            use_cache=False).last_hidden_state[0]
+        self.forward_tokens += inputs.num_tokens
+        return self.head.logits(hidden[inputs.last_rows])
 
     def cascade_pays(self, shared: SharedPrefixes) -> bool:
         """Whether reading each group's prefix once spares at least ``cascade_min_saved_bytes`` of K/V per layer:
