@@ -1,0 +1,355 @@
+#!/usr/bin/env bash
+# One-command GPU check of treerpo, from the repository root of a machine with a CUDA GPU:
+#
+#     bash benchmarks/gpu_check.sh
+#
+# Uses only what the machine's Python already has (torch, triton, transformers, pytest; nothing is downloaded):
+#   install        the project without downloads: already importable from this checkout, else
+#                  `pip install --no-deps --no-build-isolation --no-index -e .` (builds treerpo._C when pybind11
+#                  and a C++ compiler are there, its sources compiled in parallel), else no install at all:
+#                  PYTHONPATH=<repo> plus a sitecustomize shim that maps treerpo.kernels to kernels/ (treerpo._C
+#                  then falls back to Python)
+#   triton_kernels tests/test_triton_tree_attention.py + test_triton_paged_decode.py, compiled (TRITON_INTERPRET unset)
+#   paged_cascade  tests/test_paged_cascade.py
+#   kernel_check   tests/test_kernel_check.py, in its own process: it runs the Triton interpreter on CPU tensors
+#                  by design and sets TRITON_INTERPRET=1 for its whole process
+#   arch_matrix    tests/test_architecture_matrix.py (TREERPO_TEST_DEVICE=cuda TREERPO_TEST_DTYPE=bfloat16 are
+#                  passed; the file runs on CPU in fp32 unless it reads them)
+#   random_model   the Qwen2-1.5B-shaped random model of benchmarks/e2e_random_model.py, made once (~3 GB, under
+#                  $TREERPO_CACHE or ~/.cache/treerpo)
+#   attention      benchmarks/attention.py at Qwen2.5-1.5B's attention shape (12 query / 2 KV heads, dim 128), bf16
+#   rollout        benchmarks/rollout.py on the random 1.5B model, bf16
+#   e2e            benchmarks/e2e.py --preset qwen1.5b, treerpo and GRPO, one step (TRL's systems need trl)
+# A test file or script whose imports are missing is skipped with a line saying which. kernel_check, arch_matrix
+# and random_model use the CPU only and run beside the GPU tests; the benchmarks run alone afterwards. Every part
+# has its own timeout, and the whole stays inside GPU_CHECK_BUDGET_S (default 450 s): a part that would start
+# past it is skipped. The script continues past a failing part, prints a summary table (part / status / seconds)
+# and exits 1 if any part failed or timed out.
+#
+# Writes into $OUT when set (else benchmarks/results/gpu_check/), all files directly in it: gpu_check.log (this
+# output), environment.json, attention.json, rollout.json, e2e.json, summary.json.
+#
+# Without CUDA it prints one line saying it needs a CUDA GPU and exits 2, unless GPU_CHECK_DRY_RUN=1: then every
+# part runs on the CPU at the smallest sizes (Triton tests under TRITON_INTERPRET=1, subsets picked with -k; the
+# tiny embedded model instead of the 1.5B one), to test this script's plumbing.
+#
+# Environment: PYTHON (default python3), OUT, GPU_CHECK_DRY_RUN, GPU_CHECK_BUDGET_S (default 450, dry run 900),
+# GPU_CHECK_INSTALL (auto: nothing if this checkout already imports, else pip, else PYTHONPATH; pip: pip even if it
+# imports, else PYTHONPATH; path: PYTHONPATH + shim, no pip), GPU_CHECK_PARTS (e.g. "rollout e2e": only those parts;
+# install always runs), TREERPO_CACHE.
+set -u -o pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+PY=${PYTHON:-python3}
+DRY=${GPU_CHECK_DRY_RUN:-0}
+[[ "$DRY" == 1 ]] || DRY=0
+
+# ---- refuse a machine without CUDA before writing anything ----------------------------------------------------------
+if [[ $DRY == 0 ]]; then
+    cuda_line=$("$PY" -c 'import torch; print("yes" if torch.cuda.is_available() else "no torch.cuda device (torch " + torch.__version__ + ")")' 2>&1 | tail -1)
+    if [[ "$cuda_line" != yes ]]; then
+        echo "gpu_check.sh needs a CUDA GPU: $cuda_line; nothing was run (GPU_CHECK_DRY_RUN=1 runs its parts on the CPU at toy sizes)"
+        exit 2
+    fi
+    if [[ -n "${TRITON_INTERPRET:-}" ]]; then
+        echo "note: TRITON_INTERPRET=$TRITON_INTERPRET was set; unset for this check (the kernels run compiled)"
+    fi
+    unset TRITON_INTERPRET
+else
+    export CUDA_VISIBLE_DEVICES=""  # the dry run is CPU only, even on a machine with a GPU
+fi
+
+OUTDIR=${OUT:-$REPO/benchmarks/results/gpu_check}
+mkdir -p "$OUTDIR" || exit 2
+OUTDIR=$(cd "$OUTDIR" && pwd)
+LOG=$OUTDIR/gpu_check.log
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+BUDGET=${GPU_CHECK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 900 || echo 450)}
+SLOW=$([[ $DRY == 1 ]] && echo 2 || echo 1)  # the dry run's timeouts are doubled (a small CPU runs the parts side by side)
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INPUT=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+PARTS=()
+declare -A STATUS SECS NOTE
+record() {  # name status seconds [note]
+    PARTS+=("$1"); STATUS[$1]=$2; SECS[$1]=$3; NOTE[$1]=${4:-}
+    echo "=== [$1] $2 in $3 s${4:+ ($4)}"
+}
+
+# which of the given Python files (tests or scripts) have all their imports: prints the runnable ones, and a
+# "skip FILE: needs ..." line (to stderr) for each of the others
+have_imports() {
+    "$PY" - "$@" <<'PYEOF'
+import ast, importlib.util, sys
+from pathlib import Path
+
+def missing(path, seen):
+    if path in seen:
+        return set()
+    seen.add(path)
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        for name in names:
+            top = name.split(".")[0]
+            local = path.parent / f"{top}.py"
+            if top in ("treerpo", "__future__"):
+                continue
+            if local.exists():
+                out |= missing(local, seen)
+            elif importlib.util.find_spec(top) is None:
+                out.add(top)
+    return out
+
+for arg in sys.argv[1:]:
+    gone = sorted(missing(Path(arg), set()) | ({"pytest"} if Path(arg).name.startswith("test_") and importlib.util.find_spec("pytest") is None else set()))
+    if gone:
+        print(f"skip {arg}: needs {', '.join(gone)} (not installed here)", file=sys.stderr)
+    else:
+        print(arg)
+PYEOF
+}
+
+# run one part: name, timeout in seconds, then the command (run with `timeout`; env settings via `env`)
+wanted() {  # GPU_CHECK_PARTS="install rollout ...": only these parts (install always runs)
+    [[ -z "${GPU_CHECK_PARTS:-}" || " $GPU_CHECK_PARTS " == *" $1 "* ]]
+}
+
+run_part() {
+    local name=$1 limit=$(( $2 * SLOW ))
+    shift 2
+    wanted "$name" || { record "$name" SKIP 0 "not in GPU_CHECK_PARTS"; return; }
+    local left
+    left=$(awk -v d="$DEADLINE" -v n="$(now)" 'BEGIN { printf "%d", d - n }')
+    if (( left < 20 )); then
+        record "$name" SKIP 0 "the ${BUDGET} s budget is spent"
+        return
+    fi
+    (( limit > left )) && limit=$left
+    echo
+    echo "=== [$name] timeout ${limit} s: $(printf '%q ' "$@")"
+    local t0 rc
+    t0=$(now)
+    timeout -k 10 "$limit" "$@" < /dev/null
+    rc=$?
+    case $rc in
+        0) record "$name" PASS "$(since "$t0")" ;;
+        124|137) record "$name" TIMEOUT "$(since "$t0")" "past ${limit} s" ;;
+        *) record "$name" FAIL "$(since "$t0")" "exit $rc" ;;
+    esac
+}
+
+# run the pytest part `name` over the test files whose imports are present (others skipped with a line)
+pytest_part() {  # name timeout "env settings" files... [-- pytest args]
+    local name=$1 limit=$2 envs=$3
+    shift 3
+    local files=() extra=()
+    while (( $# )); do
+        if [[ $1 == -- ]]; then shift; extra=("$@"); break; fi
+        files+=("$1"); shift
+    done
+    local ok
+    ok=$(have_imports "${files[@]}")
+    if [[ -z "$ok" ]]; then
+        record "$name" SKIP 0 "missing imports (see the skip lines)"
+        return
+    fi
+    # shellcheck disable=SC2086
+    run_part "$name" "$limit" env $envs "$PY" -m pytest -q -p no:cacheprovider $ok "${extra[@]}"
+}
+
+script_part() {  # name timeout script args...
+    local name=$1 limit=$2 script=$3
+    shift 3
+    if [[ -z "$(have_imports "$script")" ]]; then
+        record "$name" SKIP 0 "missing imports of $script"
+        return
+    fi
+    run_part "$name" "$limit" "$PY" "$script" "$@"
+}
+
+# run a part in the background: its output goes to $WORK/NAME.out and is shown when it is collected
+BG=()
+bg_part() {  # fn name args...
+    local fn=$1 name=$2
+    wanted "$name" || { record "$name" SKIP 0 "not in GPU_CHECK_PARTS"; return; }
+    ( "$fn" "$name" "${@:3}" > "$WORK/$name.out" 2>&1
+      echo "${STATUS[$name]:-FAIL} ${SECS[$name]:-0} ${NOTE[$name]:-}" > "$WORK/$name.status" ) &
+    BG+=("$name")
+    echo "=== [$name] started beside the GPU tests (its output follows when it ends)"
+}
+collect_bg() {
+    wait
+    local name st sec note
+    for name in "${BG[@]}"; do
+        echo
+        echo "----- output of [$name] -----"
+        cat "$WORK/$name.out"
+        if [[ -f "$WORK/$name.status" ]]; then
+            read -r st sec note < "$WORK/$name.status"
+        else
+            st=FAIL; sec=0; note="no status"
+        fi
+        PARTS+=("$name"); STATUS[$name]=$st; SECS[$name]=$sec; NOTE[$name]=$note
+    done
+    BG=()
+}
+
+# ---- install -------------------------------------------------------------------------------------------------------
+importable() {  # treerpo and treerpo.kernels import, from this checkout
+    (cd / && "$PY" -c 'import os, sys, treerpo, treerpo.kernels
+sys.exit(0 if os.path.realpath(treerpo.__file__).startswith(os.path.realpath(sys.argv[1]) + os.sep) else 1)' "$REPO") 2>/dev/null
+}
+install_project() {
+    local t0 mode=""
+    t0=$(now)
+    echo
+    echo "=== [install] without downloads (GPU_CHECK_INSTALL=${GPU_CHECK_INSTALL:-auto})"
+    if [[ ${GPU_CHECK_INSTALL:-auto} == path ]]; then
+        echo "GPU_CHECK_INSTALL=path: no pip"
+    elif [[ ${GPU_CHECK_INSTALL:-auto} == auto ]] && importable; then
+        mode="already installed from this checkout"
+    else
+        # the C++ sources of treerpo._C compiled side by side: pybind11's ParallelCompile, switched on for the
+        # pip call alone by a sitecustomize (setup.py does not call it)
+        mkdir -p "$WORK/parallel"
+        printf '%s\n' 'try:' '    from pybind11.setup_helpers import ParallelCompile' \
+            '    ParallelCompile("NPY_NUM_BUILD_JOBS", default=0).install()' 'except Exception:' '    pass' \
+            > "$WORK/parallel/sitecustomize.py"
+        echo "pip install --no-deps --no-build-isolation --no-index -e . (C++ sources compiled in parallel)"
+        if PYTHONPATH="$WORK/parallel${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 240 "$PY" -m pip install -q \
+                --no-deps --no-build-isolation --no-index -e . > "$WORK/pip.out" 2>&1 && importable; then
+            mode="pip install --no-deps --no-build-isolation --no-index -e ."
+        else
+            echo "pip install failed or timed out; its last lines:"
+            tail -5 "$WORK/pip.out"
+        fi
+    fi
+    if [[ -z "$mode" ]]; then  # no install: the checkout on PYTHONPATH, treerpo.kernels mapped to kernels/
+        mkdir -p "$WORK/shim"
+        cat > "$WORK/shim/sitecustomize.py" <<PYEOF
+"""gpu_check.sh: map treerpo.kernels to $REPO/kernels (what setup.py's package_dir does), then run the
+next sitecustomize on sys.path, if any."""
+import importlib.machinery, importlib.util, os, sys
+
+_KERNELS = "$REPO/kernels"
+
+
+class _TreerpoKernels:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "treerpo.kernels":
+            return None
+        return importlib.util.spec_from_file_location(name, os.path.join(_KERNELS, "__init__.py"),
+                                                      submodule_search_locations=[_KERNELS])
+
+
+sys.meta_path.insert(0, _TreerpoKernels)
+_here = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.machinery.PathFinder.find_spec(
+    "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _here])
+if _spec is not None and _spec.loader is not None:
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+PYEOF
+        export PYTHONPATH="$WORK/shim:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+        if importable && (cd / && "$PY" -c 'import sys, treerpo.kernels; assert getattr(sys.meta_path[0], "__name__", "") == "_TreerpoKernels"'); then
+            mode="no install: PYTHONPATH=<repo> + sitecustomize mapping treerpo.kernels to kernels/"
+        else
+            record install FAIL "$(since "$t0")" "treerpo does not import even from PYTHONPATH"
+            return
+        fi
+    fi
+    NATIVE=$("$PY" -c 'import treerpo.native as n; print("built" if n.HAVE_NATIVE else "not built: Python fallback")' 2>/dev/null || echo unknown)
+    INSTALL_MODE=$mode
+    record install PASS "$(since "$t0")" "$mode; treerpo._C $NATIVE"
+}
+
+main() {
+    local t_start
+    t_start=$(now)
+    DEADLINE=$(awk -v t="$t_start" -v b="$BUDGET" 'BEGIN { printf "%.0f", t + b }')
+    INSTALL_MODE="(not installed)"; NATIVE=unknown
+    echo "gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) in $REPO; results in $OUTDIR; budget ${BUDGET} s$([[ $DRY == 1 ]] && echo '; DRY RUN on the CPU at toy sizes')"
+    "$PY" - "$OUTDIR/environment.json" "$DRY" <<'PYEOF'
+import json, platform, sys
+import torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (dry run)" if sys.argv[2] == "1" else "none"}
+for name in ("triton", "transformers", "numpy", "pytest"):
+    try:
+        info[name] = __import__(name).__version__
+    except Exception as exc:  # missing, or broken
+        info[name] = f"missing ({type(exc).__name__})"
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(capability=f"{p.major}.{p.minor}", memory_GiB=round(p.total_memory / 2**30, 1), multiprocessors=p.multi_processor_count)
+print(f"device: {info['device']}" + (f" (compute capability {info['capability']}, {info['memory_GiB']} GiB)" if "capability" in info else ""))
+print("torch {torch} (CUDA {cuda}), triton {triton}, transformers {transformers}, numpy {numpy}, pytest {pytest}, python {python}".format(**info))
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+PYEOF
+    [[ $? == 0 ]] || record environment FAIL 0 "torch does not import"
+
+    install_project
+
+    local T=tests
+    if [[ $DRY == 1 ]]; then  # toy sizes on the CPU
+        local k_triton="test_matches_sdpa_gqa and fan-torch.float32 or test_plain_kernel_matches_reference and 1-2-2-16-1-torch.float32 or test_bad_shapes_refused"
+        bg_part pytest_part kernel_check 120 "" $T/test_kernel_check.py
+        bg_part pytest_part arch_matrix 180 "" $T/test_architecture_matrix.py -- -k "qwen2 and not window"
+        bg_part run_part random_model 60 "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from e2e_random_model import _tokenizer; t = _tokenizer(); print('dry run: the 1.5B random model is not made; its tokenizer has', len(t), 'tokens')"
+        pytest_part triton_kernels 180 "TRITON_INTERPRET=1" $T/test_triton_tree_attention.py $T/test_triton_paged_decode.py -- -k "$k_triton"
+        pytest_part paged_cascade 120 "" $T/test_paged_cascade.py
+        collect_bg
+        script_part attention 120 benchmarks/attention.py --quick --json "$OUTDIR/attention.json"
+        script_part rollout 120 benchmarks/rollout.py --model tiny --prompts 2 --segment-tokens 4 --repeats 1 --matmul-repeats 2 --json "$OUTDIR/rollout.json"
+        script_part e2e 180 benchmarks/e2e.py --preset tiny --systems treerpo --seeds 0 --steps 1 --timeout 150 --out "$WORK/e2e" --json "$OUTDIR/e2e.json"
+    else
+        if ! grep -q TREERPO_TEST_DEVICE $T/test_architecture_matrix.py; then
+            echo "note: tests/test_architecture_matrix.py reads no TREERPO_TEST_DEVICE / TREERPO_TEST_DTYPE: it runs on the CPU in fp32, not on CUDA in bf16"
+        fi
+        bg_part pytest_part kernel_check 120 "" $T/test_kernel_check.py
+        bg_part pytest_part arch_matrix 200 "TREERPO_TEST_DEVICE=cuda TREERPO_TEST_DTYPE=bfloat16" $T/test_architecture_matrix.py
+        bg_part run_part random_model 200 "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from e2e_random_model import random_qwen2_dir; print('random 1.5B model:', random_qwen2_dir())"
+        pytest_part triton_kernels 200 "" $T/test_triton_tree_attention.py $T/test_triton_paged_decode.py
+        pytest_part paged_cascade 90 "" $T/test_paged_cascade.py
+        collect_bg
+        script_part attention 150 benchmarks/attention.py --heads 12 --kv-heads 2 --head-dim 128 --sizes 2048 8192 32768 --json "$OUTDIR/attention.json"
+        if [[ ${STATUS[random_model]} == PASS ]]; then
+            script_part rollout 150 benchmarks/rollout.py --model random-qwen2-1.5b --prompts 8 --branching 4 2 2 --segment-tokens 32 --repeats 2 --json "$OUTDIR/rollout.json"
+            script_part e2e 180 benchmarks/e2e.py --preset qwen1.5b --systems treerpo grpo --seeds 0 --steps 1 --timeout 150 --out "$WORK/e2e" --json "$OUTDIR/e2e.json"
+        else
+            record rollout SKIP 0 "no random 1.5B model"
+            record e2e SKIP 0 "no random 1.5B model"
+        fi
+    fi
+
+    # ---- summary ---------------------------------------------------------------------------------------------------
+    local failed=0 name
+    echo
+    echo "=== summary ($(since "$t_start") s in all; install: $INSTALL_MODE; treerpo._C $NATIVE)"
+    printf '%-15s %-8s %8s  %s\n' part status seconds note
+    for name in "${PARTS[@]}"; do
+        printf '%-15s %-8s %8s  %s\n' "$name" "${STATUS[$name]}" "${SECS[$name]}" "${NOTE[$name]}"
+        [[ ${STATUS[$name]} == FAIL || ${STATUS[$name]} == TIMEOUT ]] && failed=1
+    done
+    for name in "${PARTS[@]}"; do printf '%s\t%s\t%s\t%s\n' "$name" "${STATUS[$name]}" "${SECS[$name]}" "${NOTE[$name]}"; done |
+        "$PY" -c 'import json, sys
+rows = [dict(zip(("part", "status", "seconds", "note"), l.rstrip("\n").split("\t"))) for l in sys.stdin if l.strip()]
+for r in rows: r["seconds"] = float(r["seconds"])
+json.dump({"dry_run": sys.argv[2] == "1", "install": sys.argv[3], "native": sys.argv[4], "failed": any(r["status"] in ("FAIL", "TIMEOUT") for r in rows), "parts": rows}, open(sys.argv[1], "w"), indent=1)' \
+        "$OUTDIR/summary.json" "$DRY" "$INSTALL_MODE" "$NATIVE"
+    echo "results: $(cd "$OUTDIR" && ls | tr '\n' ' ')in $OUTDIR"
+    rm -rf "$WORK"
+    return $failed
+}
+
+main 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"
