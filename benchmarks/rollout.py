@@ -80,10 +80,13 @@ def matmul_limit(config, dtype: torch.dtype, device, rows: int, repeats: int = 5
     shapes = [(h, 2 * i), (i, h), (h, h)]
     set_bytes = sum(a * b for a, b in shapes) * torch.tensor([], dtype=dtype).element_size()
     sets = max(1, min(config.num_hidden_layers, budget_bytes // set_bytes))
-    gen = torch.Generator().manual_seed(0)
-    weights = [[(torch.randn(a, b, generator=gen) / a ** 0.5).to(device, dtype) for a, b in shapes]
-               for _ in range(sets)]
-    inputs = [torch.randn(rows, a, generator=gen).to(device, dtype) for a, _ in shapes]
+    gen = torch.Generator(device=device).manual_seed(0)  # drawn where they are used: no host copy of ~1 GiB
+
+    def draw(a: int, b: int, scale: float = 1.0):
+        return (torch.randn(a, b, generator=gen, device=device) * scale).to(dtype)
+
+    weights = [[draw(a, b, a ** -0.5) for a, b in shapes] for _ in range(sets)]
+    inputs = [draw(rows, a) for a, _ in shapes]
     outputs = [torch.empty(rows, b, device=device, dtype=dtype) for _, b in shapes]
     flops_per_sweep = 2 * rows * sum(a * b for a, b in shapes) * sets
 
