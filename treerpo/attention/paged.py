@@ -138,12 +138,15 @@ def paged_attention_torch(module, query, key, value, meta: PagedAttentionMetadat
     keys = _gather(meta.pool.k[layer], meta.kv_slots)  # [B, Hkv, K, D]
     values = _gather(meta.pool.v[layer], meta.kv_slots)
     hq, d = query.shape[1], query.shape[3]
+    one_token_each = meta.query_rows.shape[1] == 1  # decode: sequence b is packed row b, nothing to gather
     rows = meta.query_rows.clamp(min=0)
-    q = query[0].transpose(0, 1)[rows].permute(0, 2, 1, 3)  # [B, Hq, Q, D]
+    q = query[0].transpose(0, 1)[:, :, None] if one_token_each else query[0].transpose(0, 1)[rows].permute(0, 2, 1, 3)
     key_index = torch.arange(keys.shape[2], device=query.device)
     visible = key_index[None, None, :] <= meta.query_key_pos.clamp(min=0)[:, :, None]  # [B, Q, K]
     out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None],
                                          scale=scale, enable_gqa=hq != keys.shape[1])  # [B, Hq, Q, D]
+    if one_token_each:
+        return out[:, :, 0][None]
     out = out.permute(0, 2, 1, 3)  # [B, Q, Hq, D]
     valid = meta.query_rows >= 0
     packed = query.new_empty((query.shape[2], hq, d))

@@ -8,7 +8,6 @@ groups sharing a cached prefix (``SharedPrefixes``), which the attention then re
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,13 +15,11 @@ import torch
 
 from ..attention import enable_tree_attention
 from ..attention.context import attention_metadata
-from ..attention.optional_kernels import import_optional
 from ..attention.registry import default_paged_backend  # looked up here by ModelRunner (tests patch it)
 from ..lm_head import LMHead
 from ..logprobs import decoder_of
 from .step_builder import StepInputs, sequence_inputs
 
-logger = logging.getLogger(__name__)
 CASCADE_MIN_SAVED_BYTES = 1 << 20
 
 

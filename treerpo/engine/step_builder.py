@@ -80,7 +80,7 @@ def decode_inputs(branches: Branches, paths: PathTable, pool, staging: HostStagi
     arrays = {"input_ids": branches.last_tokens()[None], "position_ids": (path_len + own_len - 1)[None],
               "write_slots": branches.own_slots[rows, own_len - 1], "query_rows": rows[:, None],
               "last_rows": rows}
-    own = branches.own_slots[:, :int(own_len.max())]
+    own = _first(branches.own_slots[:, :int(own_len.max())], own_len)
     if cascade:
         group_paths, group_of_seq = np.unique(branches.path, return_inverse=True)
         arrays.update(kv_slots=own, query_key_pos=(own_len - 1)[:, None])
@@ -113,7 +113,7 @@ _CASCADE_FIELDS = ("prefix_slots", "prefix_len", "group_of_seq", "member_rows", 
 def _cascade_arrays(prefix_slots, prefix_len, group_of_seq, suffix_slots, suffix_len, kv_heads) -> dict:
     """The arrays of ``CascadeGroups`` for sequences grouped by a shared prefix (vectorised, host side)."""
     width = int(prefix_len.max())
-    prefix_slots = prefix_slots[:, :width]
+    prefix_slots = _first(prefix_slots[:, :width], prefix_len)
     counts = np.bincount(group_of_seq, minlength=len(prefix_len))
     members = np.argsort(group_of_seq, kind="stable")
     rank = np.empty_like(members)
@@ -125,6 +125,11 @@ def _cascade_arrays(prefix_slots, prefix_len, group_of_seq, suffix_slots, suffix
                 prefix_rows=_head_rows(prefix_slots, kv_heads), prefix_padding=_padding(prefix_len, width),
                 suffix_rows=_head_rows(suffix_slots, kv_heads),
                 suffix_padding=_padding(suffix_len, suffix_slots.shape[1]))
+
+
+def _first(table: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The first lengths[r] slots of every row, the rest set to slot 0 (padding)."""
+    return np.where(np.arange(table.shape[1])[None, :] < lengths[:, None], table, 0)
 
 
 def _joined(path_rows: np.ndarray, path_len: np.ndarray, own: np.ndarray, own_len: np.ndarray) -> np.ndarray:
