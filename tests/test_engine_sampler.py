@@ -103,6 +103,27 @@ def test_a_batch_larger_than_the_pool_waits_and_matches(model_and_tokenizer):
     assert small.pool.free_tokens == small.pool.capacity_tokens  # nothing leaked
 
 
+def test_seeded_trees_admitted_while_others_decode_equal_those_sampled_alone(model_and_tokenizer):
+    """A pool of about two and a half trees: trees join while others are mid-segment (continuous batching), and each
+    is still the tree its seed gives alone. Common tokens end a segment, so that trees end at different steps."""
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    spec = TreeSpec((3, 2), segment_tokens=5, temperature=1.0)
+    one_tree = max(len(p) for p in prompts) + spec.max_generated_tokens
+    ends = tok.convert_tokens_to_ids(list("0123+"))
+    sampler = TreeSampler(model, tok, pool_tokens=one_tree * 5 // 2, eos_ids=ends)
+    sampler.profile = True
+    got = sampler.sample(prompts, spec, seeds=range(10, 15))
+    steps = sampler.step_records
+    assert any(r["kind"] == "prefill" and steps[i - 1]["branches"] > 0 for i, r in enumerate(steps) if i), \
+        "no tree was admitted while others were decoding"
+    for i, prompt in enumerate(prompts):
+        alone = TreeSampler(model, tok, pool_tokens=4096, eos_ids=ends).sample([prompt], spec, seeds=[10 + i])[0]
+        same_tree(got[i], alone)
+    sampler.cache.reset()
+    assert sampler.pool.free_tokens == sampler.pool.capacity_tokens
+
+
 def test_a_tree_that_can_never_fit_is_refused(model_and_tokenizer):
     model, tok = model_and_tokenizer
     spec = TreeSpec((4, 4), segment_tokens=8)

@@ -178,7 +178,9 @@ class TreeSampler:
         group_rows = np.repeat(np.arange(len(trees)), [len(g) for g in trees])
         parents = roots(tree_ids, np.asarray(paths, dtype=np.int64)[group_rows],
                         batch.seeds[tree_ids] if batch.seeds is not None else np.zeros(len(tree_ids), np.uint64))
-        self._grow(batch, parents, np.full(len(parents), ROOT), parents.path, logits, group_rows, [])
+        born = self._grow(batch, Branches.empty(batch.spec.segment_tokens), [], parents, np.full(len(parents), ROOT),
+                          parents.path, group_rows, logits)
+        batch.live = Branches.concat([batch.live, born])
 
     # ---- decode ------------------------------------------------------------------------------------
     def _decode(self, batch: "_Batch") -> None:
@@ -197,15 +199,14 @@ class TreeSampler:
         parents = live.take(fork_rows)
         records = batch.records.add(parents, np.zeros(len(fork_rows), dtype=bool))
         paths = self.blocks.paths.extended(parents.path, parents.own_slots) if len(fork_rows) else fork_rows
-        batch.live = live.take(cont_rows)
-        self._grow(batch, parents, records, paths, logits, fork_rows, cont_rows)
+        batch.live = self._grow(batch, live.take(cont_rows), cont_rows, parents, records, paths, fork_rows, logits)
 
-    def _grow(self, batch: "_Batch", parents: Branches, records: np.ndarray, paths: np.ndarray,
-              logits: torch.Tensor, fork_rows, cont_rows) -> None:
-        """One draw for every continuing branch (logits rows ``cont_rows``, already in ``batch.live``) and one per
-        child of every forking node (rows ``fork_rows``), all in one batched call; then ends the branches that
-        sampled EOS or a stop string, or filled a last-level segment."""
-        spec, live = batch.spec, batch.live
+    def _grow(self, batch: "_Batch", live: Branches, cont_rows, parents: Branches, records: np.ndarray,
+              paths: np.ndarray, fork_rows, logits: torch.Tensor) -> Branches:
+        """One draw for every continuing branch (``live``, logits rows ``cont_rows``) and one per child of every
+        forking node (``parents``, rows ``fork_rows``), all in one batched call; returns those branches and the
+        children, less the ones that sampled EOS or a stop string, or filled a last-level segment."""
+        spec = batch.spec
         fork_rows, cont_rows = np.asarray(fork_rows, dtype=np.int64), np.asarray(cont_rows, dtype=np.int64)
         k = np.asarray(spec.branching, dtype=np.int64)[parents.depth] if len(parents) else np.zeros(0, np.int64)
         rows = np.concatenate([cont_rows, fork_rows])
@@ -221,7 +222,7 @@ class TreeSampler:
             at = np.flatnonzero(parents.depth == depth)
             born.append(children_of(parents.take(at), records[at], paths[at], spec,
                                     fork_tokens[at], fork_logprobs[at]))
-        batch.live = self._end_finished(batch, Branches.concat(born) if len(born) > 1 else live)
+        return self._end_finished(batch, Branches.concat(born) if len(born) > 1 else live)
 
     @staticmethod
     def _uniforms(batch, live: Branches, parents: Branches, width: int) -> np.ndarray | None:
