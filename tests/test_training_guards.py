@@ -144,9 +144,11 @@ def test_optimizer_steps_per_epoch_do_not_depend_on_micro_batch_tokens(tmp_path)
             t.close()
     assert steps == [4, 4]
     # the same minibatches, summed in another order: Adam's normalised step (lr 5e-5 an element) amplifies the
-    # last-bit differences of near-zero gradients, so compare at a fraction of one step
-    for k in weights[0]:
-        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=2e-5)
+    # last-bit differences of near-zero gradients (one such element can move by up to a step the other way), so:
+    # all but 0.1% of the elements within a fraction of one step, and none further than the 4 steps can take
+    diff = torch.cat([(weights[0][k] - weights[1][k]).abs().reshape(-1) for k in weights[0]])
+    assert (diff > 2e-5).float().mean() < 1e-3, f"{int((diff > 2e-5).sum())} of {len(diff)} elements differ"
+    assert diff.max() <= 4 * 2 * 5e-5, float(diff.max())
 
 
 def test_signal_during_the_last_step_completes_the_run(tmp_path):

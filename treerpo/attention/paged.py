@@ -47,20 +47,29 @@ class CascadeGroups:
         if not prefix_len.all():
             raise ValueError("every shared prefix needs at least one slot")
         group_of_seq = np.asarray(group_of_seq, dtype=np.int64)
-        counts = np.bincount(group_of_seq, minlength=len(prefixes))
-        if len(counts) != len(prefixes) or (group_of_seq < 0).any():
+        if len(np.bincount(group_of_seq, minlength=len(prefixes))) != len(prefixes) or (group_of_seq < 0).any():
             raise ValueError(f"group_of_seq must lie in [0, {len(prefixes)})")
-        members = np.argsort(group_of_seq, kind="stable")
-        rank = np.empty_like(members)
-        rank[members] = np.arange(len(members)) - np.repeat(np.cumsum(counts) - counts, counts)
-        member_rows = np.zeros((len(prefixes), int(counts.max(initial=1))), dtype=np.int64)
-        member_rows[group_of_seq, rank] = np.arange(len(members))
-        prefix_slots = padded_rows(prefixes, prefix_len)
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-        return cls(t(prefix_slots), t(prefix_len), t(group_of_seq), t(member_rows), t(rank), t(members),
-                   t(np.concatenate(([0], np.cumsum(counts)))),
-                   t(_head_rows(prefix_slots, kv_heads)), t(_padding(prefix_len, prefix_slots.shape[1])),
-                   t(_head_rows(kv_slots, kv_heads)), t(_padding(suffix_len, kv_slots.shape[1])))
+        arrays = cascade_arrays(padded_rows(prefixes, prefix_len), prefix_len, group_of_seq, kv_slots, suffix_len,
+                                kv_heads)
+        return cls(**{k: torch.from_numpy(np.ascontiguousarray(a)).to(device) for k, a in arrays.items()})
+
+
+def cascade_arrays(prefix_slots, prefix_len, group_of_seq, suffix_slots, suffix_len, kv_heads) -> dict:
+    """The fields of ``CascadeGroups`` as host arrays, for sequences grouped by a shared prefix (``prefix_slots``
+    [G, >= max prefix_len], padding any slot) each followed by its own ``suffix_slots`` [B, K]."""
+    width = int(prefix_len.max())
+    prefix_slots = np.where(np.arange(width)[None, :] < prefix_len[:, None], prefix_slots[:, :width], 0)
+    counts = np.bincount(group_of_seq, minlength=len(prefix_len))
+    members = np.argsort(group_of_seq, kind="stable")
+    rank = np.empty_like(members)
+    rank[members] = np.arange(len(members)) - np.repeat(np.cumsum(counts) - counts, counts)
+    member_rows = np.zeros((len(prefix_len), int(counts.max(initial=1))), dtype=np.int64)
+    member_rows[group_of_seq, rank] = np.arange(len(members))
+    return dict(prefix_slots=prefix_slots, prefix_len=prefix_len, group_of_seq=group_of_seq, member_rows=member_rows,
+                rank_in_group=rank, members=members, member_start=np.concatenate(([0], np.cumsum(counts))),
+                prefix_rows=_head_rows(prefix_slots, kv_heads), prefix_padding=_padding(prefix_len, width),
+                suffix_rows=_head_rows(suffix_slots, kv_heads),
+                suffix_padding=_padding(suffix_len, suffix_slots.shape[1]))
 
 
 def _head_rows(slots: np.ndarray, kv_heads: int) -> np.ndarray:
@@ -165,7 +174,11 @@ def _attend(q, keys, values, padding, scale: float):
     [X, 1, 1, K] (keys left out) -> (out [X, H, R, D], natural LSE [X, H, R]). Every row needs a key."""
     scores = torch.matmul(q.float() * scale, keys.float().transpose(-1, -2))
     scores = scores.masked_fill_(padding, float("-inf"))
-    return torch.matmul(torch.softmax(scores, -1), values.float()), torch.logsumexp(scores, -1)
+    top = scores.amax(-1, keepdim=True)
+    weights = scores.sub_(top).exp_()  # one exponential pass serves the softmax and the log-sum-exp
+    total = weights.sum(-1, keepdim=True)
+    out = torch.matmul(weights, values.float()).div_(total)
+    return out, (top + total.log()).squeeze(-1)
 
 
 def _cascade_decode_torch(query, meta: PagedAttentionMetadata, layer: int, scale: float | None):

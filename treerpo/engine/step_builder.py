@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..attention.paged import CascadeGroups, PagedAttentionMetadata, _head_rows, _padding
+from ..attention.paged import CascadeGroups, PagedAttentionMetadata, cascade_arrays
 from .block_manager import PathTable
 from .sequence import Branches
 
@@ -84,8 +84,8 @@ def decode_inputs(branches: Branches, paths: PathTable, pool, staging: HostStagi
     if cascade:
         group_paths, group_of_seq = np.unique(branches.path, return_inverse=True)
         arrays.update(kv_slots=own, query_key_pos=(own_len - 1)[:, None])
-        arrays.update(_cascade_arrays(paths.slots[group_paths], paths.length[group_paths], group_of_seq, own,
-                                      own_len, pool.num_kv_heads))
+        arrays.update(cascade_arrays(paths.slots[group_paths], paths.length[group_paths], group_of_seq, own, own_len,
+                                     pool.num_kv_heads))
     else:
         kv_len = path_len + own_len
         arrays.update(kv_slots=_joined(paths.slots[branches.path], path_len, own, own_len),
@@ -93,7 +93,7 @@ def decode_inputs(branches: Branches, paths: PathTable, pool, staging: HostStagi
     t = staging(arrays)
     groups = None
     if cascade:
-        groups = CascadeGroups(**{k: t[k] for k in _CASCADE_FIELDS},
+        groups = CascadeGroups(**{k: t[k] for k in CASCADE_FIELDS},
                                prefix_padding=t["prefix_padding"].bool(), suffix_padding=t["suffix_padding"].bool())
     meta = PagedAttentionMetadata(pool, t["write_slots"], t["query_rows"], t["kv_slots"], t["query_key_pos"],
                                   groups=groups, max_positions=int((path_len + own_len).max()))
@@ -106,25 +106,8 @@ def decode_saves_bytes(branches: Branches, paths: PathTable, bytes_per_key: int)
     return int((path_len[branches.path].sum() - path_len[np.unique(branches.path)].sum()) * bytes_per_key)
 
 
-_CASCADE_FIELDS = ("prefix_slots", "prefix_len", "group_of_seq", "member_rows", "rank_in_group", "members",
-                   "member_start", "prefix_rows", "suffix_rows")
-
-
-def _cascade_arrays(prefix_slots, prefix_len, group_of_seq, suffix_slots, suffix_len, kv_heads) -> dict:
-    """The arrays of ``CascadeGroups`` for sequences grouped by a shared prefix (vectorised, host side)."""
-    width = int(prefix_len.max())
-    prefix_slots = _first(prefix_slots[:, :width], prefix_len)
-    counts = np.bincount(group_of_seq, minlength=len(prefix_len))
-    members = np.argsort(group_of_seq, kind="stable")
-    rank = np.empty_like(members)
-    rank[members] = np.arange(len(members)) - np.repeat(np.cumsum(counts) - counts, counts)
-    member_rows = np.zeros((len(prefix_len), int(counts.max(initial=1))), dtype=np.int64)
-    member_rows[group_of_seq, rank] = np.arange(len(members))
-    return dict(prefix_slots=prefix_slots, prefix_len=prefix_len, group_of_seq=group_of_seq, member_rows=member_rows,
-                rank_in_group=rank, members=members, member_start=np.concatenate(([0], np.cumsum(counts))),
-                prefix_rows=_head_rows(prefix_slots, kv_heads), prefix_padding=_padding(prefix_len, width),
-                suffix_rows=_head_rows(suffix_slots, kv_heads),
-                suffix_padding=_padding(suffix_len, suffix_slots.shape[1]))
+CASCADE_FIELDS = ("prefix_slots", "prefix_len", "group_of_seq", "member_rows", "rank_in_group", "members",
+                  "member_start", "prefix_rows", "suffix_rows")  # staged as int64; the two paddings as bool
 
 
 def _first(table: np.ndarray, lengths: np.ndarray) -> np.ndarray:
