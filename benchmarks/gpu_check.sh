@@ -13,8 +13,9 @@
 #   paged_cascade  tests/test_paged_cascade.py
 #   kernel_check   tests/test_kernel_check.py, in its own process: it runs the Triton interpreter on CPU tensors
 #                  by design and sets TRITON_INTERPRET=1 for its whole process
-#   arch_matrix    tests/test_architecture_matrix.py (TREERPO_TEST_DEVICE=cuda TREERPO_TEST_DTYPE=bfloat16 are
-#                  passed; the file runs on CPU in fp32 unless it reads them)
+#   arch_matrix    tests/test_architecture_matrix.py: every family exact in fp32 (on the CPU, beside the GPU parts)
+#   arch_bf16      tests/test_architecture_matrix_bf16.py: every exact family in bf16 on CUDA (Triton tree backend,
+#                  the engine's Triton paged decode) against fp32, within bf16's own error
 #   random_model   the Qwen2-1.5B-shaped random model of benchmarks/e2e_random_model.py, made once (~3 GB, under
 #                  $TREERPO_CACHE or ~/.cache/treerpo)
 #   attention      benchmarks/attention.py at Qwen2.5-1.5B's attention shape (12 query / 2 KV heads, dim 128), bf16
@@ -307,19 +308,18 @@ PYEOF
         bg_part run_part random_model 60 "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from e2e_random_model import _tokenizer; t = _tokenizer(); print('dry run: the 1.5B random model is not made; its tokenizer has', len(t), 'tokens')"
         pytest_part triton_kernels 180 "TRITON_INTERPRET=1" $T/test_triton_tree_attention.py $T/test_triton_paged_decode.py -- -k "$k_triton"
         pytest_part paged_cascade 120 "" $T/test_paged_cascade.py
+        pytest_part arch_bf16 120 "" $T/test_architecture_matrix_bf16.py -- -k "qwen2 or llama"
         collect_bg
         script_part attention 120 benchmarks/attention.py --quick --json "$OUTDIR/attention.json"
         script_part rollout 120 benchmarks/rollout.py --model tiny --prompts 2 --segment-tokens 4 --repeats 1 --matmul-repeats 2 --json "$OUTDIR/rollout.json"
         script_part e2e 180 benchmarks/e2e.py --preset tiny --systems treerpo --seeds 0 --steps 1 --timeout 150 --out "$WORK/e2e" --json "$OUTDIR/e2e.json"
     else
-        if ! grep -q TREERPO_TEST_DEVICE $T/test_architecture_matrix.py; then
-            echo "note: tests/test_architecture_matrix.py reads no TREERPO_TEST_DEVICE / TREERPO_TEST_DTYPE: it runs on the CPU in fp32, not on CUDA in bf16"
-        fi
         bg_part pytest_part kernel_check 120 "" $T/test_kernel_check.py
-        bg_part pytest_part arch_matrix 200 "TREERPO_TEST_DEVICE=cuda TREERPO_TEST_DTYPE=bfloat16" $T/test_architecture_matrix.py
+        bg_part pytest_part arch_matrix 200 "" $T/test_architecture_matrix.py
         bg_part run_part random_model 200 "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from e2e_random_model import random_qwen2_dir; print('random 1.5B model:', random_qwen2_dir())"
         pytest_part triton_kernels 200 "" $T/test_triton_tree_attention.py $T/test_triton_paged_decode.py
         pytest_part paged_cascade 90 "" $T/test_paged_cascade.py
+        pytest_part arch_bf16 120 "" $T/test_architecture_matrix_bf16.py
         collect_bg
         script_part attention 150 benchmarks/attention.py --heads 12 --kv-heads 2 --head-dim 128 --sizes 2048 8192 32768 --json "$OUTDIR/attention.json"
         if [[ ${STATUS[random_model]} != FAIL && ${STATUS[random_model]} != TIMEOUT ]]; then  # SKIP: made on first use
