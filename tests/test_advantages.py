@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from treerpo import native
 from treerpo.algorithms.advantages import compute_advantages, node_values, sibling_groups
 from treerpo.tree import Tree
 
@@ -126,3 +127,140 @@ def test_completion_lengths_equal_the_leaf_paths():
         tree = random_tree(rng, n)
         expected = [len(tree.path_token_ids(int(leaf), include_prompt=False)) for leaf in tree.leaves()]
         assert tree.completion_lengths().tolist() == expected
+
+
+# ---- global + local advantages (global_weight) ----------------------------------------------------------------
+def two_branch_tree():
+    #         0            leaf rewards 1, 0, 1, 1: V(root) = leaf mean 0.75, unbiased leaf std 0.5
+    #     1       2        V1 = 0.5, V2 = 1
+    #   3   4   5   6      group {5, 6} all 1: dropped locally
+    return make_tree([0, 0, 1, 1, 2, 2], {3: 1, 4: 0, 5: 1, 6: 1})
+
+
+@pytest.mark.parametrize("backend", ["python", "auto"])
+def test_global_group_std_hand_computed(backend):
+    tree = two_branch_tree()
+    stats = compute_advantages([tree], normalization="group_std", tau=0.1, global_weight=0.5, backend=backend)
+    np.testing.assert_allclose(tree.value, [0.75, 0.5, 1, 1, 0, 1, 1])
+    # local: {1, 2}: -+0.25 / sqrt(0.125) = -+0.70711; {3, 4}: +-0.5 / sqrt(0.5) = +-0.70711; {5, 6}: 0
+    # global: (V - 0.75) / 0.5 = -0.5, 0.5, 0.5, -1.5, 0.5, 0.5
+    # final = local + 0.5 x global
+    expected = [0.0, -0.70711 - 0.25, 0.70711 + 0.25, 0.70711 + 0.25, -0.70711 - 0.75, 0.25, 0.25]
+    np.testing.assert_allclose(tree.advantage, expected, rtol=1e-5, atol=1e-5)
+    assert tree.kept.tolist() == [False] + [True] * 6  # 5 and 6 on their global term alone
+    assert stats == {"groups": 3, "kept_groups": 2, "kept_group_fraction": 2 / 3, "global_trees": 1}
+
+
+@pytest.mark.parametrize("backend", ["python", "auto"])
+def test_global_mean_only_hand_computed(backend):
+    tree = two_branch_tree()
+    compute_advantages([tree], normalization="mean_only", tau=0.1, global_weight=0.5, backend=backend)
+    # local: -0.25, 0.25, 0.5, -0.5, 0, 0; global: -0.25, 0.25, 0.25, -0.75, 0.25, 0.25
+    np.testing.assert_allclose(tree.advantage, [0.0, -0.375, 0.375, 0.625, -0.875, 0.125, 0.125], atol=1e-15)
+    assert tree.kept.tolist() == [False] + [True] * 6
+
+
+def test_global_root_is_leaf_mean_whatever_the_value_mode():
+    # unbalanced: children_mean gives V(root) = (0.75 + 0 + 2/3) / 3, but the global baseline is the leaf mean 4/7
+    tree = unbalanced()
+    compute_advantages([tree], value_mode="children_mean", normalization="mean_only", tau=0.1, global_weight=1.0)
+    local = unbalanced()
+    compute_advantages([local], value_mode="children_mean", normalization="mean_only", tau=0.1)
+    np.testing.assert_allclose(tree.advantage[1:] - local.advantage[1:], tree.value[1:] - 4 / 7, atol=1e-15)
+
+
+def test_global_batch_std():
+    trees = [make_tree([0, 0], {1: 1, 2: 0}), make_tree([0, 0, 0], {1: 1, 2: 1, 3: 0}), two_branch_tree(),
+             make_tree([0, 0], {1: 1, 2: 1})]  # the last: all leaves equal, no signal of any kind
+    stats = compute_advantages(trees, normalization="batch_std", tau=0.1, global_weight=0.5)
+    # mean_only terms (by hand): local centred values of the kept groups, global terms of the trees with signal
+    local = [[0.5, -0.5], [1 / 3, 1 / 3, -2 / 3], [-0.25, 0.25, 0.5, -0.5, 0, 0], [0.0, 0.0]]
+    glob = [[0.5, -0.5], [1 / 3, 1 / 3, -2 / 3], [-0.25, 0.25, 0.25, -0.75, 0.25, 0.25], [0.0, 0.0]]
+    local_scale = np.std([0.5, -0.5, 1 / 3, 1 / 3, -2 / 3, -0.25, 0.25, 0.5, -0.5]) + 1e-6
+    global_scale = np.std(glob[0] + glob[1] + glob[2]) + 1e-6
+    for tree, lo, gl in zip(trees, local, glob):
+        np.testing.assert_allclose(tree.advantage[1:], np.array(lo) / local_scale + 0.5 * np.array(gl) / global_scale,
+                                   atol=1e-12)
+    assert not trees[3].kept.any() and (trees[3].advantage == 0).all()
+    assert stats["global_trees"] == 3
+
+
+def test_global_term_needs_leaf_spread():
+    tree = make_tree([0, 0, 1, 1], {2: 1, 3: 1, 4: 1})  # all leaves 1
+    before = make_tree([0, 0, 1, 1], {2: 1, 3: 1, 4: 1})
+    compute_advantages([before], tau=0.0)
+    stats = compute_advantages([tree], tau=0.0, global_weight=2.0)
+    assert stats["global_trees"] == 0 and not tree.kept.any() and (tree.advantage == 0).all()
+    np.testing.assert_array_equal(tree.advantage, before.advantage)
+    # a spread below tau is no signal either: leaves 0.5, 0.5, 0.6 have std 0.0577
+    tree = make_tree([0, 0, 0], {1: 0.5, 2: 0.5, 3: 0.6})
+    assert compute_advantages([tree], tau=0.1, global_weight=1.0)["global_trees"] == 0
+    assert compute_advantages([tree], tau=0.01, global_weight=1.0)["global_trees"] == 1
+
+
+def test_global_weight_is_validated():
+    tree = two_branch_tree()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="global_weight must be a finite number >= 0"):
+            compute_advantages([tree], global_weight=bad)
+
+
+def random_scored_batch(seed):
+    from helpers import random_tree
+
+    rng = np.random.default_rng(seed)
+    trees = []
+    for _ in range(int(rng.integers(1, 5))):
+        tree = random_tree(rng, int(rng.integers(0, 25)), shape=str(rng.choice(["random", "chain", "fan"])))
+        leaves = tree.is_leaf()
+        kind = rng.integers(3)
+        tree.reward[leaves] = (rng.integers(0, 2, leaves.sum()) if kind == 0 else
+                               rng.random(leaves.sum()) if kind == 1 else 0.1)
+        trees.append(tree)
+    return trees
+
+
+def columns(trees):
+    return [(t.value.copy(), t.advantage.copy(), t.kept.copy()) for t in trees]
+
+
+BACKENDS = ["python"] + (["native"] if native.HAVE_NATIVE else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalization", ["group_std", "mean_only", "batch_std"])
+def test_global_weight_zero_is_the_local_advantage_exactly(backend, normalization):
+    from treerpo.algorithms import advantages as adv
+
+    for seed in range(30):
+        for value_mode in ("children_mean", "leaf_mean"):
+            trees = random_scored_batch(seed)
+            tau = (0.0, 0.1, 0.3)[seed % 3]
+            module = native.native_module(backend)
+            old = (adv._compute_advantages_native(module, trees, value_mode, normalization, tau, 1e-6)
+                   if module is not None else adv._compute_advantages_python(trees, value_mode, normalization, tau, 1e-6))
+            expected = columns(trees)
+            stats = compute_advantages(trees, value_mode, normalization, tau, backend=backend, global_weight=0.0)
+            assert stats == old and "global_trees" not in stats
+            for got, want in zip(columns(trees), expected):
+                for a, b in zip(got, want):
+                    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not native.HAVE_NATIVE, reason="treerpo._C is not built (pip install -e .)")
+@pytest.mark.parametrize("normalization", ["group_std", "mean_only", "batch_std"])
+def test_global_native_equals_python(normalization):
+    for seed in range(40):
+        for value_mode in ("children_mean", "leaf_mean"):
+            tau, weight = (0.0, 0.1, 0.3)[seed % 3], (0.5, 1.0, 0.25)[seed % 3]
+            trees = random_scored_batch(seed)
+            expected = compute_advantages(trees, value_mode, normalization, tau, backend="python", global_weight=weight)
+            want = columns(trees)
+            assert compute_advantages(trees, value_mode, normalization, tau, backend="native",
+                                      global_weight=weight) == expected
+            for got, ref in zip(columns(trees), want):
+                for a, b in zip(got, ref):
+                    np.testing.assert_array_equal(a, b)
+            # the rule itself: kept nodes are those of kept groups or of trees with signal; unkept nodes have 0
+            for tree in trees:
+                assert not tree.kept[0] and (tree.advantage[~tree.kept] == 0).all()

@@ -61,13 +61,23 @@ def sibling_groups(tree: Tree) -> list[np.ndarray]:
 
 
 def compute_advantages(trees: Sequence[Tree], value_mode: str = "children_mean", normalization: str = "group_std",
-                       tau: float = 0.1, eps: float = 1e-6, backend: str = "auto") -> dict[str, float]:
+                       tau: float = 0.1, eps: float = 1e-6, backend: str = "auto",
+                       global_weight: float = 0.0) -> dict[str, float]:
     """Fill ``value``, ``advantage`` and ``kept`` of every tree; return batch statistics.
 
-    A group is kept when it has at least two members and the (unbiased) std of its values is
-    at least ``tau``; others get advantage 0 (no signal: e.g. all siblings equal). Advantage:
-    value minus the group mean, divided by the group std + eps ("group_std"), by nothing
+    Local term: a group is kept when it has at least two members and the (unbiased) std of its
+    values is at least ``tau``; others get advantage 0 (no signal: e.g. all siblings equal).
+    Advantage: value minus the group mean, divided by the group std + eps ("group_std"), by nothing
     ("mean_only"), or by the std of the centred values of all kept nodes in the batch ("batch_std").
+
+    Global term (``global_weight`` w > 0; TreeRL's global + local advantage): every non-root node
+    also gets w x (its value - the tree's leaf-reward mean), divided by the tree's unbiased
+    leaf-reward std + eps ("group_std"), by nothing ("mean_only"), or by the std of the global
+    terms of all the batch's trees with signal + eps ("batch_std"). A tree has global signal when
+    it has two or more leaves whose reward std is at least ``tau`` (and not 0); otherwise its
+    global term is 0. ``kept`` = group kept OR the tree has global signal, so the members of a
+    dropped group are trained on their global term alone. w = 0 is the local advantage alone,
+    bit for bit; the stats then gain ``global_trees`` (trees with global signal).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown advantage normalization {normalization!r}; choose one of {NORMALIZATIONS}")
@@ -75,10 +85,42 @@ def compute_advantages(trees: Sequence[Tree], value_mode: str = "children_mean",
         raise ValueError(f"unknown value mode {value_mode!r}; choose one of {VALUE_MODES}")
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
+    if not (np.isfinite(global_weight) and global_weight >= 0):
+        raise ValueError(f"global_weight must be a finite number >= 0 (0: local advantages only), got {global_weight}")
     native = native_module(backend)
     if native is not None:
-        return _compute_advantages_native(native, trees, value_mode, normalization, tau, eps)
-    return _compute_advantages_python(trees, value_mode, normalization, tau, eps)
+        stats = _compute_advantages_native(native, trees, value_mode, normalization, tau, eps)
+    else:
+        stats = _compute_advantages_python(trees, value_mode, normalization, tau, eps)
+    if global_weight > 0:
+        stats["global_trees"] = _add_global_advantages(trees, normalization, tau, eps, global_weight)
+    return stats
+
+
+def _add_global_advantages(trees: Sequence[Tree], normalization: str, tau: float, eps: float, weight: float) -> int:
+    """Add ``weight`` x each non-root node's global advantage (its value against the tree's leaf-reward mean) to
+    the local advantages already filled in; mark the nodes of trees with global signal kept. Same NumPy code
+    after either backend, so both give the same result. Returns the number of trees with global signal."""
+    signal = []  # (tree, global terms of nodes 1..n), normalised per tree unless batch_std
+    for tree in trees:
+        rewards = tree.reward[tree.is_leaf()]
+        if tree.num_nodes < 2 or len(rewards) < 2:
+            continue
+        std = rewards.std(ddof=1)
+        if std < tau or std == 0.0:
+            continue
+        centred = tree.value[1:] - rewards.mean()
+        signal.append((tree, centred / (std + eps) if normalization == "group_std" else centred))
+    if normalization == "batch_std" and signal:
+        scale = np.concatenate([g for _, g in signal]).std() + eps
+        signal = [(tree, g / scale) for tree, g in signal]
+    for tree, g in signal:
+        advantage = tree.advantage.copy()
+        advantage[1:] += weight * g
+        kept = tree.kept.copy()
+        kept[1:] = True
+        tree.advantage, tree.kept = advantage, kept
+    return len(signal)
 
 
 def _compute_advantages_python(trees: Sequence[Tree], value_mode: str, normalization: str, tau: float,
