@@ -33,6 +33,8 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     ("lr", "fast", r"lr='fast' is not a valid float"),
     ("max_steps", 0, r"max_steps must be >= 1"),
     ("tau", -1, r"tau must be >= 0"),
+    ("global_weight", -1, r"global_weight must be a finite number >= 0, got -1.0; use 0 for local advantages"),
+    ("global_weight", "nan", r"global_weight must be a finite number >= 0, got nan"),
     ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
     ("branching", [2, 0], r"branching must be a non-empty list of integers >= 1"),
     ("truncate_prompts", "maybe", r"is not a valid bool"),
@@ -50,3 +52,24 @@ def test_cli_reports_config_error(capsys):
 
     assert main(["--algo", "ppo"]) == 2
     assert "choose one of ['treerpo', 'grpo']" in capsys.readouterr().err
+
+
+def test_global_weight_option():
+    assert make_config({}).global_weight == 0.0
+    assert parse_args(["--global-weight", "0.5"]).global_weight == 0.5
+    with pytest.raises(ConfigError, match=r"global_weight > 0 with advantage_norm batch_std is not supported yet"):
+        make_config({"global_weight": 0.5, "advantage_norm": "batch_std", "parallel": "ddp"})
+    assert make_config({"global_weight": 0.5, "advantage_norm": "batch_std"}).global_weight == 0.5
+
+
+def test_resume_refuses_another_global_weight():
+    from pathlib import Path
+
+    from treerpo.resume import ResumeMismatchError, check_resumable, comparable_config
+
+    saved = comparable_config(make_config({}))
+    older = {k: v for k, v in saved.items() if k != "global_weight"}  # a checkpoint from before the option
+    check_resumable(comparable_config(make_config({})), older, Path("ckpt"))
+    for before in (saved, older):
+        with pytest.raises(ResumeMismatchError, match=r"global_weight=0.5 \(was 0.0\)"):
+            check_resumable(comparable_config(make_config({"global_weight": 0.5})), before, Path("ckpt"))

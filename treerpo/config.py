@@ -49,6 +49,10 @@ class TrainConfig:
     value_mode: str = "children_mean"
     advantage_norm: str = "group_std"
     tau: float = field(default=0.1, metadata={"help": "drop sibling groups whose value std is below tau"})
+    global_weight: float = field(default=0.0, metadata={
+        "help": "weight w of each node's global advantage (its value against the tree's leaf-reward mean, normalised "
+                "like advantage_norm) added to its local one within its sibling group; a node is trained when its "
+                "group is kept or its tree's leaf-reward std is >= tau; 0: local advantages only"})
     lr: float = 5e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -98,6 +102,13 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.global_weight) and self.global_weight >= 0):
+            raise ConfigError(f"global_weight must be a finite number >= 0, got {self.global_weight}; use 0 for local "
+                              "advantages only, or a weight such as 0.5 for half the global advantage")
+        if self.global_weight > 0 and self.advantage_norm == "batch_std" and self.parallel != "none":
+            raise ConfigError(f"global_weight > 0 with advantage_norm batch_std is not supported yet under --parallel "
+                              f"{self.parallel} (the batch std would be taken over the local + global sum); use "
+                              "advantage_norm group_std or mean_only, or global_weight 0")
         for name in ["lr", "tau", "kl_coef", "clip_low", "clip_high", "weight_decay", "max_grad_norm",
                      "temperature", "eval_temperature", "reward_deadline_s", "eval_every", "save_every"]:
             if getattr(self, name) < 0:

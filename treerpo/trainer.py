@@ -329,7 +329,7 @@ class Trainer:
         config = self.config
         distributed_scale = self.world.initialized and config.advantage_norm == "batch_std"
         norm = "mean_only" if distributed_scale else config.advantage_norm
-        adv = compute_advantages(trees, config.value_mode, norm, config.tau)
+        adv = compute_advantages(trees, config.value_mode, norm, config.tau, global_weight=config.global_weight)
         if distributed_scale:
             self._divide_by_global_std(trees)
         groups, kept = self.world.sum([adv["groups"], adv["kept_groups"]])
