@@ -44,6 +44,9 @@ class TreeRPOConfig(GRPOConfig):
     value_mode: str = field(default="children_mean", metadata={"help": f"one of {VALUE_MODES}"})
     advantage_norm: str = field(default="group_std", metadata={"help": f"one of {NORMALIZATIONS}"})
     tau: float = field(default=0.1, metadata={"help": "drop sibling groups whose value std is below tau"})
+    global_weight: float = field(default=0.0, metadata={
+        "help": "weight of each node's global advantage (value against the tree's leaf-reward mean) added to its "
+                "local one; 0: local only"})
     micro_batch_tokens: int = field(default=8192, metadata={"help": "packed tokens per forward/backward"})
     kv_pool_tokens: int = field(default=1 << 16, metadata={"help": "KV slots of the engine's pool"})
     num_generations: int | None = field(default=None, metadata={"help": "derived: leaves per tree"})
@@ -69,6 +72,8 @@ def _refuse_unsupported_config(args: TreeRPOConfig) -> None:
         (args.advantage_norm in NORMALIZATIONS, f"advantage_norm={args.advantage_norm!r}",
          f"choose one of {NORMALIZATIONS}"),
         (args.tau >= 0, f"tau={args.tau}", "tau must be >= 0"),
+        (bool(np.isfinite(args.global_weight)) and args.global_weight >= 0, f"global_weight={args.global_weight}",
+         "global_weight must be a finite number >= 0 (0: local advantages only)"),
         (args.micro_batch_tokens >= 1, f"micro_batch_tokens={args.micro_batch_tokens}", "use a positive count"),
         (args.loss_type == "dapo", f"loss_type={args.loss_type!r}",
          "the tree loss is token-mean over the optimizer step's loss tokens (TRL's 'dapo'); set loss_type='dapo'"),
@@ -197,7 +202,8 @@ class TreeRPOTrainer(GRPOTrainer):
         rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1).cpu().numpy()
         for (t, leaf), r in zip(keys, rewards):
             trees[t].reward[leaf] = float(r)
-        stats = compute_advantages(trees, self.args.value_mode, self.args.advantage_norm, self.args.tau)
+        stats = compute_advantages(trees, self.args.value_mode, self.args.advantage_norm, self.args.tau,
+                                   global_weight=self.args.global_weight)
         self._log_rollout(trees, rewards, per_func, stats)
 
     def _log_rollout(self, trees, rewards, per_func, stats) -> None:
