@@ -262,6 +262,10 @@ class Trainer:
             raise ConfigError(f"the model's sliding window ({window} positions) is shorter than a path (prompt up to "
                               f"{longest} + {self.spec.max_new_tokens} generated tokens), and tree attention does "
                               "not implement sliding windows; shorten the tree or the prompts")
+        if self.world.initialized and self.config.advantage_norm == "batch_std" and self.config.global_weight > 0:
+            raise ConfigError("global_weight > 0 with advantage_norm batch_std is not supported under torchrun (the "
+                              "batch std across ranks would be taken over the local + global sum); use advantage_norm "
+                              "group_std or mean_only, or global_weight 0")
         need = longest + self.spec.max_generated_tokens
         if self.config.sampler == "engine" and need > self.config.kv_pool_tokens:
             raise ConfigError(f"one tree may need {need} KV slots (prompt up to {longest} + "
