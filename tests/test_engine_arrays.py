@@ -58,10 +58,10 @@ def test_decode_inputs_equal_the_per_sequence_builder(cascade):
 def test_path_table_extends_a_path_by_a_segment():
     paths = PathTable(8)
     first = paths.add(np.array([[5, 6, 7]]), np.array([3]))
-    ids = paths.extended(np.array([first[0], first[0]]), np.array([[1, 2], [3, 4]]))
-    assert [paths.slots[i, :paths.length[i]].tolist() for i in ids] == [[5, 6, 7, 1, 2], [5, 6, 7, 3, 4]]
+    ids = paths.extended(np.array([first[0], first[0]]), np.array([[1, 2], [3, 4]]), np.array([2, 1]))
+    assert [paths.slots[i, :paths.length[i]].tolist() for i in ids] == [[5, 6, 7, 1, 2], [5, 6, 7, 3]]
     many = paths.add(np.zeros((40, 2), dtype=np.int64), np.full(40, 2))  # grows past its first capacity
-    assert many[-1] == 42 and paths.length[ids].tolist() == [5, 5]
+    assert many[-1] == 42 and paths.length[ids].tolist() == [5, 4]
 
 
 def test_uniforms_are_uniform_and_independent_of_the_batch():

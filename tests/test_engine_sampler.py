@@ -206,3 +206,50 @@ def test_cascade_on_and_off_sample_the_same_trees(model_and_tokenizer, monkeypat
     for a, b in zip(trees[True], trees[False]):
         same_tree(a, b)
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_triggered_forks_fork_at_the_first_uncertain_token(model_and_tokenizer):
+    """With fork_entropy, a node above the last level ends its segment at the first length >= min_segment_tokens
+    whose next-token entropy reaches the threshold (else at segment_tokens), checked against the entropies of a
+    plain forward of each path; leaves run to segment_tokens; the tree keeps its shape."""
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    plain = TreeSpec((2, 2, 2), segment_tokens=6, temperature=1.0)
+
+    def log_softmax(ids):
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=torch.as_tensor(ids)[None]).logits[0].float(), -1)
+
+    def entropies(ids):  # entropy (nats) of the next token after each prefix of ids
+        logp = log_softmax(ids)
+        return -(logp.exp() * logp).sum(-1).numpy()
+
+    seen = np.concatenate([entropies(t.path_token_ids(int(leaf)))[len(t.prompt_ids):]
+                           for t in TreeSampler(model, tok, ignore_eos=True).sample(prompts, plain, seeds=[0, 1, 2])
+                           for leaf in t.leaves()])
+    threshold = float(np.quantile(seen, 0.8))
+    spec = TreeSpec((2, 2, 2), segment_tokens=6, temperature=1.0, fork_entropy=threshold, min_segment_tokens=2)
+    trees = TreeSampler(model, tok, ignore_eos=True).sample(prompts, spec, seeds=[0, 1, 2])
+    early = full = 0
+    for tree in trees:
+        assert sorted(np.bincount(tree.depth).tolist()) == [1, 2, 4, 8]  # the shape is kept
+        for node in range(1, tree.num_nodes):
+            length = len(tree.segment(node))
+            path = tree.path_token_ids(node)  # the sampled log-probs read the right (shorter) parent paths
+            expected = log_softmax(path)[len(path) - length - 1:-1].gather(1, torch.as_tensor(path[-length:])[:, None])
+            np.testing.assert_allclose(tree.token_logprobs[tree.offsets[node]:tree.offsets[node + 1]],
+                                       expected.squeeze(1).numpy(), atol=1e-4)
+            if tree.depth[node] == spec.depth:
+                assert length == spec.segment_tokens
+                continue
+            h = entropies(path)[len(path) - length - 1:]  # h[n]: after n tokens of this segment
+            below = [n for n in range(spec.min_segment_tokens, length) if abs(h[n] - threshold) > 1e-4]
+            assert all(h[n] < threshold for n in below), (node, h, threshold)
+            if length < spec.segment_tokens:
+                early += 1
+                assert h[length] > threshold - 1e-4, (node, length, h, threshold)
+            else:
+                full += 1
+    assert early and full, "the threshold should give both early forks and full segments"
+    with pytest.raises(ValueError, match="engine sampler only"):
+        ReferenceTreeSampler(model, tok).sample(prompts, spec)

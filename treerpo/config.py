@@ -40,6 +40,11 @@ class TrainConfig:
     prompts_per_step: int = 32
     branching: list[int] = field(default_factory=lambda: [4, 2, 2], metadata={"help": "children per level (treerpo)"})
     segment_tokens: int = field(default=12, metadata={"help": "tokens per tree segment (treerpo)"})
+    fork_entropy: float = field(default=0.0, metadata={
+        "help": "treerpo, engine sampler: a node above the last level forks at the first length >= "
+                "min_segment_tokens where its next token's entropy (nats) is >= this, else at segment_tokens; "
+                "0: fork at segment ends only (the paper)"})
+    min_segment_tokens: int = field(default=1, metadata={"help": "shortest segment an entropy-triggered fork leaves"})
     group_size: int = field(default=16, metadata={"help": "answers per prompt (grpo)"})
     max_new_tokens: int = field(default=36, metadata={"help": "answer length for grpo (treerpo: depth x segment_tokens)"})
     max_prompt_tokens: int = 64
@@ -102,6 +107,15 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.fork_entropy) and self.fork_entropy >= 0):
+            raise ConfigError(f"fork_entropy must be a finite number of nats >= 0, got {self.fork_entropy}; use 0 to "
+                              "fork at segment ends only, or e.g. 1.5 to fork where the next token is that uncertain")
+        if self.fork_entropy > 0 and self.sampler != "engine":
+            raise ConfigError("fork_entropy > 0 needs --sampler engine (the reference sampler forks at segment ends "
+                              "only)")
+        if not 1 <= self.min_segment_tokens <= self.segment_tokens:
+            raise ConfigError(f"min_segment_tokens must be in [1, segment_tokens={self.segment_tokens}], got "
+                              f"{self.min_segment_tokens}")
         if not (math.isfinite(self.global_weight) and self.global_weight >= 0):
             raise ConfigError(f"global_weight must be a finite number >= 0, got {self.global_weight}; use 0 for local "
                               "advantages only, or a weight such as 0.5 for half the global advantage")

@@ -52,6 +52,9 @@ class ReferenceTreeSampler:
     def sample(self, prompts: Sequence[Sequence[int]], spec: TreeSpec, infos: Sequence[dict] | None = None,
                ) -> list[Tree]:
         """One tree per prompt (token ids). Uses the torch RNG: seed it for a reproducible tree."""
+        if spec.fork_entropy is not None:
+            raise ValueError("entropy-triggered forks (fork_entropy) are implemented by the engine sampler only; use "
+                             "TreeSampler (--sampler engine) or leave fork_entropy unset")
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
         prompts = check_prompt_lengths(prompts, spec, max_positions, self.truncate_prompts)
         # per tree: lists of parents, segments, finished flags (node 0 = prompt)

@@ -36,7 +36,8 @@ def _defaults_of_newer_options() -> dict:
     """Options added after a checkpoint was written count as having had their default."""
     from .config import TrainConfig
 
-    return {"parallel": TrainConfig.parallel, "global_weight": TrainConfig.global_weight}
+    return {name: getattr(TrainConfig, name)
+            for name in ("parallel", "global_weight", "fork_entropy", "min_segment_tokens")}
 
 
 def check_resumable(current: dict, saved: dict, checkpoint: Path) -> None:

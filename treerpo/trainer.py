@@ -66,7 +66,8 @@ def tree_spec(config: TrainConfig) -> TreeSpec:
         return grpo_spec(config.group_size, config.max_new_tokens, config.max_prompt_tokens, config.temperature,
                          config.top_p)
     return TreeSpec(tuple(config.branching), config.segment_tokens, config.max_prompt_tokens, config.temperature,
-                    config.top_p)
+                    config.top_p, fork_entropy=config.fork_entropy or None,
+                    min_segment_tokens=config.min_segment_tokens)
 
 
 CHECKPOINTING_ABOVE_PARAMETERS = 1_000_000_000

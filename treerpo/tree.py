@@ -21,6 +21,10 @@ class TreeSpec:
     max_prompt_tokens: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
+    # entropy-triggered forks: a node above the last level ends its segment (and forks) at the first length
+    # >= min_segment_tokens where the next token's entropy (nats, at the temperature) is >= fork_entropy
+    fork_entropy: float | None = None
+    min_segment_tokens: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "branching", tuple(int(b) for b in self.branching))
@@ -34,6 +38,12 @@ class TreeSpec:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.fork_entropy is not None and not (np.isfinite(self.fork_entropy) and self.fork_entropy > 0):
+            raise ValueError(f"fork_entropy must be a finite number of nats > 0 (None: fork at segment ends only), "
+                             f"got {self.fork_entropy}")
+        if not 1 <= self.min_segment_tokens <= self.segment_tokens:
+            raise ValueError(f"min_segment_tokens must be in [1, segment_tokens={self.segment_tokens}], got "
+                             f"{self.min_segment_tokens}")
 
     @property
     def depth(self) -> int:

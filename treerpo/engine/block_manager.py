@@ -37,13 +37,14 @@ class PathTable:
         self.count += n
         return ids
 
-    def extended(self, path_ids: np.ndarray, segments: np.ndarray) -> np.ndarray:
-        """Add, for each path id, that path followed by the slots of one whole segment (a row of ``segments``)."""
+    def extended(self, path_ids: np.ndarray, segments: np.ndarray, segment_len: np.ndarray) -> np.ndarray:
+        """Add, for each path id, that path followed by the first ``segment_len`` slots of a row of ``segments``."""
         lengths = self.length[path_ids]
         rows = self.slots[path_ids].copy()
         cols = lengths[:, None] + np.arange(segments.shape[1])[None, :]
-        np.put_along_axis(rows, cols, segments, axis=1)
-        return self.add(rows, lengths + segments.shape[1])
+        inside = np.arange(segments.shape[1])[None, :] < segment_len[:, None]
+        rows[np.nonzero(inside)[0], cols[inside]] = segments[inside]
+        return self.add(rows, lengths + segment_len)
 
 
 class BlockManager:

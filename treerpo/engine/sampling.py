@@ -91,11 +91,11 @@ def inverse_cdf(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -
     return tokens.clamp(max=cdf.shape[-1] - 1)
 
 
-def draw(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor]:
+def draw(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, entropy: bool = False):
     """Batched draws for the engine, without any host synchronisation: logits [R, V] and fp64 uniforms u [R, K]
     (ignored when greedy) -> (tokens [R, K], their log-probs under ``logits / temperature`` [R, K] in fp32, a
-    bool scalar tensor: some logit is NaN or +inf). Row r's K draws (a node's children) share its CDF."""
+    bool scalar tensor: some logit is NaN or +inf, and with ``entropy`` each row's entropy in nats under
+    ``logits / temperature`` (temperature 1 when greedy), else None). Row r's K draws share its CDF."""
     logits = logits.float()
     bad = torch.isnan(logits).any() | torch.isposinf(logits).any()
     k = u.shape[1]
@@ -106,7 +106,8 @@ def draw(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor | None) -
         logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0)  # refused after the draw; keeps the CDF sane
         tokens = inverse_cdf(logits, params, u)
         logprobs = torch.log_softmax(logits / params.temperature, -1)
-    return tokens, logprobs.gather(1, tokens), bad
+    entropies = -(logprobs.exp() * logprobs).nan_to_num(0.0).sum(-1) if entropy else None
+    return tokens, logprobs.gather(1, tokens), bad, entropies
 
 
 def raise_nonfinite() -> None:

@@ -178,9 +178,10 @@ class TreeSampler:
         group_rows = np.repeat(np.arange(len(trees)), [len(g) for g in trees])
         parents = roots(tree_ids, np.asarray(paths, dtype=np.int64)[group_rows],
                         batch.seeds[tree_ids] if batch.seeds is not None else np.zeros(len(tree_ids), np.uint64))
-        born = self._grow(batch, Branches.empty(batch.spec.segment_tokens), [], parents, np.full(len(parents), ROOT),
-                          parents.path, group_rows, logits)
-        batch.live = Branches.concat([batch.live, born])
+        everyone = np.ones(len(parents), dtype=bool)
+        _, tokens, logprobs = self._draw_step(batch, parents, logits, group_rows, forced=everyone, may_fork=everyone)
+        born = self._children(batch, parents, np.full(len(parents), ROOT), parents.path, tokens, logprobs)
+        batch.live = Branches.concat([batch.live, self._end_finished(batch, born)])
 
     # ---- decode ------------------------------------------------------------------------------------
     def _decode(self, batch: "_Batch") -> None:
@@ -193,68 +194,69 @@ class TreeSampler:
             live, self.blocks.paths, self.pool.bytes_per_token // self.pool.num_layers) >= \
             self.runner.cascade_min_saved_bytes
         logits = self._forward(decode_inputs(live, self.blocks.paths, self.pool, self.staging, cascade))
-        forks = live.n == spec.segment_tokens  # only below the last level: full last-level segments ended earlier
-        batch.forked = bool(forks.any())
-        fork_rows, cont_rows = np.flatnonzero(forks), np.flatnonzero(~forks)
+        forced = live.n == spec.segment_tokens  # only below the last level: full last-level segments ended earlier
+        may_fork = forced | ((live.depth < spec.depth) & (live.n >= spec.min_segment_tokens)
+                             if spec.fork_entropy is not None else forced)
+        fork, tokens, logprobs = self._draw_step(batch, live, logits, np.arange(len(live)), forced, may_fork)
+        batch.forked = bool(fork.any())
+        fork_rows, cont_rows = np.flatnonzero(fork), np.flatnonzero(~fork)
         parents = live.take(fork_rows)
         records = batch.records.add(parents, np.zeros(len(fork_rows), dtype=bool))
-        paths = self.blocks.paths.extended(parents.path, parents.own_slots) if len(fork_rows) else fork_rows
-        batch.live = self._grow(batch, live.take(cont_rows), cont_rows, parents, records, paths, fork_rows, logits)
+        paths = self.blocks.paths.extended(parents.path, parents.own_slots, parents.n)
+        continuing = live.take(cont_rows)
+        continuing.append(tokens[cont_rows, 0], logprobs[cont_rows, 0])
+        born = self._children(batch, parents, records, paths, tokens[fork_rows], logprobs[fork_rows])
+        batch.live = self._end_finished(batch, Branches.concat([continuing, born]))
 
-    def _grow(self, batch: "_Batch", live: Branches, cont_rows, parents: Branches, records: np.ndarray,
-              paths: np.ndarray, fork_rows, logits: torch.Tensor) -> Branches:
-        """One draw for every continuing branch (``live``, logits rows ``cont_rows``) and one per child of every
-        forking node (``parents``, rows ``fork_rows``), all in one batched call; returns those branches and the
-        children, less the ones that sampled EOS or a stop string, or filled a last-level segment."""
-        spec = batch.spec
-        fork_rows, cont_rows = np.asarray(fork_rows, dtype=np.int64), np.asarray(cont_rows, dtype=np.int64)
-        k = np.asarray(spec.branching, dtype=np.int64)[parents.depth] if len(parents) else np.zeros(0, np.int64)
-        rows = np.concatenate([cont_rows, fork_rows])
-        draws = np.concatenate([np.ones(len(cont_rows), dtype=np.int64), k])
-        width = int(draws.max(initial=1))
-        u = self._uniforms(batch, live, parents, width)
-        tokens, logprobs = self._draw(logits, rows, u, width, batch.params)
-        if len(cont_rows):
-            live.append(tokens[:len(cont_rows), 0], logprobs[:len(cont_rows), 0])
-        born = [live]
-        fork_tokens, fork_logprobs = tokens[len(cont_rows):], logprobs[len(cont_rows):]
-        for depth in np.unique(parents.depth):  # levels, not branches
+    def _children(self, batch: "_Batch", parents: Branches, records, paths, tokens, logprobs) -> Branches:
+        """Children of the forking ``parents`` (one level at a time: levels, not branches), child j's first token in
+        column 1 + j of ``tokens``."""
+        born = [Branches.empty(batch.spec.segment_tokens)]
+        for depth in np.unique(parents.depth):
             at = np.flatnonzero(parents.depth == depth)
-            born.append(children_of(parents.take(at), records[at], paths[at], spec,
-                                    fork_tokens[at], fork_logprobs[at]))
-        return self._end_finished(batch, Branches.concat(born) if len(born) > 1 else live)
+            born.append(children_of(parents.take(at), records[at], paths[at], batch.spec, tokens[at, 1:],
+                                    logprobs[at, 1:]))
+        return Branches.concat(born)
+
+    def _draw_step(self, batch: "_Batch", branches: Branches, logits: torch.Tensor, logit_rows: np.ndarray,
+                   forced: np.ndarray, may_fork: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All of a step's draws in one batched call: column 0 a branch's next token (if it may go on), columns
+        1..k the first tokens of its k children (if it may fork). Returns which branches fork (``forced``, or
+        ``may_fork`` with next-token entropy >= spec.fork_entropy) and the tokens and log-probs [B, 1 + k]."""
+        spec, params = batch.spec, batch.params
+        k = np.where(may_fork, np.asarray(spec.branching + (0,), dtype=np.int64)[branches.depth], 0)
+        width = 1 + int(k.max(initial=0))
+        u = None
+        if params.temperature == 0:
+            u = np.zeros((len(branches), width))
+        elif batch.seeds is not None:
+            u = np.zeros((len(branches), width))
+            u[:, 0] = np.where(forced, 0.0, uniforms(branches.seed, branches.n))
+            j = np.arange(1, width)[None, :]
+            u[:, 1:] = np.where(j <= k[:, None], uniforms(child_seeds(branches.seed[:, None], j - 1), 0), 0.0)
+        entropy = spec.fork_entropy is not None and bool((may_fork & ~forced).any())
+        tokens, logprobs, entropies = self._draw(logits, logit_rows, u, width, params, entropy)
+        fork = forced | (may_fork & (entropies >= spec.fork_entropy)) if entropy else forced
+        return fork, tokens, logprobs
 
     @staticmethod
-    def _uniforms(batch, live: Branches, parents: Branches, width: int) -> np.ndarray | None:
-        """fp64 uniforms [continuing + forking rows, width]: a continuing branch's next token, then each child's
-        first (child j of a forking node in column j). None: unseeded, drawn from torch's generator."""
-        rows = len(live) + len(parents)
-        if batch.params.temperature == 0:
-            return np.zeros((rows, width))
-        if batch.seeds is None:
-            return None
-        u = np.zeros((rows, width))
-        u[:len(live), 0] = uniforms(live.seed, live.n)
-        if len(parents):
-            k = np.asarray(batch.spec.branching, dtype=np.int64)[parents.depth]
-            j = np.arange(width)[None, :]
-            u[len(live):] = np.where(j < k[:, None], uniforms(child_seeds(parents.seed[:, None], j), 0), 0.0)
-        return u
-
-    @staticmethod
-    def _draw(logits, rows: np.ndarray, u: np.ndarray | None, width: int, params) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens and log-probs [rows, width] on the host: the step's one host-device synchronisation."""
+    def _draw(logits, rows: np.ndarray, u: np.ndarray | None, width: int, params,
+              entropy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Tokens and log-probs [rows, width] (and each row's next-token entropy) on the host: the step's one
+        host-device synchronisation."""
         index = torch.from_numpy(rows).to(logits.device)
         if u is None:
             u_dev = torch.rand((len(rows), width), dtype=torch.float64, device=logits.device)
         else:
             u_dev = torch.from_numpy(u).to(logits.device, non_blocking=True)
-        tokens, logprobs, bad = draw(logits.index_select(0, index), params, u_dev)
-        host = torch.cat([tokens.double().reshape(-1), logprobs.double().reshape(-1), bad.double()[None]]).cpu()
-        if host[-1]:
+        tokens, logprobs, bad, entropies = draw(logits.index_select(0, index), params, u_dev, entropy)
+        parts = [tokens.double().reshape(-1), logprobs.double().reshape(-1), bad.double()[None]]
+        host = torch.cat(parts + ([entropies.double()] if entropy else [])).cpu()
+        if host[2 * tokens.numel()]:
             raise_nonfinite()
         n = tokens.numel()
-        return host[:n].long().numpy().reshape(tokens.shape), host[n:2 * n].numpy().reshape(tokens.shape)
+        return (host[:n].long().numpy().reshape(tokens.shape), host[n:2 * n].numpy().reshape(tokens.shape),
+                host[2 * n + 1:].numpy() if entropy else None)
 
     def _end_finished(self, batch: "_Batch", live: Branches) -> Branches:
         """Branches that sampled EOS or a stop string (finished), or filled a last-level segment, become nodes."""
