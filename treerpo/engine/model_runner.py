@@ -82,5 +82,8 @@ class ModelRunner:
         """Whether reading each group's prefix once spares at least ``cascade_min_saved_bytes`` of K/V per layer:
         below that the cascade's extra operations cost more than the bytes they save (measured on CPU)."""
         prefix_len = shared.prefix_len
-        repeated_keys = int(prefix_len[shared.group_of_step].sum() - prefix_len.sum())
+        return self.cascade_spares_enough(int(prefix_len[shared.group_of_step].sum() - prefix_len.sum()))
+
+    def cascade_spares_enough(self, repeated_keys: int) -> bool:
+        """``cascade_pays`` from the number of prefix keys a step without the cascade would read again."""
         return repeated_keys * self.pool.bytes_per_token // self.pool.num_layers >= self.cascade_min_saved_bytes

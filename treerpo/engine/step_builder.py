@@ -100,10 +100,10 @@ def decode_inputs(branches: Branches, paths: PathTable, pool, staging: HostStagi
     return StepInputs(t["input_ids"], t["position_ids"], meta, t["last_rows"], b)
 
 
-def decode_saves_bytes(branches: Branches, paths: PathTable, bytes_per_key: int) -> int:
-    """K/V bytes per layer a cascade step does not read again: every path read once instead of once a branch."""
+def repeated_path_keys(branches: Branches, paths: PathTable) -> int:
+    """Path keys a decode step without the cascade reads again: every path once a branch instead of once."""
     path_len = paths.length
-    return int((path_len[branches.path].sum() - path_len[np.unique(branches.path)].sum()) * bytes_per_key)
+    return int(path_len[branches.path].sum() - path_len[np.unique(branches.path)].sum())
 
 
 CASCADE_FIELDS = ("prefix_slots", "prefix_len", "group_of_seq", "member_rows", "rank_in_group", "members",

@@ -27,7 +27,7 @@ from .radix_cache import RadixCache
 from .sampling import SamplingParams, draw, raise_nonfinite
 from .scheduler import Scheduler
 from .sequence import ROOT, Branches, NodeRecords, children_of, roots
-from .step_builder import HostStaging, decode_inputs, decode_saves_bytes, sequence_inputs
+from .step_builder import HostStaging, decode_inputs, repeated_path_keys, sequence_inputs
 
 
 class TreeSampler:
@@ -127,7 +127,7 @@ class TreeSampler:
     def _timed(self, kind: str, batch: "_Batch", step) -> None:
         if not self.profile:
             return step()
-        start, self._model_seconds, forks_before = time.perf_counter(), 0.0, batch.records.count
+        start, self._model_seconds = time.perf_counter(), 0.0
         step()
         self.step_records.append({"kind": kind, "branches": len(batch.live), "model_s": self._model_seconds,
                                   "step_s": time.perf_counter() - start,
@@ -190,9 +190,7 @@ class TreeSampler:
         slots = self.blocks.alloc_for(live.tree)
         live.own_slots[np.arange(len(live)), live.n - 1] = slots
         batch.scheduler.count_used(live.tree)
-        cascade = self.cascade and decode_saves_bytes(
-            live, self.blocks.paths, self.pool.bytes_per_token // self.pool.num_layers) >= \
-            self.runner.cascade_min_saved_bytes
+        cascade = self.cascade and self.runner.cascade_spares_enough(repeated_path_keys(live, self.blocks.paths))
         logits = self._forward(decode_inputs(live, self.blocks.paths, self.pool, self.staging, cascade))
         forced = live.n == spec.segment_tokens  # only below the last level: full last-level segments ended earlier
         may_fork = forced | ((live.depth < spec.depth) & (live.n >= spec.min_segment_tokens)
