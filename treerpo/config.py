@@ -8,6 +8,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .minibatch_plan import TOKEN_WEIGHTS
+
 CHOICES = {
     "algo": ("treerpo", "grpo"),
     "value_mode": ("children_mean", "leaf_mean"),
@@ -17,6 +19,7 @@ CHOICES = {
     "sampler": ("engine", "reference"),
     "dtype": (None, "float32", "bfloat16", "float16"),
     "parallel": ("none", "ddp", "fsdp"),
+    "token_weight": TOKEN_WEIGHTS,
 }
 
 
@@ -64,6 +67,10 @@ class TrainConfig:
         "help": "weight w of each node's global advantage (its value against the tree's leaf-reward mean, normalised "
                 "like advantage_norm) added to its local one within its sibling group; a node is trained when its "
                 "group is kept or its tree's leaf-reward std is >= tau; 0: local advantages only"})
+    token_weight: str = field(default="node", metadata={
+        "help": "loss weight of a generated token: node (each token once: a segment shared by several answers counts "
+                "once, the paper's loss) or leaves (a token counts once per answer below it, as if each answer were "
+                "trained on alone, as in GRPO); the loss is the weighted token mean"})
     lr: float = 5e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -37,7 +37,7 @@ def _defaults_of_newer_options() -> dict:
     from .config import TrainConfig
 
     return {name: getattr(TrainConfig, name)
-            for name in ("parallel", "global_weight", "fork_entropy", "min_segment_tokens")}
+            for name in ("parallel", "global_weight", "fork_entropy", "min_segment_tokens", "token_weight")}
 
 
 def check_resumable(current: dict, saved: dict, checkpoint: Path) -> None:

@@ -31,7 +31,7 @@ from .evaluation import pass_at_1
 from .generation import encode_prompts
 from .logprobs import packed_logprobs
 from .metrics import MetricsLog, plot_metrics
-from .minibatch_plan import filler_tree, loss_token_count, micro_batches, minibatch_indices
+from .minibatch_plan import filler_tree, loss_token_count, loss_weight, micro_batches, minibatch_indices, row_weights
 from .models.tiny import load_model_and_tokenizer
 from .packing import PackedBatch, pack_trees
 from .parallel_policy import (PolicyLogprobs, gradient_sync, local_tensor, reshard_all, run_with_full_weights,
@@ -158,14 +158,17 @@ class PreparedBatch:
     rows: torch.Tensor
     old_logprobs: torch.Tensor
     ref_logprobs: torch.Tensor | None
+    weights: torch.Tensor | None = None  # float32 per row, when token_weight is not "node"
     filler: bool = False  # padding for the collectives of a rank with fewer micro-batches: its loss counts zero
 
 
 @dataclass
 class Minibatch:
-    """One optimizer step's share on this rank; ``normalizer`` counts the loss tokens of all ranks' shares."""
+    """One optimizer step's share on this rank; ``normalizer`` is the weighted count of the loss tokens of all ranks'
+    shares (``tokens``, unweighted)."""
     normalizer: int
     batches: list[PreparedBatch]
+    tokens: int
 
 
 class Trainer:
@@ -356,7 +359,9 @@ class Trainer:
         of at most ``micro_batch_tokens`` tokens (padded to the longest rank's count), with old and reference
         log-probs computed through the same path as the new ones."""
         multiple_updates = self.config.ppo_epochs > 1 or self.config.minibatches > 1
-        counts = [c for part in self.world.gather([loss_token_count(t) for t in trees]) for c in part]
+        token_weight = self.config.token_weight
+        counts, weighted = map(list, zip(*[c for part in self.world.gather(
+            [(loss_token_count(t), loss_weight(t, token_weight)) for t in trees]) for c in part])) if self.world.initialized or trees else ([], [])
         first = self.world.shard(self.config.prompts_per_step).start
         groups = minibatch_indices(counts, self.config.minibatches)
         micros = [micro_batches([trees[i - first] for i in group if 0 <= i - first < len(trees)],
@@ -368,14 +373,26 @@ class Trainer:
             prepared = []
             for i in range(int(width)):
                 real = i < len(micro)
-                packed = pack_trees(micro[i] if real else [filler], prune_unkept=True).to(self.device)
+                members = micro[i] if real else [filler]
+                packed = pack_trees(members, prune_unkept=True)
+                weights = self._row_weights(members, packed)
+                packed = packed.to(self.device)
                 rows = torch.nonzero(packed.loss_mask).squeeze(1)
                 with torch.no_grad():
                     old = self._train_logprobs(packed, rows) if multiple_updates else None
                     ref = self._reference_logprobs(packed, rows) if self.reference is not None else None
-                prepared.append(PreparedBatch(packed, rows, old, ref, filler=not real))
-            minibatches.append(Minibatch(sum(counts[i] for i in group), prepared))
+                prepared.append(PreparedBatch(packed, rows, old, ref, weights, filler=not real))
+            minibatches.append(Minibatch(sum(weighted[i] for i in group), prepared, sum(counts[i] for i in group)))
         return minibatches
+
+    def _row_weights(self, members: list[Tree], packed) -> torch.Tensor | None:
+        """The loss weight of each loss row (None: every token once, the plain token mean)."""
+        if self.config.token_weight == "node":
+            return None
+        rows = packed.loss_mask.nonzero().squeeze(1)
+        weights = row_weights(members, packed.tree_index[rows].numpy(), packed.node_index[rows].numpy(),
+                              self.config.token_weight)
+        return torch.from_numpy(weights).to(self.device)
 
     def _logprobs(self, model, packed, rows):
         return packed_logprobs(model, packed, rows, temperature=self.config.temperature or 1.0,
@@ -403,7 +420,7 @@ class Trainer:
                 applied = self._optimizer_step(minibatches[i], stats, counts)
                 counts["optimizer_steps" if applied else "skipped_updates"] += 1
         out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out["tokens_trained"] = int(sum(mb.normalizer for mb in minibatches))
+        out["tokens_trained"] = int(sum(mb.tokens for mb in minibatches))
         out["logprobs_s"] = logprobs_s
         counts["tokens_forward"] = int(self.world.sum([counts["tokens_forward"]])[0])
         return {**out, **counts}
@@ -422,7 +439,7 @@ class Trainer:
                 with recomputing_layers(self.checkpointed):
                     logp = self._train_logprobs(b.packed, b.rows)
                 old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
-                loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], None, self.config.clip_low,
+                loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], b.weights, self.config.clip_low,
                                       self.config.clip_high, b.ref_logprobs, self.config.kl_coef, normalizer)
                 if b.filler:
                     loss = loss * 0.0
@@ -432,7 +449,7 @@ class Trainer:
             if b.filler:
                 continue
             counts["tokens_forward"] += b.packed.num_tokens
-            tokens = len(b.rows)
+            tokens = len(b.rows) if b.weights is None else float(b.weights.sum())
             sums["loss"] += loss.item()
             sums["nonfinite"] += 0.0 if all_finite([loss.detach()]) else 1.0
             for k in ("clip_fraction", "ratio_mean", "kl"):

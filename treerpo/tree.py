@@ -134,6 +134,13 @@ class Tree:
     def leaves(self) -> np.ndarray:
         return np.flatnonzero(self.is_leaf())
 
+    def leaves_below(self) -> np.ndarray:
+        """int64 [n]: the leaves in each node's subtree (a leaf counts itself); parents precede their children."""
+        count = self.is_leaf().astype(np.int64)
+        for node in range(self.num_nodes - 1, 0, -1):
+            count[self.parent[node]] += count[node]
+        return count
+
     def path(self, node: int) -> list[int]:
         """Nodes from the root to ``node``, inclusive."""
         nodes = []
