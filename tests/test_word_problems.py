@@ -40,8 +40,8 @@ def test_generator_is_deterministic_per_seed():
     assert len({p.question for p in a}) == 200  # distinct
 
 
-def test_gold_equals_an_independent_evaluation():
-    task = WordProblemTask()
+@pytest.mark.parametrize("task", [WordProblemTask(), WordProblemTask(max_ops=2)], ids=["default", "two_ops"])
+def test_gold_equals_an_independent_evaluation(task):
     problems = task.problems(500, seed=0)
     kinds = set()
     for p in problems:
@@ -53,12 +53,15 @@ def test_gold_equals_an_independent_evaluation():
         assert 1 <= len(p.steps) + (p.groups > 0) <= task.max_ops
         kinds.add((p.groups > 0, tuple(op for op, _ in p.steps)))
     # every shape appears: plain or product openings, additions and subtractions, one and two operations
-    assert {(False, ("+",)), (False, ("-",)), (False, ("+", "-")), (False, ("-", "+")), (True, ()), (True, ("+",)),
-            (True, ("-",))} <= kinds
+    shapes = {(False, ("+",)), (False, ("-",)), (True, ())}
+    if task.max_ops == 2:
+        shapes |= {(False, (a, b)) for a in "+-" for b in "+-"} | {(True, ("+",)), (True, ("-",))}
+    assert kinds == shapes
 
 
-def test_longest_prompts_bound_every_generated_prompt():
-    task = word_problem_task(8, tokenizer=None)
+@pytest.mark.parametrize("max_ops", [1, 2])
+def test_longest_prompts_bound_every_generated_prompt(max_ops):
+    task = word_problem_task(8, None, WordProblemTask(max_ops=max_ops))
     bound = max(len(p) for p in task.training_prompts())
     prompts = [p for step in range(100) for p, _ in task.batch(step, 16, seed=0)]
     assert max(len(p) for p in prompts) <= bound

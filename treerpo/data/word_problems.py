@@ -23,10 +23,10 @@ SUB_STEPS = ("{P} gives {n} of them to {other}.", "{P} loses {n} of them.", "{P}
              "{P} uses {n} of them.")
 QUESTIONS = ("How many {obj} does {p} have now?", "How many {obj} does {name} have now?")
 _OBJ_PRONOUN = {"she": "her", "he": "him"}
-# one worked example, an earlier chat turn of every prompt: a 135M instruct model copies its short form (one
-# equation a step, then a boxed number) instead of a long list that runs out of tokens before any answer
-WORKED_EXAMPLES = (("Liam has 9 marbles. He finds 4 more. He gives 3 of them to Zoe. How many marbles does Liam have "
-                    "now?", "9 + 4 = 13. 13 - 3 = 10. The answer is \\boxed{10}."),)
+# one worked example, an earlier chat turn of every prompt: a 135M instruct model copies its short form (the
+# equation, then a boxed number) instead of a long list that runs out of tokens before any answer
+WORKED_EXAMPLES = (("Liam has 9 marbles. He gives 4 of them to Zoe. How many marbles does Liam have now?",
+                    "9 - 4 = 5. The answer is \\boxed{5}."),)
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,15 @@ class WordProblem:
 class WordProblemTask:
     """Problems of ``min_ops``..``max_ops`` operations; a starting product counts as one operation.
 
+    The default is one operation (add, subtract or multiply): with two, SmolLM2-135M-Instruct solved 10-14% of
+    held-out problems greedily, mostly failing by doing the wrong number of steps.
+
     ``max_count`` bounds a plain starting count and every added or removed amount; a product is
     ``groups`` in 2..``max_factor`` times ``per_group`` in 2..``max_factor``; ``mul_prob`` is the
     chance that a problem starts from a product.
     """
     min_ops: int = 1
-    max_ops: int = 2
+    max_ops: int = 1
     max_count: int = 20
     max_factor: int = 6
     mul_prob: float = 0.3
@@ -72,7 +75,7 @@ class WordProblemTask:
         obj = OBJECTS[rng.integers(len(OBJECTS))]
         fill = {"P": pronoun.capitalize(), "p": pronoun, "o": _OBJ_PRONOUN[pronoun], "name": name, "other": other,
                 "obj": obj}
-        if ops > 1 and rng.random() < self.mul_prob or ops == 1 and rng.random() < self.mul_prob / 2:
+        if rng.random() < self.mul_prob:
             groups, per_group = (int(x) for x in rng.integers(2, self.max_factor + 1, size=2))
             container = CONTAINERS[rng.integers(len(CONTAINERS))]
             start = groups * per_group
