@@ -111,3 +111,18 @@ def test_unknown_dataset_is_refused(name):
         make_config({"dataset": name})
     with pytest.raises(ConfigError, match="word-problems"):
         parse_args(["--dataset", name])
+
+
+def test_the_preset_config_loads(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from treerpo.config import load_config_file
+    from treerpo.models import smollm2, source
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "smollm2_word_problems.yaml"
+    config = make_config(load_config_file(preset))
+    assert (config.model, config.dataset, config.reward) == ("smollm2", "word-problems", "auto")
+    assert parse_args(["--config", str(preset), "--seed", "1"]).seed == 1
+    monkeypatch.chdir(tmp_path)  # no folder named smollm2 here: the name means the packaged model
+    monkeypatch.setattr(smollm2, "smollm2_dir", lambda: tmp_path / "made-from-gguf")
+    assert source.resolve_model_source("smollm2") == (str(tmp_path / "made-from-gguf"), True)
