@@ -47,14 +47,16 @@ class TrainConfig:
     max_steps: int = 200
     seed: int = 0
     prompts_per_step: int = 32
-    branching: list[int] = field(default_factory=lambda: [4, 2, 2], metadata={"help": "children per level (treerpo)"})
+    branching: list[int] = field(default_factory=lambda: [2, 2, 2], metadata={
+        "help": "children per level (treerpo); the default learned most per generated token on the embedded task"})
     segment_tokens: int = field(default=12, metadata={"help": "tokens per tree segment (treerpo)"})
     fork_entropy: float = field(default=0.0, metadata={
         "help": "treerpo, engine sampler: a node above the last level forks at the first length >= "
                 "min_segment_tokens where its next token's entropy (nats) is >= this, else at segment_tokens; "
                 "0: fork at segment ends only (the paper)"})
     min_segment_tokens: int = field(default=1, metadata={"help": "shortest segment an entropy-triggered fork leaves"})
-    group_size: int = field(default=16, metadata={"help": "answers per prompt (grpo)"})
+    group_size: int = field(default=4, metadata={
+        "help": "answers per prompt (grpo); the default learned most per generated token on the embedded task"})
     max_new_tokens: int = field(default=36, metadata={"help": "answer length for grpo (treerpo: depth x segment_tokens)"})
     max_prompt_tokens: int = 64
     truncate_prompts: bool = field(default=False, metadata={"help": "keep a long prompt's last tokens instead of refusing it"})
