@@ -19,8 +19,7 @@ TOKEN_WEIGHTS = ("node", "leaves")
 
 def loss_token_count(tree: Tree) -> int:
     """Generated tokens of kept nodes: what the loss of this tree sums over."""
-    lengths = np.diff(tree.offsets)
-    return int(lengths[1:][tree.kept[1:]].sum())
+    return loss_weight(tree, "node")
 
 
 def node_token_weights(tree: Tree, token_weight: str) -> np.ndarray:
