@@ -65,18 +65,20 @@ class ModelRunner:
         each step's ``cached_slots`` follow its group's shared prefix, which the attention reads once per group."""
         sequences = [(s.cached_slots, s.new_slots) for s in steps]
         prefixes, group_of_step = (None, None) if shared is None else (shared.prefixes, shared.group_of_step)
-        return self.run(sequence_inputs(self.pool, sequences, [s.new_tokens for s in steps], self.device, prefixes,
-                                        group_of_step))
+        return self.head.logits(self.run(sequence_inputs(self.pool, sequences, [s.new_tokens for s in steps],
+                                                         self.device, prefixes, group_of_step)))
 
     @torch.no_grad()
     def run(self, inputs: StepInputs) -> torch.Tensor:
-        """The one entry point of every forward over the pool: fp32 logits [B, vocab] at ``inputs.last_rows``."""
+        """The one entry point of every forward over the pool: the final hidden states [B, hidden] at
+        ``inputs.last_rows`` (``self.head.logits`` makes them logits; the engine does so a chunk of rows at a
+        time, ``step_draw``)."""
         inputs.meta.backend = self.paged_backend
         with attention_metadata(inputs.meta):
             hidden = decoder_of(self.model)(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
                                             use_cache=False).last_hidden_state[0]
         self.forward_tokens += inputs.num_tokens
-        return self.head.logits(hidden[inputs.last_rows])
+        return hidden[inputs.last_rows]
 
     def cascade_pays(self, shared: SharedPrefixes) -> bool:
         """Whether reading each group's prefix once spares at least ``cascade_min_saved_bytes`` of K/V per layer:

@@ -95,19 +95,57 @@ def draw(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, entropy:
     """Batched draws for the engine, without any host synchronisation: logits [R, V] and fp64 uniforms u [R, K]
     (ignored when greedy) -> (tokens [R, K], their log-probs under ``logits / temperature`` [R, K] in fp32, a
     bool scalar tensor: some logit is NaN or +inf, and with ``entropy`` each row's entropy in nats under
-    ``logits / temperature`` (temperature 1 when greedy), else None). Row r's K draws share its CDF."""
+    ``logits / temperature`` (temperature 1 when greedy), else None). Row r's K draws share its CDF.
+
+    Two [R, V] buffers at most (the fp32 logits and one fp64 working copy): the fp64 exponentials are summed
+    in place into the unnormalised CDF, whose last column is the softmax's total, so the log-probs and the
+    check for NaN or +inf (the row maximum) need no pass of their own. A row with a NaN or +inf logit draws
+    garbage that the caller refuses."""
     logits = logits.float()
-    bad = torch.isnan(logits).any() | torch.isposinf(logits).any()
     k = u.shape[1]
     if params.temperature == 0:
+        top = logits.amax(-1, keepdim=True)
         tokens = logits.argmax(-1, keepdim=True).expand(-1, k)
-        logprobs = torch.log_softmax(logits, -1)
-    else:
-        logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0)  # refused after the draw; keeps the CDF sane
-        tokens = inverse_cdf(logits, params, u)
-        logprobs = torch.log_softmax(logits / params.temperature, -1)
+        shifted = logits - top
+        total = shifted.exp().sum(-1, keepdim=True)
+        logprobs = logits.gather(1, tokens) - top - total.log()
+        entropies = _entropy(shifted.double(), total.double()) if entropy else None
+        return tokens, logprobs, _not_finite(top), entropies
+    if params.top_k or params.top_p < 1.0:
+        return _draw_truncated(logits, params, u, entropy)
+    scaled = logits.double().div_(params.temperature)
+    top = scaled.amax(-1, keepdim=True)
+    shifted = scaled.sub_(top)
+    weights = shifted.exp() if entropy else shifted.exp_()  # the entropy still reads ``shifted``
+    entropies = _entropy(shifted, weights.sum(-1, keepdim=True), weights) if entropy else None
+    cdf = weights.cumsum_(-1)  # unnormalised: the draw searches u * total, as inverse_cdf does
+    total = cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u.to(cdf.dtype) * total, right=True).clamp_(max=cdf.shape[-1] - 1)
+    logprobs = logits.gather(1, tokens).double() / params.temperature - top - total.log()
+    return tokens, logprobs.float(), _not_finite(top), entropies
+
+
+def _draw_truncated(logits, params: SamplingParams, u: torch.Tensor, entropy: bool):
+    """``draw`` with top-k or top-p: the CDF of the truncated distribution, log-probs of the untruncated one."""
+    bad = _not_finite(logits.amax(-1))
+    logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0)  # refused after the draw; keeps the sort sane
+    tokens = inverse_cdf(logits, params, u)
+    logprobs = torch.log_softmax(logits / params.temperature, -1)
     entropies = -(logprobs.exp() * logprobs).nan_to_num(0.0).sum(-1) if entropy else None
     return tokens, logprobs.gather(1, tokens), bad, entropies
+
+
+def _entropy(shifted: torch.Tensor, total: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy in nats of softmax(x) from ``shifted`` = x - max(x), the sum of its exponentials ``total``:
+    log(total) - sum(p * shifted) (masked tokens, exp = 0, add nothing)."""
+    weights = shifted.exp() if weights is None else weights
+    mean_shift = (weights * shifted.nan_to_num(0.0, neginf=0.0)).sum(-1) / total.squeeze(-1)
+    return (total.squeeze(-1).log() - mean_shift).float()
+
+
+def _not_finite(row_max: torch.Tensor) -> torch.Tensor:
+    """bool scalar: some row's maximum is NaN (max propagates NaN) or +inf."""
+    return (torch.isnan(row_max) | torch.isposinf(row_max)).any()
 
 
 def raise_nonfinite() -> None:

@@ -24,9 +24,10 @@ from .branch_seeds import child_seeds, root_seeds, uniforms
 from .kv_pool import KVPool, RequestTooLarge
 from .model_runner import ModelRunner, kv_shape
 from .radix_cache import RadixCache
-from .sampling import SamplingParams, draw, raise_nonfinite
+from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import ROOT, Branches, NodeRecords, children_of, roots
+from .step_draw import DEFAULT_DRAW_MEMORY_BYTES, draw_step
 from .step_builder import HostStaging, decode_inputs, repeated_path_keys, sequence_inputs
 
 
@@ -35,12 +36,18 @@ class TreeSampler:
 
     def __init__(self, model, tokenizer, pool_tokens: int | None = None, memory_bytes: int | None = None,
                  truncate_prompts: bool = False, stop_strings: Sequence[str] = (), share_prefixes: bool = True,
-                 ignore_eos: bool = False, cascade: bool = True, eos_ids: Sequence[int] | None = None):
+                 ignore_eos: bool = False, cascade: bool = True, eos_ids: Sequence[int] | None = None,
+                 draw_memory_bytes: int = DEFAULT_DRAW_MEMORY_BYTES):
         """``share_prefixes=False`` prefills every tree's prompt on its own and skips the radix cache (the
         baseline of benchmarks); ``ignore_eos`` generates full segments whatever is sampled (throughput runs);
         ``cascade=False`` decodes every branch over its whole path instead of reading the path its siblings
         share once per sibling group where ``ModelRunner.cascade_pays`` (same tokens, for comparisons).
-        ``eos_ids`` end a segment (default: the model's generation config's and the tokenizer's EOS)."""
+        ``eos_ids`` end a segment (default: the model's generation config's and the tokenizer's EOS).
+        ``draw_memory_bytes`` bounds a step's logits and draw buffers: the LM head and the draw run on chunks of
+        that many bytes' worth of rows (``step_draw``), so a step's memory does not grow with its branches."""
+        if int(draw_memory_bytes) != draw_memory_bytes or draw_memory_bytes < 1:
+            raise ValueError(f"draw_memory_bytes must be a positive number of bytes, got {draw_memory_bytes!r}")
+        self.draw_memory_bytes = int(draw_memory_bytes)
         self.model = model
         self.tokenizer = tokenizer
         self.truncate_prompts = truncate_prompts
@@ -134,14 +141,15 @@ class TreeSampler:
                                   "forked": kind == "decode" and batch.forked})
 
     def _forward(self, inputs) -> torch.Tensor:
+        """The final hidden states at the forward's last rows (``ModelRunner.run``)."""
         if not self.profile:
             return self.runner.run(inputs)
         start = time.perf_counter()
-        logits = self.runner.run(inputs)
-        if logits.is_cuda:
-            torch.cuda.synchronize(logits.device)
+        hidden = self.runner.run(inputs)
+        if hidden.is_cuda:
+            torch.cuda.synchronize(hidden.device)
         self._model_seconds += time.perf_counter() - start
-        return logits
+        return hidden
 
     # ---- prefill -----------------------------------------------------------------------------------
     def _prefill(self, batch: "_Batch", admitted: list[int]) -> None:
@@ -158,7 +166,7 @@ class TreeSampler:
         slots = self.pool.alloc(sum(map(len, new)))
         news = torch.split(slots, [len(n) for n in new])
         try:
-            logits = self._forward(sequence_inputs(self.pool, list(zip(cached, news)), new, self.runner.device))
+            hidden = self._forward(sequence_inputs(self.pool, list(zip(cached, news)), new, self.runner.device))
         except BaseException:  # nobody owns the new slots yet
             self.pool.decref(slots)
             raise
@@ -179,7 +187,7 @@ class TreeSampler:
         parents = roots(tree_ids, np.asarray(paths, dtype=np.int64)[group_rows],
                         batch.seeds[tree_ids] if batch.seeds is not None else np.zeros(len(tree_ids), np.uint64))
         everyone = np.ones(len(parents), dtype=bool)
-        _, tokens, logprobs = self._draw_step(batch, parents, logits, group_rows, forced=everyone, may_fork=everyone)
+        _, tokens, logprobs = self._draw_step(batch, parents, hidden, group_rows, forced=everyone, may_fork=everyone)
         born = self._children(batch, parents, np.full(len(parents), ROOT), parents.path, tokens, logprobs)
         batch.live = Branches.concat([batch.live, self._end_finished(batch, born)])
 
@@ -191,11 +199,11 @@ class TreeSampler:
         live.own_slots[np.arange(len(live)), live.n - 1] = slots
         batch.scheduler.count_used(live.tree)
         cascade = self.cascade and self.runner.cascade_spares_enough(repeated_path_keys(live, self.blocks.paths))
-        logits = self._forward(decode_inputs(live, self.blocks.paths, self.pool, self.staging, cascade))
+        hidden = self._forward(decode_inputs(live, self.blocks.paths, self.pool, self.staging, cascade))
         forced = live.n == spec.segment_tokens  # only below the last level: full last-level segments ended earlier
         may_fork = forced | ((live.depth < spec.depth) & (live.n >= spec.min_segment_tokens)
                              if spec.fork_entropy is not None else forced)
-        fork, tokens, logprobs = self._draw_step(batch, live, logits, np.arange(len(live)), forced, may_fork)
+        fork, tokens, logprobs = self._draw_step(batch, live, hidden, np.arange(len(live)), forced, may_fork)
         batch.forked = bool(fork.any())
         fork_rows, cont_rows = np.flatnonzero(fork), np.flatnonzero(~fork)
         parents = live.take(fork_rows)
@@ -216,7 +224,7 @@ class TreeSampler:
                                     logprobs[at, 1:]))
         return Branches.concat(born)
 
-    def _draw_step(self, batch: "_Batch", branches: Branches, logits: torch.Tensor, logit_rows: np.ndarray,
+    def _draw_step(self, batch: "_Batch", branches: Branches, hidden: torch.Tensor, hidden_rows: np.ndarray,
                    forced: np.ndarray, may_fork: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All of a step's draws in one batched call: column 0 a branch's next token (if it may go on), columns
         1..k the first tokens of its k children (if it may fork). Returns which branches fork (``forced``, or
@@ -233,28 +241,10 @@ class TreeSampler:
             j = np.arange(1, width)[None, :]
             u[:, 1:] = np.where(j <= k[:, None], uniforms(child_seeds(branches.seed[:, None], j - 1), 0), 0.0)
         entropy = spec.fork_entropy is not None and bool((may_fork & ~forced).any())
-        tokens, logprobs, entropies = self._draw(logits, logit_rows, u, width, params, entropy)
+        tokens, logprobs, entropies = draw_step(self.runner.head, hidden, hidden_rows, u, width, params, entropy,
+                                                self.draw_memory_bytes)
         fork = forced | (may_fork & (entropies >= spec.fork_entropy)) if entropy else forced
         return fork, tokens, logprobs
-
-    @staticmethod
-    def _draw(logits, rows: np.ndarray, u: np.ndarray | None, width: int, params,
-              entropy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Tokens and log-probs [rows, width] (and each row's next-token entropy) on the host: the step's one
-        host-device synchronisation."""
-        index = torch.from_numpy(rows).to(logits.device)
-        if u is None:
-            u_dev = torch.rand((len(rows), width), dtype=torch.float64, device=logits.device)
-        else:
-            u_dev = torch.from_numpy(u).to(logits.device, non_blocking=True)
-        tokens, logprobs, bad, entropies = draw(logits.index_select(0, index), params, u_dev, entropy)
-        parts = [tokens.double().reshape(-1), logprobs.double().reshape(-1), bad.double()[None]]
-        host = torch.cat(parts + ([entropies.double()] if entropy else [])).cpu()
-        if host[2 * tokens.numel()]:
-            raise_nonfinite()
-        n = tokens.numel()
-        return (host[:n].long().numpy().reshape(tokens.shape), host[n:2 * n].numpy().reshape(tokens.shape),
-                host[2 * n + 1:].numpy() if entropy else None)
 
     def _end_finished(self, batch: "_Batch", live: Branches) -> Branches:
         """Branches that sampled EOS or a stop string (finished), or filled a last-level segment, become nodes."""

@@ -1,0 +1,143 @@
+"""A decode step's LM head and draw at paper-scale branch counts: time and peak memory.
+
+    python benchmarks/draw.py --rows 512 4096 32768 --vocab 49152 --baseline /tmp/before --json draw.json
+
+Compared, on the same random hidden states, LM head and uniforms (temperature 1, one draw a row):
+  chunked   the engine's ``step_draw.draw_step``: head and draw on chunks of rows within ``--memory-bytes``
+  one_shot  the same code with an unbounded budget: every row's logits at once
+  before    (with ``--baseline DIR``, a checkout of the code before the chunked draw) that checkout's draw:
+            the logits of every row, then its batched draw
+Each system runs in a fresh process, so that its peak resident memory is its own; ``peak_extra_MiB`` is that
+peak minus the process's memory before the first draw (the head and hidden states already made). A system
+whose estimated peak exceeds ``--max-memory-gib`` is left out and reported as such.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, print_table, timed, write_json  # noqa: E402
+
+# bytes a logit of each system holds at its peak, for the estimate that leaves a system out (not a measurement)
+ESTIMATED_BYTES_PER_LOGIT = {"one_shot": 4 + 8 + 8, "before": 4 + 4 + 8 + 8 + 8 + 4 + 4}
+SYSTEMS = ("chunked", "one_shot", "before")
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: int, repeats: int) -> dict:
+    """Times ``system`` in this process (``treerpo`` is whatever PYTHONPATH gives) and measures its peak."""
+    from treerpo.engine.sampling import SamplingParams
+    from treerpo.lm_head import LMHead
+
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)
+    layer.weight.copy_(torch.randn(vocab, hidden_size, generator=gen) * hidden_size ** -0.5)
+    head = LMHead(SimpleNamespace(get_output_embeddings=lambda: layer, config=SimpleNamespace()))
+    hidden = torch.randn(rows, hidden_size, generator=gen) * 3
+    index = np.arange(rows)
+    u = np.random.default_rng(0).random((rows, 1))
+    params = SamplingParams(temperature=1.0)
+    if system == "before":
+        from treerpo.engine.tree_sampler import TreeSampler
+
+        run = lambda: TreeSampler._draw(head.logits(hidden), index, u, 1, params, False)  # noqa: E731
+    else:
+        from treerpo.engine.step_draw import draw_step
+
+        budget = memory_bytes if system == "chunked" else 1 << 62
+        run = lambda: draw_step(head, hidden, index, u, 1, params, False, budget)  # noqa: E731
+    before = resident_bytes()
+    seconds = []
+    for _ in range(repeats):
+        tokens, s = timed(run)
+        seconds.append(s)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": min(seconds), "all_seconds": seconds, "peak_extra_MiB": (peak - before) / 2**20,
+            "token_checksum": int(np.asarray(tokens[0]).sum())}
+
+
+def run_worker(system: str, src: Path, args, rows: int, vocab: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, __file__, "--worker", system, "--rows", str(rows), "--vocab", str(vocab),
+           "--hidden", str(args.hidden), "--memory-bytes", str(args.memory_bytes), "--repeats", str(args.repeats),
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, env=env, cwd=src, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{system} at {rows} x {vocab} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[512, 4096, 32768], help="live branches of a step")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[49152], help="49152: SmolLM2; 151936: Qwen2.5")
+    parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--memory-bytes", type=int, default=1 << 30, help="the chunked draw's budget")
+    parser.add_argument("--baseline", type=Path, default=None, help="a checkout of the code before the change")
+    parser.add_argument("--max-memory-gib", type=float, default=12.0,
+                        help="leave out a system whose estimated peak is larger")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", choices=SYSTEMS, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker is not None:
+        print(json.dumps(worker(args.worker, args.rows[0], args.vocab[0], args.hidden, args.memory_bytes,
+                                args.repeats)))
+        return
+    here = Path(__file__).resolve().parent.parent
+    systems = {"chunked": here, "one_shot": here}
+    if args.baseline is not None:
+        systems["before"] = args.baseline.resolve()
+    print(f"decode-step LM head + draw (temperature 1, one draw a row, hidden {args.hidden}, chunked budget "
+          f"{args.memory_bytes / 2**20:.0f} MiB); {machine()}, {args.threads} threads; best of {args.repeats}")
+    print(f"compared: {', '.join(systems)}")
+    results, table, ratios = [], [], {}
+    for vocab in args.vocab:
+        for rows in args.rows:
+            row = {"rows": rows, "vocab": vocab}
+            for system, src in systems.items():
+                estimate = rows * vocab * ESTIMATED_BYTES_PER_LOGIT.get(system, 0) / 2**30
+                if estimate > args.max_memory_gib:
+                    row[system] = {"left_out": f"estimated peak {estimate:.0f} GiB > --max-memory-gib"}
+                    continue
+                row[system] = run_worker(system, src, args, rows, vocab)
+            results.append(row)
+            for system in systems:
+                r = row[system]
+                table.append({"rows": rows, "vocab": vocab, "system": system,
+                              "seconds": r.get("seconds", "-"), "peak_extra_MiB": r.get("peak_extra_MiB", "-"),
+                              "note": r.get("left_out", "") or ("" if row["same_tokens"] else "TOKENS DIFFER")})
+            key = f"{rows}x{vocab}"
+            sums = {row[s]["token_checksum"] for s in systems if "token_checksum" in row[s]}
+            row["same_tokens"] = len(sums) == 1  # every system that ran drew the same tokens
+            for other in ("one_shot", "before"):
+                if "seconds" in row.get(other, {}):
+                    ratios[f"{other}_over_chunked_seconds_{key}"] = row[other]["seconds"] / row["chunked"]["seconds"]
+                    ratios[f"{other}_over_chunked_peak_{key}"] = (row[other]["peak_extra_MiB"]
+                                                                  / row["chunked"]["peak_extra_MiB"])
+    print_table(table, ["rows", "vocab", "system", "seconds", "peak_extra_MiB", "note"])
+    for k, v in ratios.items():
+        print(f"{k}: {v:.3g}")
+    write_json(args.json, {"machine": machine(), "threads": args.threads, "hidden": args.hidden,
+                           "memory_bytes": args.memory_bytes, "baseline": str(args.baseline), "results": results,
+                           "ratios": ratios})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""A step's draws from its sequences' hidden states: the LM head and the draw, a chunk of rows at a time.
+
+At paper scale a decode step has tens of thousands of live branches. Their logits over a real
+vocabulary would not fit even a large GPU at once (32,768 x 151,936 fp32 logits are 20 GB, the
+draw's fp64 CDF twice that), so the head and the draw run on chunks of rows sized to a memory
+budget. Every chunk's results stay on the device and come back in one copy: the step's only
+host-device synchronisation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .sampling import SamplingParams, draw, raise_nonfinite
+
+DRAW_BYTES_PER_LOGIT = 4 + 8 + 8  # fp32 logits, the draw's fp64 working copy, the entropy's second fp64 copy
+DEFAULT_DRAW_MEMORY_BYTES = 1 << 30
+
+
+def rows_per_chunk(vocab: int, memory_bytes: int) -> int:
+    """Rows whose logits and draw buffers fit ``memory_bytes`` (at least one)."""
+    return max(1, int(memory_bytes) // (vocab * DRAW_BYTES_PER_LOGIT))
+
+
+@torch.no_grad()
+def draw_step(head, hidden: torch.Tensor, rows: np.ndarray, u: np.ndarray | None, width: int,
+              params: SamplingParams, entropy: bool,
+              memory_bytes: int = DEFAULT_DRAW_MEMORY_BYTES) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Tokens and log-probs [len(rows), width] on the host (and each row's next-token entropy with ``entropy``):
+    draw r reads the logits ``head.logits(hidden[rows[r]])`` and the uniforms ``u[r]`` (torch's global RNG when
+    ``u`` is None). Raises ``NonFiniteError`` when some logit is NaN or +inf."""
+    device = hidden.device
+    index = torch.from_numpy(rows).to(device)
+    if u is None:
+        u_dev = torch.rand((len(rows), width), dtype=torch.float64, device=device)
+    else:
+        u_dev = torch.from_numpy(u).to(device, non_blocking=True)
+    step = rows_per_chunk(head.weight.shape[0], memory_bytes)
+    parts = [draw(head.logits(hidden.index_select(0, index[start:start + step])), params,
+                  u_dev[start:start + step], entropy) for start in range(0, len(rows), step)]
+    if not parts:
+        empty = np.zeros((0, width))
+        return empty.astype(np.int64), empty, np.zeros(0) if entropy else None
+    tokens = torch.cat([p[0] for p in parts])
+    logprobs = torch.cat([p[1] for p in parts])
+    bad = torch.stack([p[2] for p in parts]).any()
+    columns = [tokens.double().reshape(-1), logprobs.double().reshape(-1), bad.double()[None]]
+    if entropy:
+        columns.append(torch.cat([p[3] for p in parts]).double())
+    host = torch.cat(columns).cpu()
+    n = tokens.numel()
+    if host[2 * n]:
+        raise_nonfinite()
+    return (host[:n].long().numpy().reshape(tokens.shape), host[n:2 * n].numpy().reshape(tokens.shape),
+            host[2 * n + 1:].numpy() if entropy else None)
