@@ -117,6 +117,8 @@ def main(argv=None):
                     row[system] = {"left_out": f"estimated peak {estimate:.0f} GiB > --max-memory-gib"}
                     continue
                 row[system] = run_worker(system, src, args, rows, vocab)
+            sums = {row[s]["token_checksum"] for s in systems if "token_checksum" in row[s]}
+            row["same_tokens"] = len(sums) == 1  # every system that ran drew the same tokens
             results.append(row)
             for system in systems:
                 r = row[system]
@@ -124,8 +126,6 @@ def main(argv=None):
                               "seconds": r.get("seconds", "-"), "peak_extra_MiB": r.get("peak_extra_MiB", "-"),
                               "note": r.get("left_out", "") or ("" if row["same_tokens"] else "TOKENS DIFFER")})
             key = f"{rows}x{vocab}"
-            sums = {row[s]["token_checksum"] for s in systems if "token_checksum" in row[s]}
-            row["same_tokens"] = len(sums) == 1  # every system that ran drew the same tokens
             for other in ("one_shot", "before"):
                 if "seconds" in row.get(other, {}):
                     ratios[f"{other}_over_chunked_seconds_{key}"] = row[other]["seconds"] / row["chunked"]["seconds"]
