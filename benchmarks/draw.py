@@ -7,8 +7,9 @@ Compared, on the same random hidden states, LM head and uniforms (temperature 1,
   one_shot  the same code with an unbounded budget: every row's logits at once
   before    (with ``--baseline DIR``, a checkout of the code before the chunked draw) that checkout's draw:
             the logits of every row, then its batched draw
-Each system runs in a fresh process, so that its peak resident memory is its own; ``peak_extra_MiB`` is that
-peak minus the process's memory before the first draw (the head and hidden states already made). A system
+Each system runs in a fresh process, so that its peak memory is its own; ``peak_extra_MiB`` is that peak minus
+the memory before the first draw (the head and hidden states already made): resident memory on the CPU, torch's
+allocated memory on CUDA (the default device when there is one). A system
 whose estimated peak exceeds ``--max-memory-gib`` is left out and reported as such.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +33,16 @@ ESTIMATED_BYTES_PER_LOGIT = {"one_shot": 4 + 8 + 8, "before": 4 + 4 + 8 + 8 + 8 
 SYSTEMS = ("chunked", "one_shot", "before")
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (VmRSS) or at its peak since the last ``reset_resident_peak`` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_resident_peak() -> None:
+    """Set the peak (VmHWM) to the current resident memory (Linux >= 4.0), so setup is not counted."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: int, repeats: int) -> dict:
@@ -43,11 +50,13 @@ def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: i
     from treerpo.engine.sampling import SamplingParams
     from treerpo.lm_head import LMHead
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)
     layer.weight.copy_(torch.randn(vocab, hidden_size, generator=gen) * hidden_size ** -0.5)
+    layer = layer.to(device)
     head = LMHead(SimpleNamespace(get_output_embeddings=lambda: layer, config=SimpleNamespace()))
-    hidden = torch.randn(rows, hidden_size, generator=gen) * 3
+    hidden = (torch.randn(rows, hidden_size, generator=gen) * 3).to(device)
     index = np.arange(rows)
     u = np.random.default_rng(0).random((rows, 1))
     params = SamplingParams(temperature=1.0)
@@ -60,12 +69,20 @@ def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: i
 
         budget = memory_bytes if system == "chunked" else 1 << 62
         run = lambda: draw_step(head, hidden, index, u, 1, params, False, budget)  # noqa: E731
-    before = resident_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        reset_resident_peak()
+        before = resident_bytes()
     seconds = []
     for _ in range(repeats):
         tokens, s = timed(run)
         seconds.append(s)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resident_bytes("VmHWM")
     return {"seconds": min(seconds), "all_seconds": seconds, "peak_extra_MiB": (peak - before) / 2**20,
             "token_checksum": int(np.asarray(tokens[0]).sum())}
 

@@ -37,6 +37,17 @@ def test_rollout_benchmark_writes_ratios(tmp_path):
         assert 0 < ratios[f"{name}_matmul_limit_fraction"] < 1.5
 
 
+def test_draw_benchmark_bounds_the_chunked_draw(tmp_path):
+    """512 rows x 5,000 tokens in a 2 MB budget (20 rows a chunk) against every row at once: the same tokens,
+    and the chunked draw's extra memory well under the 10 MB that one fp32 copy of all the logits takes."""
+    result = run_benchmark("draw.py", "--rows", "512", "--vocab", "5000", "--memory-bytes", str(2 * 10 ** 6),
+                           "--repeats", "1", "--threads", "1", tmp_path=tmp_path)
+    (row,) = result["results"]
+    assert row["same_tokens"]
+    assert row["chunked"]["peak_extra_MiB"] < 512 * 5000 * 4 / 2**20
+    assert set(result["ratios"]) == {"one_shot_over_chunked_seconds_512x5000", "one_shot_over_chunked_peak_512x5000"}
+
+
 def test_tree_ops_benchmark_writes_ratios(tmp_path):
     result = run_benchmark("tree_ops.py", "--quick", tmp_path=tmp_path)
     assert result["ratios"] and all(v > 0 for v in result["ratios"].values())
