@@ -19,9 +19,10 @@
 #   random_model   the Qwen2-1.5B-shaped random model of benchmarks/e2e_random_model.py, made once (~3 GB, under
 #                  $TREERPO_CACHE or ~/.cache/treerpo)
 #   attention      benchmarks/attention.py at Qwen2.5-1.5B's attention shape (12 query / 2 KV heads, dim 128), bf16
-#   draw           benchmarks/draw.py: a decode step's LM head + draw at 4,096 and 32,768 rows x Qwen's 151,936 tokens
 #   rollout        benchmarks/rollout.py on the random 1.5B model, bf16
 #   e2e            benchmarks/e2e.py --preset qwen1.5b, treerpo and GRPO, one step (TRL's systems need trl)
+#   draw           benchmarks/draw.py: a decode step's LM head + draw at 4,096 and 32,768 rows x Qwen's 151,936 tokens
+#                  (last: it needs no model, and the budget goes to rollout and e2e first)
 # A test file or script whose imports are missing is skipped with a line saying which. kernel_check, arch_matrix
 # and random_model use the CPU only and run beside the GPU tests; the benchmarks run alone afterwards. Every part
 # has its own timeout, and the whole stays inside GPU_CHECK_BUDGET_S (default 450 s): a part that would start
@@ -312,9 +313,9 @@ PYEOF
         pytest_part arch_bf16 120 "" $T/test_architecture_matrix_bf16.py -- -k "qwen2 or llama"
         collect_bg
         script_part attention 120 benchmarks/attention.py --quick --json "$OUTDIR/attention.json"
-        script_part draw 90 benchmarks/draw.py --rows 64 --vocab 1000 --repeats 1 --json "$OUTDIR/draw.json"
         script_part rollout 120 benchmarks/rollout.py --model tiny --prompts 2 --segment-tokens 4 --repeats 1 --matmul-repeats 2 --json "$OUTDIR/rollout.json"
         script_part e2e 180 benchmarks/e2e.py --preset tiny --systems treerpo --seeds 0 --steps 1 --timeout 150 --out "$WORK/e2e" --json "$OUTDIR/e2e.json"
+        script_part draw 90 benchmarks/draw.py --rows 64 --vocab 1000 --repeats 1 --json "$OUTDIR/draw.json"
     else
         bg_part pytest_part kernel_check 120 "" $T/test_kernel_check.py
         bg_part pytest_part arch_matrix 200 "" $T/test_architecture_matrix.py
@@ -324,7 +325,6 @@ PYEOF
         pytest_part arch_bf16 120 "" $T/test_architecture_matrix_bf16.py
         collect_bg
         script_part attention 150 benchmarks/attention.py --heads 12 --kv-heads 2 --head-dim 128 --sizes 2048 8192 32768 --json "$OUTDIR/attention.json"
-        script_part draw 90 benchmarks/draw.py --rows 4096 32768 --vocab 151936 --hidden 1536 --max-memory-gib 40 --repeats 2 --json "$OUTDIR/draw.json"
         if [[ ${STATUS[random_model]} != FAIL && ${STATUS[random_model]} != TIMEOUT ]]; then  # SKIP: made on first use
             script_part rollout 150 benchmarks/rollout.py --model random-qwen2-1.5b --prompts 8 --branching 4 2 2 --segment-tokens 32 --repeats 2 --json "$OUTDIR/rollout.json"
             script_part e2e 180 benchmarks/e2e.py --preset qwen1.5b --systems treerpo grpo --seeds 0 --steps 1 --timeout 150 --out "$WORK/e2e" --json "$OUTDIR/e2e.json"
@@ -332,6 +332,7 @@ PYEOF
             record rollout SKIP 0 "the random 1.5B model could not be made"
             record e2e SKIP 0 "the random 1.5B model could not be made"
         fi
+        script_part draw 90 benchmarks/draw.py --rows 4096 32768 --vocab 151936 --hidden 1536 --max-memory-gib 40 --repeats 2 --json "$OUTDIR/draw.json"
     fi
 
     # ---- summary ---------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from treerpo.engine.sampling import SamplingParams, draw
-from treerpo.engine.step_draw import DRAW_BYTES_PER_LOGIT, draw_step, rows_per_chunk
+from treerpo.engine.sampling import SamplingParams, draw, draw_bytes_per_logit
+from treerpo.engine.step_draw import draw_step, rows_per_chunk
 from treerpo.engine.tree_sampler import TreeSampler
 from treerpo.finite_guard import NonFiniteError
 from treerpo.lm_head import LMHead
@@ -51,21 +51,50 @@ def test_greedy_draw_takes_the_argmax_with_its_logprob():
     assert not bool(bad)
 
 
+PARAMS = {"sampled": SamplingParams(), "greedy": SamplingParams(temperature=0.0),
+          "top_p": SamplingParams(top_p=0.9), "top_k": SamplingParams(top_k=5)}
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("kind", sorted(PARAMS))
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
-def test_draw_flags_nan_and_positive_infinity_only(poison):
+def test_draw_flags_nan_and_positive_infinity_only(poison, kind, entropy):
+    params = PARAMS[kind]
     logits = torch.randn(4, 50)
     logits[3, 7] = float("-inf")
-    assert not bool(draw(logits, SamplingParams(), torch.rand(4, 1, dtype=torch.float64))[2])
+    assert not bool(draw(logits, params, torch.rand(4, 2, dtype=torch.float64), entropy)[2])
     logits[1, 9] = poison
-    tokens, _, bad, _ = draw(logits, SamplingParams(), torch.rand(4, 1, dtype=torch.float64))
+    tokens, _, bad, _ = draw(logits, params, torch.rand(4, 2, dtype=torch.float64), entropy)
     assert bool(bad)
     assert ((tokens >= 0) & (tokens < 50)).all()  # garbage the caller refuses, but never out of range
 
 
 def test_rows_per_chunk_fits_the_budget():
-    assert rows_per_chunk(1000, 10 * 1000 * DRAW_BYTES_PER_LOGIT) == 10
-    assert rows_per_chunk(1000, 10 * 1000 * DRAW_BYTES_PER_LOGIT - 1) == 9
-    assert rows_per_chunk(151_936, 1) == 1  # never less than a row
+    assert rows_per_chunk(1000, 10 * 1000 * 12, 12) == 10
+    assert rows_per_chunk(1000, 10 * 1000 * 12 - 1, 12) == 9
+    assert rows_per_chunk(151_936, 1, 12) == 1  # never less than a row
+    assert draw_bytes_per_logit(SamplingParams(), False) == 12  # fp32 logits + one fp64 working copy
+    assert draw_bytes_per_logit(SamplingParams(), True) == draw_bytes_per_logit(SamplingParams(0.0), True) == 20
+    assert draw_bytes_per_logit(SamplingParams(top_p=0.9), False) > 20
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMS))
+def test_peak_memory_of_a_draw_is_within_its_bytes_per_logit(kind):
+    """The allocator's peak during ``draw`` (torch's CPU profiler), over the fp32 logits already held, stays
+    within ``draw_bytes_per_logit`` minus those 4 bytes: the chunk sizes built on it hold."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows, vocab = 64, 20_000
+    logits = torch.randn(rows, vocab)
+    params = PARAMS[kind]
+    for entropy in (False, True):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            draw(logits, params, torch.rand(rows, 2, dtype=torch.float64), entropy)
+        live, peak = 0, 0  # each allocation and each free is counted once, on the innermost event holding it
+        for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+            live += 0 if event.cpu_children else event.cpu_memory_usage
+            peak = max(peak, live)
+        assert peak <= rows * vocab * (draw_bytes_per_logit(params, entropy) - 4) * 1.05, (kind, entropy, peak)
 
 
 class CountingHead(LMHead):
@@ -78,6 +107,22 @@ class CountingHead(LMHead):
     def logits(self, hidden):
         self.calls.append(hidden.shape[0])
         return super().logits(hidden)
+
+
+def test_chunked_truncated_draws_equal_one_call():
+    """top-p in chunks of 2 rows: the draws of the logits of every row at once."""
+    torch.manual_seed(1)
+    model = build_tiny_model(build_char_tokenizer(), seed=1)
+    head = LMHead(model)
+    hidden = torch.randn(7, model.config.hidden_size) * 4
+    rows, u = np.arange(7), np.random.default_rng(1).random((7, 2))
+    params = SamplingParams(top_p=0.8)
+    chunked = draw_step(head, hidden, rows, u, 2, params, entropy=True,
+                        memory_bytes=2 * head.weight.shape[0] * draw_bytes_per_logit(params, True))
+    whole = draw(head.logits(hidden).detach(), params, torch.from_numpy(u), entropy=True)
+    assert chunked[0].tolist() == whole[0].tolist()
+    np.testing.assert_allclose(chunked[1], whole[1].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(chunked[2], whole[3].numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -93,7 +138,7 @@ def test_chunked_draws_equal_the_draws_of_one_head_call(temperature):
     u = np.random.default_rng(0).random((len(rows), 3))
     params = SamplingParams(temperature=temperature)
     tokens, logprobs, entropies = draw_step(head, hidden, rows, u, 3, params, entropy=True,
-                                            memory_bytes=3 * vocab * DRAW_BYTES_PER_LOGIT)
+                                            memory_bytes=3 * vocab * draw_bytes_per_logit(params, True))
     assert head.calls == [3, 3, 3, 2]
     logits = (hidden @ head.weight.t()).detach().double().numpy()[rows]
     for r in range(len(rows)):
@@ -117,15 +162,17 @@ def test_non_finite_logits_in_a_later_chunk_are_refused():
     hidden[5, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="not finite"):
         draw_step(head, hidden, np.arange(6), None, 1, SamplingParams(), entropy=False,
-                  memory_bytes=2 * head.weight.shape[0] * DRAW_BYTES_PER_LOGIT)
+                  memory_bytes=2 * head.weight.shape[0] * draw_bytes_per_logit(SamplingParams(), False))
 
 
-def test_engine_with_a_tiny_draw_budget_samples_the_same_trees():
+@pytest.mark.parametrize("spec", [TreeSpec((3, 2), segment_tokens=5, temperature=1.0),
+                                  TreeSpec((2, 2), segment_tokens=6, temperature=1.0, fork_entropy=1.5,
+                                           min_segment_tokens=2)], ids=["plain", "fork_entropy"])
+def test_engine_with_a_tiny_draw_budget_samples_the_same_trees(spec):
     """Chunks of one row against the default budget (every row at once): the same seeded trees, same log-probs."""
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, seed=2).eval()
     prompts = [tok(p)["input_ids"] for p in ("12+3-4=", "7-19+2+20=", "1+1=")]
-    spec = TreeSpec((3, 2), segment_tokens=5, temperature=1.0)
     whole = TreeSampler(model, tok, pool_tokens=4096).sample(prompts, spec, seeds=[0, 1, 2])
     one_row = TreeSampler(model, tok, pool_tokens=4096, draw_memory_bytes=1)
     chunked = one_row.sample(prompts, spec, seeds=[0, 1, 2])

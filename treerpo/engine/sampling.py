@@ -97,32 +97,51 @@ def draw(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, entropy:
     bool scalar tensor: some logit is NaN or +inf, and with ``entropy`` each row's entropy in nats under
     ``logits / temperature`` (temperature 1 when greedy), else None). Row r's K draws share its CDF.
 
-    Two [R, V] buffers at most (the fp32 logits and one fp64 working copy): the fp64 exponentials are summed
-    in place into the unnormalised CDF, whose last column is the softmax's total, so the log-probs and the
-    check for NaN or +inf (the row maximum) need no pass of their own. A row with a NaN or +inf logit draws
-    garbage that the caller refuses."""
+    A row with a NaN or +inf logit draws garbage that the caller refuses. Memory: ``draw_bytes_per_logit``; the
+    untruncated draw exponentiates an fp64 copy in place and sums it in place into the unnormalised CDF, whose
+    last column gives the log-probs, and reads NaN or +inf off the row maxima, so it needs no other [R, V]
+    buffer (the entropy one more fp64 copy)."""
     logits = logits.float()
     k = u.shape[1]
     if params.temperature == 0:
-        top = logits.amax(-1, keepdim=True)
-        tokens = logits.argmax(-1, keepdim=True).expand(-1, k)
-        shifted = logits - top
-        total = shifted.exp().sum(-1, keepdim=True)
-        logprobs = logits.gather(1, tokens) - top - total.log()
-        entropies = _entropy(shifted.double(), total.double()) if entropy else None
-        return tokens, logprobs, _not_finite(top), entropies
+        return _draw_greedy(logits, k, entropy)
     if params.top_k or params.top_p < 1.0:
         return _draw_truncated(logits, params, u, entropy)
     scaled = logits.double().div_(params.temperature)
     top = scaled.amax(-1, keepdim=True)
     shifted = scaled.sub_(top)
-    weights = shifted.exp() if entropy else shifted.exp_()  # the entropy still reads ``shifted``
-    entropies = _entropy(shifted, weights.sum(-1, keepdim=True), weights) if entropy else None
+    entropies = None
+    if entropy:
+        weights = shifted.exp()
+        entropies = _entropy(shifted, weights, weights.sum(-1, keepdim=True))
+    else:
+        weights = shifted.exp_()
     cdf = weights.cumsum_(-1)  # unnormalised: the draw searches u * total, as inverse_cdf does
     total = cdf[:, -1:]
     tokens = torch.searchsorted(cdf, u.to(cdf.dtype) * total, right=True).clamp_(max=cdf.shape[-1] - 1)
     logprobs = logits.gather(1, tokens).double() / params.temperature - top - total.log()
     return tokens, logprobs.float(), _not_finite(top), entropies
+
+
+def draw_bytes_per_logit(params: SamplingParams, entropy: bool) -> int:
+    """Bytes a logit of ``draw``'s input holds at the draw's peak (the fp32 logits included): 4 + 8 for the
+    untruncated and the greedy draw, 8 more with the entropy; an upper estimate for top-k/top-p, which sorts."""
+    if params.temperature != 0 and (params.top_k or params.top_p < 1.0):
+        return TRUNCATED_DRAW_BYTES_PER_LOGIT
+    return 4 + 8 + (8 if entropy else 0)
+
+
+TRUNCATED_DRAW_BYTES_PER_LOGIT = 72  # a NaN-cleaned copy, fp64 sort values and indices, softmax, CDF, masks
+
+
+def _draw_greedy(logits: torch.Tensor, k: int, entropy: bool):
+    top = logits.amax(-1, keepdim=True)
+    tokens = logits.argmax(-1, keepdim=True).expand(-1, k)
+    shifted = (logits.double() if entropy else logits) - top
+    weights = shifted.exp()
+    total = weights.sum(-1, keepdim=True)
+    logprobs = (logits.gather(1, tokens) - top - total.log()).float()
+    return tokens, logprobs, _not_finite(top), _entropy(shifted, weights, total) if entropy else None
 
 
 def _draw_truncated(logits, params: SamplingParams, u: torch.Tensor, entropy: bool):
@@ -135,12 +154,14 @@ def _draw_truncated(logits, params: SamplingParams, u: torch.Tensor, entropy: bo
     return tokens, logprobs.gather(1, tokens), bad, entropies
 
 
-def _entropy(shifted: torch.Tensor, total: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy in nats of softmax(x) from ``shifted`` = x - max(x), the sum of its exponentials ``total``:
-    log(total) - sum(p * shifted) (masked tokens, exp = 0, add nothing)."""
-    weights = shifted.exp() if weights is None else weights
-    mean_shift = (weights * shifted.nan_to_num(0.0, neginf=0.0)).sum(-1) / total.squeeze(-1)
-    return (total.squeeze(-1).log() - mean_shift).float()
+def _entropy(shifted: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(x) from fp64 ``shifted`` = x - max(x) (overwritten), its exponentials
+    ``weights`` and their sum ``total``: log(total) - sum(weights * shifted) / total. A masked token (-inf) has
+    weight 0 and adds nothing; the row dot product is a batched matmul, with no [R, V] temporary."""
+    shifted.nan_to_num_(0.0, neginf=0.0)
+    dot = torch.bmm(weights[:, None, :], shifted[:, :, None]).view(-1)
+    total = total.view(-1)
+    return (total.log() - dot / total).float()
 
 
 def _not_finite(row_max: torch.Tensor) -> torch.Tensor:

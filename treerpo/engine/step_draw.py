@@ -11,15 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .sampling import SamplingParams, draw, raise_nonfinite
+from .sampling import SamplingParams, draw, draw_bytes_per_logit, raise_nonfinite
 
-DRAW_BYTES_PER_LOGIT = 4 + 8 + 8  # fp32 logits, the draw's fp64 working copy, the entropy's second fp64 copy
 DEFAULT_DRAW_MEMORY_BYTES = 1 << 30
 
 
-def rows_per_chunk(vocab: int, memory_bytes: int) -> int:
+def rows_per_chunk(vocab: int, memory_bytes: int, bytes_per_logit: int) -> int:
     """Rows whose logits and draw buffers fit ``memory_bytes`` (at least one)."""
-    return max(1, int(memory_bytes) // (vocab * DRAW_BYTES_PER_LOGIT))
+    return max(1, int(memory_bytes) // (vocab * bytes_per_logit))
 
 
 @torch.no_grad()
@@ -30,14 +29,17 @@ def draw_step(head, hidden: torch.Tensor, rows: np.ndarray, u: np.ndarray | None
     draw r reads the logits ``head.logits(hidden[rows[r]])`` and the uniforms ``u[r]`` (torch's global RNG when
     ``u`` is None). Raises ``NonFiniteError`` when some logit is NaN or +inf."""
     device = hidden.device
-    index = torch.from_numpy(rows).to(device)
+    identity = len(rows) == len(hidden) and bool((rows == np.arange(len(rows))).all())  # a decode step
+    index = None if identity else _to_device(rows, device)
     if u is None:
         u_dev = torch.rand((len(rows), width), dtype=torch.float64, device=device)
     else:
-        u_dev = torch.from_numpy(u).to(device, non_blocking=True)
-    step = rows_per_chunk(head.weight.shape[0], memory_bytes)
-    parts = [draw(head.logits(hidden.index_select(0, index[start:start + step])), params,
-                  u_dev[start:start + step], entropy) for start in range(0, len(rows), step)]
+        u_dev = _to_device(u, device)
+    step = rows_per_chunk(head.weight.shape[0], memory_bytes, draw_bytes_per_logit(params, entropy))
+    parts = []
+    for start in range(0, len(rows), step):
+        chunk = hidden[start:start + step] if identity else hidden.index_select(0, index[start:start + step])
+        parts.append(draw(head.logits(chunk), params, u_dev[start:start + step], entropy))
     if not parts:
         empty = np.zeros((0, width))
         return empty.astype(np.int64), empty, np.zeros(0) if entropy else None
@@ -53,3 +55,12 @@ def draw_step(head, hidden: torch.Tensor, rows: np.ndarray, u: np.ndarray | None
         raise_nonfinite()
     return (host[:n].long().numpy().reshape(tokens.shape), host[n:2 * n].numpy().reshape(tokens.shape),
             host[2 * n + 1:].numpy() if entropy else None)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` without waiting for the queued forward: on CUDA through pinned memory (a copy
+    from pageable memory would synchronise), on the CPU as it is."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
