@@ -241,7 +241,8 @@ class TreeSampler:
             j = np.arange(1, width)[None, :]
             u[:, 1:] = np.where(j <= k[:, None], uniforms(child_seeds(branches.seed[:, None], j - 1), 0), 0.0)
         entropy = spec.fork_entropy is not None and bool((may_fork & ~forced).any())
-        tokens, logprobs, entropies = draw_step(self.runner.head, hidden, hidden_rows, u, width, params, entropy,
+        head = _TimedHead(self) if self.profile else self.runner.head
+        tokens, logprobs, entropies = draw_step(head, hidden, hidden_rows, u, width, params, entropy,
                                                 self.draw_memory_bytes)
         fork = forced | (may_fork & (entropies >= spec.fork_entropy)) if entropy else forced
         return fork, tokens, logprobs
@@ -264,6 +265,22 @@ class TreeSampler:
         tails = (self.tokenizer.decode(live.tokens[b, max(0, n - 8):n].tolist()) for b, n in enumerate(live.n))
         return np.fromiter((any(t.endswith(s) for s in self.stop_strings) for t in tails), dtype=bool,
                            count=len(live))
+
+
+class _TimedHead:
+    """The runner's LM head, its calls counted in the profiled step's model seconds (synchronised on CUDA)."""
+
+    def __init__(self, sampler: TreeSampler):
+        self.sampler, self.head = sampler, sampler.runner.head
+        self.weight = self.head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        logits = self.head.logits(hidden)
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        self.sampler._model_seconds += time.perf_counter() - start
+        return logits
 
 
 class _Batch:
