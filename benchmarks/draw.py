@@ -72,7 +72,7 @@ def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: i
         budget = memory_bytes if system == "chunked" else 1 << 62
 
         def run(n=rows):
-            return draw_step(head, hidden[:n], index[:n], u[:n], 1, params, False, budget)
+            return draw_step(head, hidden[:n], None, u[:n], 1, params, False, budget)  # a decode step: rows in order
     run(min(rows, 4))  # code paths and workspaces loaded on first use are not the draw's memory
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -148,7 +148,7 @@ def main(argv=None):
                 r = row[system]
                 table.append({"rows": rows, "vocab": vocab, "system": system,
                               "seconds": r.get("seconds", "-"), "peak_extra_MiB": r.get("peak_extra_MiB", "-"),
-                              "note": r.get("left_out", "") or ("TOKENS DIFFER" if row["same_tokens"] is False else "")})
+                              "note": r.get("left_out") or ("TOKENS DIFFER" if row["same_tokens"] is False else "")})
             key = f"{rows}x{vocab}"
             for other in ("one_shot", "before"):
                 if "seconds" in row.get(other, {}):

@@ -22,23 +22,24 @@ def rows_per_chunk(vocab: int, memory_bytes: int, bytes_per_logit: int) -> int:
 
 
 @torch.no_grad()
-def draw_step(head, hidden: torch.Tensor, rows: np.ndarray, u: np.ndarray | None, width: int,
+def draw_step(head, hidden: torch.Tensor, rows: np.ndarray | None, u: np.ndarray | None, width: int,
               params: SamplingParams, entropy: bool,
               memory_bytes: int = DEFAULT_DRAW_MEMORY_BYTES) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Tokens and log-probs [len(rows), width] on the host (and each row's next-token entropy with ``entropy``):
-    draw r reads the logits ``head.logits(hidden[rows[r]])`` and the uniforms ``u[r]`` (torch's global RNG when
-    ``u`` is None). Raises ``NonFiniteError`` when some logit is NaN or +inf."""
+    """Tokens and log-probs [R, width] on the host (and each row's next-token entropy with ``entropy``): draw r
+    reads the logits ``head.logits(hidden[rows[r]])`` (``rows`` None: every row of ``hidden`` in order, a decode
+    step's, with no index) and the uniforms ``u[r]`` (torch's global RNG when ``u`` is None). Raises
+    ``NonFiniteError`` when some logit is NaN or +inf."""
     device = hidden.device
-    identity = len(rows) == len(hidden) and bool((rows == np.arange(len(rows))).all())  # a decode step
-    index = None if identity else _to_device(rows, device)
+    count = len(hidden) if rows is None else len(rows)
+    index = None if rows is None else _to_device(rows, device)
     if u is None:
-        u_dev = torch.rand((len(rows), width), dtype=torch.float64, device=device)
+        u_dev = torch.rand((count, width), dtype=torch.float64, device=device)
     else:
         u_dev = _to_device(u, device)
     step = rows_per_chunk(head.weight.shape[0], memory_bytes, draw_bytes_per_logit(params, entropy))
     parts = []
-    for start in range(0, len(rows), step):
-        chunk = hidden[start:start + step] if identity else hidden.index_select(0, index[start:start + step])
+    for start in range(0, count, step):
+        chunk = hidden[start:start + step] if index is None else hidden.index_select(0, index[start:start + step])
         parts.append(draw(head.logits(chunk), params, u_dev[start:start + step], entropy))
     if not parts:
         empty = np.zeros((0, width))

@@ -142,14 +142,18 @@ class TreeSampler:
 
     def _forward(self, inputs) -> torch.Tensor:
         """The final hidden states at the forward's last rows (``ModelRunner.run``)."""
+        return self._model_call(self.runner.run, inputs)
+
+    def _model_call(self, fn, *args) -> torch.Tensor:
+        """``fn(*args)``; when profiling, its seconds count as the step's model time (synchronised on CUDA)."""
         if not self.profile:
-            return self.runner.run(inputs)
+            return fn(*args)
         start = time.perf_counter()
-        hidden = self.runner.run(inputs)
-        if hidden.is_cuda:
-            torch.cuda.synchronize(hidden.device)
+        out = fn(*args)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
         self._model_seconds += time.perf_counter() - start
-        return hidden
+        return out
 
     # ---- prefill -----------------------------------------------------------------------------------
     def _prefill(self, batch: "_Batch", admitted: list[int]) -> None:
@@ -203,7 +207,7 @@ class TreeSampler:
         forced = live.n == spec.segment_tokens  # only below the last level: full last-level segments ended earlier
         may_fork = forced | ((live.depth < spec.depth) & (live.n >= spec.min_segment_tokens)
                              if spec.fork_entropy is not None else forced)
-        fork, tokens, logprobs = self._draw_step(batch, live, hidden, np.arange(len(live)), forced, may_fork)
+        fork, tokens, logprobs = self._draw_step(batch, live, hidden, None, forced, may_fork)
         batch.forked = bool(fork.any())
         fork_rows, cont_rows = np.flatnonzero(fork), np.flatnonzero(~fork)
         parents = live.take(fork_rows)
@@ -224,7 +228,7 @@ class TreeSampler:
                                     logprobs[at, 1:]))
         return Branches.concat(born)
 
-    def _draw_step(self, batch: "_Batch", branches: Branches, hidden: torch.Tensor, hidden_rows: np.ndarray,
+    def _draw_step(self, batch: "_Batch", branches: Branches, hidden: torch.Tensor, hidden_rows: np.ndarray | None,
                    forced: np.ndarray, may_fork: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All of a step's draws in one batched call: column 0 a branch's next token (if it may go on), columns
         1..k the first tokens of its k children (if it may fork). Returns which branches fork (``forced``, or
@@ -275,12 +279,7 @@ class _TimedHead:
         self.weight = self.head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        logits = self.head.logits(hidden)
-        if logits.is_cuda:
-            torch.cuda.synchronize(logits.device)
-        self.sampler._model_seconds += time.perf_counter() - start
-        return logits
+        return self.sampler._model_call(self.head.logits, hidden)
 
 
 class _Batch:
