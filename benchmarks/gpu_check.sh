@@ -7,8 +7,7 @@
 #   install        the project without downloads: already importable from this checkout, else
 #                  `pip install --no-deps --no-build-isolation --no-index -e .` (builds treerpo._C when pybind11
 #                  and a C++ compiler are there, its sources compiled in parallel), else no install at all:
-#                  PYTHONPATH=<repo> plus a sitecustomize shim that maps treerpo.kernels to kernels/ (treerpo._C
-#                  then falls back to Python)
+#                  PYTHONPATH=<repo> (treerpo._C then falls back to Python)
 #   triton_kernels tests/test_triton_tree_attention.py + test_triton_paged_decode.py, compiled (TRITON_INTERPRET unset)
 #   paged_cascade  tests/test_paged_cascade.py
 #   kernel_check   tests/test_kernel_check.py, in its own process: it runs the Triton interpreter on CPU tensors
@@ -38,7 +37,7 @@
 #
 # Environment: PYTHON (default python3), OUT, GPU_CHECK_DRY_RUN, GPU_CHECK_BUDGET_S (default 450, dry run 900),
 # GPU_CHECK_INSTALL (auto: nothing if this checkout already imports, else pip, else PYTHONPATH; pip: pip even if it
-# imports, else PYTHONPATH; path: PYTHONPATH + shim, no pip), GPU_CHECK_PARTS (e.g. "rollout e2e": only those parts;
+# imports, else PYTHONPATH; path: PYTHONPATH, no pip), GPU_CHECK_PARTS (e.g. "rollout e2e": only those parts;
 # install always runs), TREERPO_CACHE.
 set -u -o pipefail
 
@@ -236,35 +235,10 @@ install_project() {
             tail -5 "$WORK/pip.out"
         fi
     fi
-    if [[ -z "$mode" ]]; then  # no install: the checkout on PYTHONPATH, treerpo.kernels mapped to kernels/
-        mkdir -p "$WORK/shim"
-        cat > "$WORK/shim/sitecustomize.py" <<PYEOF
-"""gpu_check.sh: map treerpo.kernels to $REPO/kernels (what setup.py's package_dir does), then run the
-next sitecustomize on sys.path, if any."""
-import importlib.machinery, importlib.util, os, sys
-
-_KERNELS = "$REPO/kernels"
-
-
-class _TreerpoKernels:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name != "treerpo.kernels":
-            return None
-        return importlib.util.spec_from_file_location(name, os.path.join(_KERNELS, "__init__.py"),
-                                                      submodule_search_locations=[_KERNELS])
-
-
-sys.meta_path.insert(0, _TreerpoKernels)
-_here = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.machinery.PathFinder.find_spec(
-    "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _here])
-if _spec is not None and _spec.loader is not None:
-    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
-PYEOF
-        export PYTHONPATH="$WORK/shim:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-        if importable && (cd / && "$PY" -c 'import sys, treerpo.kernels; assert getattr(sys.meta_path[0], "__name__", "") == "_TreerpoKernels"'); then
-            mode="no install: PYTHONPATH=<repo> + sitecustomize mapping treerpo.kernels to kernels/"
+    if [[ -z "$mode" ]]; then  # no install: the checkout on PYTHONPATH (treerpo/kernels links to kernels/)
+        export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+        if importable; then
+            mode="no install: PYTHONPATH=<repo>"
         else
             record install FAIL "$(since "$t0")" "treerpo does not import even from PYTHONPATH"
             return

@@ -9,6 +9,13 @@ from treerpo.attention import enable_tree_attention
 from treerpo.tree import Tree
 
 
+def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, rel: float, floor: float = 0.0, msg=None):
+    """``|actual - expected| <= rel * max|expected| + floor`` everywhere: a tolerance scaled to the whole tensor,
+    so that elements near zero (where an element-wise ``rtol`` means nothing) cannot turn a sound result red."""
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rel * scale + floor, msg=msg)
+
+
 def python_block(path, heading: str) -> str:
     """The first ```python block after ``heading`` in a markdown file (the docs' examples run as tests)."""
     import re

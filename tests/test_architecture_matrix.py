@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers as hf
 
-from helpers import random_tree
+from helpers import assert_close_normwise, random_tree
 from treerpo.attention import available_tree_backends, enable_tree_attention
 from treerpo.attention.hf_integration import UnsupportedModelError
 from treerpo.engine import TreeSampler
@@ -134,7 +134,7 @@ def test_packed_logprobs_and_gradients(family):
     named = dict(plain.named_parameters())
     for name, p in tree_model.named_parameters():
         if p.grad is not None or named[name].grad is not None:
-            torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-3, atol=1e-5, msg=f"{family} {name}")
+            assert_close_normwise(p.grad, named[name].grad, rel=1e-3, floor=1e-5, msg=f"{family} {name}")
 
 
 class IdTokenizer:
