@@ -4,6 +4,7 @@
 #   bash run.sh test  [args...]    set up .venv if needed, then the test suite
 #   bash run.sh eval  [flags...]   set up .venv if needed, then python -m treerpo.evaluate
 #   bash run.sh bench [flags...]   set up .venv if needed, then python benchmarks/e2e.py
+#   bash run.sh lint               set up .venv if needed, then ruff (lint and format check)
 #   bash run.sh setup              set up (or refresh) .venv only
 #   bash run.sh lock               resolve the newest dependencies (torch kept), run the suite on them, and
 #                                  write them to constraints.txt only if it passes
@@ -58,7 +59,8 @@ case "$cmd" in
   train) setup; exec "$VENV/bin/python" -m treerpo.train "$@" ;;
   eval) setup; exec "$VENV/bin/python" -m treerpo.evaluate "$@" ;;
   test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  lint) setup; "$VENV/bin/ruff" check . && exec "$VENV/bin/ruff" format --check . ;;
   bench) setup; exec "$VENV/bin/python" benchmarks/e2e.py "$@" ;;
   lock) lock "$@" ;;
-  *) echo "usage: bash run.sh {train|test|eval|bench|setup|lock} [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh {train|test|eval|bench|lint|setup|lock} [args...]" >&2; exit 2 ;;
 esac

@@ -4,7 +4,7 @@
     python benchmarks/attention.py --sizes 2048 8192 32768 65536 --json a.json   # GPU defaults (bf16)
 
 Batches of full trees (branching 4 2 2, segments of L tokens, prompts of P tokens), packed depth-first by
-``treerpo.packing.pack_trees``, as many trees as reach each ``--sizes`` total of tree tokens. Systems:
+``treerpo.trees.packing.pack_trees``, as many trees as reach each ``--sizes`` total of tree tokens. Systems:
   triton        treerpo's Triton tree attention over the skip list (CUDA only)
   flex          FlexAttention with the interval mask_mod, one BlockMask per batch (compiled on CUDA,
                 eager forward-only on CPU)
@@ -35,8 +35,8 @@ from common import machine, print_table, write_json  # noqa: E402
 from treerpo.attention.optional_kernels import available_dense_kernels, causal_prefix_attention  # noqa: E402
 from treerpo.attention.registry import _register_triton, available_tree_backends, get_tree_backend  # noqa: E402
 from treerpo.attention.sdpa_backend import sdpa_tree_attention  # noqa: E402
-from treerpo.packing import pack_trees  # noqa: E402
 from treerpo.tree import Tree  # noqa: E402
+from treerpo.trees.packing import pack_trees  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

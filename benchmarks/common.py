@@ -35,9 +35,9 @@ def write_json(path: str | None, payload: dict) -> None:
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in rows:
-        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True)))
 
 
 def _fmt(v) -> str:

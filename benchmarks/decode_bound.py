@@ -27,8 +27,8 @@ from common import machine, print_table, timed, write_json  # noqa: E402
 from rollout import PROMPTS, load, run_engine, run_generate  # noqa: E402
 
 from treerpo.engine.sampling import SamplingParams, draw  # noqa: E402
-from treerpo.lm_head import LMHead  # noqa: E402
-from treerpo.logprobs import decoder_of  # noqa: E402
+from treerpo.policy.lm_head import LMHead  # noqa: E402
+from treerpo.policy.logprobs import decoder_of  # noqa: E402
 from treerpo.tree import TreeSpec  # noqa: E402
 
 

@@ -49,7 +49,7 @@ def reset_resident_peak() -> None:
 def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: int, repeats: int) -> dict:
     """Times ``system`` in this process (``treerpo`` is whatever PYTHONPATH gives) and measures its peak."""
     from treerpo.engine.sampling import SamplingParams
-    from treerpo.lm_head import LMHead
+    from treerpo.policy.lm_head import LMHead
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)

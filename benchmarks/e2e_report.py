@@ -192,7 +192,7 @@ def plot_all(runs: list[dict], summary: dict, out_dir: Path, title: str) -> list
     for phase in PHASES:
         widths = [summary["systems"][s][phase]["mean"] or 0.0 for s in names]
         ax.barh([LABELS[s] for s in names], widths, left=left, label=phase[:-2])
-        left = [a + b for a, b in zip(left, widths)]
+        left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.set_xlabel("seconds per step (median over steps, mean over seeds)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from e2e_presets import TREE_SYSTEMS, Preset
 
 from treerpo.data.tasks import load_task, make_reward
-from treerpo.evaluation import pass_at_1
+from treerpo.sampling.evaluation import pass_at_1
 
 SYSTEMS = ("treerpo", "grpo", "trl", "trl_rollout", "trl_treerpo")
 TRL_SYSTEMS = ("trl", "trl_rollout", "trl_treerpo")
@@ -78,7 +77,7 @@ class HeldOut:
         return self.preset.eval_size > 0 and (step == 0 or step == self.steps or (every and step % every == 0))
 
     def __call__(self, model) -> float:
-        prompts, golds = zip(*self.task.eval)
+        prompts, golds = zip(*self.task.eval, strict=True)
         return pass_at_1(model, self.tokenizer, list(prompts), list(golds), self.reward_fn,
                          self.preset.max_new_tokens).accuracy
 
@@ -100,7 +99,7 @@ def _add_eval(run: dict, held_out: HeldOut, model, step: int) -> None:
 # ---- treerpo ------------------------------------------------------------------------------------------
 def run_treerpo(preset: Preset, algo: str, seed: int, budget: str, log=print) -> dict:
     from treerpo.config import TrainConfig
-    from treerpo.trainer import Trainer
+    from treerpo.training.trainer import Trainer
 
     group_size = preset.group_size(budget)
     steps = preset.steps_for(algo, budget)
@@ -172,7 +171,7 @@ class _Timers:
     @classmethod
     def for_trees(cls, trainer) -> "_Timers":
         """TreeRPOTrainer: sampling, scoring (rewards and advantages), packing with old/reference log-probs."""
-        from treerpo.minibatch_plan import loss_token_count
+        from treerpo.trees.token_weights import loss_token_count
 
         timers = cls(trainer, {"sample_trees": "rollout_s", "score_trees": "scoring_s",
                                "prepare_chunks": "logprobs_s"})

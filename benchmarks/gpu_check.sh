@@ -244,7 +244,7 @@ install_project() {
             return
         fi
     fi
-    NATIVE=$("$PY" -c 'import treerpo.native as n; print("built" if n.HAVE_NATIVE else "not built: Python fallback")' 2>/dev/null || echo unknown)
+    NATIVE=$("$PY" -c 'import treerpo.trees.native as n; print("built" if n.HAVE_NATIVE else "not built: Python fallback")' 2>/dev/null || echo unknown)
     INSTALL_MODE=$mode
     record install PASS "$(since "$t0")" "$mode; treerpo._C $NATIVE"
 }

@@ -322,13 +322,13 @@ def cut_curve(evals: list[dict], axis: str, budget: float) -> list[dict]:
 
 def area(curve: list[dict], axis: str, budget: float) -> float:
     """Area under accuracy vs ``axis`` from 0 to the budget, divided by the budget (the mean accuracy over it)."""
-    total = sum((b[axis] - a[axis]) * (a["accuracy"] + b["accuracy"]) / 2 for a, b in zip(curve, curve[1:]))
+    total = sum((b[axis] - a[axis]) * (a["accuracy"] + b["accuracy"]) / 2 for a, b in zip(curve, curve[1:], strict=True))
     return total / budget
 
 
 def first_reach(xs: list[float], ys: list[float], target: float) -> float | None:
     """The first x at which the piecewise-linear curve reaches ``target`` (None: never)."""
-    for i, (x, y) in enumerate(zip(xs, ys)):
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
         if y >= target:
             return x if i == 0 else _lerp(ys[i - 1], xs[i - 1], y, x, target)
     return None
@@ -340,13 +340,13 @@ def mean_curve(curves: list[list[dict]], axis: str) -> dict:
     end = min(c[-1][axis] for c in curves)
     xs = sorted({p[axis] for c in curves for p in c if p[axis] <= end})
     per_seed = [[_interp(c, axis, x) for x in xs] for c in curves]
-    ys = list(zip(*per_seed))
+    ys = list(zip(*per_seed, strict=True))
     return {"x": xs, "mean": [statistics.fmean(y) for y in ys], "min": [min(y) for y in ys],
             "max": [max(y) for y in ys]}
 
 
 def _interp(curve: list[dict], axis: str, x: float) -> float:
-    for a, b in zip(curve, curve[1:]):
+    for a, b in zip(curve, curve[1:], strict=True):
         if a[axis] <= x <= b[axis]:
             return _lerp(a[axis], a["accuracy"], b[axis], b["accuracy"], x)
     return curve[-1]["accuracy"] if x >= curve[-1][axis] else curve[0]["accuracy"]

@@ -54,7 +54,7 @@ def plot(panels, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (title, runs) in zip(axes[0], panels):
+    for ax, (title, runs) in zip(axes[0], panels, strict=True):
         for i, (label, dirs) in enumerate(runs):
             color = f"C{i}"
             seeds = curves(dirs)

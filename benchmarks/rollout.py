@@ -24,7 +24,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,8 +31,8 @@ from common import machine, print_table, timed, write_json  # noqa: E402
 
 from treerpo.attention import enable_tree_attention  # noqa: E402
 from treerpo.engine.tree_sampler import TreeSampler  # noqa: E402
-from treerpo.generation import left_pad  # noqa: E402
 from treerpo.models.tiny import load_model_and_tokenizer  # noqa: E402
+from treerpo.sampling.generation import left_pad  # noqa: E402
 from treerpo.tree import TreeSpec  # noqa: E402
 
 PROMPTS = ["Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -93,7 +92,7 @@ def matmul_limit(config, dtype: torch.dtype, device, rows: int, repeats: int = 5
     def sweep(n: int):
         for _ in range(n):
             for ws in weights:
-                for x, w, y in zip(inputs, ws, outputs):
+                for x, w, y in zip(inputs, ws, outputs, strict=True):
                     torch.mm(x, w, out=y)
 
     sweep(2)  # warm-up (kernel selection, first-touch of the outputs)

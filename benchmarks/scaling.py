@@ -74,7 +74,7 @@ def main() -> None:
         strong = [run_point("strong", n, args.global_prompts, args, Path(tmp)) for n in args.ranks]
     base_weak, base_strong = weak[args.ranks.index(1)], strong[args.ranks.index(1)]
     ratios = {}
-    for w, s in zip(weak, strong):
+    for w, s in zip(weak, strong, strict=True):
         if w["ranks"] != 1:
             ratios[f"weak_efficiency_{w['ranks']}_ranks"] = w["tokens_per_s"] / (w["ranks"] * base_weak["tokens_per_s"])
             ratios[f"weak_tokens_per_s_speedup_{w['ranks']}_ranks"] = w["tokens_per_s"] / base_weak["tokens_per_s"]

@@ -32,8 +32,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from treerpo import native  # noqa: E402
-from treerpo.tile_skip import tile_skip_vectorized
+from treerpo.trees import native  # noqa: E402
+from treerpo.trees.tile_skip import tile_skip_vectorized
 
 # name, trees' branching, trees, mean tokens per generated segment, probability a segment ends with EOS
 SIZES = [

@@ -29,7 +29,6 @@ fp32 for bf16 under ``TRITON_INTERPRET=1`` (the interpreter computes bf16 wrongl
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

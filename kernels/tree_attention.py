@@ -21,7 +21,6 @@ for bf16 (the interpreter computes bf16 wrongly).
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -8,7 +8,8 @@ import sys
 import torch
 
 from treerpo.config import make_config
-from treerpo.trainer import Trainer, seed_everything, step_seed
+from treerpo.training.seeding import seed_everything, step_seed
+from treerpo.training.trainer import Trainer
 
 
 def tree_record(tree) -> dict:
@@ -28,7 +29,7 @@ def update_without_kept_groups_on(trainer: Trainer, idle_rank: int) -> None:
     """Step 0's update where rank ``idle_rank``'s trees have no kept group (nothing to train on there)."""
     seed_everything(step_seed(trainer.config.seed, 0))
     trees = trainer.rollout(0)
-    from treerpo.scoring import score_trees
+    from treerpo.rewards.scoring import score_trees
 
     score_trees(trees, trainer.tokenizer, trainer.reward_fn)
     trainer.advantages(trees)

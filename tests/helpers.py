@@ -1,6 +1,8 @@
 """Shared builders for tests: random trees and tiny random models."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -69,3 +71,80 @@ def char_model_folder(folder, extra_chars: str = "", max_positions: int = 256):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# ---- what only tests use: reference views of the engine and the packed batch ----------------------------------
+@dataclass
+class SequenceStep:
+    cached_slots: np.ndarray | torch.Tensor  # int64 [P]: slots of the path already in the pool (positions 0..P-1)
+    new_tokens: list[int]
+    new_slots: np.ndarray | torch.Tensor  # int64 [len(new_tokens)]: where their K/V go
+
+
+@dataclass
+class SharedPrefixes:
+    """Decode steps in groups that share a cached prefix: step i's cached path is
+    ``prefixes[group_of_step[i]]`` followed by the step's own ``cached_slots``."""
+    prefixes: list  # int64 slot arrays, one per group, none empty
+    group_of_step: np.ndarray  # int64 [len(steps)]
+
+
+@torch.no_grad()
+def runner_logits(runner, steps: list[SequenceStep], shared: SharedPrefixes | None = None) -> torch.Tensor:
+    """fp32 logits [len(steps), vocab] after each sequence's last new token, through ``ModelRunner.run``. With
+    ``shared`` (decode steps), each step's ``cached_slots`` follow its group's shared prefix."""
+    from treerpo.engine.step_builder import sequence_inputs
+
+    sequences = [(s.cached_slots, s.new_slots) for s in steps]
+    prefixes, group_of_step = (None, None) if shared is None else (shared.prefixes, shared.group_of_step)
+    inputs = sequence_inputs(runner.pool, sequences, [s.new_tokens for s in steps], runner.device, prefixes,
+                             group_of_step)
+    return runner.head.logits(runner.run(inputs))
+
+
+def cascade_pays(runner, shared: SharedPrefixes) -> bool:
+    """The runner's cascade decision for ``shared``: the prefix keys its steps would read again without it."""
+    prefix_len = np.fromiter(map(len, shared.prefixes), dtype=np.int64, count=len(shared.prefixes))
+    return runner.cascade_spares_enough(int(prefix_len[shared.group_of_step].sum() - prefix_len.sum()))
+
+
+def sample_next(logits: torch.Tensor, params, generators=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (tokens [B], log-probs [B] in fp32), one row at a time of the engine's sampling rules. With
+    ``generators`` each row draws one fp64 uniform from its own generator and takes the fp64 inverse CDF
+    (``sampling.inverse_cdf``); without, the rows share torch's global RNG."""
+    from treerpo.engine.sampling import check_finite_logits, inverse_cdf, truncate_logits
+
+    logits = logits.float()
+    check_finite_logits(logits)
+    if params.temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
+    scaled = logits / params.temperature
+    logprobs = torch.log_softmax(scaled, -1)
+    if generators is None:
+        probs = truncate_logits(scaled, params.top_k, params.top_p).softmax(-1)
+        tokens = torch.multinomial(probs, 1).squeeze(1)
+    else:
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators])
+        tokens = inverse_cdf(logits, params, u[:, None].to(logits.device)).squeeze(1)
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def alloc_or_evict(pool, num_tokens: int, evict_fn) -> torch.Tensor:
+    """``pool.alloc``, calling ``evict_fn(pages_short)`` until the request fits: ``RequestTooLarge`` at once for
+    what can never fit, ``PoolExhausted`` when a call frees no page (progress is measured on the free list)."""
+    needed = pool.pages_for(num_tokens)
+    if needed > pool.num_pages:
+        return pool.alloc(num_tokens)  # raises RequestTooLarge without evicting anything
+    while needed > pool.free_pages:
+        before = pool.free_pages
+        evict_fn(needed - before)
+        if pool.free_pages <= before:
+            break
+    return pool.alloc(num_tokens)
+
+
+def dense_visibility(batch) -> torch.Tensor:
+    """[N, N] bool, True where query row may see key column (the reference mask of a packed batch)."""
+    q = batch.tin[:, None]
+    return (batch.tin[None, :] <= q) & (q < batch.tout[None, :])

@@ -8,8 +8,8 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from helpers import assert_close_normwise, random_tree, tiny_model
 from treerpo.attention import enable_tree_attention
-from treerpo.logprobs import packed_logprobs
-from treerpo.packing import pack_trees
+from treerpo.policy.logprobs import packed_logprobs
+from treerpo.trees.packing import pack_trees
 
 
 def mistral_model():
@@ -49,7 +49,7 @@ def test_gradients_with_checkpointing_equal_gradients_without(arch, reentrant, b
 def test_trainer_option_gives_the_same_step(tmp_path):
     """One TreeRPO step with --gradient-checkpointing equals the step without (weights after the update)."""
     from treerpo.config import make_config
-    from treerpo.trainer import Trainer
+    from treerpo.training.trainer import Trainer
 
     weights, layer_calls = [], []
     for on in (False, True):

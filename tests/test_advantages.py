@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from treerpo import native
 from treerpo.algorithms.advantages import compute_advantages, node_values, sibling_groups
 from treerpo.tree import Tree
+from treerpo.trees import native
 
 
 def make_tree(parents, leaf_rewards):
@@ -99,7 +99,7 @@ def test_grpo_equals_textbook_formula():
     rewards[0] = 1.0  # an all-correct group: no signal
     trees = [make_tree([0] * 8, {i + 1: r for i, r in enumerate(row)}) for row in rewards]
     compute_advantages(trees, tau=0.1)
-    for row, tree in zip(rewards, trees):
+    for row, tree in zip(rewards, trees, strict=True):
         std = row.std(ddof=1)
         textbook = np.zeros(8) if std == 0 else (row - row.mean()) / (std + 1e-6)
         np.testing.assert_allclose(tree.advantage[1:], textbook, atol=1e-12)
@@ -178,7 +178,7 @@ def test_global_batch_std():
     glob = [[0.5, -0.5], [1 / 3, 1 / 3, -2 / 3], [-0.25, 0.25, 0.25, -0.75, 0.25, 0.25], [0.0, 0.0]]
     local_scale = np.std([0.5, -0.5, 1 / 3, 1 / 3, -2 / 3, -0.25, 0.25, 0.5, -0.5]) + 1e-6
     global_scale = np.std(glob[0] + glob[1] + glob[2]) + 1e-6
-    for tree, lo, gl in zip(trees, local, glob):
+    for tree, lo, gl in zip(trees, local, glob, strict=True):
         np.testing.assert_allclose(tree.advantage[1:], np.array(lo) / local_scale + 0.5 * np.array(gl) / global_scale,
                                    atol=1e-12)
     assert not trees[3].kept.any() and (trees[3].advantage == 0).all()
@@ -242,8 +242,8 @@ def test_global_weight_zero_is_the_local_advantage_exactly(backend, normalizatio
             expected = columns(trees)
             stats = compute_advantages(trees, value_mode, normalization, tau, backend=backend, global_weight=0.0)
             assert stats == old and "global_trees" not in stats
-            for got, want in zip(columns(trees), expected):
-                for a, b in zip(got, want):
+            for got, want in zip(columns(trees), expected, strict=True):
+                for a, b in zip(got, want, strict=True):
                     np.testing.assert_array_equal(a, b)
 
 
@@ -258,8 +258,8 @@ def test_global_native_equals_python(normalization):
             want = columns(trees)
             assert compute_advantages(trees, value_mode, normalization, tau, backend="native",
                                       global_weight=weight) == expected
-            for got, ref in zip(columns(trees), want):
-                for a, b in zip(got, ref):
+            for got, ref in zip(columns(trees), want, strict=True):
+                for a, b in zip(got, ref, strict=True):
                     np.testing.assert_array_equal(a, b)
             # the rule itself: kept nodes are those of kept groups or of trees with signal; unkept nodes have 0
             for tree in trees:

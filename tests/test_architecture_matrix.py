@@ -16,10 +16,10 @@ from helpers import assert_close_normwise, random_tree
 from treerpo.attention import available_tree_backends, enable_tree_attention
 from treerpo.attention.hf_integration import UnsupportedModelError
 from treerpo.engine import TreeSampler
-from treerpo.logprobs import packed_logprobs
-from treerpo.packing import pack_trees
-from treerpo.reference_sampler import ReferenceTreeSampler
+from treerpo.policy.logprobs import packed_logprobs
+from treerpo.sampling.reference_sampler import ReferenceTreeSampler
 from treerpo.tree import TreeSpec
+from treerpo.trees.packing import pack_trees
 
 VOCAB = 48
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -161,7 +161,7 @@ def test_engine_trees_and_sampled_logprobs(family):
         return
     greedy = sampler.sample(prompts, spec)
     reference = ReferenceTreeSampler(plain, tok).sample(prompts, spec)
-    for a, b in zip(greedy, reference):
+    for a, b in zip(greedy, reference, strict=True):
         assert a.token_ids.tolist() == b.token_ids.tolist(), family
     sampled = sampler.sample(prompts, TreeSpec((2, 2), segment_tokens=4, temperature=1.0), seeds=[0, 1, 2])
     with torch.no_grad():
@@ -178,7 +178,7 @@ def test_engine_trees_and_sampled_logprobs(family):
 def test_trainer_refuses_a_window_shorter_than_its_paths_before_any_work(tmp_path):
     from treerpo.config import ConfigError, make_config
     from treerpo.models.tiny import load_model_and_tokenizer
-    from treerpo.trainer import Trainer
+    from treerpo.training.trainer import Trainer
 
     model, tok = load_model_and_tokenizer()
     model.config.use_sliding_window, model.config.sliding_window = True, 24

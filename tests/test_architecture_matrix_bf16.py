@@ -9,13 +9,13 @@ engine's sampled-token log-probs are checked the same way against a plain bf16 f
 import numpy as np
 import pytest
 import torch
-
 from test_architecture_matrix import FAMILIES, IdTokenizer, exact, trees_for, twins
+
 from treerpo.attention import enable_tree_attention
 from treerpo.engine import TreeSampler
-from treerpo.logprobs import packed_logprobs
-from treerpo.packing import pack_trees
+from treerpo.policy.logprobs import packed_logprobs
 from treerpo.tree import TreeSpec
+from treerpo.trees.packing import pack_trees
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["triton", "sdpa"] if DEVICE == "cuda" else ["paths", "sdpa"]

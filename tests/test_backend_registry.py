@@ -34,9 +34,9 @@ def treerpo_imports(path: Path) -> list[str]:
 
 def test_the_finder_sees_treerpo_imports(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text("import os\nfrom ._common import x\nfrom treerpo.tile_skip import tile_skip\nimport treerpo.packing\n"
+    src.write_text("import os\nfrom ._common import x\nfrom treerpo.trees.tile_skip import tile_skip\nimport treerpo.trees.packing\n"
                    "from ..attention import paged\nimportlib.import_module('treerpo.attention')\n")
-    assert treerpo_imports(src) == ["treerpo.tile_skip", "treerpo.packing", "..attention", "treerpo.attention"]
+    assert treerpo_imports(src) == ["treerpo.trees.tile_skip", "treerpo.trees.packing", "..attention", "treerpo.attention"]
 
 
 def test_kernels_import_nothing_from_treerpo():

@@ -68,7 +68,7 @@ def test_global_weight_option():
 def test_resume_refuses_another_global_weight():
     from pathlib import Path
 
-    from treerpo.resume import ResumeMismatchError, check_resumable, comparable_config
+    from treerpo.runtime.resume import ResumeMismatchError, check_resumable, comparable_config
 
     saved = comparable_config(make_config({}))
     older = {k: v for k, v in saved.items() if k != "global_weight"}  # a checkpoint from before the option

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from treerpo.config import ConfigError, make_config
-from treerpo.distributed import World
-from treerpo.trainer import Trainer, check_parallel_options, seed_everything, step_seed
+from treerpo.runtime.distributed import World
+from treerpo.training.seeding import seed_everything, step_seed
+from treerpo.training.trainer import Trainer
 
 HERE = Path(__file__).parent
 SMALL = dict(prompts_per_step=4, branching=[2, 2, 2], segment_tokens=12, eval_size=8, eval_every=0, save_every=1,
@@ -64,7 +65,7 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in EXACT:
             assert ra.get(key) == rb.get(key), (ra["step"], key, ra.get(key), rb.get(key))
         for key in ("loss", "clip_fraction", "ratio_mean", "kl", "grad_norm"):  # sums in another order
@@ -152,7 +153,7 @@ def test_a_rank_without_kept_groups_finishes_with_the_right_gradient(tmp_path, m
     with one_process_trainer(tmp_path, kl_coef=0.0) as trainer:
         seed_everything(step_seed(0, 0))
         trees = trainer.rollout(0)
-        from treerpo.scoring import score_trees
+        from treerpo.rewards.scoring import score_trees
 
         score_trees(trees, trainer.tokenizer, trainer.reward_fn)
         trainer.advantages(trees)
@@ -232,7 +233,7 @@ def test_unsupported_combinations_are_refused_before_any_work(monkeypatch, optio
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=message):
-        check_parallel_options(make_config(options))
+        make_config(options).validate_launch()
 
 
 @pytest.mark.slow

@@ -25,6 +25,6 @@ def test_row_example_reproduces_the_packed_loss(capsys):
     packed_grads = torch.autograd.grad(namespace["packed_loss"], params, allow_unused=True)
     scale = max(g.abs().max().item() for g in packed_grads if g is not None)
     assert scale > 1e-4  # at ratio 1 the loss value is ~0; its gradient is the policy gradient
-    for row_grad, packed_grad in zip(row_grads, packed_grads):
+    for row_grad, packed_grad in zip(row_grads, packed_grads, strict=True):
         assert torch.allclose(row_grad, packed_grad, atol=1e-5 * scale, rtol=1e-4)
     assert len(namespace["flat"]) > len(namespace["trees"])  # several rows per tree

@@ -37,14 +37,14 @@ def test_decode_inputs_equal_the_per_sequence_builder(cascade):
     path_slots = [paths.slots[p, :paths.length[p]] for p in range(paths.count)]
     if cascade:
         used, group = np.unique(branches.path, return_inverse=True)
-        ref = PagedAttentionMetadata.build(pool, list(zip(own_before, new)), "cpu", [path_slots[p] for p in used],
+        ref = PagedAttentionMetadata.build(pool, list(zip(own_before, new, strict=True)), "cpu", [path_slots[p] for p in used],
                                            group)
         for name in ("prefix_len", "group_of_seq", "member_rows", "rank_in_group", "members", "member_start",
                      "prefix_rows", "suffix_rows", "prefix_padding", "suffix_padding"):
             assert torch.equal(getattr(got.meta.groups, name), getattr(ref.groups, name)), name
     else:
         full = [np.concatenate([path_slots[branches.path[b]], own_before[b]]) for b in range(len(branches))]
-        ref = PagedAttentionMetadata.build(pool, list(zip(full, new)), "cpu")
+        ref = PagedAttentionMetadata.build(pool, list(zip(full, new, strict=True)), "cpu")
     for name in ("write_slots", "query_rows", "query_key_pos"):
         assert torch.equal(getattr(got.meta, name), getattr(ref, name)), name
     valid = torch.arange(ref.kv_slots.shape[1])[None] <= ref.query_key_pos

@@ -6,11 +6,11 @@ import torch
 from treerpo.attention import enable_tree_attention, paged, registry
 from treerpo.engine.kv_pool import RequestTooLarge
 from treerpo.engine.tree_sampler import TreeSampler
-from treerpo.logprobs import packed_logprobs
 from treerpo.models.tiny import build_char_tokenizer, build_tiny_model, load_model_and_tokenizer
-from treerpo.packing import pack_trees
-from treerpo.reference_sampler import ReferenceTreeSampler
+from treerpo.policy.logprobs import packed_logprobs
+from treerpo.sampling.reference_sampler import ReferenceTreeSampler
 from treerpo.tree import TreeSpec
+from treerpo.trees.packing import pack_trees
 
 PROMPTS = ["12+3-4=", "7-19+2+20=", "1+1=", "20-20-20-20=", "12+3-4="]
 
@@ -47,7 +47,7 @@ def test_greedy_trees_equal_the_reference(model_and_tokenizer, branching, segmen
     spec = TreeSpec(branching, segment_tokens=segment, temperature=0.0)
     expected = ReferenceTreeSampler(model, tok).sample(prompts, spec)
     got = cascade_sampler(model, tok, pool_tokens=4096).sample(prompts, spec)
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         same_tree(a, b)
 
 
@@ -59,7 +59,7 @@ def test_seeded_trees_do_not_depend_on_the_batch(model_and_tokenizer):
     batch = sampler.sample(prompts, spec, seeds=[5, 6, 7])
     again = sampler.sample(prompts, spec, seeds=[5, 6, 7])
     alone = sampler.sample(prompts[1:2], spec, seeds=[6])
-    for a, b in zip(batch, again):
+    for a, b in zip(batch, again, strict=True):
         same_tree(a, b)
     same_tree(batch[1], alone[0])
     assert batch[0].token_ids.tolist() != sampler.sample(prompts[:1], spec, seeds=[99])[0].token_ids.tolist()
@@ -79,7 +79,7 @@ def test_sampled_logprobs_match_a_full_forward(model_and_tokenizer):
         t.token_logprobs[t.offsets[1]:] for t in trees]), dtype=torch.float32)
     # packing visits nodes depth-first, trees store them breadth-first: compare per (tree, node)
     by_key = {}
-    for r, lp in zip(rows.tolist(), full.tolist()):
+    for r, lp in zip(rows.tolist(), full.tolist(), strict=True):
         by_key.setdefault((int(batch.tree_index[r]), int(batch.node_index[r])), []).append(lp)
     for ti, t in enumerate(trees):
         for node in range(1, t.num_nodes):
@@ -96,7 +96,7 @@ def test_a_batch_larger_than_the_pool_waits_and_matches(model_and_tokenizer):
     small = TreeSampler(model, tok, pool_tokens=one_tree + 8)  # room for one tree at a time
     got = small.sample(prompts, spec)
     expected = ReferenceTreeSampler(model, tok).sample(prompts, spec)
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         same_tree(a, b)
     assert small.pool.peak_used_pages <= one_tree + 8
     small.cache.reset()
@@ -151,7 +151,7 @@ def test_without_prefix_sharing_the_trees_are_the_same(model_and_tokenizer):
     spec = TreeSpec((2, 2), segment_tokens=5, temperature=1.0)
     shared = TreeSampler(model, tok, pool_tokens=4096)
     unshared = TreeSampler(model, tok, pool_tokens=4096, share_prefixes=False)
-    for a, b in zip(shared.sample(prompts, spec, seeds=range(5)), unshared.sample(prompts, spec, seeds=range(5))):
+    for a, b in zip(shared.sample(prompts, spec, seeds=range(5)), unshared.sample(prompts, spec, seeds=range(5)), strict=True):
         same_tree(a, b)
     assert unshared.runner.forward_tokens > shared.runner.forward_tokens  # the repeated prompt is computed twice
     assert unshared.pool.free_tokens == unshared.pool.capacity_tokens  # every slot returned
@@ -203,7 +203,7 @@ def test_cascade_on_and_off_sample_the_same_trees(model_and_tokenizer, monkeypat
         trees[cascade] = sampler.sample(prompts, spec, seeds=range(len(prompts)))
         decode_calls = sum(grouped)
         assert decode_calls > 0 if cascade else decode_calls == 0
-    for a, b in zip(trees[True], trees[False]):
+    for a, b in zip(trees[True], trees[False], strict=True):
         same_tree(a, b)
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5, rtol=1e-5)
 

@@ -8,7 +8,7 @@ from treerpo.attention import enable_tree_attention  # noqa: E402
 from treerpo.engine.tree_sampler import TreeSampler  # noqa: E402
 from treerpo.models.smollm2 import smollm2_dir  # noqa: E402
 from treerpo.models.tiny import load_model_and_tokenizer  # noqa: E402
-from treerpo.reference_sampler import ReferenceTreeSampler  # noqa: E402
+from treerpo.sampling.reference_sampler import ReferenceTreeSampler  # noqa: E402
 from treerpo.tree import TreeSpec  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def test_greedy_tree_equals_reference_on_smollm2(smollm2):
     spec = TreeSpec((2, 2), segment_tokens=5, temperature=0.0)
     expected = ReferenceTreeSampler(model, tok).sample(prompts, spec)
     got = TreeSampler(model, tok, pool_tokens=512).sample(prompts, spec)
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         assert a.token_ids.tolist() == b.token_ids.tolist()
         assert a.parent.tolist() == b.parent.tolist()
 

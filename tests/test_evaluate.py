@@ -2,12 +2,12 @@
 import json
 
 import pytest
-
 from conftest import SHARED_DATA
+
 from treerpo.data.synthetic import chain_reward
 from treerpo.evaluate import main
-from treerpo.evaluation import pass_at_1
 from treerpo.models.tiny import load_model_and_tokenizer
+from treerpo.sampling.evaluation import pass_at_1
 
 
 def test_pass_at_1_against_a_hand_count():

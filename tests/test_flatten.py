@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from helpers import random_tree
-from treerpo.flatten import flatten_trees, leaves_below
-from treerpo.minibatch_plan import loss_token_count
-from treerpo.packing import pack_trees
 from treerpo.tree import Tree
+from treerpo.trees.flatten import flatten_trees, leaves_below
+from treerpo.trees.packing import pack_trees
+from treerpo.trees.token_weights import loss_token_count
 
 
 def hand_tree() -> Tree:
@@ -39,8 +39,8 @@ def test_weighted_row_sums_equal_sums_over_the_packed_loss_tokens(seed):
     trees = [random_tree(rng, int(rng.integers(1, 12))) for _ in range(3)]
     value = rng.normal(size=64)  # any per-token function of the token id
     flat = flatten_trees(trees)
-    rows_sum = sum(float((w * value[np.asarray(c)]).sum()) for w, c in zip(flat.token_weights, flat.completion_ids))
-    adv_sum = sum(float((a * value[np.asarray(c)]).sum()) for a, c in zip(flat.token_advantages, flat.completion_ids))
+    rows_sum = sum(float((w * value[np.asarray(c)]).sum()) for w, c in zip(flat.token_weights, flat.completion_ids, strict=True))
+    adv_sum = sum(float((a * value[np.asarray(c)]).sum()) for a, c in zip(flat.token_advantages, flat.completion_ids, strict=True))
     packed = pack_trees(trees)
     mask = packed.loss_mask.numpy()
     ids = packed.input_ids.numpy()[mask]

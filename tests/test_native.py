@@ -7,11 +7,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from treerpo import native
 from treerpo.algorithms.advantages import NORMALIZATIONS, VALUE_MODES, compute_advantages, node_values, sibling_groups
-from treerpo.packing import PackedBatch, pack_trees
-from treerpo.tile_skip import tile_skip, tile_skip_dense, tile_skip_vectorized
 from treerpo.tree import Tree
+from treerpo.trees import native
+from treerpo.trees.packing import PackedBatch, pack_trees
+from treerpo.trees.tile_skip import tile_skip, tile_skip_dense, tile_skip_vectorized
 
 needs_native = pytest.mark.skipif(not native.HAVE_NATIVE, reason="treerpo._C is not built (pip install -e .)")
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -63,8 +63,8 @@ def test_advantages_equal_reference(batch, value_mode, normalization, tau):
     expected = compute_advantages(batch, value_mode, normalization, tau, backend="python")
     reference = [(t.value.copy(), t.advantage.copy(), t.kept.copy()) for t in batch]
     assert compute_advantages(batch, value_mode, normalization, tau, backend="native") == expected
-    for tree, columns in zip(batch, reference):
-        for got, want in zip((tree.value, tree.advantage, tree.kept), columns):
+    for tree, columns in zip(batch, reference, strict=True):
+        for got, want in zip((tree.value, tree.advantage, tree.kept), columns, strict=True):
             np.testing.assert_array_equal(got, want)  # bit for bit: the tau filter decides alike
 
 
@@ -84,7 +84,7 @@ def test_sibling_groups_and_statistics(batch):
     g = native._C.sibling_groups(f.node_offsets, f.parent, values)
     groups = np.split(g["members"], g["offsets"][1:-1]) if len(g["parent"]) else []
     expected = [(grp + base, t.parent[grp[0]] + base)
-                for t, base in zip(batch, f.node_offsets) for grp in sibling_groups(t)]
+                for t, base in zip(batch, f.node_offsets, strict=True) for grp in sibling_groups(t)]
     assert [x.tolist() for x in groups] == [members.tolist() for members, _ in expected]
     assert g["parent"].tolist() == [p for _, p in expected]
     for k, members in enumerate(groups):
@@ -234,10 +234,10 @@ def test_fallback_warns_once_and_matches_reference(monkeypatch, caplog):
     monkeypatch.delenv("TREERPO_NATIVE", raising=False)
     tree = Tree.from_segments([1], [0, 0, 1, 1], [[2], [3], [4], [5]], [False] * 4)
     tree.reward[[2, 3, 4]] = [1.0, 0.0, 1.0]
-    with caplog.at_level(logging.WARNING, logger="treerpo.native"):
+    with caplog.at_level(logging.WARNING, logger="treerpo.trees.native"):
         compute_advantages([tree], tau=0.0)
         batch = pack_trees([tree])
-    warnings = [r for r in caplog.records if r.name == "treerpo.native"]
+    warnings = [r for r in caplog.records if r.name == "treerpo.trees.native"]
     assert len(warnings) == 1 and "pip install -e ." in warnings[0].getMessage()
     assert_packed_equal(batch, pack_trees([tree], backend="python"))
     with pytest.raises(RuntimeError, match="not built"):
@@ -247,9 +247,9 @@ def test_fallback_warns_once_and_matches_reference(monkeypatch, caplog):
 def test_environment_selects_python_quietly(monkeypatch, caplog):
     monkeypatch.setenv("TREERPO_NATIVE", "0")
     monkeypatch.setattr(native, "_warned", False)
-    with caplog.at_level(logging.WARNING, logger="treerpo.native"):
+    with caplog.at_level(logging.WARNING, logger="treerpo.trees.native"):
         assert native.native_module() is None
-    assert not [r for r in caplog.records if r.name == "treerpo.native"]
+    assert not [r for r in caplog.records if r.name == "treerpo.trees.native"]
     with pytest.raises(ValueError, match="unknown backend"):
         native.native_module("cuda")
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_close_normwise, random_tree, tiny_model
-from treerpo.logprobs import packed_logprobs
-from treerpo.packing import pack_trees
+from helpers import assert_close_normwise, dense_visibility, random_tree, tiny_model
+from treerpo.policy.logprobs import packed_logprobs
+from treerpo.trees.packing import pack_trees
 
 
 def per_path_logprobs(model, tree, node):
@@ -77,7 +77,7 @@ def test_packing_layout_hand_computed():
     assert b.tin.tolist() == [0, 1, 2, 3, 4, 5]
     assert b.tout.tolist() == [6, 6, 4, 4, 6, 6]
     assert b.loss_mask.tolist() == [False, False, True, True, True, True]
-    visible = b.dense_visibility()
+    visible = dense_visibility(b)
     assert visible[3].tolist() == [True, True, True, True, False, False]  # token 10 sees prompt, 7, itself
     assert visible[5].tolist() == [True, True, False, False, True, True]
 

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_model
-
+from helpers import SequenceStep, SharedPrefixes, cascade_pays, runner_logits, tiny_model
 from treerpo.attention import registry
 from treerpo.attention.paged import PagedAttentionMetadata, paged_attention_torch
 from treerpo.engine.kv_pool import KVPool
-from treerpo.engine.model_runner import ModelRunner, SequenceStep, SharedPrefixes, kv_shape
+from treerpo.engine.model_runner import ModelRunner, kv_shape
 
 POOL_SLOTS = 256
 NEW_SLOTS_FROM = 200  # new tokens get slots 200.. (distinct); cached paths draw from 0..199
@@ -52,7 +51,7 @@ def random_decode_groups(seed, hq=6, hkv=2, d=16, dtype=torch.float32, device="c
 def cascade_and_plain_metadata(pool, prefixes, group_of_seq, suffixes, new_slots, device="cpu"):
     steps = [(suffix, new_slots[i:i + 1]) for i, suffix in enumerate(suffixes)]
     cascade = PagedAttentionMetadata.build(pool, steps, device, prefixes, group_of_seq)
-    full = [(np.concatenate([prefixes[g], suffix]), new) for g, (suffix, new) in zip(group_of_seq, steps)]
+    full = [(np.concatenate([prefixes[g], suffix]), new) for g, (suffix, new) in zip(group_of_seq, steps, strict=True)]
     return cascade, PagedAttentionMetadata.build(pool, full, device)
 
 
@@ -151,9 +150,9 @@ def test_runner_decode_with_shared_prefixes_equals_whole_paths(monkeypatch):
         pool = KVPool(layers, kv_heads, head_dim, num_pages=128)
         runner = ModelRunner(model, pool)
         root = pool.alloc(len(prompt)).numpy()
-        runner.forward([SequenceStep(root[:0], prompt, root)])
+        runner_logits(runner, [SequenceStep(root[:0], prompt, root)])
         child = np.concatenate([root, pool.alloc(len(segment)).numpy()])
-        runner.forward([SequenceStep(root, segment, child[len(root):])])
+        runner_logits(runner, [SequenceStep(root, segment, child[len(root):])])
         prefixes, group_of_seq = [root, child], np.array([0, 1, 0, 1, 1])
         own = [np.zeros(0, dtype=np.int64) for _ in group_of_seq]
         out = []
@@ -161,11 +160,11 @@ def test_runner_decode_with_shared_prefixes_equals_whole_paths(monkeypatch):
             new = pool.alloc(len(step)).numpy()
             if cascade:
                 steps = [SequenceStep(own[i], [t], new[i:i + 1]) for i, t in enumerate(step)]
-                out.append(runner.forward(steps, SharedPrefixes(prefixes, group_of_seq)))
+                out.append(runner_logits(runner, steps, SharedPrefixes(prefixes, group_of_seq)))
             else:
                 steps = [SequenceStep(np.concatenate([prefixes[g], own[i]]), [t], new[i:i + 1])
-                         for i, (g, t) in enumerate(zip(group_of_seq, step))]
-                out.append(runner.forward(steps))
+                         for i, (g, t) in enumerate(zip(group_of_seq, step, strict=True))]
+                out.append(runner_logits(runner, steps))
             own = [np.append(o, new[i]) for i, o in enumerate(own)]
         logits[cascade] = torch.cat(out)
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
@@ -181,6 +180,6 @@ def test_the_cascade_pays_from_the_kv_bytes_it_spares():
     shared = SharedPrefixes([np.arange(10), np.arange(20, 24)], np.array([0, 1, 0, 0]))
     spared = 20 * 2 * kv_heads * head_dim * 4  # K and V, fp32, per layer
     runner.cascade_min_saved_bytes = spared
-    assert runner.cascade_pays(shared)
+    assert cascade_pays(runner, shared)
     runner.cascade_min_saved_bytes = spared + 1
-    assert not runner.cascade_pays(shared)
+    assert not cascade_pays(runner, shared)

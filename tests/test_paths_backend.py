@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from helpers import random_tree
 
+from helpers import random_tree
 from treerpo.attention.paths_backend import _run_paths, build_path_chunks, paths_tree_attention
 from treerpo.attention.sdpa_backend import interval_mask, sdpa_tree_attention
-from treerpo.packing import pack_trees
+from treerpo.trees.packing import pack_trees
 
 
 def _batches():
@@ -30,7 +30,7 @@ def test_paths_visibility_equals_the_interval_mask(name, trees, chunk):
     flat_query = c.query_index.reshape(-1)[c.order]  # the query row each token's output comes from
     assert torch.equal(flat_query, torch.arange(n))
     rows, cols = c.order // c.query_index.shape[1], c.order % c.query_index.shape[1]
-    for token, (r, i) in enumerate(zip(rows.tolist(), cols.tolist())):
+    for token, (r, i) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
         seen[token, c.key_index[r][visible[r, i]]] = True
         assert len(set(c.key_index[r][visible[r, i]].tolist())) == int(visible[r, i].sum())  # no key twice
     assert torch.equal(seen, interval_mask(batch.tin, batch.tout))
@@ -51,7 +51,7 @@ def test_paths_matches_dense_sdpa_forward_and_backward(name, trees, hq, hkv):
         outs.append((out, torch.autograd.grad(out, leaves, grad)))
     (out, grads), (ref, ref_grads) = outs
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
 
 

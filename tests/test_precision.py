@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 
 from helpers import random_tree, tiny_model
 from treerpo.config import make_config
-from treerpo.logprobs import packed_logprobs
-from treerpo.packing import pack_trees
-from treerpo.precision import MasterWeights
-from treerpo.trainer import Trainer
+from treerpo.policy.logprobs import packed_logprobs
+from treerpo.policy.precision import MasterWeights
+from treerpo.training.trainer import Trainer
+from treerpo.trees.packing import pack_trees
 
 BF16_TOLERANCE = 0.05  # nats: bf16 keeps 8 bits of mantissa; the per-path reference rounds its logits to bf16 too
 

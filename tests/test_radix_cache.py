@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from helpers import alloc_or_evict
 from treerpo.engine.kv_pool import KVPool, PoolExhausted, RequestTooLarge
 from treerpo.engine.radix_cache import RadixCache
 
@@ -258,14 +259,14 @@ def test_evict_pages_feeds_alloc_or_evict():
     insert_fresh(pool, cache, [0, 0, 0])
     insert_fresh(pool, cache, [1, 1, 1])
     assert pool.free_pages == 0
-    s = pool.alloc_or_evict(2, cache.evict_pages)  # evicts the LRU path [0, 0, 0]
+    s = alloc_or_evict(pool, 2, cache.evict_pages)  # evicts the LRU path [0, 0, 0]
     assert s.numel() == 2 and cache.match_prefix([0, 0, 0])[0].numel() == 0
     assert cache.match_prefix([1, 1, 1])[0].numel() == 3
     # pages a request holds are not freed by eviction: the pool stays exhausted
     held, _ = cache.match_prefix([1, 1, 1])
     pool.incref(held)
     with pytest.raises(PoolExhausted):
-        pool.alloc_or_evict(2, cache.evict_pages)
+        alloc_or_evict(pool, 2, cache.evict_pages)
     assert cache.total_cached_tokens == 0  # the cache did give up its entries
     pool.decref(held)
     pool.decref(s)
@@ -289,7 +290,7 @@ class Model:
         pool.incref(matched)  # pin before anything can evict
         need = len(tokens) - len(matched)
         try:
-            fresh = pool.alloc_or_evict(need, cache.evict_pages)
+            fresh = alloc_or_evict(pool, need, cache.evict_pages)
         except (PoolExhausted, RequestTooLarge) as exc:
             assert isinstance(exc, PoolExhausted) or pool.pages_for(need) > pool.num_pages
             pool.decref(matched)
@@ -311,7 +312,7 @@ class Model:
     def blind_insert(self, tokens):
         """A path computed without matching first (its prefix may duplicate cached KV)."""
         try:
-            slots = self.pool.alloc_or_evict(len(tokens), self.cache.evict_pages)
+            slots = alloc_or_evict(self.pool, len(tokens), self.cache.evict_pages)
         except (PoolExhausted, RequestTooLarge):
             return
         write_tags(self.pool, self.cache, tokens, slots, 0)

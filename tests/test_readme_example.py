@@ -21,5 +21,5 @@ def test_readme_example_runs(capsys):
     from treerpo import load_model_and_tokenizer
 
     original, _ = load_model_and_tokenizer()
-    changed = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values())]
+    changed = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values(), strict=True)]
     assert any(changed), "two optimizer steps on trees with kept groups must change the weights"

@@ -5,7 +5,8 @@ import torch
 
 from helpers import tiny_model
 from treerpo.models.tiny import build_char_tokenizer, build_tiny_model
-from treerpo.reference_sampler import PromptTooLongError, ReferenceTreeSampler
+from treerpo.sampling.prompt_rules import PromptTooLongError
+from treerpo.sampling.reference_sampler import ReferenceTreeSampler
 from treerpo.tree import TreeSpec
 
 
@@ -21,7 +22,7 @@ def test_greedy_tree_paths_equal_one_greedy_generation(model_and_tokenizer):
     prompts = [tok("12+3-4=")["input_ids"], tok("7-19+2+20=")["input_ids"]]
     spec = TreeSpec((2, 3, 2), segment_tokens=5, temperature=0.0)
     trees = ReferenceTreeSampler(model, tok).sample(prompts, spec)
-    for prompt, tree in zip(prompts, trees):
+    for prompt, tree in zip(prompts, trees, strict=True):
         ids = torch.tensor([prompt])
         full = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=15,
                               do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

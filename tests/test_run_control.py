@@ -12,19 +12,26 @@ import torch
 from safetensors.torch import load_file
 
 from treerpo.config import make_config
-from treerpo.run_lock import OutputDirLockedError, RunLock
-from treerpo.trainer import Trainer
+from treerpo.runtime.run_lock import OutputDirLockedError, RunLock
+from treerpo.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--prompts-per-step", "4", "--branching", "2", "2", "2", "--segment-tokens", "12", "--eval-size", "8",
          "--eval-every", "0", "--save-every", "100", "--threads", "1", "--kv-pool-tokens", "4096", "--device", "cpu"]
 
 
+def default_stop_signals() -> None:
+    """In the child: SIGINT/SIGTERM as a terminal delivers them. A job started in the background of a
+    non-interactive shell inherits SIGINT ignored, and the trainer (rightly) keeps an ignored signal ignored."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start(out: Path, steps: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     return subprocess.Popen([sys.executable, "-m", "treerpo.train", "--output-dir", str(out), "--max-steps",
                              str(steps), *FLAGS, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_stop_signals)
 
 
 def steps_logged(out: Path) -> int:
@@ -95,7 +102,7 @@ def test_second_signal_stops_at_once(tmp_path):
 
 
 def hold_lock(out: Path) -> subprocess.Popen:
-    code = ("import sys, time; from treerpo.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from treerpo.runtime.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout.readline().strip() == "held"

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from treerpo.engine.sampling import SamplingParams, sample_next, truncate_logits
+from helpers import sample_next
+from treerpo.engine.sampling import SamplingParams, truncate_logits
 
 
 def test_greedy_and_logprob():

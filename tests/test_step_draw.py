@@ -6,9 +6,9 @@ import torch
 from treerpo.engine.sampling import SamplingParams, draw, draw_bytes_per_logit
 from treerpo.engine.step_draw import draw_step, rows_per_chunk
 from treerpo.engine.tree_sampler import TreeSampler
-from treerpo.finite_guard import NonFiniteError
-from treerpo.lm_head import LMHead
 from treerpo.models.tiny import build_char_tokenizer, build_tiny_model
+from treerpo.policy.lm_head import LMHead
+from treerpo.runtime.finite_guard import NonFiniteError
 from treerpo.tree import TreeSpec
 
 
@@ -176,7 +176,7 @@ def test_engine_with_a_tiny_draw_budget_samples_the_same_trees(spec):
     whole = TreeSampler(model, tok, pool_tokens=4096).sample(prompts, spec, seeds=[0, 1, 2])
     one_row = TreeSampler(model, tok, pool_tokens=4096, draw_memory_bytes=1)
     chunked = one_row.sample(prompts, spec, seeds=[0, 1, 2])
-    for a, b in zip(whole, chunked):
+    for a, b in zip(whole, chunked, strict=True):
         assert a.token_ids.tolist() == b.token_ids.tolist()
         assert a.parent.tolist() == b.parent.tolist()
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, rtol=1e-5, atol=1e-6)

@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from helpers import assert_close_normwise
-
 from treerpo.config import ConfigError, make_config
-from treerpo.minibatch_plan import loss_token_count, loss_weight, node_token_weights, row_weights
-from treerpo.packing import pack_trees
-from treerpo.trainer import Trainer
+from treerpo.training.trainer import Trainer
 from treerpo.tree import Tree
+from treerpo.trees.packing import pack_trees
+from treerpo.trees.token_weights import loss_token_count, loss_weight, node_token_weights, row_weights
 
 # root -> a (3 tokens), b (2); a -> c (1), d (2), e (4); b is a leaf
 PARENTS = [0, 0, 1, 1, 1]
@@ -43,7 +42,7 @@ def test_row_weights_follow_the_packed_rows():
     rows = packed.loss_mask.nonzero().squeeze(1)
     got = row_weights(trees, packed.tree_index[rows].numpy(), packed.node_index[rows].numpy(), "leaves")
     expected = [trees[t].leaves_below()[n] for t, n in zip(packed.tree_index[rows].tolist(),
-                                                            packed.node_index[rows].tolist())]
+                                                            packed.node_index[rows].tolist(), strict=True)]
     assert got.tolist() == expected
     assert got.sum() == sum(loss_weight(t, "leaves") for t in trees)
 

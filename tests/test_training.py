@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from helpers import char_model_folder
 from treerpo.config import make_config
-from treerpo.trainer import Trainer
+from treerpo.training.trainer import Trainer
 
 SMALL = dict(prompts_per_step=4, branching=[2, 2, 2], segment_tokens=12, group_size=4, eval_size=16, eval_every=2,
              save_every=2, kl_coef=0.02, ppo_epochs=2, minibatches=2, micro_batch_tokens=128)
@@ -107,7 +107,7 @@ def test_resume_error_names_the_changed_option(tmp_path):
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
-    from treerpo.checkpoint import checkpoint_steps, prune_checkpoints
+    from treerpo.runtime.checkpoint import checkpoint_steps, prune_checkpoints
 
     for step in (50, 150, 200):
         (tmp_path / f"checkpoint-{step}").mkdir()

@@ -1,17 +1,16 @@
 """Non-finite steps, resume option checks, metrics repair and PPO minibatches on the embedded model."""
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 
-import treerpo.trainer as trainer_module
+import treerpo.training.trainer as trainer_module
 from helpers import char_model_folder
 from treerpo.config import make_config
-from treerpo.finite_guard import NonFiniteError
-from treerpo.resume import ResumeMismatchError
-from treerpo.trainer import Trainer, micro_batches, minibatch_trees
+from treerpo.runtime.finite_guard import NonFiniteError
+from treerpo.runtime.resume import ResumeMismatchError
+from treerpo.training.trainer import Trainer, micro_batches, minibatch_trees
 
 SMALL = dict(prompts_per_step=4, branching=[2, 2, 2], segment_tokens=12, eval_size=8, eval_every=0, save_every=1,
              kl_coef=0.02, threads=1, kv_pool_tokens=4096)
@@ -52,7 +51,7 @@ def test_nonfinite_step_is_not_applied_and_the_run_stops_after_n_in_a_row(tmp_pa
         record = t.train_step(1)
         assert record["skipped_updates"] == 1 and record["optimizer_steps"] == 0
         assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items()), "weights changed"
-        assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(opt_before, t.optimizer.state.values()))
+        assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(opt_before, t.optimizer.state.values(), strict=True))
         t.start_step = 1
         with pytest.raises(NonFiniteError, match=r"not finite 2 steps in a row \(max_nonfinite_steps=2\)"):
             t.train()
@@ -155,7 +154,7 @@ def test_signal_during_the_last_step_completes_the_run(tmp_path):
     """The step finishes, the final checkpoint and summary are written: the run is done, not interrupted."""
     import signal
 
-    from treerpo.graceful_stop import GracefulStop
+    from treerpo.runtime.graceful_stop import GracefulStop
 
     t = make_trainer(tmp_path, max_steps=1)
     stop, real_step = GracefulStop(), t.train_step

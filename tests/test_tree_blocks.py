@@ -4,7 +4,7 @@ import torch
 
 from helpers import random_tree
 from treerpo.attention import interval_mask, sdpa_tree_attention, tree_blocks
-from treerpo.packing import pack_trees
+from treerpo.trees.packing import pack_trees
 
 
 def test_blocks_are_the_trees():
@@ -13,7 +13,7 @@ def test_blocks_are_the_trees():
     b = pack_trees(trees)
     sizes = [t.num_tokens for t in trees]
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    assert tree_blocks(b.tin, b.tout) == list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+    assert tree_blocks(b.tin, b.tout) == list(zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True))
 
 
 def test_blockwise_equals_full_dense_mask():

@@ -17,18 +17,23 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from helpers import tiny_model  # noqa: E402
 from test_paged_cascade import LAYER, cascade_and_plain_metadata, random_decode_groups  # noqa: E402
 
+from helpers import SequenceStep, runner_logits, tiny_model  # noqa: E402
 from treerpo.attention import registry, triton_backends  # noqa: E402
 from treerpo.attention.paged import PagedAttentionMetadata  # noqa: E402
 from treerpo.attention.registry import get_paged_backend  # noqa: E402
 from treerpo.attention.triton_backends import paged_decode_backend  # noqa: E402
 from treerpo.engine import model_runner  # noqa: E402
 from treerpo.engine.kv_pool import KVPool  # noqa: E402
-from treerpo.engine.model_runner import ModelRunner, SequenceStep, kv_shape  # noqa: E402
-from treerpo.kernels.paged_decode import (EMPTY_LSE, cascade_decode_attention, merge_attention_states,  # noqa: E402
-                                          merge_two, paged_decode_attention)
+from treerpo.engine.model_runner import ModelRunner, kv_shape  # noqa: E402
+from treerpo.kernels.paged_decode import (  # noqa: E402
+    EMPTY_LSE,
+    cascade_decode_attention,
+    merge_attention_states,
+    merge_two,
+    paged_decode_attention,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -230,11 +235,11 @@ def test_engine_forward_with_the_triton_backend(monkeypatch):
         runner = ModelRunner(model, pool)
         assert runner.paged_backend == backend
         root = pool.alloc(len(prompt))
-        out = [runner.forward([SequenceStep(root[:0], prompt, root)])]
+        out = [runner_logits(runner, [SequenceStep(root[:0], prompt, root)])]
         paths = [root.clone() for _ in children]
         for t in range(3):  # three decode steps of three siblings sharing the prompt's slots
             new = pool.alloc(len(children))
-            out.append(runner.forward([SequenceStep(paths[i], [children[i][t]], new[i:i + 1])
+            out.append(runner_logits(runner, [SequenceStep(paths[i], [children[i][t]], new[i:i + 1])
                                        for i in range(len(children))]))
             paths = [torch.cat((p, new[i:i + 1])) for i, p in enumerate(paths)]
         logits[backend] = torch.cat(out)
@@ -263,7 +268,7 @@ def test_tree_sampler_with_the_triton_backend_samples_the_same_trees(monkeypatch
         assert sampler.runner.paged_backend == backend
         trees[backend] = sampler.sample(prompts, spec, seeds=[1, 2])
     assert bool(cascade_calls) == cascade
-    for a, b in zip(trees["torch"], trees["triton"]):
+    for a, b in zip(trees["torch"], trees["triton"], strict=True):
         assert a.parent.tolist() == b.parent.tolist()
         assert a.token_ids.tolist() == b.token_ids.tolist()
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=1e-4)

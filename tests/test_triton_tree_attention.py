@@ -21,12 +21,11 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from helpers import assert_close_normwise, random_tree  # noqa: E402
-
 from treerpo.attention import registry  # noqa: E402
 from treerpo.attention.sdpa_backend import interval_mask, sdpa_tree_attention  # noqa: E402
 from treerpo.attention.triton_backends import skip_lists, transpose_skip, triton_tree_backend  # noqa: E402
-from treerpo.packing import pack_trees  # noqa: E402
-from treerpo.tile_skip import tile_skip_dense  # noqa: E402
+from treerpo.trees.packing import pack_trees  # noqa: E402
+from treerpo.trees.tile_skip import tile_skip_dense  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
@@ -65,7 +64,7 @@ def _check(out, grads, ref, ref_grads, dtype):
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=fwd_tol, rtol=0)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
         assert g.dtype == dtype and g.shape == r.shape, name
         torch.testing.assert_close(g.float(), r, atol=bwd_tol, rtol=0, msg=lambda m: f"{name}: {m}")
 
@@ -167,10 +166,8 @@ def test_packed_logprobs_through_triton_backend(monkeypatch):
     """End to end: a tiny Qwen2 (GQA, head dim 8) on the registered "triton" backend gives the log-probs
     and gradients of the "sdpa" backend."""
     from helpers import tiny_model
-
-    from treerpo.logprobs import packed_logprobs
-
     from treerpo.attention import kernel_check
+    from treerpo.policy.logprobs import packed_logprobs
 
     monkeypatch.setattr(kernel_check, "_enabled", False)  # counts the model's calls only (the check: test_kernel_check)
     assert registry._register_triton()
@@ -193,7 +190,7 @@ def test_packed_logprobs_through_triton_backend(monkeypatch):
     assert len(calls) == 2 and calls[0] is calls[1]  # both layers, one shared cache: one skip list
     assert sum(k[0] == "triton_skip" for k in calls[0]) == 1
     torch.testing.assert_close(results["triton"][0], results["sdpa"][0], atol=1e-4, rtol=0)
-    for g_t, g_s in zip(results["triton"][1], results["sdpa"][1]):
+    for g_t, g_s in zip(results["triton"][1], results["sdpa"][1], strict=True):
         assert_close_normwise(g_t, g_s, rel=1e-4, floor=1e-4)
 
 

@@ -14,15 +14,14 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from treerpo.algorithms.loss import policy_loss  # noqa: E402
 from treerpo.attention import enable_tree_attention  # noqa: E402
-from treerpo.flatten import flatten_trees  # noqa: E402
-from treerpo.minibatch_plan import loss_token_count  # noqa: E402
-from treerpo.logprobs import packed_logprobs  # noqa: E402
-from treerpo.packing import pack_trees  # noqa: E402
 from treerpo.data.tasks import load_task, make_reward  # noqa: E402
 from treerpo.engine.tree_sampler import TreeSampler  # noqa: E402
-from treerpo.integrations.trl import (TreeRPOConfig, TreeRPOTrainer, UnsupportedTRLOption,  # noqa: E402
-                                      treerpo_rollout)
+from treerpo.integrations.trl import TreeRPOConfig, TreeRPOTrainer, UnsupportedTRLOption, treerpo_rollout  # noqa: E402
 from treerpo.models.tiny import DEFAULT_MODEL_DIR, load_model_and_tokenizer  # noqa: E402
+from treerpo.policy.logprobs import packed_logprobs  # noqa: E402
+from treerpo.trees.flatten import flatten_trees  # noqa: E402
+from treerpo.trees.packing import pack_trees  # noqa: E402
+from treerpo.trees.token_weights import loss_token_count  # noqa: E402
 
 COMMON = dict(use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, bf16=False,
               shuffle_dataset=False, lr_scheduler_type="constant", max_grad_norm=1e9)
@@ -95,7 +94,7 @@ def test_sampled_rollout_returns_groups_with_the_models_logprobs(monkeypatch):
     model = trainer.model.eval()
     eos = set(trainer.eos_token_ids)
     for prompt, prompt_ids, completion, logprobs in zip(prompts, out["prompt_ids"], out["completion_ids"],
-                                                        out["logprobs"]):
+                                                        out["logprobs"], strict=True):
         assert prompt_ids == tokenizer(prompt)["input_ids"]
         assert 1 <= len(completion) <= 40 and (len(completion) == 40 or completion[-1] in eos)
         assert not eos & set(completion[:-1])  # cut after the first EOS, as TRL's generate does
@@ -117,7 +116,7 @@ def treerpo_trl(rows, max_steps=1, **overrides):
     verifier = make_reward(task.reward_kind)
 
     def reward(prompts, completions, answer, **kwargs):  # the verifier plus a length term: most groups differ
-        return [v + len(c) % 3 for v, c in zip(verifier(completions, answer), completions)]
+        return [v + len(c) % 3 for v, c in zip(verifier(completions, answer), completions, strict=True)]
 
     settings = dict(output_dir=tempfile.mkdtemp(), max_steps=max_steps, branching=[2, 2], segment_tokens=20,
                     per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-4, beta=0.0,
@@ -143,7 +142,7 @@ def treerpo_own_gradient(trees):
     enable_tree_attention(model)
     packed = pack_trees(trees, prune_unkept=True)
     logp = packed_logprobs(model, packed)
-    loss, _ = policy_loss(logp, logp.detach(), packed.advantages[packed.loss_mask], None, 0.2, 0.2,
+    loss, _ = policy_loss(logp, logp.detach(), packed.advantages[packed.loss_mask], clip_low=0.2, clip_high=0.2,
                           normalizer=sum(map(loss_token_count, trees)))
     loss.backward()
     return float(loss), gradients(model)
@@ -165,7 +164,7 @@ def flattened_gradient(trees, state_dict=None, beta=0.0):
 
     total = 0.0
     for prompt, completion, advantage, weight in zip(flat.prompt_ids, flat.completion_ids, flat.token_advantages,
-                                                      flat.token_weights):
+                                                      flat.token_weights, strict=True):
         logp = completion_logprobs(model, prompt, completion)
         ratio = torch.exp(logp - logp.detach())
         loss = -(torch.as_tensor(advantage, dtype=torch.float32) * ratio).sum()

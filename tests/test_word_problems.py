@@ -87,7 +87,7 @@ def test_default_task_prompts_and_reward_kind():
     assert task.reward_kind == "math" and len(task.eval) == 32
     expected = WordProblemTask().problems(32, seed=WORD_PROBLEMS_HELD_OUT_SEED)
     assert [g for _, g in task.eval] == [p.gold for p in expected]
-    for (prompt, _), p in zip(task.eval, expected):
+    for (prompt, _), p in zip(task.eval, expected, strict=True):
         assert prompt.endswith(f"Question: {p.question}\n{INSTRUCTION}\nAnswer:")
         assert WORKED_EXAMPLES[0][1] in prompt
     assert make_config({"dataset": "word-problems"}).dataset == "word-problems"

@@ -24,12 +24,12 @@ import importlib
 _EXPORTS = {
     "compute_advantages": ".algorithms.advantages", "node_values": ".algorithms.advantages",
     "grpo_spec": ".algorithms.grpo", "policy_loss": ".algorithms.loss",
-    "enable_tree_attention": ".attention", "FlatCompletions": ".flatten", "flatten_trees": ".flatten",
+    "enable_tree_attention": ".attention", "FlatCompletions": ".trees.flatten", "flatten_trees": ".trees.flatten",
     "TreeRPOConfig": ".integrations.trl", "TreeRPOTrainer": ".integrations.trl", "treerpo_rollout": ".integrations.trl", "tree_attention": ".attention", "TreeSampler": ".engine",
-    "packed_logprobs": ".logprobs", "load_model_and_tokenizer": ".models.tiny",
-    "PackedBatch": ".packing", "pack_trees": ".packing",
-    "PromptTooLongError": ".reference_sampler", "ReferenceTreeSampler": ".reference_sampler",
-    "score_trees": ".scoring", "Tree": ".tree", "TreeSpec": ".tree",
+    "packed_logprobs": ".policy.logprobs", "load_model_and_tokenizer": ".models.tiny",
+    "PackedBatch": ".trees.packing", "pack_trees": ".trees.packing",
+    "PromptTooLongError": ".sampling.prompt_rules", "ReferenceTreeSampler": ".sampling.reference_sampler",
+    "score_trees": ".rewards.scoring", "Tree": ".tree", "TreeSpec": ".tree",
 }
 
 __version__ = "0.1.0"
@@ -40,7 +40,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         try:
-            return importlib.import_module(f".{name}", __name__)  # treerpo.packing etc. without importing them
+            return importlib.import_module(f".{name}", __name__)  # treerpo.trees.packing etc. without importing them
         except ModuleNotFoundError:
             raise AttributeError(f"module 'treerpo' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)

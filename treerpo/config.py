@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .minibatch_plan import TOKEN_WEIGHTS
+from treerpo.trees.token_weights import TOKEN_WEIGHTS
 
 CHOICES = {
     "algo": ("treerpo", "grpo"),
@@ -28,6 +29,13 @@ GENERATED_DATASETS = ("synthetic", "word-problems")  # --dataset names of genera
 
 class ConfigError(ValueError):
     pass
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched_by_torchrun(environ=os.environ) -> bool:
+    return all(name in environ for name in TORCHRUN_VARIABLES)
 
 
 @dataclass
@@ -156,7 +164,7 @@ class TrainConfig:
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1 (or unset for torch's default), got {self.threads}")
         if self.tree_attention_backend is not None:
-            from .attention import available_tree_backends
+            from treerpo.attention import available_tree_backends
 
             if self.tree_attention_backend not in available_tree_backends() + ["triton"]:
                 raise ConfigError(f"tree_attention_backend={self.tree_attention_backend!r} is not valid; choose one "
@@ -168,6 +176,40 @@ class TrainConfig:
         if self.group_size < 2 and self.algo == "grpo":
             raise ConfigError("group_size must be >= 2 for grpo (advantages compare answers within a group)")
         return self
+
+    def validate_launch(self, environ=os.environ) -> "TrainConfig":
+        """The options against how the job was launched (torchrun or not), refused before anything is loaded."""
+        launched, world_size = launched_by_torchrun(environ), int(environ.get("WORLD_SIZE", "1"))
+        mode = self.parallel
+        if mode == "none":
+            if launched and world_size > 1:
+                raise ConfigError(f"launched by torchrun with {world_size} processes but --parallel none: each would "
+                                  "train alone on the same output; pass --parallel ddp or --parallel fsdp")
+            if launched and self.advantage_norm == "batch_std" and self.global_weight > 0:
+                raise ConfigError("global_weight > 0 with advantage_norm batch_std is not supported under torchrun "
+                                  "(the batch std across ranks would be taken over the local + global sum); use "
+                                  "advantage_norm group_std or mean_only, or global_weight 0")
+            return self
+        if not launched:
+            raise ConfigError(f"--parallel {mode} needs a torchrun launch (torchrun --nproc_per_node N -m "
+                              "treerpo.train ...); in one process use --parallel none")
+        if self.sampler == "reference":
+            raise ConfigError(f"--parallel {mode} needs --sampler engine: the reference sampler draws from the global "
+                              "RNG, so its trees would depend on the number of ranks")
+        if self.dtype in ("bfloat16", "float16"):
+            self.check_parallel_dtype(self.dtype)
+        if mode == "fsdp" and self.gradient_checkpointing:
+            raise ConfigError("--parallel fsdp with --gradient-checkpointing is not supported yet (not validated); "
+                              "use --parallel ddp with checkpointing, or fsdp without it")
+        return self
+
+    def check_parallel_dtype(self, dtype) -> None:
+        """Data-parallel training is float32 only for now; ``dtype`` as given, or as the model resolved it."""
+        name = str(dtype).removeprefix("torch.")
+        if self.parallel != "none" and name != "float32":
+            raise ConfigError(f"--parallel {self.parallel} trains in float32 only for now (the model is {name}; fp32 "
+                              "master weights are not combined with DDP/FSDP2 yet); pass --dtype float32 or train "
+                              "in one process")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,18 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-from .evaluation import pass_at_1
-from .generation import encode_prompts
+from treerpo.sampling.evaluation import pass_at_1
+from treerpo.sampling.generation import encode_prompts
 
 
 def benchmark(name: str, tokenizer, limit: int | None):
     """(prompts, golds, reward kind) of a benchmark file, or of the synthetic held-out set."""
     if name == "synthetic":
-        from .data.tasks import synthetic_task
+        from treerpo.data.tasks import synthetic_task
 
         task = synthetic_task(limit or 256)
         return [p for p, _ in task.eval], [g for _, g in task.eval], "chain"
-    from .data.math_datasets import format_math_prompt, load_problems
+    from treerpo.data.math_datasets import format_math_prompt, load_problems
 
     problems = load_problems(name)[:limit]
     return [format_math_prompt(p.question, tokenizer) for p in problems], [p.answer for p in problems], "math"
@@ -47,8 +47,7 @@ def max_new_tokens(args, kind: str) -> int:
 
 def check_context(model, encoded: list[list[int]], max_new: int, name: str) -> None:
     """Every prompt plus ``max_new`` answer tokens within the model's positions (else the score means nothing)."""
-    from .prompt_checks import max_positions_of
-    from .reference_sampler import PromptTooLongError
+    from treerpo.sampling.prompt_rules import PromptTooLongError, max_positions_of
 
     limit = max_positions_of(model)
     longest = max((len(ids) for ids in encoded), default=0)
@@ -83,12 +82,11 @@ def main(argv=None) -> int:
                      "the current folder unasked); e.g. --output results/eval.json")
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
 
-    from .data.math_datasets import DatasetFormatError
-    from .data.tasks import make_reward
-    from .models.source import ModelSourceError
-    from .models.tiny import load_model_and_tokenizer
-    from .prompt_checks import UnrepresentablePromptError, check_representable
-    from .reference_sampler import PromptTooLongError
+    from treerpo.data.math_datasets import DatasetFormatError
+    from treerpo.data.tasks import make_reward
+    from treerpo.models.source import ModelSourceError
+    from treerpo.models.tiny import load_model_and_tokenizer
+    from treerpo.sampling.prompt_rules import PromptTooLongError, UnrepresentablePromptError, check_representable
 
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, allow_download=args.allow_download)

@@ -9,20 +9,19 @@ import os
 import shlex
 import sys
 
-from .config import ConfigError, parse_args
+from treerpo.config import ConfigError, parse_args
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that name the bad input and its fix: printed without a traceback."""
-    from .attention.hf_integration import UnsupportedModelError
-    from .data.math_datasets import DatasetFormatError
-    from .engine.kv_pool import RequestTooLarge
-    from .metrics import MetricsLogError
-    from .models.source import ModelSourceError
-    from .prompt_checks import UnrepresentablePromptError
-    from .reference_sampler import PromptTooLongError
-    from .resume import ResumeMismatchError
-    from .run_lock import OutputDirLockedError
+    from treerpo.attention.hf_integration import UnsupportedModelError
+    from treerpo.data.math_datasets import DatasetFormatError
+    from treerpo.engine.kv_pool import RequestTooLarge
+    from treerpo.models.source import ModelSourceError
+    from treerpo.runtime.resume import ResumeMismatchError
+    from treerpo.runtime.run_lock import OutputDirLockedError
+    from treerpo.sampling.prompt_rules import PromptTooLongError, UnrepresentablePromptError
+    from treerpo.training.metrics import MetricsLogError
 
     return (ConfigError, DatasetFormatError, RequestTooLarge, MetricsLogError, ModelSourceError,
             UnrepresentablePromptError, PromptTooLongError, ResumeMismatchError, OutputDirLockedError, UnsupportedModelError,
@@ -63,9 +62,9 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .finite_guard import NonFiniteError
-    from .graceful_stop import TrainingInterrupted
-    from .trainer import Trainer
+    from treerpo.runtime.finite_guard import NonFiniteError
+    from treerpo.runtime.graceful_stop import TrainingInterrupted
+    from treerpo.training.trainer import Trainer
 
     try:
         trainer = Trainer(config)

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..native import FlatTrees, native_module
-from ..tree import Tree
+from treerpo.tree import Tree
+from treerpo.trees.native import FlatTrees, native_module
 
 VALUE_MODES = ("children_mean", "leaf_mean")
 NORMALIZATIONS = ("group_std", "mean_only", "batch_std")
@@ -154,8 +154,8 @@ def _compute_advantages_native(native, trees: Sequence[Tree], value_mode: str, n
     """The whole batch in one call; every tree's arrays become views of the batch's."""
     flat = FlatTrees.from_trees(trees)
     out = native.compute_advantages(flat.node_offsets, flat.parent, flat.reward, value_mode, normalization, tau, eps)
-    columns = zip(flat.split(out["values"]), flat.split(out["advantages"]), flat.split(out["kept"]))
-    for tree, (value, advantage, kept) in zip(trees, columns):
+    columns = zip(flat.split(out["values"]), flat.split(out["advantages"]), flat.split(out["kept"]), strict=True)
+    for tree, (value, advantage, kept) in zip(trees, columns, strict=True):
         tree.value, tree.advantage, tree.kept = value, advantage, kept
     return _stats(out["groups"], out["kept_groups"])
 

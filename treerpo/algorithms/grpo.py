@@ -5,7 +5,7 @@ tree shape differs, which is what makes the comparison between the two fair.
 """
 from __future__ import annotations
 
-from ..tree import TreeSpec
+from treerpo.tree import TreeSpec
 
 
 def grpo_spec(group_size: int, max_new_tokens: int, max_prompt_tokens: int = 512, temperature: float = 1.0,

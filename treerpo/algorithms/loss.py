@@ -4,20 +4,21 @@ from __future__ import annotations
 import torch
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float | None = None,
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
+                weights: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float | None = None,
                 ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
                 normalizer: float | None = None, kl_times_ratio: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean PPO-clip loss over the tokens where ``mask`` is true (default: all).
+    """Weighted token-mean PPO-clip loss: token t counts ``weights[t]`` times (default: every token once; a boolean
+    mask keeps the tokens where it is true).
 
-    ``normalizer`` is the number of loss tokens in the whole batch, so that a batch split into
-    micro-batches gives the same gradient as one pass (defaults to this call's mask count).
+    ``normalizer`` is the weighted number of loss tokens in the whole batch, so that a batch split into
+    micro-batches gives the same gradient as one pass (defaults to this call's weight sum).
     ``clip_high`` (e.g. 0.28) makes the clip asymmetric; None means ``clip_low``.
     ``kl_times_ratio`` multiplies the KL term by the importance ratio (TRL's ``use_bias_correction_kl``): the
     unbiased reverse-KL gradient off-policy; on-policy too its gradient differs, the ratio being differentiable.
     """
     clip_high = clip_low if clip_high is None else clip_high
-    mask = torch.ones_like(logprobs) if mask is None else mask.to(logprobs.dtype)
+    mask = torch.ones_like(logprobs) if weights is None else weights.to(logprobs.dtype)
     denom = float(normalizer) if normalizer is not None else mask.sum().clamp(min=1.0)
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)

@@ -1,8 +1,13 @@
 """Tree-masked attention: one interface, several backends, hooked into Hugging Face models."""
-from .context import TreeAttentionMetadata, attention_metadata, current_tree_metadata, tree_attention
-from .hf_integration import ATTENTION_NAME, enable_tree_attention, register
-from .registry import available_tree_backends, default_tree_backend, get_tree_backend, register_tree_backend
-from .sdpa_backend import interval_mask, sdpa_tree_attention, tree_blocks
+from treerpo.attention.context import TreeAttentionMetadata, attention_metadata, current_tree_metadata, tree_attention
+from treerpo.attention.hf_integration import ATTENTION_NAME, enable_tree_attention, register
+from treerpo.attention.registry import (
+           available_tree_backends,
+           default_tree_backend,
+           get_tree_backend,
+           register_tree_backend,
+)
+from treerpo.attention.sdpa_backend import interval_mask, sdpa_tree_attention, tree_blocks
 
 register()
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+METADATA_KWARG = "treerpo_metadata"  # the decoder-body keyword that carries the metadata to every attention call
+
 
 @dataclass
 class TreeAttentionMetadata:
@@ -47,8 +49,6 @@ def metadata_kwargs(model) -> dict:
     meta = current_tree_metadata()
     if meta is None or not _takes_kwargs(model):
         return {}
-    from .hf_integration import METADATA_KWARG
-
     return {METADATA_KWARG: meta}
 
 

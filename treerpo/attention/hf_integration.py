@@ -19,13 +19,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .context import current_tree_metadata
-from .kernel_check import checked_backend
-from .paged import PagedAttentionMetadata
-from .registry import get_paged_backend, get_tree_backend
+from treerpo.attention.context import METADATA_KWARG, current_tree_metadata
+from treerpo.attention.kernel_check import checked_backend
+from treerpo.attention.paged import PagedAttentionMetadata
+from treerpo.attention.registry import get_paged_backend, get_tree_backend
 
 ATTENTION_NAME = "tree"
-METADATA_KWARG = "treerpo_metadata"
 DEFAULT_ATTENTION = "treerpo_default_attention"  # config attribute: the implementation used outside a block
 
 

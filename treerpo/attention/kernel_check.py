@@ -14,8 +14,9 @@ import os
 
 import torch
 
+from treerpo.attention.registry import reference_backend
+
 logger = logging.getLogger(__name__)
-FALLBACK = {"tree": "sdpa", "paged": "torch"}
 TOLERANCE = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 _verdicts: dict[tuple[str, str, str, str], bool] = {}
 _enabled = os.environ.get("TREERPO_VERIFY_KERNELS", "1") != "0"
@@ -35,7 +36,7 @@ def checked_backend(kind: str, name: str, device: torch.device, dtype: torch.dty
     key = (kind, name, str(device), str(dtype), heads)
     if key not in _verdicts:
         _verdicts[key] = _verify(kind, device, dtype, heads)
-    return name if _verdicts[key] else FALLBACK[kind]
+    return name if _verdicts[key] else reference_backend(kind)
 
 
 def _verify(kind: str, device: torch.device, dtype: torch.dtype, heads: tuple[int, int, int]) -> bool:
@@ -51,7 +52,7 @@ def _verify(kind: str, device: torch.device, dtype: torch.dtype, heads: tuple[in
     if error <= TOLERANCE.get(dtype, 6e-2):
         return True
     logger.warning("the Triton %s attention kernel failed its first-use check on %s (%s, %s); using the %r "
-                   "backend for this device and dtype", kind, device, dtype, detail, FALLBACK[kind])
+                   "backend for this device and dtype", kind, device, dtype, detail, reference_backend(kind))
     return False
 
 
@@ -92,7 +93,7 @@ def _small_tree() -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.enable_grad()
 def _tree_error(device, dtype, hq: int, hkv: int, d: int) -> float:
-    from .registry import get_tree_backend
+    from treerpo.attention.registry import get_tree_backend
 
     gen = torch.Generator().manual_seed(0)
     tin, tout = (t.to(device) for t in _small_tree())
@@ -100,21 +101,20 @@ def _tree_error(device, dtype, hq: int, hkv: int, d: int) -> float:
                for heads in (hq, hkv, hkv))
     grad_out = torch.randn(1, hq, len(tin), d, generator=gen).to(device, dtype)
     results = []
-    for backend in ("triton", FALLBACK["tree"]):
+    for backend in ("triton", reference_backend("tree")):
         out = get_tree_backend(backend)(q, k, v, tin, tout, scale=None, cache={})
         results.append([out.detach().float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad_out))])
-    return max(float((a - b).abs().max()) for a, b in zip(*results))
+    return max(float((a - b).abs().max()) for a, b in zip(*results, strict=True))
 
 
 def _paged_error(device, dtype, hq: int, hkv: int, d: int) -> float:
-    from .paged import PagedAttentionMetadata
-    from .registry import get_paged_backend
+    from treerpo.attention.paged import PagedAttentionMetadata
+    from treerpo.attention.registry import get_paged_backend
 
-    from ..engine.kv_pool import KVPool
 
     gen = torch.Generator().manual_seed(0)
-    pool = KVPool(1, hkv, d, dtype, device, page_size=1, num_pages=160)
-    slots = pool.alloc(150)
+    pool = _PagedCache(150, hkv, d, dtype, device)
+    slots = torch.randperm(150, generator=gen)  # token slots in no particular order, as a paged pool hands them out
     pool.write(0, slots, *(torch.randn(150, hkv, d, generator=gen).to(device, dtype) for _ in range(2)))
     sequences = [(slots[:9].numpy(), slots[9:10].numpy()), (slots[10:149].numpy(), slots[149:150].numpy())]
     meta = PagedAttentionMetadata.build(pool, sequences, device)
@@ -122,8 +122,21 @@ def _paged_error(device, dtype, hq: int, hkv: int, d: int) -> float:
     key, value = (torch.randn(1, hkv, 2, d, generator=gen).to(device, dtype) for _ in range(2))
     module = _LayerZero()
     outs = [get_paged_backend(name)(module, query, key, value, meta, None).float()
-            for name in ("triton", FALLBACK["paged"])]
+            for name in ("triton", reference_backend("paged"))]
     return float((outs[0] - outs[1]).abs().max())
+
+
+class _PagedCache:
+    """One layer of paged K/V storage with the interface the paged backends read (``k``, ``v``, ``write``)."""
+
+    def __init__(self, slots: int, kv_heads: int, head_dim: int, dtype, device):
+        self.num_kv_heads, self.head_dim = kv_heads, head_dim
+        self.k, self.v = ([torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device)] for _ in range(2))
+
+    def write(self, layer: int, slots, k: torch.Tensor, v: torch.Tensor) -> None:
+        idx = torch.as_tensor(slots, device=self.k[layer].device)
+        self.k[layer].index_copy_(0, idx, k)
+        self.v[layer].index_copy_(0, idx, v)
 
 
 class _LayerZero:

@@ -104,7 +104,7 @@ class PagedAttentionMetadata:
         news = [np.asarray(new, dtype=np.int64) for _, new in sequences]
         old_len = np.fromiter(map(len, olds), dtype=np.int64, count=len(olds))
         new_len = np.fromiter(map(len, news), dtype=np.int64, count=len(news))
-        kv_slots = padded_rows([a for pair in zip(olds, news) for a in pair], old_len + new_len, pieces=2)
+        kv_slots = padded_rows([a for pair in zip(olds, news, strict=True) for a in pair], old_len + new_len, pieces=2)
         q = np.arange(int(new_len.max()))[None, :]
         pad = q >= new_len[:, None]
         query_rows = np.where(pad, -1, (np.cumsum(new_len) - new_len)[:, None] + q)

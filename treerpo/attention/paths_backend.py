@@ -33,7 +33,7 @@ def _run_paths(tin: np.ndarray, tout: np.ndarray) -> list[tuple[np.ndarray, int,
     starts = np.flatnonzero(np.concatenate([[True], tin[1:] >= tout[:-1]]))
     ends = np.append(starts[1:], n)
     runs, prev_path = [], np.zeros(0, dtype=np.int64)
-    for start, end in zip(starts.tolist(), ends.tolist()):
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
         # the parent is the deepest token on the previous token's path whose subtree holds ``start``;
         # subtree ends shrink down a path, so it is found by binary search
         keep = int(np.searchsorted(-tout[prev_path], -start, side="left")) if len(prev_path) else 0
@@ -58,7 +58,7 @@ def build_path_chunks(tin: torch.Tensor, tout: torch.Tensor, chunk: int = DEFAUL
     query_index = np.zeros((rows, chunk), dtype=np.int64)
     query_key_pos = np.zeros((rows, chunk), dtype=np.int64)
     order = np.empty(len(tin_np), dtype=np.int64)
-    for r, (k, (lo, hi, first_pos)) in enumerate(zip(keys, queries)):
+    for r, (k, (lo, hi, first_pos)) in enumerate(zip(keys, queries, strict=True)):
         key_index[r, :len(k)] = k
         query_index[r, :hi - lo] = np.arange(lo, hi)
         query_key_pos[r, :hi - lo] = first_pos + np.arange(hi - lo)

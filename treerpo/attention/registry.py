@@ -12,27 +12,35 @@ PyTorch backend is the default.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
-from .optional_kernels import import_optional
-from .paged import paged_attention_torch
-from .paths_backend import paths_tree_attention
-from .sdpa_backend import sdpa_tree_attention
+from treerpo.attention.optional_kernels import import_optional
+from treerpo.attention.paged import paged_attention_torch
+from treerpo.attention.paths_backend import paths_tree_attention
+from treerpo.attention.sdpa_backend import sdpa_tree_attention
 
 TreeAttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 PagedAttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 
-KINDS = {"tree": "tree attention", "paged": "paged attention"}
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    label: str  # what the kind computes, for messages
+    reference: str  # the PyTorch backend: the fallback of the Triton one, and what kernel checks compare with
+    triton_kernel: str  # the module of treerpo.kernels behind the "triton" backend
+    triton_adapter: str  # its adapter in triton_backends.py
+
+
+# the one table of backend kinds; the backends themselves, by name, in _BACKENDS
+KINDS = {
+    "tree": BackendKind("tree attention", "sdpa", "treerpo.kernels.tree_attention", "triton_tree_backend"),
+    "paged": BackendKind("paged attention", "torch", "treerpo.kernels.paged_decode", "paged_decode_backend"),
+}
 _BACKENDS: dict[str, dict[str, Callable]] = {
     "tree": {"sdpa": sdpa_tree_attention, "paths": paths_tree_attention},
     "paged": {"torch": paged_attention_torch},
-}
-# kind -> (kernel module, notice when it does not import, the backend used instead)
-_TRITON = {
-    "tree": ("treerpo.kernels.tree_attention", "Triton tree attention unavailable (%s: %s); using the sdpa backend.",
-             "sdpa"),
-    "paged": ("treerpo.kernels.paged_decode",
-              "Triton paged decode attention unavailable (%s: %s); using the torch paged backend.", "torch"),
 }
 logger = logging.getLogger(__name__)
 
@@ -54,7 +62,7 @@ def get_backend(kind: str, name: str) -> Callable:
     try:
         return backends[name]
     except KeyError:
-        raise ValueError(f"unknown {KINDS[kind]} backend {name!r}; available: {sorted(backends)}") from None
+        raise ValueError(f"unknown {KINDS[kind].label} backend {name!r}; available: {sorted(backends)}") from None
 
 
 def available_backends(kind: str) -> list[str]:
@@ -64,21 +72,26 @@ def available_backends(kind: str) -> list[str]:
 def _register_triton(kind: str = "tree") -> bool:
     """Import the Triton kernel of ``kind`` and register its backend as "triton" (once); when the kernel does
     not import, one notice, False."""
-    module, notice, _ = _TRITON[kind]
-    if import_optional(module, notice, logger) is None:
+    spec = KINDS[kind]
+    notice = f"Triton {spec.label} unavailable (%s: %s); using the {spec.reference} backend."
+    if import_optional(spec.triton_kernel, notice, logger) is None:
         return False
     if "triton" not in _backends(kind):
-        from .triton_backends import BACKENDS
+        from treerpo.attention import triton_backends
 
-        register_backend(kind, "triton", BACKENDS[kind])
+        register_backend(kind, "triton", getattr(triton_backends, spec.triton_adapter))
     return True
+
+
+def reference_backend(kind: str) -> str:
+    return KINDS[kind].reference
 
 
 def _default_backend(kind: str, device, cpu_default: str) -> str:
     import torch
 
     if torch.device(device).type == "cuda":
-        return "triton" if _register_triton(kind) else _TRITON[kind][2]
+        return "triton" if _register_triton(kind) else KINDS[kind].reference
     return cpu_default
 
 
@@ -124,7 +137,7 @@ def default_paged_backend(device) -> str:
 def _register_flex() -> bool:
     """Register the FlexAttention backend as "flex" when ``torch.nn.attention.flex_attention`` imports."""
     try:
-        from .flex_backend import flex_tree_attention
+        from treerpo.attention.flex_backend import flex_tree_attention
     except Exception:  # an older torch without FlexAttention: the backend is simply not offered
         return False
     register_tree_backend("flex", flex_tree_attention)

@@ -3,7 +3,7 @@
 The kernels take tensors only; this module turns the project's objects into their arguments:
 
 * tree attention (``triton_tree_backend``, the signature of every tree backend): the tile skip list of the
-  batch's intervals (``treerpo.tile_skip``) and its transpose, computed once per batch for the kernel's tile
+  batch's intervals (``treerpo.trees.tile_skip``) and its transpose, computed once per batch for the kernel's tile
   size and kept in the forward's ``cache``, so every head and layer shares them;
 * paged attention (``paged_decode_backend``, ``paged_attention_torch``'s signature and result): a decode
   forward (one new token per sequence) writes the new K/V into the pool as the PyTorch reference does, then
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import paged_decode
-from ..kernels.tree_attention import block_config, triton_tree_attention
-from ..tile_skip import tile_skip
-from .paged import PagedAttentionMetadata, paged_attention_torch
+from treerpo.attention.paged import PagedAttentionMetadata, paged_attention_torch
+from treerpo.kernels import paged_decode
+from treerpo.kernels.tree_attention import block_config, triton_tree_attention
+from treerpo.trees.tile_skip import tile_skip
 
 SKIP_CACHE_KEY = "triton_skip"
 
@@ -104,5 +104,3 @@ def paged_decode_backend(module, query, key, value, meta: PagedAttentionMetadata
     packed[rows] = out.to(query.dtype)
     return packed[None]
 
-
-BACKENDS = {"tree": triton_tree_backend, "paged": paged_decode_backend}

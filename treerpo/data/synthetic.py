@@ -23,9 +23,9 @@ class ChainTask:
         """Return (prompt, gold answer, worked solution)."""
         operands = rng.integers(self.operand_min, self.operand_max + 1, size=self.num_steps + 1)
         signs = rng.choice(["+", "-"], size=self.num_steps)
-        prompt = str(operands[0]) + "".join(f"{s}{o}" for s, o in zip(signs, operands[1:])) + "="
+        prompt = str(operands[0]) + "".join(f"{s}{o}" for s, o in zip(signs, operands[1:], strict=True)) + "="
         value, steps = int(operands[0]), []
-        for sign, operand in zip(signs, operands[1:]):
+        for sign, operand in zip(signs, operands[1:], strict=True):
             new_value = value + int(operand) if sign == "+" else value - int(operand)
             steps.append(f"{value}{sign}{operand}={new_value};")
             value = new_value

@@ -7,9 +7,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import GENERATED_DATASETS, ConfigError
-from .synthetic import ChainTask, chain_reward
-from .word_problems import WORKED_EXAMPLES, WordProblemTask
+from treerpo.config import GENERATED_DATASETS, ConfigError
+from treerpo.data.synthetic import ChainTask, chain_reward
+from treerpo.data.word_problems import WORKED_EXAMPLES, WordProblemTask
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 HELD_OUT_SEED = 12345  # the synthetic held-out set; training problems never repeat it
@@ -25,7 +25,7 @@ class WordProblemPrompts:
         self.tokenizer = tokenizer
 
     def prompt(self, question: str) -> str:
-        from .math_datasets import format_math_prompt
+        from treerpo.data.math_datasets import format_math_prompt
 
         return format_math_prompt(question, self.tokenizer, WORKED_EXAMPLES)
 
@@ -84,7 +84,7 @@ def word_problem_task(eval_size: int, tokenizer, generator: WordProblemTask | No
 
 
 def math_file_task(path: str, eval_path: str | None, eval_size: int, tokenizer) -> PromptTask:
-    from .math_datasets import format_math_prompt, load_problems
+    from treerpo.data.math_datasets import format_math_prompt, load_problems
 
     def pairs(problems):
         return [(format_math_prompt(p.question, tokenizer), p.answer) for p in problems]
@@ -116,6 +116,6 @@ def load_task(dataset: str, eval_dataset: str | None, eval_size: int, tokenizer)
 def make_reward(kind: str, deadline_s: float = 5.0) -> RewardFn:
     if kind == "chain":
         return chain_reward
-    from ..rewards.math_verify_reward import MathVerifyReward
+    from treerpo.rewards.math_verify_reward import MathVerifyReward
 
     return MathVerifyReward(deadline_s=deadline_s)

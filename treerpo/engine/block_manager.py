@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kv_pool import KVPool
-from .radix_cache import RadixCache
+from treerpo.engine.kv_pool import KVPool
+from treerpo.engine.radix_cache import RadixCache
 
 
 class PathTable:
@@ -93,7 +93,7 @@ class BlockManager:
         if not len(trees):
             return
         if self._slot_parts:
-            slots, owners = (np.concatenate(c) for c in zip(*self._slot_parts))
+            slots, owners = (np.concatenate(c) for c in zip(*self._slot_parts, strict=True))
             mine = np.isin(owners, trees)
             self._slot_parts = [(slots[~mine], owners[~mine])] if not mine.all() else []
             if mine.any():

@@ -26,8 +26,6 @@ out are CPU ``int64`` tensors, moved to the storage device only to index the buf
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -137,14 +135,8 @@ class KVPool:
         """KV bytes held at the peak (for benchmarks)."""
         return self.peak_used_pages * self.bytes_per_page
 
-    def reset_peak(self) -> None:
-        self.peak_used_pages = self.used_pages
-
     def pages_for(self, num_tokens: int) -> int:
         return -(-int(num_tokens) // self.page_size)
-
-    def page_of(self, slots) -> torch.Tensor:
-        return torch.as_tensor(_as_index_array(slots) // self.page_size)
 
     def refcounts(self, slots=None) -> np.ndarray:
         """A copy of the reference count of every page (or of the page of each slot given)."""
@@ -166,9 +158,6 @@ class KVPool:
                 f"smaller tree (fewer or shorter branches, a shorter prompt)")
         return pages
 
-    def can_alloc(self, num_tokens: int) -> bool:
-        return self.pages_for(num_tokens) <= len(self._free)
-
     def alloc(self, num_tokens: int) -> torch.Tensor:
         """``num_tokens`` slots (CPU int64) from ``ceil(n / page_size)`` fresh pages, refcount 1 each."""
         pages_needed = self._check_fits_ever(num_tokens)
@@ -186,24 +175,6 @@ class KVPool:
             return torch.from_numpy(pages_np)
         slots = (pages_np[:, None] * self.page_size + np.arange(self.page_size)[None, :]).reshape(-1)
         return torch.from_numpy(np.ascontiguousarray(slots[:num_tokens]))
-
-    def alloc_or_evict(self, num_tokens: int, evict_fn: Callable[[int], int]) -> torch.Tensor:
-        """Like :meth:`alloc`, calling ``evict_fn(pages_short)`` (returns pages it freed) until the request fits.
-
-        Raises :class:`RequestTooLarge` at once if the request can never fit, and
-        :class:`PoolExhausted` when a call frees no page (everything left is held by live
-        requests or locked): the caller should wait for requests to finish. Progress is
-        measured on the free list, so an ``evict_fn`` that only drops references of pages
-        still held elsewhere cannot loop forever; ``RadixCache.evict_pages`` keeps evicting
-        until the pool really gains pages.
-        """
-        pages_needed = self._check_fits_ever(num_tokens)
-        while pages_needed > len(self._free):
-            before = len(self._free)
-            evict_fn(pages_needed - before)
-            if len(self._free) <= before:  # no progress: what is left is held by requests or locked
-                break
-        return self.alloc(num_tokens)
 
     def _pages(self, slots, unique: bool = True) -> np.ndarray:
         idx = _as_index_array(slots)

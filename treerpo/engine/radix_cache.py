@@ -26,7 +26,7 @@ Ownership (who holds a reference on a pool page)
   ``insert``: ``a`` is then shorter than the match, and ``insert`` takes a reference on
   matched slots too. The recipes above stay right whatever ``a`` is.
 * ``match_prefix`` takes no reference. Before anything can evict (``evict``,
-  ``alloc_or_evict``, a version bump), pin what was matched: ``lock(node)`` or
+  ``evict_pages``, a version bump), pin what was matched: ``lock(node)`` or
   ``pool.incref(slots)``. Otherwise the matched pages may be freed and handed out again.
 * A running request holds its own references (slots it allocated and did not hand to the
   cache, cached slots it incref'd) and decrefs them when it finishes. A page returns to
@@ -67,7 +67,7 @@ from typing import Iterator
 
 import torch
 
-from .kv_pool import KVPool
+from treerpo.engine.kv_pool import KVPool
 
 __all__ = ["RadixCache", "TreeNode"]
 
@@ -292,7 +292,7 @@ class RadixCache:
     def evict_pages(self, num_pages: int) -> int:
         """Evict until the pool really gained ``num_pages`` free pages (or nothing is evictable).
 
-        Returns the pages the pool gained: an ``evict_fn`` for ``KVPool.alloc_or_evict``.
+        Returns the pages the pool gained: what an allocator that evicts before it allocates needs.
         """
         before = self.pool.free_pages
         self._evict(lambda _freed: self.pool.free_pages - before >= num_pages)

@@ -7,7 +7,6 @@ top_p = 1, it is exactly the sampling distribution).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -44,42 +43,11 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams,
-                generators: Sequence[torch.Generator | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] (any dtype) -> (tokens [B], log-probs [B] in fp32).
-
-    With ``generators`` each row draws one fp64 uniform from its own generator and takes the
-    inverse CDF of its distribution computed in fp64 (``seeded_draw``): the same logits and
-    seed give the same token whatever else is in the batch, and the draw adds no rounding of
-    its own, so logits that differ in their last bits change the token only when the uniform
-    lands within that difference of a CDF boundary. Without, the rows share torch's global RNG.
-    """
-    logits = logits.float()
-    check_finite_logits(logits)
-    if params.temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
-    scaled = logits / params.temperature
-    logprobs = torch.log_softmax(scaled, -1)
-    if generators is None:
-        probs = truncate_logits(scaled, params.top_k, params.top_p).softmax(-1)
-        tokens = torch.multinomial(probs, 1).squeeze(1)
-    else:
-        tokens = seeded_draw(logits, params, generators)
-    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
-
-
 def check_finite_logits(logits: torch.Tensor) -> None:
     """NaN or +inf logits mean diverged weights: refuse to sample (torch.multinomial would fail with a device
     assert on CUDA, and an inverse-CDF draw would silently pick garbage). -inf (a masked token) is fine."""
     if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
         raise_nonfinite()
-
-
-def seeded_draw(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Inverse-CDF draw in fp64 at one fp64 uniform of each row's generator."""
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators])
-    return inverse_cdf(logits, params, u[:, None].to(logits.device)).squeeze(1)
 
 
 def inverse_cdf(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> torch.Tensor:
@@ -170,7 +138,7 @@ def _not_finite(row_max: torch.Tensor) -> torch.Tensor:
 
 
 def raise_nonfinite() -> None:
-    from ..finite_guard import NonFiniteError
+    from treerpo.runtime.finite_guard import NonFiniteError
 
     raise NonFiniteError("the model's next-token logits are not finite (NaN or +inf): its weights have "
                          "diverged or overflowed; sampling stopped")

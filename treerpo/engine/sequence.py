@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..tree import Tree, TreeSpec
-from .branch_seeds import child_seeds
+from treerpo.engine.branch_seeds import child_seeds
+from treerpo.tree import Tree, TreeSpec
 
 ROOT = -1  # parent record of a depth-1 node: the tree's prompt
 
@@ -107,9 +107,9 @@ class NodeRecords:
 
     def build_trees(self, prompts: list, infos: list) -> list[Tree]:
         """Every tree with its nodes numbered breadth-first, children in order (sorted by level, then code)."""
-        cols = [np.concatenate(c) for c in zip(*self._parts)] if self._parts else None
+        cols = [np.concatenate(c) for c in zip(*self._parts, strict=True)] if self._parts else None
         if cols is None:
-            return [_tree(p, info, *_no_nodes()) for p, info in zip(prompts, infos)]
+            return [_tree(p, info, *_no_nodes()) for p, info in zip(prompts, infos, strict=True)]
         tree, parent, _child, depth, code, n, finished, tokens, logprobs = cols
         order = np.lexsort((code, depth, tree))
         counts = np.bincount(tree, minlength=len(prompts))
@@ -118,7 +118,7 @@ class NodeRecords:
         local[order] = np.arange(len(order)) - np.repeat(starts, counts) + 1
         parent_local = np.where(parent[order] == ROOT, 0, local[np.maximum(parent[order], 0)])
         out = []
-        for t, (prompt, info) in enumerate(zip(prompts, infos)):
+        for t, (prompt, info) in enumerate(zip(prompts, infos, strict=True)):
             sel = order[starts[t]:starts[t] + counts[t]]
             nodes = (parent_local[starts[t]:starts[t] + counts[t]], depth[sel], n[sel], finished[sel],
                      _rows(tokens[sel], n[sel]), _rows(logprobs[sel], n[sel]))

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..attention.paged import CascadeGroups, PagedAttentionMetadata, cascade_arrays
-from .block_manager import PathTable
-from .sequence import Branches
+from treerpo.attention.paged import CascadeGroups, PagedAttentionMetadata, cascade_arrays
+from treerpo.engine.block_manager import PathTable
+from treerpo.engine.sequence import Branches
 
 
 @dataclass
@@ -47,7 +47,7 @@ class HostStaging:
         buffer = self._buffer(sum(sizes))
         host = buffer.numpy()
         start = 0
-        for a, size in zip(arrays.values(), sizes):
+        for a, size in zip(arrays.values(), sizes, strict=True):
             host[start:start + size] = a.reshape(-1)
             start += size
         on_device = buffer[:start].to(self.device, non_blocking=True)
@@ -55,7 +55,7 @@ class HostStaging:
         self._copied[self._turn].record()
         self._turn ^= 1
         out, start = {}, 0
-        for (name, a), size in zip(arrays.items(), sizes):
+        for (name, a), size in zip(arrays.items(), sizes, strict=True):
             out[name] = on_device[start:start + size].view(a.shape)
             start += size
         return out

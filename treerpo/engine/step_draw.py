@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .sampling import SamplingParams, draw, draw_bytes_per_logit, raise_nonfinite
+from treerpo.engine.sampling import SamplingParams, draw, draw_bytes_per_logit, raise_nonfinite
 
 DEFAULT_DRAW_MEMORY_BYTES = 1 << 30
 

@@ -16,19 +16,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..generation import eos_token_ids
-from ..reference_sampler import check_prompt_lengths
-from ..tree import Tree, TreeSpec
-from .block_manager import BlockManager
-from .branch_seeds import child_seeds, root_seeds, uniforms
-from .kv_pool import KVPool, RequestTooLarge
-from .model_runner import ModelRunner, kv_shape
-from .radix_cache import RadixCache
-from .sampling import SamplingParams
-from .scheduler import Scheduler
-from .sequence import ROOT, Branches, NodeRecords, children_of, roots
-from .step_draw import DEFAULT_DRAW_MEMORY_BYTES, draw_step
-from .step_builder import HostStaging, decode_inputs, repeated_path_keys, sequence_inputs
+from treerpo.engine.block_manager import BlockManager
+from treerpo.engine.branch_seeds import child_seeds, root_seeds, uniforms
+from treerpo.engine.kv_pool import KVPool
+from treerpo.engine.model_runner import ModelRunner, kv_shape
+from treerpo.engine.radix_cache import RadixCache
+from treerpo.engine.sampling import SamplingParams
+from treerpo.engine.scheduler import Scheduler, worst_case_tokens
+from treerpo.engine.sequence import ROOT, Branches, NodeRecords, children_of, roots
+from treerpo.engine.step_builder import HostStaging, decode_inputs, repeated_path_keys, sequence_inputs
+from treerpo.engine.step_draw import DEFAULT_DRAW_MEMORY_BYTES, draw_step
+from treerpo.sampling.generation import eos_token_ids
+from treerpo.sampling.prompt_rules import check_prompt_lengths
+from treerpo.tree import Tree, TreeSpec
 
 
 class TreeSampler:
@@ -41,7 +41,7 @@ class TreeSampler:
         """``share_prefixes=False`` prefills every tree's prompt on its own and skips the radix cache (the
         baseline of benchmarks); ``ignore_eos`` generates full segments whatever is sampled (throughput runs);
         ``cascade=False`` decodes every branch over its whole path instead of reading the path its siblings
-        share once per sibling group where ``ModelRunner.cascade_pays`` (same tokens, for comparisons).
+        share once per sibling group where ``ModelRunner.cascade_spares_enough`` (same tokens, for comparisons).
         ``eos_ids`` end a segment (default: the model's generation config's and the tokenizer's EOS).
         ``draw_memory_bytes`` bounds a step's logits and draw buffers: the LM head and the draw run on chunks of
         that many bytes' worth of rows (``step_draw``), so a step's memory does not grow with its branches."""
@@ -97,13 +97,7 @@ class TreeSampler:
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
         prompts = check_prompt_lengths(prompts, spec, max_positions, self.truncate_prompts)
         infos = list(infos) if infos is not None else [{} for _ in prompts]
-        worst = np.array([len(p) + spec.max_generated_tokens for p in prompts], dtype=np.int64)
-        for i, need in enumerate(worst):
-            if need > self.pool.capacity_tokens:
-                raise RequestTooLarge(
-                    f"tree {i} may need {need} KV slots (prompt {len(prompts[i])} + up to "
-                    f"{spec.max_generated_tokens} generated) but the pool holds {self.pool.capacity_tokens}; "
-                    "give the sampler a larger pool (pool_tokens / memory_bytes) or a smaller tree")
+        worst = worst_case_tokens(list(map(len, prompts)), spec.max_generated_tokens, self.pool.capacity_tokens)
         self._forget_stale_kv()
         batch = _Batch(prompts, spec, SamplingParams(spec.temperature, spec.top_p),
                        None if seeds is None else root_seeds([int(s) for s in seeds]), Scheduler(self.blocks, worst))
@@ -166,16 +160,16 @@ class TreeSampler:
         prompts = [tuple(batch.prompts[groups[k][0]]) for k in keys]
         cached = [self.cache.match_prefix(list(p[:-1]))[0] if self.share_prefixes else torch.zeros(0, dtype=torch.long)
                   for p in prompts]
-        new = [p[len(c):] for p, c in zip(prompts, cached)]
+        new = [p[len(c):] for p, c in zip(prompts, cached, strict=True)]
         slots = self.pool.alloc(sum(map(len, new)))
         news = torch.split(slots, [len(n) for n in new])
         try:
-            hidden = self._forward(sequence_inputs(self.pool, list(zip(cached, news)), new, self.runner.device))
+            hidden = self._forward(sequence_inputs(self.pool, list(zip(cached, news, strict=True)), new, self.runner.device))
         except BaseException:  # nobody owns the new slots yet
             self.pool.decref(slots)
             raise
         trees, paths = [], []
-        for key, prompt, c, n in zip(keys, prompts, cached, news):
+        for key, prompt, c, n in zip(keys, prompts, cached, news, strict=True):
             if self.share_prefixes:  # every new slot in the cache first: a failing fork leaks none
                 already = self.cache.insert(list(prompt), torch.cat([c, n]))
                 duplicate = n[:max(0, already - len(c))]

@@ -5,8 +5,8 @@
 
 See docs/embedding.md.
 """
-from .trl_rollout import treerpo_rollout
-from .trl_sampling import UnsupportedTRLOption
-from .trl_trainer import TreeRPOConfig, TreeRPOTrainer
+from treerpo.integrations.trl_rollout import treerpo_rollout
+from treerpo.integrations.trl_sampling import UnsupportedTRLOption
+from treerpo.integrations.trl_trainer import TreeRPOConfig, TreeRPOTrainer
 
 __all__ = ["TreeRPOConfig", "TreeRPOTrainer", "UnsupportedTRLOption", "treerpo_rollout"]

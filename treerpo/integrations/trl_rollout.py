@@ -10,9 +10,9 @@ from __future__ import annotations
 from itertools import groupby
 from typing import Callable
 
-from ..algorithms.grpo import grpo_spec
-from ..engine.kv_pool import RequestTooLarge
-from .trl_sampling import UnsupportedTRLOption, engine_for, engine_sampling
+from treerpo.algorithms.grpo import grpo_spec
+from treerpo.engine.kv_pool import RequestTooLarge
+from treerpo.integrations.trl_sampling import UnsupportedTRLOption, engine_for, engine_sampling
 
 FEATURE = "treerpo_rollout"
 
@@ -40,8 +40,8 @@ def treerpo_rollout(pool_tokens: int | None = None, memory_bytes: int | None = N
                 trees = sampler.sample([list(prompt_ids[g[0]]) for g in same_size], spec)
             except RequestTooLarge as error:
                 raise RequestTooLarge(f"{error} (here: treerpo_rollout(pool_tokens=...))") from None
-            for group, tree in zip(same_size, trees):
-                for row, leaf in zip(group, tree.children(0)):
+            for group, tree in zip(same_size, trees, strict=True):
+                for row, leaf in zip(group, tree.children(0), strict=True):
                     completions[row] = tree.segment(int(leaf)).tolist()
                     logprobs[row] = tree.token_logprobs[tree.offsets[leaf]:tree.offsets[leaf + 1]].tolist()
         return {"prompt_ids": [list(p) for p in prompt_ids], "completion_ids": completions, "logprobs": logprobs}

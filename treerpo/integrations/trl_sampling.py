@@ -57,8 +57,8 @@ def engine_for(trainer, sampling: EngineSampling, pool_tokens: int | None = None
     """The trainer's engine, built on the model it trains at first use (its KV pool lives as long as the trainer)."""
     engine = getattr(trainer, "_treerpo_engine", None)
     if engine is None:
-        from ..attention import enable_tree_attention
-        from ..engine.tree_sampler import TreeSampler
+        from treerpo.attention import enable_tree_attention
+        from treerpo.engine.tree_sampler import TreeSampler
 
         model = trainer.accelerator.unwrap_model(trainer.model)
         enable_tree_attention(model)  # in place: TRL's own forwards keep the model's attention (no tree metadata)

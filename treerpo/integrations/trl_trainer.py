@@ -18,17 +18,17 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
 
-from ..algorithms.advantages import NORMALIZATIONS, VALUE_MODES, compute_advantages
-from ..algorithms.loss import policy_loss
-from ..attention import enable_tree_attention
-from ..engine.kv_pool import RequestTooLarge
-from ..logprobs import packed_logprobs
-from ..minibatch_plan import loss_token_count, micro_batches
-from ..packing import pack_trees
-from ..scoring import leaf_completions
-from ..trainer import PreparedBatch
-from ..tree import Tree, TreeSpec
-from .trl_sampling import UnsupportedTRLOption, engine_for, engine_sampling
+from treerpo.algorithms.advantages import NORMALIZATIONS, VALUE_MODES, compute_advantages
+from treerpo.algorithms.loss import policy_loss
+from treerpo.attention import enable_tree_attention
+from treerpo.engine.kv_pool import RequestTooLarge
+from treerpo.integrations.trl_sampling import UnsupportedTRLOption, engine_for, engine_sampling
+from treerpo.policy.logprobs import packed_logprobs
+from treerpo.rewards.scoring import leaf_completions
+from treerpo.training.batch import PreparedBatch, prepare_batch
+from treerpo.training.minibatch_plan import micro_batches
+from treerpo.tree import Tree, TreeSpec
+from treerpo.trees.token_weights import loss_token_count
 
 FEATURE = "TreeRPOTrainer"
 
@@ -98,7 +98,7 @@ def _refuse_unsupported_config(args: TreeRPOConfig) -> None:
         (not args.log_completions, "log_completions=True", "completion tables are not filled; set it to False"),
         (args.eval_strategy in ("no", None) or str(args.eval_strategy) == "IntervalStrategy.NO",
          f"eval_strategy={args.eval_strategy!r}",
-         "evaluate with a callback (e.g. treerpo.evaluation.pass_at_1) and set eval_strategy='no'"),
+         "evaluate with a callback (e.g. treerpo.sampling.evaluation.pass_at_1) and set eval_strategy='no'"),
     ]
     for ok, option, fix in checks:
         if not ok:
@@ -200,7 +200,7 @@ class TreeRPOTrainer(GRPOTrainer):
             raise ValueError(f"{FEATURE}: every reward function returned None for completion {unscorable[0]} "
                              f"({completions[unscorable[0]]!r}); a tree needs a reward on every leaf")
         rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1).cpu().numpy()
-        for (t, leaf), r in zip(keys, rewards):
+        for (t, leaf), r in zip(keys, rewards, strict=True):
             trees[t].reward[leaf] = float(r)
         stats = compute_advantages(trees, self.args.value_mode, self.args.advantage_norm, self.args.tau,
                                    global_weight=self.args.global_weight)
@@ -236,14 +236,11 @@ class TreeRPOTrainer(GRPOTrainer):
                                      micro_batches(group, self.args.micro_batch_tokens)], normalizer))
         return chunks
 
-    @torch.no_grad()
     def _prepare(self, trees: list[Tree], off_policy: bool) -> PreparedBatch:
-        packed = pack_trees(trees, prune_unkept=True).to(self.accelerator.device)
-        rows = torch.nonzero(packed.loss_mask).squeeze(1)
-        old = self._logprobs(self._policy(), packed, rows) if off_policy else None
-        ref = (self._logprobs(self.accelerator.unwrap_model(self.ref_model), packed, rows)
-               if self.beta != 0.0 else None)
-        return PreparedBatch(packed, rows, old, ref)
+        reference = self.accelerator.unwrap_model(self.ref_model) if self.beta != 0.0 else None
+        return prepare_batch(trees, self.accelerator.device, lambda packed, rows: self._logprobs(self._policy(), packed, rows),
+                             None if reference is None else lambda packed, rows: self._logprobs(reference, packed, rows),
+                             old_logprobs=off_policy)
 
     def _logprobs(self, model, packed, rows):
         """Under TRL's mixed precision (accelerate patches ``model.forward`` with autocast; the packed forward
@@ -255,9 +252,9 @@ class TreeRPOTrainer(GRPOTrainer):
     def micro_batch_loss(self, batch: PreparedBatch, normalizer: int) -> torch.Tensor:
         logp = self._logprobs(self._policy(), batch.packed, batch.rows)
         old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
-        loss, stats = policy_loss(logp, old, batch.packed.advantages[batch.rows], None, self.epsilon_low,
-                                  self.epsilon_high, batch.ref_logprobs, self.beta, normalizer,
-                                  kl_times_ratio=self.args.use_bias_correction_kl)
+        loss, stats = policy_loss(logp, old, batch.packed.advantages[batch.rows], clip_low=self.epsilon_low,
+                                  clip_high=self.epsilon_high, ref_logprobs=batch.ref_logprobs, kl_coef=self.beta,
+                                  normalizer=normalizer, kl_times_ratio=self.args.use_bias_correction_kl)
         for name, value in stats.items():
             self._metrics["train"][name].append(value)
         return loss

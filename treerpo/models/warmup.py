@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.synthetic import ChainTask, chain_reward
-from ..evaluation import pass_at_1
-from .tiny import DEFAULT_MODEL_DIR, build_char_tokenizer, build_tiny_model
+from treerpo.data.synthetic import ChainTask, chain_reward
+from treerpo.models.tiny import DEFAULT_MODEL_DIR, build_char_tokenizer, build_tiny_model
+from treerpo.sampling.evaluation import pass_at_1
 
 
 def supervised_batch(tokenizer, problems, device="cpu"):
@@ -31,7 +31,7 @@ def supervised_batch(tokenizer, problems, device="cpu"):
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     lab = torch.full((len(rows), width), -100)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
+    for i, (r, l) in enumerate(zip(rows, labels, strict=True)):
         ids[i, :len(r)], lab[i, :len(l)], mask[i, :len(r)] = torch.tensor(r), torch.tensor(l), 1
     return ids.to(device), mask.to(device), lab.to(device)
 

@@ -305,7 +305,7 @@ class MathVerifyReward:
             raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
         scores = [0.0] * len(completions)
         jobs = deque()
-        for i, (text, gold) in enumerate(zip(completions, golds)):
+        for i, (text, gold) in enumerate(zip(completions, golds, strict=True)):
             pred = extract_boxed(text or "")
             if pred is not None and pred.strip():
                 jobs.append((i, prepare_gold(gold), f"${normalize_answer(pred)}$"))

@@ -14,25 +14,25 @@ from typing import Sequence
 
 import numpy as np
 
-from .tree import Tree
+from treerpo.tree import Tree
 
 try:
-    from . import _C
+    from treerpo import _C
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # not built: the Python reference implementations take over
     _C = None
     _IMPORT_ERROR = exc
 
 HAVE_NATIVE = _C is not None
-BACKENDS = ("auto", "native", "python")
+IMPLEMENTATIONS = ("auto", "native", "python")
 logger = logging.getLogger(__name__)
 _warned = False
 
 
 def native_module(backend: str = "auto"):
     """``_C`` when ``backend`` selects it, else None (use the Python implementation)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {IMPLEMENTATIONS}")
     if backend == "native" and _C is None:
         raise RuntimeError(f"treerpo._C is not built ({_IMPORT_ERROR}); build it with `pip install -e .`")
     if backend == "python" or (backend == "auto" and os.environ.get("TREERPO_NATIVE", "1") == "0"):

@@ -1,16 +1,47 @@
-"""Prompts checked before any work: each one representable by the tokenizer and fitting the model's context."""
+"""The prompt rules, checked before any work by every sampler and job: each prompt representable by the tokenizer
+and fitting the model's context beside the tree's longest completion."""
 from __future__ import annotations
 
 import unicodedata
 from collections import Counter
 from typing import Sequence
 
-from .reference_sampler import PromptTooLongError, check_prompt_lengths
-from .tree import TreeSpec
+from treerpo.tree import TreeSpec
 
 
 class UnrepresentablePromptError(ValueError):
     pass
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+def check_prompt_lengths(prompts: Sequence[Sequence[int]], spec: TreeSpec, max_positions: int | None,
+                         truncate: bool = False) -> list[list[int]]:
+    """Refuse (or, with ``truncate``, keep the last ``max_prompt_tokens`` of) prompts that do not fit.
+
+    A prompt fits when it has at most ``spec.max_prompt_tokens`` tokens and prompt plus the
+    longest completion stays within the model's ``max_positions``.
+    """
+    limit = spec.max_prompt_tokens
+    if max_positions is not None:
+        limit = min(limit, max_positions - spec.max_new_tokens)
+        if limit < 1:
+            raise PromptTooLongError(
+                f"the tree's longest completion ({spec.depth} x {spec.segment_tokens} tokens) leaves no room for a "
+                f"prompt in the model's context of {max_positions} positions; lower depth or segment_tokens")
+    out = []
+    for i, ids in enumerate(prompts):
+        if len(ids) > limit:
+            if not truncate:
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(ids)} tokens but at most {limit} fit (max_prompt_tokens="
+                    f"{spec.max_prompt_tokens}, context {max_positions}, completion up to {spec.max_new_tokens}); "
+                    "shorten it, raise max_prompt_tokens, or set truncate_prompts to keep its last tokens")
+            ids = ids[-limit:]
+        out.append(list(ids))
+    return out
 
 
 def lost_characters(tokenizer, text: str, ids: Sequence[int]) -> list[str]:
@@ -23,7 +54,7 @@ def lost_characters(tokenizer, text: str, ids: Sequence[int]) -> list[str]:
 
 def check_representable(tokenizer, texts: Sequence[str], ids: Sequence[Sequence[int]], where: str) -> None:
     """Refuse a prompt whose tokens lose some of its characters (the model would answer a different question)."""
-    for i, (text, row) in enumerate(zip(texts, ids)):
+    for i, (text, row) in enumerate(zip(texts, ids, strict=True)):
         lost = lost_characters(tokenizer, text, row)
         if lost or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in row):
             raise UnrepresentablePromptError(

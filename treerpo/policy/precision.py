@@ -29,14 +29,14 @@ class MasterWeights:
 
     def grads_to_master(self) -> None:
         """Add the model's (half-precision) gradients to the fp32 master gradients and clear them."""
-        for master, p in zip(self.params, self.model_params):
+        for master, p in zip(self.params, self.model_params, strict=True):
             if p.grad is not None:
                 master.grad = p.grad.float() if master.grad is None else master.grad + p.grad.float()
                 p.grad = None
 
     @torch.no_grad()
     def master_to_model(self) -> None:
-        for master, p in zip(self.params, self.model_params):
+        for master, p in zip(self.params, self.model_params, strict=True):
             p.copy_(master)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

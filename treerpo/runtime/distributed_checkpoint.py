@@ -16,11 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
-from .checkpoint import _fsync_dir, prune_checkpoints, write_text_atomic, LATEST
-from .distributed import World
+from treerpo.runtime.checkpoint import LATEST, _fsync_dir, prune_checkpoints, write_text_atomic
+from treerpo.runtime.distributed import World
 
 DCP_FOLDER = "dcp"
 POLICY_PREFIX = "model."  # PolicyLogprobs keeps the Hugging Face model as ``.model``

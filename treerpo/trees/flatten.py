@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .minibatch_plan import loss_token_count
-from .tree import Tree
+from treerpo.tree import Tree
+from treerpo.trees.token_weights import loss_token_count
 
 
 @dataclass

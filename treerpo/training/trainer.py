@@ -5,60 +5,59 @@ import contextlib
 import copy
 import json
 import math
-import random
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from .algorithms.advantages import compute_advantages
-from .algorithms.grpo import grpo_spec
-from .algorithms.loss import policy_loss
-from .attention import enable_tree_attention
-from .attention.hf_integration import smallest_sliding_window
-from .attention.kernel_check import set_kernel_verification
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from .config import ConfigError, TrainConfig
-from .finite_guard import NonFiniteError, all_finite, check_weights_finite, restart_advice
-from .graceful_stop import GracefulStop, TrainingInterrupted
-from .data.tasks import load_task, make_reward
-from .distributed import World, close_world, init_world, launched_by_torchrun
-from .evaluation import pass_at_1
-from .generation import encode_prompts
-from .logprobs import packed_logprobs
-from .metrics import MetricsLog, plot_metrics
-from .minibatch_plan import filler_tree, loss_token_count, loss_weight, micro_batches, minibatch_indices, row_weights
-from .models.tiny import load_model_and_tokenizer
-from .packing import PackedBatch, pack_trees
-from .parallel_policy import (PolicyLogprobs, gradient_sync, local_tensor, reshard_all, run_with_full_weights,
-                              wrap_policy)
-from .precision import MasterWeights, resolve_dtype
-from .prompt_checks import check_prompts
-from .reference_sampler import ReferenceTreeSampler
-from .resume import ResumeMismatchError, check_resumable, comparable_config
-from .run_lock import RunLock
-from .scoring import score_trees
-from .tree import Tree, TreeSpec
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def step_seed(seed: int, step: int) -> int:
-    """Every step reseeds from (seed, step), so a resumed run draws what the uninterrupted one drew."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
-
-
-def tree_seed(seed: int, step: int, prompt_index: int) -> int:
-    """A tree's own sampling seed: the trees of a step do not depend on how the prompts are spread over ranks."""
-    return int(np.random.SeedSequence([seed, step, prompt_index, 1]).generate_state(1)[0])
+from treerpo.algorithms.advantages import compute_advantages
+from treerpo.algorithms.grpo import grpo_spec
+from treerpo.algorithms.loss import policy_loss
+from treerpo.attention import enable_tree_attention
+from treerpo.attention.hf_integration import smallest_sliding_window
+from treerpo.attention.kernel_check import set_kernel_verification
+from treerpo.config import ConfigError, TrainConfig
+from treerpo.data.tasks import load_task, make_reward
+from treerpo.engine.kv_pool import RequestTooLarge
+from treerpo.engine.scheduler import worst_case_tokens
+from treerpo.models.tiny import load_model_and_tokenizer
+from treerpo.policy.activation_checkpointing import (
+    checkpointed_layers,
+    enable_activation_checkpointing,
+    recomputing_layers,
+    use_activation_checkpointing,
+)
+from treerpo.policy.logprobs import packed_logprobs
+from treerpo.policy.parallel import (
+    PolicyLogprobs,
+    gradient_sync,
+    local_tensor,
+    reshard_all,
+    run_with_full_weights,
+    wrap_policy,
+)
+from treerpo.policy.precision import MasterWeights, resolve_dtype
+from treerpo.rewards.scoring import score_trees
+from treerpo.runtime.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from treerpo.runtime.distributed import World, close_world, init_world
+from treerpo.runtime.finite_guard import NonFiniteError, all_finite, check_weights_finite, restart_advice
+from treerpo.runtime.graceful_stop import GracefulStop, TrainingInterrupted
+from treerpo.runtime.resume import ResumeMismatchError, check_resumable, comparable_config
+from treerpo.runtime.run_lock import RunLock
+from treerpo.sampling.evaluation import pass_at_1
+from treerpo.sampling.generation import encode_prompts
+from treerpo.sampling.prompt_rules import check_prompts
+from treerpo.sampling.reference_sampler import ReferenceTreeSampler
+from treerpo.training.batch import Minibatch, prepare_batch
+from treerpo.training.metrics import MetricsLog, plot_metrics
+from treerpo.training.minibatch_plan import filler_tree, micro_batches, minibatch_indices
+from treerpo.training.seeding import seed_everything, step_seed, tree_seed
+from treerpo.tree import Tree, TreeSpec
+from treerpo.trees.token_weights import loss_token_count, loss_weight
 
 
 def tree_spec(config: TrainConfig) -> TreeSpec:
@@ -70,105 +69,15 @@ def tree_spec(config: TrainConfig) -> TreeSpec:
                     min_segment_tokens=config.min_segment_tokens)
 
 
-CHECKPOINTING_ABOVE_PARAMETERS = 1_000_000_000
 MASTER_WEIGHTS = "master_weights.pt"  # fp32 master weights of a half-precision run
-
-
-def use_activation_checkpointing(config: TrainConfig, model) -> bool:
-    if config.gradient_checkpointing is not None:
-        return config.gradient_checkpointing
-    return sum(p.numel() for p in model.parameters()) > CHECKPOINTING_ABOVE_PARAMETERS
-
-
-def enable_activation_checkpointing(model) -> None:
-    """Non-reentrant checkpointing of every decoder layer (the tree metadata reaches the recomputed attention as a
-    forward keyword argument: ``attention.context.metadata_kwargs``)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def checkpointed_layers(model) -> list:
-    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
-
-
-@contextlib.contextmanager
-def recomputing_layers(layers: list):
-    """Transformers checkpoints a layer only in training mode; the policy runs in eval mode (no dropout, the same
-    function as the sampler's), so only the checkpointed layers themselves are switched, not their dropouts."""
-    for layer in layers:
-        layer.training = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.training = False
-
-
-def has_loss_tokens(tree: Tree) -> bool:
-    """A tree some of whose generated tokens are trained on (a kept node with a non-empty segment)."""
-    return loss_token_count(tree) > 0
-
-
-def minibatch_trees(trees: list[Tree], minibatches: int) -> list[list[Tree]]:
-    """The trainable trees in random order, split into ``minibatches`` groups of whole trees (fewer only when
-    fewer trees have loss tokens): the number of optimizer steps does not depend on the micro-batch size."""
-    return [[trees[i] for i in group] for group in minibatch_indices([loss_token_count(t) for t in trees],
-                                                                    minibatches)]
 
 
 def make_sampler(config: TrainConfig, model, tokenizer):
     if config.sampler == "reference":
         return ReferenceTreeSampler(model, tokenizer, config.sampler_batch_size, config.truncate_prompts)
-    from .engine.tree_sampler import TreeSampler
+    from treerpo.engine.tree_sampler import TreeSampler
 
     return TreeSampler(model, tokenizer, pool_tokens=config.kv_pool_tokens, truncate_prompts=config.truncate_prompts)
-
-
-def check_parallel_options(config: TrainConfig) -> None:
-    """Combinations the data-parallel trainer does not support, refused before anything is loaded."""
-    import os
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    mode = config.parallel
-    if mode == "none":
-        if launched_by_torchrun() and world_size > 1:
-            raise ConfigError(f"launched by torchrun with {world_size} processes but --parallel none: each would "
-                              "train alone on the same output; pass --parallel ddp or --parallel fsdp")
-        return
-    if not launched_by_torchrun():
-        raise ConfigError(f"--parallel {mode} needs a torchrun launch (torchrun --nproc_per_node N -m treerpo.train "
-                          "...); in one process use --parallel none")
-    if config.sampler == "reference":
-        raise ConfigError(f"--parallel {mode} needs --sampler engine: the reference sampler draws from the global RNG, "
-                          "so its trees would depend on the number of ranks")
-    if config.dtype in ("bfloat16", "float16"):
-        raise ConfigError(f"--parallel {mode} with --dtype {config.dtype} is not supported yet (fp32 master weights "
-                          "are not combined with DDP/FSDP2); pass --dtype float32 or train in one process")
-    if mode == "fsdp" and config.gradient_checkpointing:
-        raise ConfigError("--parallel fsdp with --gradient-checkpointing is not supported yet (not validated); use "
-                          "--parallel ddp with checkpointing, or fsdp without it")
-
-
-@dataclass
-class PreparedBatch:
-    packed: PackedBatch
-    rows: torch.Tensor
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor | None
-    weights: torch.Tensor | None = None  # float32 per row, when token_weight is not "node"
-    filler: bool = False  # padding for the collectives of a rank with fewer micro-batches: its loss counts zero
-
-
-@dataclass
-class Minibatch:
-    """One optimizer step's share on this rank; ``normalizer`` is the weighted count of the loss tokens of all ranks'
-    shares (``tokens``, unweighted)."""
-    normalizer: int
-    batches: list[PreparedBatch]
-    tokens: int
 
 
 class Trainer:
@@ -179,7 +88,7 @@ class Trainer:
         self.lock = None
         self.world = World()
         try:
-            check_parallel_options(self.config)
+            self.config.validate_launch()
             self.world = init_world(self.config.device if self.config.device != "auto" else
                                     ("cuda" if torch.cuda.is_available() else "cpu"))
             self.log = log if self.world.is_main else (lambda *a, **k: None)
@@ -209,16 +118,13 @@ class Trainer:
         self.model, self.tokenizer = load_model_and_tokenizer(config.model, dtype=load_dtype,
                                                               allow_download=config.allow_download)
         self.dtype = next(self.model.parameters()).dtype  # "auto" (CUDA default): the checkpoint's own
-        if config.parallel != "none" and self.dtype != torch.float32:
-            raise ConfigError(f"--parallel {config.parallel} trains in float32 only for now (the model resolves to "
-                              f"{self.dtype}; fp32 master weights are not combined with DDP/FSDP2 yet); pass "
-                              "--dtype float32 or train in one process")
+        config.check_parallel_dtype(self.dtype)  # "auto": the checkpoint's own dtype, known once loaded
         self.task = load_task(config.dataset, config.eval_dataset, config.eval_size, self.tokenizer)
         self.spec = tree_spec(config)
         self._check_inputs()
         self.model = enable_tree_attention(self.model).to(self.device)  # loaded in its dtype: RoPE buffers stay fp32
         self.master = MasterWeights(self.model) if self.dtype != torch.float32 else None
-        if use_activation_checkpointing(config, self.model):
+        if use_activation_checkpointing(config.gradient_checkpointing, self.model):
             enable_activation_checkpointing(self.model)
         self.checkpointed = checkpointed_layers(self.model)  # found once, not on every training forward
         self.reference = self._frozen_copy(self.model) if config.kl_coef > 0 else None
@@ -266,15 +172,11 @@ class Trainer:
             raise ConfigError(f"the model's sliding window ({window} positions) is shorter than a path (prompt up to "
                               f"{longest} + {self.spec.max_new_tokens} generated tokens), and tree attention does "
                               "not implement sliding windows; shorten the tree or the prompts")
-        if self.world.initialized and self.config.advantage_norm == "batch_std" and self.config.global_weight > 0:
-            raise ConfigError("global_weight > 0 with advantage_norm batch_std is not supported under torchrun (the "
-                              "batch std across ranks would be taken over the local + global sum); use advantage_norm "
-                              "group_std or mean_only, or global_weight 0")
-        need = longest + self.spec.max_generated_tokens
-        if self.config.sampler == "engine" and need > self.config.kv_pool_tokens:
-            raise ConfigError(f"one tree may need {need} KV slots (prompt up to {longest} + "
-                             f"{self.spec.max_generated_tokens} generated) but kv_pool_tokens="
-                             f"{self.config.kv_pool_tokens}; raise kv_pool_tokens or make the tree smaller")
+        if self.config.sampler == "engine":
+            try:
+                worst_case_tokens([longest], self.spec.max_generated_tokens, self.config.kv_pool_tokens)
+            except RequestTooLarge as err:
+                raise ConfigError(str(err)) from None
 
     @staticmethod
     def _frozen_copy(model):
@@ -311,7 +213,7 @@ class Trainer:
         self.log(f"resumed from {checkpoint} at step {self.start_step}")
 
     def _resume_distributed(self, checkpoint: Path, state: dict) -> None:
-        from .distributed_checkpoint import load_distributed_state
+        from treerpo.runtime.distributed_checkpoint import load_distributed_state
 
         saved_world = state.get("world_size", 1)
         if saved_world != self.world.size:
@@ -361,7 +263,7 @@ class Trainer:
         multiple_updates = self.config.ppo_epochs > 1 or self.config.minibatches > 1
         token_weight = self.config.token_weight
         counts, weighted = map(list, zip(*[c for part in self.world.gather(
-            [(loss_token_count(t), loss_weight(t, token_weight)) for t in trees]) for c in part])) if self.world.initialized or trees else ([], [])
+            [(loss_token_count(t), loss_weight(t, token_weight)) for t in trees]) for c in part], strict=True)) if self.world.initialized or trees else ([], [])
         first = self.world.shard(self.config.prompts_per_step).start
         groups = minibatch_indices(counts, self.config.minibatches)
         micros = [micro_batches([trees[i - first] for i in group if 0 <= i - first < len(trees)],
@@ -369,30 +271,15 @@ class Trainer:
         widths = self.world.max([len(m) for m in micros]) if groups else []
         filler = filler_tree(self.tokenizer.eos_token_id or 0)
         minibatches = []
-        for group, micro, width in zip(groups, micros, widths):
+        for group, micro, width in zip(groups, micros, widths, strict=True):
             prepared = []
             for i in range(int(width)):
                 real = i < len(micro)
-                members = micro[i] if real else [filler]
-                packed = pack_trees(members, prune_unkept=True)
-                weights = self._row_weights(members, packed)
-                packed = packed.to(self.device)
-                rows = torch.nonzero(packed.loss_mask).squeeze(1)
-                with torch.no_grad():
-                    old = self._train_logprobs(packed, rows) if multiple_updates else None
-                    ref = self._reference_logprobs(packed, rows) if self.reference is not None else None
-                prepared.append(PreparedBatch(packed, rows, old, ref, weights, filler=not real))
+                prepared.append(prepare_batch(micro[i] if real else [filler], self.device, self._train_logprobs,
+                                              self._reference_logprobs if self.reference is not None else None,
+                                              token_weight, old_logprobs=multiple_updates, filler=not real))
             minibatches.append(Minibatch(sum(weighted[i] for i in group), prepared, sum(counts[i] for i in group)))
         return minibatches
-
-    def _row_weights(self, members: list[Tree], packed) -> torch.Tensor | None:
-        """The loss weight of each loss row (None: every token once, the plain token mean)."""
-        if self.config.token_weight == "node":
-            return None
-        rows = packed.loss_mask.nonzero().squeeze(1)
-        weights = row_weights(members, packed.tree_index[rows].numpy(), packed.node_index[rows].numpy(),
-                              self.config.token_weight)
-        return torch.from_numpy(weights).to(self.device)
 
     def _logprobs(self, model, packed, rows):
         return packed_logprobs(model, packed, rows, temperature=self.config.temperature or 1.0,
@@ -439,8 +326,9 @@ class Trainer:
                 with recomputing_layers(self.checkpointed):
                     logp = self._train_logprobs(b.packed, b.rows)
                 old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
-                loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], b.weights, self.config.clip_low,
-                                      self.config.clip_high, b.ref_logprobs, self.config.kl_coef, normalizer)
+                loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], weights=b.weights,
+                                      clip_low=self.config.clip_low, clip_high=self.config.clip_high,
+                                      ref_logprobs=b.ref_logprobs, kl_coef=self.config.kl_coef, normalizer=normalizer)
                 if b.filler:
                     loss = loss * 0.0
                 (loss * scale if scale != 1 else loss).backward()
@@ -454,7 +342,7 @@ class Trainer:
             sums["nonfinite"] += 0.0 if all_finite([loss.detach()]) else 1.0
             for k in ("clip_fraction", "ratio_mean", "kl"):
                 sums[k] += s.get(k, 0.0) * tokens
-        reduced = dict(zip(sums, self.world.sum(list(sums.values()))))
+        reduced = dict(zip(sums, self.world.sum(list(sums.values())), strict=True))
         for k in ("clip_fraction", "ratio_mean") + (("kl",) if self.reference is not None and self.config.kl_coef > 0
                                                       else ()):
             stats.setdefault(k, []).append(reduced[k] / normalizer)
@@ -474,7 +362,7 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Pass@1 on the held-out set, each rank evaluating its share, the scores gathered."""
-        prompts, golds = zip(*self.task.eval)
+        prompts, golds = zip(*self.task.eval, strict=True)
         mine = self.world.shard(len(prompts))
 
         def run():
@@ -577,7 +465,7 @@ class Trainer:
     def save(self, done: int) -> Path:
         advice = restart_advice(self.config, latest_checkpoint(self.out))
         if self.policy is not None:
-            from .distributed_checkpoint import save_distributed_checkpoint
+            from treerpo.runtime.distributed_checkpoint import save_distributed_checkpoint
 
             reshard_all(self.policy)
             if self.world.min([all_finite(local_tensor(p.detach()) for p in self.policy.parameters())])[0] == 0:

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .logprobs import packed_logprobs
+from treerpo.policy.logprobs import packed_logprobs
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 
@@ -52,7 +52,7 @@ class PolicyLogprobs(nn.Module):
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks of a Hugging Face causal LM (each becomes one FSDP2 unit)."""
-    from .logprobs import decoder_of
+    from treerpo.policy.logprobs import decoder_of
 
     layers = getattr(decoder_of(model), "layers", None)
     if layers is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .native import native_module
+from treerpo.trees.native import native_module
 
 
 def tile_skip(tin, tout, block_q: int = 64, block_k: int = 64, backend: str = "auto"):

@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from .checkpoint import write_text_atomic
+from treerpo.runtime.checkpoint import write_text_atomic
 
 
 class MetricsLogError(ValueError):
@@ -66,7 +66,7 @@ def plot_metrics(records: list[dict], path: Path, title: str, initial_eval: floa
     evals = [(0, initial_eval)] if initial_eval is not None else []
     evals += [(r["step"], r["eval_accuracy"]) for r in records if r.get("eval_accuracy") is not None]
     if evals:
-        ax.plot(*zip(*evals), marker="o", label="held-out accuracy")
+        ax.plot(*zip(*evals, strict=True), marker="o", label="held-out accuracy")
     ax.set_xlabel("step")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)

@@ -34,7 +34,7 @@ def comparable_config(config) -> dict:
 
 def _defaults_of_newer_options() -> dict:
     """Options added after a checkpoint was written count as having had their default."""
-    from .config import TrainConfig
+    from treerpo.config import TrainConfig
 
     return {name: getattr(TrainConfig, name)
             for name in ("parallel", "global_weight", "fork_entropy", "min_segment_tokens", "token_weight")}

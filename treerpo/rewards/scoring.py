@@ -5,7 +5,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .tree import Tree
+from treerpo.tree import Tree
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -29,6 +29,6 @@ def score_trees(trees: Sequence[Tree], tokenizer, reward_fn: RewardFn, gold_key:
     rewards = np.asarray(reward_fn(texts, golds), dtype=float)
     if rewards.shape != (len(keys),):
         raise ValueError(f"the reward function returned {rewards.shape} scores for {len(keys)} completions")
-    for (t, leaf), r in zip(keys, rewards):
+    for (t, leaf), r in zip(keys, rewards, strict=True):
         trees[t].reward[leaf] = r
     return rewards

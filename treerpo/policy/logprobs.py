@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .attention import default_tree_backend, tree_attention
-from .attention.context import metadata_kwargs
-from .lm_head import LMHead
-from .packing import PackedBatch
+from treerpo.attention import default_tree_backend, tree_attention
+from treerpo.attention.context import metadata_kwargs
+from treerpo.policy.lm_head import LMHead
+from treerpo.trees.packing import PackedBatch
 
 
 def decoder_of(model):

@@ -14,11 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-def launched_by_torchrun() -> bool:
-    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+from treerpo.config import TORCHRUN_VARIABLES, launched_by_torchrun
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .native import FlatTrees, native_module
-from .tree import Tree
+from treerpo.tree import Tree
+from treerpo.trees.native import FlatTrees, native_module
 
 
 @dataclass
@@ -39,11 +39,6 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    def dense_visibility(self) -> torch.Tensor:
-        """[N, N] bool, True where query row may see key column (the reference mask)."""
-        q = self.tin[:, None]
-        return (self.tin[None, :] <= q) & (q < self.tout[None, :])
 
 
 def nodes_to_pack(tree: Tree, prune: bool) -> np.ndarray:

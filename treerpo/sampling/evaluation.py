@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .generation import continue_sequences, encode_prompts
+from treerpo.sampling.generation import continue_sequences, encode_prompts
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 

@@ -1,0 +1,1 @@
+"""Sampling outside the engine: the reference tree sampler, plain generation, prompt rules, evaluation."""

@@ -1,0 +1,1 @@
+"""Training: the Trainer loop, batch preparation, the minibatch plan, metrics."""

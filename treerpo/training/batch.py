@@ -1,0 +1,52 @@
+"""Micro-batches ready for the loss: trees packed, their loss rows and weights, and the old and reference
+log-probs computed through the same packed forward as the new ones. Shared by the Trainer and TRL's
+TreeRPOTrainer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from treerpo.tree import Tree
+from treerpo.trees.packing import PackedBatch, pack_trees
+from treerpo.trees.token_weights import row_weights
+
+LogprobsFn = Callable[[PackedBatch, torch.Tensor], torch.Tensor]  # (packed batch, loss rows) -> log-probs
+
+
+@dataclass
+class PreparedBatch:
+    packed: PackedBatch
+    rows: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    weights: torch.Tensor | None = None  # float32 per row, when token_weight is not "node"
+    filler: bool = False  # padding for the collectives of a rank with fewer micro-batches: its loss counts zero
+
+
+@dataclass
+class Minibatch:
+    """One optimizer step's share on this rank; ``normalizer`` is the weighted count of the loss tokens of all ranks'
+    shares (``tokens``, unweighted)."""
+    normalizer: int
+    batches: list[PreparedBatch]
+    tokens: int
+
+
+@torch.no_grad()
+def prepare_batch(trees: list[Tree], device, policy_logprobs: LogprobsFn, reference_logprobs: LogprobsFn | None,
+                  token_weight: str = "node", *, old_logprobs: bool, filler: bool = False) -> PreparedBatch:
+    """``trees`` packed (unkept nodes pruned) on ``device`` with their loss rows; the policy's log-probs of those rows
+    now, when they will be used after the weights change (``old_logprobs``), and the reference policy's."""
+    packed = pack_trees(trees, prune_unkept=True)
+    weights = None
+    if token_weight != "node":  # None: every token once, the plain token mean
+        loss_rows = packed.loss_mask.nonzero().squeeze(1)
+        weights = torch.from_numpy(row_weights(trees, packed.tree_index[loss_rows].numpy(),
+                                               packed.node_index[loss_rows].numpy(), token_weight)).to(device)
+    packed = packed.to(device)
+    rows = torch.nonzero(packed.loss_mask).squeeze(1)
+    old = policy_logprobs(packed, rows) if old_logprobs else None
+    ref = reference_logprobs(packed, rows) if reference_logprobs is not None else None
+    return PreparedBatch(packed, rows, old, ref, weights, filler=filler)
