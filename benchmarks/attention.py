@@ -17,6 +17,7 @@ Times are the median of ``--repeats`` runs after one warm-up (compile and BlockM
 they are paid once per batch and shared by every layer). Useful TFLOP/s count visible query-key pairs
 only: 4 * pairs * head_dim * heads for the forward, 2.5x that for forward+backward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import machine, print_table, write_json
 
-from treerpo.attention.optional_kernels import available_dense_kernels, causal_prefix_attention  # noqa: E402
-from treerpo.attention.registry import _register_triton, available_tree_backends, get_tree_backend  # noqa: E402
-from treerpo.attention.sdpa_backend import sdpa_tree_attention  # noqa: E402
-from treerpo.tree import Tree  # noqa: E402
-from treerpo.trees.packing import pack_trees  # noqa: E402
+from treerpo.attention.optional_kernels import available_dense_kernels, causal_prefix_attention
+from treerpo.attention.registry import _register_triton, available_tree_backends, get_tree_backend
+from treerpo.attention.sdpa_backend import sdpa_tree_attention
+from treerpo.tree import Tree
+from treerpo.trees.packing import pack_trees
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,8 +53,9 @@ def full_tree(rng: np.random.Generator, branching, segment_tokens: int, prompt_t
                 nxt.append(len(parents))
         level = nxt
     segments = [rng.integers(3, vocab, size=segment_tokens) for _ in parents]
-    tree = Tree.from_segments(rng.integers(3, vocab, size=prompt_tokens), parents, segments,
-                              finished=[False] * len(parents))
+    tree = Tree.from_segments(
+        rng.integers(3, vocab, size=prompt_tokens), parents, segments, finished=[False] * len(parents)
+    )
     tree.kept = np.ones(tree.num_nodes, dtype=bool)
     tree.kept[0] = False
     return tree
@@ -120,7 +122,7 @@ def run_size(size: int, args, device, dtype) -> tuple[list[dict], dict]:
     n, (r, s) = batch.num_tokens, rows.shape
     tin, tout = batch.tin.to(device), batch.tout.to(device)
     hq, hkv, d = args.heads, args.kv_heads, args.head_dim
-    scale = d ** -0.5
+    scale = d**-0.5
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     q, k, v = (torch.randn(1, h, n, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv))
     grad_tree = torch.randn(1, hq, n, d, generator=g).to(device, dtype)
@@ -182,15 +184,32 @@ def run_size(size: int, args, device, dtype) -> tuple[list[dict], dict]:
             fwdbwd_s = measure(step, args.repeats)
             fwdbwd_peak = peak_bytes(step, device)
         flops = 4 * pairs * d * hq
-        results.append({
-            "size": size, "system": name, "tokens": tokens, "visible_pairs": pairs,
-            "fwd_ms": fwd_s * 1e3, "fwdbwd_ms": None if fwdbwd_s is None else fwdbwd_s * 1e3,
-            "fwd_tflops": flops / fwd_s / 1e12, "fwdbwd_tflops": None if fwdbwd_s is None else 2.5 * flops / fwdbwd_s / 1e12,
-            "fwd_peak_MiB": None if fwd_peak is None else fwd_peak / 2**20,
-            "fwdbwd_peak_MiB": None if fwdbwd_peak is None else fwdbwd_peak / 2**20, "max_abs_err": err})
+        results.append(
+            {
+                "size": size,
+                "system": name,
+                "tokens": tokens,
+                "visible_pairs": pairs,
+                "fwd_ms": fwd_s * 1e3,
+                "fwdbwd_ms": None if fwdbwd_s is None else fwdbwd_s * 1e3,
+                "fwd_tflops": flops / fwd_s / 1e12,
+                "fwdbwd_tflops": None if fwdbwd_s is None else 2.5 * flops / fwdbwd_s / 1e12,
+                "fwd_peak_MiB": None if fwd_peak is None else fwd_peak / 2**20,
+                "fwdbwd_peak_MiB": None if fwdbwd_peak is None else fwdbwd_peak / 2**20,
+                "max_abs_err": err,
+            }
+        )
         print(f"  {size}: {name} done", flush=True)
-    info = {"size": size, "tree_tokens": n, "trees": len(set(batch.tree_index.tolist())), "rows": r, "row_len": s,
-            "row_tokens": r * s, "tree_visible_pairs": tree_pairs, "row_visible_pairs": row_pairs}
+    info = {
+        "size": size,
+        "tree_tokens": n,
+        "trees": len(set(batch.tree_index.tolist())),
+        "rows": r,
+        "row_len": s,
+        "row_tokens": r * s,
+        "tree_visible_pairs": tree_pairs,
+        "row_visible_pairs": row_pairs,
+    }
     return results, info
 
 
@@ -222,8 +241,13 @@ def ratios_for(results: list[dict], info: dict) -> dict:
 def main(argv=None):
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=None,
-                        help="tree tokens per batch (default: 2048 8192 on CPU, 2048 8192 32768 65536 on CUDA)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="tree tokens per batch (default: 2048 8192 on CPU, 2048 8192 32768 65536 on CUDA)",
+    )
     parser.add_argument("--branching", type=int, nargs="+", default=[4, 2, 2])
     parser.add_argument("--segment-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -245,10 +269,12 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(args.seed)
-    print(f"attention benchmark on {machine()}; {dtype}, heads {args.heads}/{args.kv_heads} kv, head dim "
-          f"{args.head_dim}; trees {args.branching} x {args.segment_tokens} tokens, prompts {args.prompt_tokens} "
-          f"tokens; dense kernels on {device.type}: {available_dense_kernels(device)}; median of {args.repeats}",
-          flush=True)
+    print(
+        f"attention benchmark on {machine()}; {dtype}, heads {args.heads}/{args.kv_heads} kv, head dim "
+        f"{args.head_dim}; trees {args.branching} x {args.segment_tokens} tokens, prompts {args.prompt_tokens} "
+        f"tokens; dense kernels on {device.type}: {available_dense_kernels(device)}; median of {args.repeats}",
+        flush=True,
+    )
     all_results, infos, ratios_by_size = [], [], {}
     for size in args.sizes:
         results, info = run_size(size, args, device, dtype)
@@ -256,19 +282,46 @@ def main(argv=None):
         infos.append(info)
         ratios_by_size[str(size)] = ratios_for(results, info)
     print()
-    print_table(infos, ["size", "trees", "tree_tokens", "rows", "row_len", "row_tokens", "tree_visible_pairs",
-                        "row_visible_pairs"])
+    print_table(
+        infos,
+        ["size", "trees", "tree_tokens", "rows", "row_len", "row_tokens", "tree_visible_pairs", "row_visible_pairs"],
+    )
     print()
-    print_table(all_results, ["size", "system", "tokens", "fwd_ms", "fwdbwd_ms", "fwd_tflops", "fwdbwd_tflops",
-                              "fwd_peak_MiB", "fwdbwd_peak_MiB", "max_abs_err"])
+    print_table(
+        all_results,
+        [
+            "size",
+            "system",
+            "tokens",
+            "fwd_ms",
+            "fwdbwd_ms",
+            "fwd_tflops",
+            "fwdbwd_tflops",
+            "fwd_peak_MiB",
+            "fwdbwd_peak_MiB",
+            "max_abs_err",
+        ],
+    )
     ratios = ratios_by_size[str(args.sizes[-1])]
-    print(f"\nratios at {args.sizes[-1]} tree tokens (speedup = other's ms / this one's ms; "
-          "flex_over_sdpa = sdpa_tree ms / flex ms):")
+    print(
+        f"\nratios at {args.sizes[-1]} tree tokens (speedup = other's ms / this one's ms; "
+        "flex_over_sdpa = sdpa_tree ms / flex ms):"
+    )
     for key, val in ratios.items():
         print(f"  {key}: {val:.3g}")
-    write_json(args.json, {"machine": machine(), "device": device.type, "dtype": str(dtype), "args": vars(args),
-                           "batches": infos, "results": all_results, "ratios_by_size": ratios_by_size,
-                           "ratios": ratios})
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "device": device.type,
+            "dtype": str(dtype),
+            "args": vars(args),
+            "batches": infos,
+            "results": all_results,
+            "ratios_by_size": ratios_by_size,
+            "ratios": ratios,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Helpers shared by the benchmarks: machine description, timing, JSON output."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,10 @@ import torch
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} " \
-           f"threads, torch {torch.__version__}"
+    return (
+        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}"
+    )
 
 
 def timed(fn):

@@ -13,6 +13,7 @@ Compared, on the same prompts, rows (prompts x leaves) and tokens (EOS ignored):
 ``generate_over_bound`` is the most any eager-PyTorch engine could gain over ``generate`` here. Llama- and
 Qwen2-style decoders only (the projections by those names, default RoPE); others are refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, timed, write_json  # noqa: E402
-from rollout import PROMPTS, load, run_engine, run_generate  # noqa: E402
+from common import machine, print_table, timed, write_json
+from rollout import PROMPTS, load, run_engine, run_generate
 
-from treerpo.engine.sampling import SamplingParams, draw  # noqa: E402
-from treerpo.policy.lm_head import LMHead  # noqa: E402
-from treerpo.policy.logprobs import decoder_of  # noqa: E402
-from treerpo.tree import TreeSpec  # noqa: E402
+from treerpo.engine.sampling import SamplingParams, draw
+from treerpo.policy.lm_head import LMHead
+from treerpo.policy.logprobs import decoder_of
+from treerpo.tree import TreeSpec
 
 
 class LeanDecoder:
@@ -39,14 +40,18 @@ class LeanDecoder:
         config = model.config
         rope_type = (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
         if rope_type != "default" or getattr(config, "use_sliding_window", False):
-            raise ValueError(f"decode_bound: {config.model_type} with rope scaling or a sliding window is not "
-                             "covered; use a Llama- or Qwen2-style model with default RoPE")
+            raise ValueError(
+                f"decode_bound: {config.model_type} with rope scaling or a sliding window is not "
+                "covered; use a Llama- or Qwen2-style model with default RoPE"
+            )
         decoder = decoder_of(model)
         try:
             self.layers = [self._layer(layer) for layer in decoder.layers]
         except AttributeError as err:
-            raise ValueError(f"decode_bound: {config.model_type} does not have Llama/Qwen2 projections ({err}); "
-                             "use a Llama- or Qwen2-style model") from None
+            raise ValueError(
+                f"decode_bound: {config.model_type} does not have Llama/Qwen2 projections ({err}); "
+                "use a Llama- or Qwen2-style model"
+            ) from None
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.embed, self.norm, self.head = decoder.embed_tokens.weight, decoder.norm, LMHead(model)
@@ -60,28 +65,37 @@ class LeanDecoder:
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         bias = torch.cat([p.bias for p in projections]) if attn.q_proj.bias is not None else None
-        return {"qkv": torch.cat([p.weight for p in projections]), "qkv_bias": bias, "o": attn.o_proj.weight,
-                "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), "down": mlp.down_proj.weight,
-                "norm1": layer.input_layernorm, "norm2": layer.post_attention_layernorm}
+        return {
+            "qkv": torch.cat([p.weight for p in projections]),
+            "qkv_bias": bias,
+            "o": attn.o_proj.weight,
+            "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            "down": mlp.down_proj.weight,
+            "norm1": layer.input_layernorm,
+            "norm2": layer.post_attention_layernorm,
+        }
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """Feed ``tokens`` [rows] at ``position`` (every row at the same one) -> logits [rows, vocab]."""
         rows, hq, hkv, d = len(tokens), self.heads, self.kv_heads, self.head_dim
         angles = position * self.inv_freq
-        cos, sin = torch.cat([angles.cos()] * 2).to(self.embed.dtype), torch.cat([angles.sin()] * 2).to(self.embed.dtype)
+        cos, sin = (
+            torch.cat([angles.cos()] * 2).to(self.embed.dtype),
+            torch.cat([angles.sin()] * 2).to(self.embed.dtype),
+        )
         x = self.embed[tokens]
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, x.shape[-1:], w["norm1"].weight, w["norm1"].variance_epsilon)
             qkv = F.linear(h, w["qkv"], w["qkv_bias"]).view(rows, hq + 2 * hkv, d)
-            qk = qkv[:, :hq + hkv]
-            first, second = qk[..., :d // 2], qk[..., d // 2:]
+            qk = qkv[:, : hq + hkv]
+            first, second = qk[..., : d // 2], qk[..., d // 2 :]
             qk = qk * cos + torch.cat([-second, first], -1) * sin
             self.keys[i, :, :, position] = qk[:, hq:]
-            self.values[i, :, :, position] = qkv[:, hq + hkv:]
-            keys, values = self.keys[i, :, :, :position + 1], self.values[i, :, :, :position + 1]
+            self.values[i, :, :, position] = qkv[:, hq + hkv :]
+            keys, values = self.keys[i, :, :, : position + 1], self.values[i, :, :, : position + 1]
             q = qk[:, :hq].reshape(rows, hkv, hq // hkv, d)
-            weights = torch.softmax(q @ keys.transpose(-1, -2) * d ** -0.5, -1)
+            weights = torch.softmax(q @ keys.transpose(-1, -2) * d**-0.5, -1)
             x = x + F.linear((weights @ values).reshape(rows, hq * d), w["o"])
             h = F.rms_norm(x, x.shape[-1:], w["norm2"].weight, w["norm2"].variance_epsilon)
             gate, up = F.linear(h, w["gate_up"]).chunk(2, -1)
@@ -122,31 +136,52 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tok = load(args.model)
-    texts = [f"{i + 1}+{i + 2}-3=" for i in range(args.prompts)] if args.model == "tiny" else \
-        (PROMPTS * args.prompts)[:args.prompts]
+    texts = (
+        [f"{i + 1}+{i + 2}-3=" for i in range(args.prompts)]
+        if args.model == "tiny"
+        else (PROMPTS * args.prompts)[: args.prompts]
+    )
     prompts = [tok(t)["input_ids"] for t in texts]
     flat = TreeSpec((args.leaves,), args.new_tokens, max_prompt_tokens=256)
-    print(f"plain sampling bound on {machine()}; model {args.model} ({model.dtype}); {args.prompts} prompts x "
-          f"{args.leaves} answers x {args.new_tokens} tokens (EOS ignored); best of {args.repeats}")
+    print(
+        f"plain sampling bound on {machine()}; model {args.model} ({model.dtype}); {args.prompts} prompts x "
+        f"{args.leaves} answers x {args.new_tokens} tokens (EOS ignored); best of {args.repeats}"
+    )
     print("compared: bound (the model's own work in lean eager PyTorch, decode steps only), engine_flat, hf_generate")
 
     def best(fn):
         return min((fn() for _ in range(args.repeats)), key=lambda r: r["seconds"])
 
-    systems = {"bound": best(lambda: run_bound(model, prompts, args.leaves, args.new_tokens)),
-               "engine_flat": best(lambda: run_engine(model, tok, prompts, flat, True, 1 << 15)),
-               "hf_generate": best(lambda: run_generate(model, tok, prompts, args.leaves, args.new_tokens))}
-    print_table([{"system": k, "seconds": v["seconds"], "generated_tokens": v["generated_tokens"]}
-                 for k, v in systems.items()], ["system", "seconds", "generated_tokens"])
+    systems = {
+        "bound": best(lambda: run_bound(model, prompts, args.leaves, args.new_tokens)),
+        "engine_flat": best(lambda: run_engine(model, tok, prompts, flat, True, 1 << 15)),
+        "hf_generate": best(lambda: run_generate(model, tok, prompts, args.leaves, args.new_tokens)),
+    }
+    print_table(
+        [{"system": k, "seconds": v["seconds"], "generated_tokens": v["generated_tokens"]} for k, v in systems.items()],
+        ["system", "seconds", "generated_tokens"],
+    )
     seconds = {k: v["seconds"] for k, v in systems.items()}
-    ratios = {"generate_over_bound": seconds["hf_generate"] / seconds["bound"],
-              "generate_over_engine_flat": seconds["hf_generate"] / seconds["engine_flat"],
-              "engine_flat_over_bound": seconds["engine_flat"] / seconds["bound"]}
+    ratios = {
+        "generate_over_bound": seconds["hf_generate"] / seconds["bound"],
+        "generate_over_engine_flat": seconds["hf_generate"] / seconds["engine_flat"],
+        "engine_flat_over_bound": seconds["engine_flat"] / seconds["bound"],
+    }
     for k, v in ratios.items():
         print(f"{k}: {v:.3g}")
-    write_json(args.json, {"machine": machine(), "model": args.model, "prompts": args.prompts,
-                           "leaves": args.leaves, "new_tokens": args.new_tokens, "threads": args.threads,
-                           "systems": systems, "ratios": ratios})
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "model": args.model,
+            "prompts": args.prompts,
+            "leaves": args.leaves,
+            "new_tokens": args.new_tokens,
+            "threads": args.threads,
+            "systems": systems,
+            "ratios": ratios,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ the memory before the first draw (the head and hidden states already made): resi
 allocated memory on CUDA (the default device when there is one). A system
 whose estimated peak exceeds ``--max-memory-gib`` is left out and reported as such.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, timed, write_json  # noqa: E402
+from common import machine, print_table, timed, write_json
 
 # bytes a logit of each system holds at its peak, for the estimate that leaves a system out (not a measurement)
 ESTIMATED_BYTES_PER_LOGIT = {"one_shot": 4 + 8, "before": 4 + 4 + 8 + 8 + 8}
@@ -54,7 +55,7 @@ def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: i
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)
-    layer.weight.copy_(torch.randn(vocab, hidden_size, generator=gen) * hidden_size ** -0.5)
+    layer.weight.copy_(torch.randn(vocab, hidden_size, generator=gen) * hidden_size**-0.5)
     layer = layer.to(device)
     head = LMHead(SimpleNamespace(get_output_embeddings=lambda: layer, config=SimpleNamespace()))
     hidden = (torch.randn(rows, hidden_size, generator=gen) * 3).to(device)
@@ -73,6 +74,7 @@ def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: i
 
         def run(n=rows):
             return draw_step(head, hidden[:n], None, u[:n], 1, params, False, budget)  # a decode step: rows in order
+
     run(min(rows, 4))  # code paths and workspaces loaded on first use are not the draw's memory
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -88,17 +90,36 @@ def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: i
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resident_bytes("VmHWM")
-    return {"seconds": min(seconds), "all_seconds": seconds, "peak_extra_MiB": (peak - before) / 2**20,
-            "tokens_sha1": hashlib.sha1(np.ascontiguousarray(tokens[0]).tobytes()).hexdigest()}
+    return {
+        "seconds": min(seconds),
+        "all_seconds": seconds,
+        "peak_extra_MiB": (peak - before) / 2**20,
+        "tokens_sha1": hashlib.sha1(np.ascontiguousarray(tokens[0]).tobytes()).hexdigest(),
+    }
 
 
 def run_worker(system: str, src: Path, args, rows: int, vocab: int) -> dict:
     # glibc: every block of 64 KiB or more mapped on its own and unmapped when freed (no dynamic threshold that
     # would keep freed chunks resident), so that resident memory follows what the draw holds
     env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--worker", system, "--rows", str(rows), "--vocab", str(vocab),
-           "--hidden", str(args.hidden), "--memory-bytes", str(args.memory_bytes), "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        system,
+        "--rows",
+        str(rows),
+        "--vocab",
+        str(vocab),
+        "--hidden",
+        str(args.hidden),
+        "--memory-bytes",
+        str(args.memory_bytes),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     out = subprocess.run(cmd, env=env, cwd=src, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{system} at {rows} x {vocab} failed:\n{out.stderr[-2000:]}")
@@ -112,8 +133,9 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--memory-bytes", type=int, default=1 << 30, help="the chunked draw's budget")
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout of the code before the change")
-    parser.add_argument("--max-memory-gib", type=float, default=12.0,
-                        help="leave out a system whose estimated peak is larger")
+    parser.add_argument(
+        "--max-memory-gib", type=float, default=12.0, help="leave out a system whose estimated peak is larger"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default=None)
@@ -121,15 +143,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.rows[0], args.vocab[0], args.hidden, args.memory_bytes,
-                                args.repeats)))
+        print(
+            json.dumps(worker(args.worker, args.rows[0], args.vocab[0], args.hidden, args.memory_bytes, args.repeats))
+        )
         return
     here = Path(__file__).resolve().parent.parent
     systems = {"chunked": here, "one_shot": here}
     if args.baseline is not None:
         systems["before"] = args.baseline.resolve()
-    print(f"decode-step LM head + draw (temperature 1, one draw a row, hidden {args.hidden}, chunked budget "
-          f"{args.memory_bytes / 2**20:.0f} MiB); {machine()}, {args.threads} threads; best of {args.repeats}")
+    print(
+        f"decode-step LM head + draw (temperature 1, one draw a row, hidden {args.hidden}, chunked budget "
+        f"{args.memory_bytes / 2**20:.0f} MiB); {machine()}, {args.threads} threads; best of {args.repeats}"
+    )
     print(f"compared: {', '.join(systems)}")
     results, table, ratios = [], [], {}
     for vocab in args.vocab:
@@ -146,9 +171,16 @@ def main(argv=None):
             results.append(row)
             for system in systems:
                 r = row[system]
-                table.append({"rows": rows, "vocab": vocab, "system": system,
-                              "seconds": r.get("seconds", "-"), "peak_extra_MiB": r.get("peak_extra_MiB", "-"),
-                              "note": r.get("left_out") or ("TOKENS DIFFER" if row["same_tokens"] is False else "")})
+                table.append(
+                    {
+                        "rows": rows,
+                        "vocab": vocab,
+                        "system": system,
+                        "seconds": r.get("seconds", "-"),
+                        "peak_extra_MiB": r.get("peak_extra_MiB", "-"),
+                        "note": r.get("left_out") or ("TOKENS DIFFER" if row["same_tokens"] is False else ""),
+                    }
+                )
             key = f"{rows}x{vocab}"
             for other in ("one_shot", "before"):
                 if "seconds" in row.get(other, {}):
@@ -158,9 +190,18 @@ def main(argv=None):
     print_table(table, ["rows", "vocab", "system", "seconds", "peak_extra_MiB", "note"])
     for k, v in ratios.items():
         print(f"{k}: {v:.3g}")
-    write_json(args.json, {"machine": machine(), "threads": args.threads, "hidden": args.hidden,
-                           "memory_bytes": args.memory_bytes, "baseline": str(args.baseline), "results": results,
-                           "ratios": ratios})
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "threads": args.threads,
+            "hidden": args.hidden,
+            "memory_bytes": args.memory_bytes,
+            "baseline": str(args.baseline),
+            "results": results,
+            "ratios": ratios,
+        },
+    )
 
 
 if __name__ == "__main__":

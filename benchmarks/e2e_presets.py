@@ -1,4 +1,5 @@
 """The end-to-end benchmark's presets: model, task, batch shape and run length, identical for every system."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -67,19 +68,58 @@ class Preset:
 
 PRESETS = {
     # the embedded default task (treerpo's quick start): 1M-parameter Qwen2, chain arithmetic
-    "tiny": Preset("tiny", "tiny", "synthetic", None, eval_size=256, prompts_per_step=32, branching=(4, 2, 2),
-                   segment_tokens=12, steps=100, eval_every=10, max_prompt_tokens=64),
+    "tiny": Preset(
+        "tiny",
+        "tiny",
+        "synthetic",
+        None,
+        eval_size=256,
+        prompts_per_step=32,
+        branching=(4, 2, 2),
+        segment_tokens=12,
+        steps=100,
+        eval_every=10,
+        max_prompt_tokens=64,
+    ),
     # a real model and dataset, a few steps: per-step throughput (no held-out evaluation). The 135M model almost
     # never solves GSM8K, so with the real reward every group has zero advantage and treerpo would skip all
     # training (TRL still runs it); the hash reward gives every group a signal, so both train on every token
-    "smollm2": Preset("smollm2", "smollm2", str(SHARED_DATA / "gsm8k_train.jsonl"), None, eval_size=0,
-                      prompts_per_step=4, branching=(2, 2, 2), segment_tokens=32, steps=3, eval_every=0,
-                      max_prompt_tokens=256, reward="hash", seeds=(0,), micro_batch_tokens=2048),
+    "smollm2": Preset(
+        "smollm2",
+        "smollm2",
+        str(SHARED_DATA / "gsm8k_train.jsonl"),
+        None,
+        eval_size=0,
+        prompts_per_step=4,
+        branching=(2, 2, 2),
+        segment_tokens=32,
+        steps=3,
+        eval_every=0,
+        max_prompt_tokens=256,
+        reward="hash",
+        seeds=(0,),
+        micro_batch_tokens=2048,
+    ),
     # GPU throughput at 1.5B parameters, random weights: the reward is a hash of the text
-    "qwen1.5b": Preset("qwen1.5b", "random-qwen2-1.5b", "synthetic", None, eval_size=0, prompts_per_step=16,
-                       branching=(4, 2, 2), segment_tokens=64, steps=4, eval_every=0, max_prompt_tokens=64,
-                       reward="hash", tau=0.0, seeds=(0,), micro_batch_tokens=16384, kv_pool_tokens=1 << 17,
-                       trl_per_device_batch=32),
+    "qwen1.5b": Preset(
+        "qwen1.5b",
+        "random-qwen2-1.5b",
+        "synthetic",
+        None,
+        eval_size=0,
+        prompts_per_step=16,
+        branching=(4, 2, 2),
+        segment_tokens=64,
+        steps=4,
+        eval_every=0,
+        max_prompt_tokens=64,
+        reward="hash",
+        tau=0.0,
+        seeds=(0,),
+        micro_batch_tokens=16384,
+        kv_pool_tokens=1 << 17,
+        trl_per_device_batch=32,
+    ),
 }
 
 

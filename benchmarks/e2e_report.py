@@ -1,12 +1,18 @@
 """Summaries of end-to-end runs: per-system means and spread over seeds, headline ratios, markdown tables, plots."""
+
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
 
 PHASES = ("rollout_s", "scoring_s", "logprobs_s", "training_s")
-LABELS = {"treerpo": "treerpo TreeRPO", "grpo": "treerpo GRPO", "trl": "TRL GRPOTrainer",
-          "trl_rollout": "TRL GRPOTrainer + treerpo rollout", "trl_treerpo": "TRL TreeRPOTrainer"}
+LABELS = {
+    "treerpo": "treerpo TreeRPO",
+    "grpo": "treerpo GRPO",
+    "trl": "TRL GRPOTrainer",
+    "trl_rollout": "TRL GRPOTrainer + treerpo rollout",
+    "trl_treerpo": "TRL TreeRPOTrainer",
+}
 
 
 def _median(values):
@@ -16,8 +22,10 @@ def _median(values):
 def run_summary(run: dict) -> dict:
     """Per-step medians (the first step, a warm-up, left out when there are more) and the run's totals."""
     steps = run["steps"][1:] if len(run["steps"]) > 1 else run["steps"]
-    out = {k: _median([s[k] for s in steps]) for k in ("step_s", *PHASES, "tokens_generated", "tokens_trained",
-                                                        "response_tokens_mean")}
+    out = {
+        k: _median([s[k] for s in steps])
+        for k in ("step_s", *PHASES, "tokens_generated", "tokens_trained", "response_tokens_mean")
+    }
     out["generated_tokens_per_s"] = _median([s["tokens_generated"] / s["rollout_s"] for s in steps])
     out["trained_tokens_per_s"] = _median([s["tokens_trained"] / (s["logprobs_s"] + s["training_s"]) for s in steps])
     out["peak_memory_MiB"] = run["peak_memory_MiB"]
@@ -33,8 +41,13 @@ def mean_spread(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
         return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 FINAL_EVALS = 3  # TRL's final accuracy: the mean of its last evaluations (one is +-0.03 noise on 256 problems)
@@ -50,7 +63,7 @@ def first_reach(run: dict, target: float) -> dict | None:
     next (when there is one) average at least ``target``, so one lucky point does not count."""
     evals = [e for e in run["evals"] if e["step"] > 0]
     for i, e in enumerate(evals):
-        if statistics.fmean(x["accuracy"] for x in evals[i:i + 2]) >= target:
+        if statistics.fmean(x["accuracy"] for x in evals[i : i + 2]) >= target:
             return e
     return None
 
@@ -68,8 +81,11 @@ def summarize(runs: list[dict]) -> dict:
     seeds = sorted({r["seed"] for r in runs})
 
     def paired(name, num, den, key="step_s"):
-        values = [per_run[(num, s)][key] / per_run[(den, s)][key] for s in seeds
-                  if (num, s) in per_run and (den, s) in per_run]
+        values = [
+            per_run[(num, s)][key] / per_run[(den, s)][key]
+            for s in seeds
+            if (num, s) in per_run and (den, s) in per_run
+        ]
         if values:
             ratios[name] = statistics.fmean(values)
             spread[name] = mean_spread(values)
@@ -101,18 +117,28 @@ def _crossings(runs, seeds, ratios, spread) -> dict:
                 continue
             target = {**trl["evals"][-1], "accuracy": final_accuracy(trl)}
             hit = first_reach(ours, target["accuracy"])
-            rows.append({"seed": seed, "trl_final_accuracy": target["accuracy"], "trl_wall_s": target["wall_s"],
-                         "trl_tokens": target["tokens_generated"], "reached": hit is not None,
-                         "wall_s": hit and hit["wall_s"], "tokens": hit and hit["tokens_generated"],
-                         "step": hit and hit["step"]})
+            rows.append(
+                {
+                    "seed": seed,
+                    "trl_final_accuracy": target["accuracy"],
+                    "trl_wall_s": target["wall_s"],
+                    "trl_tokens": target["tokens_generated"],
+                    "reached": hit is not None,
+                    "wall_s": hit and hit["wall_s"],
+                    "tokens": hit and hit["tokens_generated"],
+                    "step": hit and hit["step"],
+                }
+            )
             if hit:
                 wall_ratios.append(target["wall_s"] / max(hit["wall_s"], 1e-9))
                 token_ratios.append(target["tokens_generated"] / max(hit["tokens_generated"], 1))
         if rows:
             out[system] = rows
             if len(wall_ratios) == len(rows):  # a ratio only when every seed reached the target
-                for name, values in ((f"{system}_wall_clock_to_trl_final_accuracy_speedup", wall_ratios),
-                                     (f"{system}_tokens_to_trl_final_accuracy_saving", token_ratios)):
+                for name, values in (
+                    (f"{system}_wall_clock_to_trl_final_accuracy_speedup", wall_ratios),
+                    (f"{system}_tokens_to_trl_final_accuracy_saving", token_ratios),
+                ):
                     ratios[name] = statistics.fmean(values)
                     spread[name] = mean_spread(values)
     return out
@@ -128,27 +154,46 @@ def _pm(stat: dict, fmt: str = "{:.3g}") -> str:
 
 
 def markdown_tables(summary: dict, header: str) -> str:
-    cols = [("step_s", "s/step"), ("rollout_s", "rollout s"), ("scoring_s", "scoring s"),
-            ("logprobs_s", "old/ref log-probs s"), ("training_s", "training s"),
-            ("generated_tokens_per_s", "generated tok/s"), ("trained_tokens_per_s", "trained tok/s"),
-            ("peak_memory_MiB", "peak MiB"), ("response_tokens_mean", "response tokens"),
-            ("tokens_generated", "generated tok/step")]
+    cols = [
+        ("step_s", "s/step"),
+        ("rollout_s", "rollout s"),
+        ("scoring_s", "scoring s"),
+        ("logprobs_s", "old/ref log-probs s"),
+        ("training_s", "training s"),
+        ("generated_tokens_per_s", "generated tok/s"),
+        ("trained_tokens_per_s", "trained tok/s"),
+        ("peak_memory_MiB", "peak MiB"),
+        ("response_tokens_mean", "response tokens"),
+        ("tokens_generated", "generated tok/step"),
+    ]
     lines = [header, "", "| system | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for system, stats in summary["systems"].items():
         lines.append(f"| {LABELS[system]} | " + " | ".join(_pm(stats[k]) for k, _ in cols) + " |")
     if any("final_accuracy" in s for s in summary["systems"].values()):
-        lines += ["", "| system | held-out accuracy start | end | run wall-clock s | generated tokens |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| system | held-out accuracy start | end | run wall-clock s | generated tokens |",
+            "|---|---|---|---|---|",
+        ]
         for system, stats in summary["systems"].items():
-            lines.append(f"| {LABELS[system]} | {_pm(stats['initial_accuracy'])} | {_pm(stats['final_accuracy'])} | "
-                         f"{_pm(stats['wall_s'], '{:.0f}')} | {_pm(stats['total_generated'], '{:.3g}')} |")
+            lines.append(
+                f"| {LABELS[system]} | {_pm(stats['initial_accuracy'])} | {_pm(stats['final_accuracy'])} | "
+                f"{_pm(stats['wall_s'], '{:.0f}')} | {_pm(stats['total_generated'], '{:.3g}')} |"
+            )
     for system, rows in summary["crossings"].items():
-        lines += ["", f"{LABELS[system]} reaching TRL's final held-out accuracy (same seed; TRL final = mean of its "
-                  f"last {FINAL_EVALS} evaluations; reached = an evaluation and the next average at least that):", "",
-                  "| seed | TRL final | TRL wall s | TRL tokens | reached at step | wall s | tokens |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"{LABELS[system]} reaching TRL's final held-out accuracy (same seed; TRL final = mean of its "
+            f"last {FINAL_EVALS} evaluations; reached = an evaluation and the next average at least that):",
+            "",
+            "| seed | TRL final | TRL wall s | TRL tokens | reached at step | wall s | tokens |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
-            lines.append(f"| {r['seed']} | {r['trl_final_accuracy']:.3f} | {r['trl_wall_s']:.0f} | {r['trl_tokens']:,} | "
-                         + (f"{r['step']} | {r['wall_s']:.0f} | {r['tokens']:,} |" if r["reached"] else "not reached | - | - |"))
+            lines.append(
+                f"| {r['seed']} | {r['trl_final_accuracy']:.3f} | {r['trl_wall_s']:.0f} | {r['trl_tokens']:,} | "
+                + (f"{r['step']} | {r['wall_s']:.0f} | {r['tokens']:,} |" if r["reached"] else "not reached | - | - |")
+            )
     lines += ["", "| ratio | mean | spread over seeds (min - max) |", "|---|---|---|"]
     for name, value in summary["ratios"].items():
         s = summary["ratio_spread"][name]
@@ -165,8 +210,10 @@ def plot_all(runs: list[dict], summary: dict, out_dir: Path, title: str) -> list
 
     paths = []
     if any(r["evals"] for r in runs):
-        for x_key, x_label, name in (("wall_s", "training wall-clock (s, evaluation excluded)", "accuracy_vs_wallclock"),
-                                     ("tokens_generated", "generated tokens", "accuracy_vs_tokens")):
+        for x_key, x_label, name in (
+            ("wall_s", "training wall-clock (s, evaluation excluded)", "accuracy_vs_wallclock"),
+            ("tokens_generated", "generated tokens", "accuracy_vs_tokens"),
+        ):
             fig, ax = plt.subplots(figsize=(7, 4))
             for system in summary["systems"]:
                 curves = [r["evals"] for r in runs if r["system"] == system and r["evals"]]
@@ -175,7 +222,7 @@ def plot_all(runs: list[dict], summary: dict, out_dir: Path, title: str) -> list
                 points = min(len(c) for c in curves)
                 xs = [statistics.fmean(c[i][x_key] for c in curves) for i in range(points)]
                 ys = [[c[i]["accuracy"] for c in curves] for i in range(points)]
-                line, = ax.plot(xs, [statistics.fmean(y) for y in ys], marker="o", ms=3, label=LABELS[system])
+                (line,) = ax.plot(xs, [statistics.fmean(y) for y in ys], marker="o", ms=3, label=LABELS[system])
                 ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
             ax.set_xlabel(x_label)
             ax.set_ylabel("held-out accuracy (greedy)")

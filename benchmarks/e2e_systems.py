@@ -9,6 +9,7 @@ token-mean loss, one optimizer step per rollout. Each step's wall-clock is split
 training (gradient passes and optimizer step). Held-out accuracy is measured between steps with the
 same greedy evaluation for every system, outside the timed region.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,22 +79,30 @@ class HeldOut:
 
     def __call__(self, model) -> float:
         prompts, golds = zip(*self.task.eval, strict=True)
-        return pass_at_1(model, self.tokenizer, list(prompts), list(golds), self.reward_fn,
-                         self.preset.max_new_tokens).accuracy
+        return pass_at_1(
+            model, self.tokenizer, list(prompts), list(golds), self.reward_fn, self.preset.max_new_tokens
+        ).accuracy
 
 
 def _run_record(preset, system, seed, budget, group_size) -> dict:
-    return {"system": system, "seed": seed, "budget": budget, "preset": preset.name, "group_size": group_size,
-            "planned_steps": preset.steps_for(system, budget),
-            "leaves_per_prompt": preset.leaves if system in TREE_SYSTEMS else group_size, "steps": [], "evals": []}
+    return {
+        "system": system,
+        "seed": seed,
+        "budget": budget,
+        "preset": preset.name,
+        "group_size": group_size,
+        "planned_steps": preset.steps_for(system, budget),
+        "leaves_per_prompt": preset.leaves if system in TREE_SYSTEMS else group_size,
+        "steps": [],
+        "evals": [],
+    }
 
 
 def _add_eval(run: dict, held_out: HeldOut, model, step: int) -> None:
     if held_out.due(step):
         wall = sum(s["step_s"] for s in run["steps"])
         generated = sum(s["tokens_generated"] for s in run["steps"])
-        run["evals"].append({"step": step, "wall_s": wall, "tokens_generated": generated,
-                             "accuracy": held_out(model)})
+        run["evals"].append({"step": step, "wall_s": wall, "tokens_generated": generated, "accuracy": held_out(model)})
 
 
 # ---- treerpo ------------------------------------------------------------------------------------------
@@ -104,13 +113,28 @@ def run_treerpo(preset: Preset, algo: str, seed: int, budget: str, log=print) ->
     group_size = preset.group_size(budget)
     steps = preset.steps_for(algo, budget)
     config = TrainConfig(
-        algo=algo, model=model_path(preset), dataset=preset.dataset, eval_dataset=preset.eval_dataset,
-        eval_size=max(preset.eval_size, 1), output_dir=tempfile.mkdtemp(prefix=f"e2e-{algo}-"), max_steps=steps,
-        seed=seed, prompts_per_step=preset.prompts_per_step, branching=list(preset.branching),
-        segment_tokens=preset.segment_tokens, group_size=group_size, max_new_tokens=preset.max_new_tokens,
-        max_prompt_tokens=preset.max_prompt_tokens, lr=preset.lr, kl_coef=preset.kl_coef, tau=preset.tau,
-        micro_batch_tokens=preset.micro_batch_tokens, kv_pool_tokens=preset.kv_pool_tokens, eval_every=0,
-        save_every=0)
+        algo=algo,
+        model=model_path(preset),
+        dataset=preset.dataset,
+        eval_dataset=preset.eval_dataset,
+        eval_size=max(preset.eval_size, 1),
+        output_dir=tempfile.mkdtemp(prefix=f"e2e-{algo}-"),
+        max_steps=steps,
+        seed=seed,
+        prompts_per_step=preset.prompts_per_step,
+        branching=list(preset.branching),
+        segment_tokens=preset.segment_tokens,
+        group_size=group_size,
+        max_new_tokens=preset.max_new_tokens,
+        max_prompt_tokens=preset.max_prompt_tokens,
+        lr=preset.lr,
+        kl_coef=preset.kl_coef,
+        tau=preset.tau,
+        micro_batch_tokens=preset.micro_batch_tokens,
+        kv_pool_tokens=preset.kv_pool_tokens,
+        eval_every=0,
+        save_every=0,
+    )
     trainer = Trainer(config, log=lambda *a: None)
     trainer.reward_fn = reward_for(preset, trainer.task)
     held_out = HeldOut(preset, steps, trainer.task, trainer.tokenizer, trainer.reward_fn)
@@ -120,9 +144,22 @@ def run_treerpo(preset: Preset, algo: str, seed: int, budget: str, log=print) ->
         sync()
         record = trainer.train_step(step)
         sync()
-        run["steps"].append({k: record[k] for k in ("step_s", "rollout_s", "scoring_s", "logprobs_s", "training_s",
-                                                     "tokens_generated", "tokens_trained", "reward_mean",
-                                                     "response_tokens_mean")})
+        run["steps"].append(
+            {
+                k: record[k]
+                for k in (
+                    "step_s",
+                    "rollout_s",
+                    "scoring_s",
+                    "logprobs_s",
+                    "training_s",
+                    "tokens_generated",
+                    "tokens_trained",
+                    "reward_mean",
+                    "response_tokens_mean",
+                )
+            }
+        )
         _add_eval(run, held_out, trainer.model, step + 1)
         log(f"{algo} seed {seed} step {step + 1}/{steps}: {record['step_s']:.2f} s")
     trainer.close()
@@ -144,9 +181,15 @@ class _Timers:
 
     @classmethod
     def for_grpo(cls, trainer) -> "_Timers":
-        timers = cls(trainer, {"_generate": "rollout_s", "_calculate_rewards": "scoring_s",
-                               "_get_per_token_logps_and_entropies": "logprobs_s"},
-                     grad_free=("_get_per_token_logps_and_entropies",))
+        timers = cls(
+            trainer,
+            {
+                "_generate": "rollout_s",
+                "_calculate_rewards": "scoring_s",
+                "_get_per_token_logps_and_entropies": "logprobs_s",
+            },
+            grad_free=("_get_per_token_logps_and_entropies",),
+        )
         score = trainer._generate_and_score_completions
 
         def counted(inputs):
@@ -173,8 +216,7 @@ class _Timers:
         """TreeRPOTrainer: sampling, scoring (rewards and advantages), packing with old/reference log-probs."""
         from treerpo.trees.token_weights import loss_token_count
 
-        timers = cls(trainer, {"sample_trees": "rollout_s", "score_trees": "scoring_s",
-                               "prepare_chunks": "logprobs_s"})
+        timers = cls(trainer, {"sample_trees": "rollout_s", "score_trees": "scoring_s", "prepare_chunks": "logprobs_s"})
         score = trainer.score_trees
 
         def counted(trees, rows):
@@ -206,9 +248,14 @@ class _Timers:
         setattr(trainer, name, timed)
 
     def take(self, step_s: float) -> dict:
-        out = {**self.phase, "step_s": step_s, "tokens_generated": self.completion_tokens,
-               "tokens_trained": self.trained_tokens,
-               "reward_mean": self.reward_mean, "response_tokens_mean": self.response_tokens_mean}
+        out = {
+            **self.phase,
+            "step_s": step_s,
+            "tokens_generated": self.completion_tokens,
+            "tokens_trained": self.trained_tokens,
+            "reward_mean": self.reward_mean,
+            "response_tokens_mean": self.response_tokens_mean,
+        }
         out["training_s"] = step_s - sum(self.phase.values())
         self.phase = dict.fromkeys(self.phase, 0.0)
         self.completion_tokens = self.trained_tokens = 0
@@ -219,12 +266,33 @@ def trl_common(preset: Preset, seed: int, output_dir: str, steps: int) -> dict:
     """GRPOConfig settings as a knowledgeable user sets them for this comparison: treerpo's hyper-parameters,
     fp32, no gradient checkpointing (a small model does not need it), no logging backends."""
     return dict(
-        output_dir=output_dir, max_steps=steps, seed=seed, data_seed=seed, num_iterations=1, temperature=1.0,
-        top_p=1.0, top_k=0, learning_rate=preset.lr, lr_scheduler_type="constant", weight_decay=0.0,
-        max_grad_norm=1.0, beta=preset.kl_coef, epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
-        shuffle_dataset=False, bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_steps=10**9,
-        disable_tqdm=True, dataloader_num_workers=0)
+        output_dir=output_dir,
+        max_steps=steps,
+        seed=seed,
+        data_seed=seed,
+        num_iterations=1,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=preset.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=preset.kl_coef,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        loss_type="dapo",
+        shuffle_dataset=False,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**9,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
 
 
 def trl_config(preset: Preset, group_size: int, seed: int, output_dir: str):
@@ -236,10 +304,15 @@ def trl_config(preset: Preset, group_size: int, seed: int, output_dir: str):
     if completions % per_device:
         raise ValueError(f"trl_per_device_batch={per_device} must divide the {completions} completions of a step")
     accumulation = completions // per_device  # a big model: gradient accumulation over one generation batch
-    return GRPOConfig(**trl_common(preset, seed, output_dir, preset.steps), per_device_train_batch_size=per_device,
-                      gradient_accumulation_steps=accumulation, steps_per_generation=accumulation,
-                      num_generations=group_size, max_completion_length=preset.max_new_tokens,
-                      scale_rewards="group")
+    return GRPOConfig(
+        **trl_common(preset, seed, output_dir, preset.steps),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=accumulation,
+        num_generations=group_size,
+        max_completion_length=preset.max_new_tokens,
+        scale_rewards="group",
+    )
 
 
 def tree_trl_config(preset: Preset, seed: int, output_dir: str, steps: int):
@@ -247,15 +320,21 @@ def tree_trl_config(preset: Preset, seed: int, output_dir: str, steps: int):
     rollout), packed micro-batches of treerpo's size."""
     from treerpo.integrations.trl import TreeRPOConfig
 
-    return TreeRPOConfig(**trl_common(preset, seed, output_dir, steps), branching=list(preset.branching),
-                         segment_tokens=preset.segment_tokens, tau=preset.tau,
-                         per_device_train_batch_size=preset.prompts_per_step * preset.leaves,
-                         gradient_accumulation_steps=1, micro_batch_tokens=preset.micro_batch_tokens,
-                         kv_pool_tokens=preset.kv_pool_tokens)
+    return TreeRPOConfig(
+        **trl_common(preset, seed, output_dir, steps),
+        branching=list(preset.branching),
+        segment_tokens=preset.segment_tokens,
+        tau=preset.tau,
+        per_device_train_batch_size=preset.prompts_per_step * preset.leaves,
+        gradient_accumulation_steps=1,
+        micro_batch_tokens=preset.micro_batch_tokens,
+        kv_pool_tokens=preset.kv_pool_tokens,
+    )
 
 
-def make_trl_trainer(system: str, preset: Preset, seed: int, group_size: int, steps: int, model, tokenizer,
-                     reward, dataset, callbacks):
+def make_trl_trainer(
+    system: str, preset: Preset, seed: int, group_size: int, steps: int, model, tokenizer, reward, dataset, callbacks
+):
     """(trainer, timers) for one of the TRL systems."""
     from trl import GRPOTrainer
 
@@ -263,17 +342,29 @@ def make_trl_trainer(system: str, preset: Preset, seed: int, group_size: int, st
     if system == "trl_treerpo":
         from treerpo.integrations.trl import TreeRPOTrainer
 
-        trainer = TreeRPOTrainer(model=model, reward_funcs=reward, args=tree_trl_config(preset, seed, output_dir, steps),
-                                 train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+        trainer = TreeRPOTrainer(
+            model=model,
+            reward_funcs=reward,
+            args=tree_trl_config(preset, seed, output_dir, steps),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
         return trainer, _Timers.for_trees(trainer)
     rollout = None
     if system == "trl_rollout":
         from treerpo.integrations.trl import treerpo_rollout
 
         rollout = treerpo_rollout(pool_tokens=preset.kv_pool_tokens)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config(preset, group_size, seed, output_dir),
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
-                          rollout_func=rollout)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=trl_config(preset, group_size, seed, output_dir),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        rollout_func=rollout,
+    )
     return trainer, _Timers.for_grpo(trainer)
 
 
@@ -320,16 +411,19 @@ def run_trl(preset: Preset, system: str, seed: int, budget: str, log=print) -> d
             _add_eval(run, held_out, model, state.global_step)
             log(f"{system} seed {seed} step {state.global_step}/{steps}: {run['steps'][-1]['step_s']:.2f} s")
 
-    trainer, timers = make_trl_trainer(system, preset, seed, group_size, steps, model, tokenizer, reward,
-                                       Dataset.from_list(rows), [StepClock()])
+    trainer, timers = make_trl_trainer(
+        system, preset, seed, group_size, steps, model, tokenizer, reward, Dataset.from_list(rows), [StepClock()]
+    )
     _add_eval(run, held_out, trainer.model, 0)
     trainer.train()
     close = getattr(reward_fn, "close", None)
     if close:
         close()
     run["peak_memory_MiB"] = peak_memory_mib()
-    run["trl_config"] = {"per_device_train_batch_size": trainer.args.per_device_train_batch_size,
-                         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps}
+    run["trl_config"] = {
+        "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+    }
     return run
 
 
@@ -338,8 +432,11 @@ def run_system(preset: Preset, system: str, seed: int, budget: str, log=print) -
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # the same for every system
     started = time.perf_counter()
-    run = (run_trl(preset, system, seed, budget, log) if system in TRL_SYSTEMS
-           else run_treerpo(preset, system, seed, budget, log))
+    run = (
+        run_trl(preset, system, seed, budget, log)
+        if system in TRL_SYSTEMS
+        else run_treerpo(preset, system, seed, budget, log)
+    )
     run["process_s"] = time.perf_counter() - started
     return run
 

@@ -9,6 +9,7 @@ P = 4, 64 puts plain decode steps at 32 ... 32,768 live branches. Reports:
 - end to end, P = 64: this checkout against ``--baseline DIR`` (a checkout of the code before a change,
   imported from its own folder in a subprocess), interleaved repeats, medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import machine, print_table, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = dict(branching=(8, 8, 8), segment_tokens=8, temperature=1.0)
@@ -82,8 +83,14 @@ def end_to_end_seconds(prompts: int) -> float:
 
 def run_worker(src: Path, prompts: int, threads: int) -> float:
     env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, __file__, "--worker", str(prompts), "--threads", str(threads)], env=env,
-                         cwd=src, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", str(prompts), "--threads", str(threads)],
+        env=env,
+        cwd=src,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -92,8 +99,12 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, nargs="+", default=[4, 64], help="prompt counts of the step profile")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--e2e-prompts", type=int, default=64)
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="a checkout of the code before a change (e.g. `git worktree add /tmp/before REV`)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a checkout of the code before a change (e.g. `git worktree add /tmp/before REV`)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -106,13 +117,23 @@ def main(argv=None):
     model, tok = load()
     steps = profile_steps(model, tok, args.prompts, args.repeats)
     plain = {b: v for (forked, b), v in steps.items() if not forked}
-    rows = [{"live_branches": b, "step_ms": s * 1e3, "model_ms": m * 1e3, "not_model_share": 1 - m / s}
-            for b, (s, m) in sorted(plain.items())]
+    rows = [
+        {"live_branches": b, "step_ms": s * 1e3, "model_ms": m * 1e3, "not_model_share": 1 - m / s}
+        for b, (s, m) in sorted(plain.items())
+    ]
     print("\nplain decode steps (medians)")
     print_table(rows, ["live_branches", "step_ms", "model_ms", "not_model_share"])
-    forks = [{"resulting_branches": b, "fork_step_ms": s * 1e3, "model_ms": m * 1e3,
-              "plain_step_ms": plain[b][0] * 1e3, "fork_over_plain": s / plain[b][0]}
-             for (forked, b), (s, m) in sorted(steps.items()) if forked and b in plain]
+    forks = [
+        {
+            "resulting_branches": b,
+            "fork_step_ms": s * 1e3,
+            "model_ms": m * 1e3,
+            "plain_step_ms": plain[b][0] * 1e3,
+            "fork_over_plain": s / plain[b][0],
+        }
+        for (forked, b), (s, m) in sorted(steps.items())
+        if forked and b in plain
+    ]
     print("\nfork steps against a plain step with as many resulting branches")
     print_table(forks, ["resulting_branches", "fork_step_ms", "model_ms", "plain_step_ms", "fork_over_plain"])
     ratios = {f"not_model_share_at_{r['live_branches']}": r["not_model_share"] for r in rows}
@@ -125,11 +146,23 @@ def main(argv=None):
             times["this"].append(run_worker(ROOT, args.e2e_prompts, args.threads))
         e2e = {k: statistics.median(v) for k, v in times.items()}
         ratios["e2e_speedup_over_baseline"] = e2e["baseline"] / e2e["this"]
-        print(f"\n{args.e2e_prompts} prompts x (8,8,8) x 8 tokens, end to end (median of {args.repeats}): "
-              f"baseline {e2e['baseline']:.2f} s, this checkout {e2e['this']:.2f} s, "
-              f"speed-up {ratios['e2e_speedup_over_baseline']:.2f}x; all runs {json.dumps(times)}")
-    write_json(args.json, {"machine": machine(), "spec": SPEC, "threads": args.threads, "plain_steps": rows,
-                           "fork_steps": forks, "end_to_end_seconds": e2e, "ratios": ratios})
+        print(
+            f"\n{args.e2e_prompts} prompts x (8,8,8) x 8 tokens, end to end (median of {args.repeats}): "
+            f"baseline {e2e['baseline']:.2f} s, this checkout {e2e['this']:.2f} s, "
+            f"speed-up {ratios['e2e_speedup_over_baseline']:.2f}x; all runs {json.dumps(times)}"
+        )
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "spec": SPEC,
+            "threads": args.threads,
+            "plain_steps": rows,
+            "fork_steps": forks,
+            "end_to_end_seconds": e2e,
+            "ratios": ratios,
+        },
+    )
 
 
 if __name__ == "__main__":

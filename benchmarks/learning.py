@@ -26,6 +26,7 @@ budget linearly within the step that crosses it. Seconds are training seconds (t
 evaluation excluded). A rerun skips every run of ``--out`` that already passed the budget, and extends one
 that did not (a larger ``--tokens`` continues the saved runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,17 +45,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_json  # noqa: E402
-from e2e_report import mean_spread  # noqa: E402
+from common import write_json
+from e2e_report import mean_spread
 
 REPO = Path(__file__).resolve().parents[1]
 # set by this script for every run, not by a configuration
-RESERVED = {"seed": "--seeds", "output_dir": "--out", "max_steps": "--tokens / --seconds", "resume": "--out",
-            "eval_every": "--eval-every / --evals", "threads": "--threads", "save_every": "(final step only)"}
+RESERVED = {
+    "seed": "--seeds",
+    "output_dir": "--out",
+    "max_steps": "--tokens / --seconds",
+    "resume": "--out",
+    "eval_every": "--eval-every / --evals",
+    "threads": "--threads",
+    "save_every": "(final step only)",
+}
 FIRST_GUESS_FILL = 0.8  # first attempt: steps for the budget if a step generates 80% of its nominal tokens
-INTERPOLATION_NOTE = ("accuracy at the budget: linear interpolation (in generated tokens) between the last held-out "
-                      "evaluation before the budget and the first one after it; seconds at the budget: linear "
-                      "within the step that crosses it; seconds are training seconds (evaluation excluded)")
+INTERPOLATION_NOTE = (
+    "accuracy at the budget: linear interpolation (in generated tokens) between the last held-out "
+    "evaluation before the budget and the first one after it; seconds at the budget: linear "
+    "within the step that crosses it; seconds are training seconds (evaluation excluded)"
+)
 
 
 class ConfigStringError(ValueError):
@@ -98,8 +108,11 @@ def _check(label: str, algo: str, raw: dict, source: str) -> RunConfig:
 
     reserved = sorted(set(raw) & set(RESERVED))
     if reserved:
-        raise ConfigStringError(f"config {source!r}: {reserved} are set by this benchmark for every run ("
-                                + ", ".join(f"{k}: {RESERVED[k]}" for k in reserved) + ")")
+        raise ConfigStringError(
+            f"config {source!r}: {reserved} are set by this benchmark for every run ("
+            + ", ".join(f"{k}: {RESERVED[k]}" for k in reserved)
+            + ")"
+        )
     try:
         config = make_config({"algo": algo, **raw})
     except ConfigError as err:
@@ -117,8 +130,9 @@ def parse_config(text: str, common: dict | None = None) -> list[RunConfig]:
         label, head = (s.strip() for s in head.split("=", 1))
     algo = head.strip()
     if algo not in ("treerpo", "grpo"):
-        raise ConfigStringError(f"config {source!r}: the algorithm {algo!r} is not treerpo or grpo "
-                                "(write ALGO:KEY=VALUE,...)")
+        raise ConfigStringError(
+            f"config {source!r}: the algorithm {algo!r} is not treerpo or grpo (write ALGO:KEY=VALUE,...)"
+        )
     pairs = _split_pairs(body, source)
     keys = [k for k, _ in pairs]
     duplicated = sorted({k for k in keys if keys.count(k) > 1})
@@ -220,8 +234,12 @@ def read_run(run_dir: Path) -> dict | None:
         steps.append({"step": r["step"], "tokens": int(tokens), "seconds": seconds})
         if r.get("eval_accuracy") is not None:
             evals.append({"step": r["step"], "tokens": int(tokens), "seconds": seconds, "accuracy": r["eval_accuracy"]})
-    return {"steps": steps, "evals": evals, "summary": summary, "finished": summary is not None
-            and bool(steps) and summary.get("steps") == steps[-1]["step"]}
+    return {
+        "steps": steps,
+        "evals": evals,
+        "summary": summary,
+        "finished": summary is not None and bool(steps) and summary.get("steps") == steps[-1]["step"],
+    }
 
 
 def passed(run: dict | None, tokens: int, seconds: float | None) -> bool:
@@ -245,8 +263,17 @@ def steps_needed(run: dict | None, tokens: int, seconds: float | None, nominal: 
     return done["step"] + max(1, more)
 
 
-def run_one(config: RunConfig, seed: int, run_dir: Path, eval_every: int, tokens: int, seconds: float | None,
-            threads: int | None, timeout: float, log=print) -> tuple[dict, str]:
+def run_one(
+    config: RunConfig,
+    seed: int,
+    run_dir: Path,
+    eval_every: int,
+    tokens: int,
+    seconds: float | None,
+    threads: int | None,
+    timeout: float,
+    log=print,
+) -> tuple[dict, str]:
     """Runs (or continues) one (configuration, seed) until it passes the budget; (its record, what was done)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "learning_config.json").write_text(json.dumps(config.values, indent=1, default=str))
@@ -258,31 +285,58 @@ def run_one(config: RunConfig, seed: int, run_dir: Path, eval_every: int, tokens
     while not passed(run, tokens, seconds):
         attempts += 1
         if attempts > 6:
-            raise RuntimeError(f"{config.label} seed {seed}: still short of the budget after 6 attempts; see "
-                               f"{run_dir / 'train.log'}")
+            raise RuntimeError(
+                f"{config.label} seed {seed}: still short of the budget after 6 attempts; see {run_dir / 'train.log'}"
+            )
         has_checkpoint = (run_dir / "latest").exists() or any(run_dir.glob("checkpoint-*"))
         if not has_checkpoint:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             (run_dir / "summary.json").unlink(missing_ok=True)
             run = None
         max_steps = steps_needed(run, tokens, seconds, nominal)
-        cmd = [sys.executable, "-m", "treerpo.train", "--config", str(run_dir / "learning_config.json"),
-               "--output-dir", str(run_dir), "--seed", str(seed), "--max-steps", str(max_steps),
-               "--eval-every", str(eval_every), "--save-every", "0"] + (
-                  ["--threads", str(threads)] if threads else []) + (["--resume"] if has_checkpoint else [])
+        cmd = (
+            [
+                sys.executable,
+                "-m",
+                "treerpo.train",
+                "--config",
+                str(run_dir / "learning_config.json"),
+                "--output-dir",
+                str(run_dir),
+                "--seed",
+                str(seed),
+                "--max-steps",
+                str(max_steps),
+                "--eval-every",
+                str(eval_every),
+                "--save-every",
+                "0",
+            ]
+            + (["--threads", str(threads)] if threads else [])
+            + (["--resume"] if has_checkpoint else [])
+        )
         with open(run_dir / "train.log", "a") as fh:
             fh.write(f"$ {' '.join(cmd)}\n")
             fh.flush()
             try:
-                proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, timeout=timeout,
-                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                proc = subprocess.run(
+                    cmd,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                    timeout=timeout,
+                    env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                )
             except subprocess.TimeoutExpired:
-                raise RuntimeError(f"{config.label} seed {seed} ran past {timeout:.0f} s; its log: "
-                                   f"{run_dir / 'train.log'}") from None
+                raise RuntimeError(
+                    f"{config.label} seed {seed} ran past {timeout:.0f} s; its log: {run_dir / 'train.log'}"
+                ) from None
         if proc.returncode != 0:
             tail = (run_dir / "train.log").read_text().strip().splitlines()[-15:]
-            raise RuntimeError(f"{config.label} seed {seed} failed (exit {proc.returncode}); log "
-                               f"{run_dir / 'train.log'}:\n" + "\n".join(tail))
+            raise RuntimeError(
+                f"{config.label} seed {seed} failed (exit {proc.returncode}); log "
+                f"{run_dir / 'train.log'}:\n" + "\n".join(tail)
+            )
         run = read_run(run_dir)
     verb = "ran" if attempts == 1 else f"ran in {attempts} attempts (--resume)"
     return run, f"{verb}, {time.perf_counter() - started:.0f} s"
@@ -313,8 +367,12 @@ def cut_curve(evals: list[dict], axis: str, budget: float) -> list[dict]:
     if after is None or not out:
         raise ValueError(f"no evaluation on either side of {axis} = {budget}")
     last = out[-1]
-    point = {"step": None, "interpolated": True, axis: budget,
-             "accuracy": _lerp(last[axis], last["accuracy"], after[axis], after["accuracy"], budget)}
+    point = {
+        "step": None,
+        "interpolated": True,
+        axis: budget,
+        "accuracy": _lerp(last[axis], last["accuracy"], after[axis], after["accuracy"], budget),
+    }
     other = "seconds" if axis == "tokens" else "tokens"
     point[other] = _lerp(last[axis], last[other], after[axis], after[other], budget)
     return out + [point]
@@ -322,7 +380,7 @@ def cut_curve(evals: list[dict], axis: str, budget: float) -> list[dict]:
 
 def area(curve: list[dict], axis: str, budget: float) -> float:
     """Area under accuracy vs ``axis`` from 0 to the budget, divided by the budget (the mean accuracy over it)."""
-    total = sum((b[axis] - a[axis]) * (a["accuracy"] + b["accuracy"]) / 2 for a, b in zip(curve, curve[1:], strict=True))
+    total = sum((b[axis] - a[axis]) * (a["accuracy"] + b["accuracy"]) / 2 for a, b in itertools.pairwise(curve))
     return total / budget
 
 
@@ -341,12 +399,16 @@ def mean_curve(curves: list[list[dict]], axis: str) -> dict:
     xs = sorted({p[axis] for c in curves for p in c if p[axis] <= end})
     per_seed = [[_interp(c, axis, x) for x in xs] for c in curves]
     ys = list(zip(*per_seed, strict=True))
-    return {"x": xs, "mean": [statistics.fmean(y) for y in ys], "min": [min(y) for y in ys],
-            "max": [max(y) for y in ys]}
+    return {
+        "x": xs,
+        "mean": [statistics.fmean(y) for y in ys],
+        "min": [min(y) for y in ys],
+        "max": [max(y) for y in ys],
+    }
 
 
 def _interp(curve: list[dict], axis: str, x: float) -> float:
-    for a, b in zip(curve, curve[1:], strict=True):
+    for a, b in itertools.pairwise(curve):
         if a[axis] <= x <= b[axis]:
             return _lerp(a[axis], a["accuracy"], b[axis], b["accuracy"], x)
     return curve[-1]["accuracy"] if x >= curve[-1][axis] else curve[0]["accuracy"]
@@ -354,11 +416,17 @@ def _interp(curve: list[dict], axis: str, x: float) -> float:
 
 def analyse_run(run: dict, tokens: int, seconds: float | None) -> dict:
     curve = cut_curve(run["evals"], "tokens", tokens)
-    out = {"curve_tokens": curve, "final_accuracy": curve[-1]["accuracy"], "auc": area(curve, "tokens", tokens),
-           "seconds_at_budget": seconds_at_tokens(run, tokens), "initial_accuracy": run["evals"][0]["accuracy"],
-           "steps_at_budget": next(s["step"] for s in run["steps"] if s["tokens"] >= tokens),
-           "steps_run": run["steps"][-1]["step"], "tokens_run": run["steps"][-1]["tokens"],
-           "evals_within_budget": sum(1 for e in run["evals"] if e["step"] and e["tokens"] <= tokens)}
+    out = {
+        "curve_tokens": curve,
+        "final_accuracy": curve[-1]["accuracy"],
+        "auc": area(curve, "tokens", tokens),
+        "seconds_at_budget": seconds_at_tokens(run, tokens),
+        "initial_accuracy": run["evals"][0]["accuracy"],
+        "steps_at_budget": next(s["step"] for s in run["steps"] if s["tokens"] >= tokens),
+        "steps_run": run["steps"][-1]["step"],
+        "tokens_run": run["steps"][-1]["tokens"],
+        "evals_within_budget": sum(1 for e in run["evals"] if e["step"] and e["tokens"] <= tokens),
+    }
     crossing = next(s for s in run["steps"] if s["tokens"] >= tokens)
     out["tokens_per_step"] = crossing["tokens"] / crossing["step"]  # mean over the steps up to the budget
     if seconds is not None:
@@ -370,15 +438,22 @@ def analyse_run(run: dict, tokens: int, seconds: float | None) -> dict:
     return out
 
 
-def summarize(configs: list[RunConfig], results: dict, tokens: int, seconds: float | None,
-              target: float | None) -> dict:
+def summarize(
+    configs: list[RunConfig], results: dict, tokens: int, seconds: float | None, target: float | None
+) -> dict:
     """Per configuration: spread over seeds, mean curves, target crossings; the headline ratios."""
     rows = []
     for config in configs:
         runs = [results[(config.label, s)] for s in sorted(s for (lab, s) in results if lab == config.label)]
         row = {"label": config.label, "algo": config.algo, "overrides": config.overrides, "n": len(runs)}
-        for key in ("final_accuracy", "auc", "seconds_at_budget", "initial_accuracy", "steps_at_budget",
-                    "tokens_per_step") + (("accuracy_at_seconds", "auc_seconds") if seconds is not None else ()):
+        for key in (
+            "final_accuracy",
+            "auc",
+            "seconds_at_budget",
+            "initial_accuracy",
+            "steps_at_budget",
+            "tokens_per_step",
+        ) + (("accuracy_at_seconds", "auc_seconds") if seconds is not None else ()):
             row[key] = mean_spread([r[key] for r in runs])
         row["mean_curve_tokens"] = mean_curve([r["curve_tokens"] for r in runs], "tokens")
         row["mean_curve_seconds"] = mean_curve([r["curve_seconds"] for r in runs], "seconds")
@@ -388,8 +463,10 @@ def summarize(configs: list[RunConfig], results: dict, tokens: int, seconds: flo
     best = lambda rs, key: max(rs, key=lambda r: r[key]["mean"]) if rs else None  # noqa: E731
     target_source = "--target"
     if target is None and grpo:
-        target, target_source = best(grpo, "final_accuracy")["final_accuracy"]["mean"], \
-            f"the best GRPO configuration's final mean ({best(grpo, 'final_accuracy')['label']})"
+        target, target_source = (
+            best(grpo, "final_accuracy")["final_accuracy"]["mean"],
+            f"the best GRPO configuration's final mean ({best(grpo, 'final_accuracy')['label']})",
+        )
     for row in rows:
         if target is None:
             row["tokens_to_target"] = row["seconds_to_target"] = None
@@ -399,13 +476,17 @@ def summarize(configs: list[RunConfig], results: dict, tokens: int, seconds: flo
         c = row["mean_curve_seconds"]
         row["seconds_to_target"] = first_reach(c["x"], c["mean"], target)
         row["seeds_reaching_target"] = sum(
-            first_reach([p["tokens"] for p in r["curve_tokens"]], [p["accuracy"] for p in r["curve_tokens"]],
-                        target) is not None
-            for (lab, _), r in results.items() if lab == row["label"])
+            first_reach([p["tokens"] for p in r["curve_tokens"]], [p["accuracy"] for p in r["curve_tokens"]], target)
+            is not None
+            for (lab, _), r in results.items()
+            if lab == row["label"]
+        )
     ratios = {}
     if grpo and tree:
         g, t = best(grpo, "final_accuracy"), best(tree, "final_accuracy")
-        ratios["best_treerpo_minus_best_grpo_final_accuracy"] = t["final_accuracy"]["mean"] - g["final_accuracy"]["mean"]
+        ratios["best_treerpo_minus_best_grpo_final_accuracy"] = (
+            t["final_accuracy"]["mean"] - g["final_accuracy"]["mean"]
+        )
         g_auc, t_auc = best(grpo, "auc"), best(tree, "auc")
         if g_auc["auc"]["mean"] > 0:
             ratios["best_treerpo_over_best_grpo_auc"] = t_auc["auc"]["mean"] / g_auc["auc"]["mean"]
@@ -417,11 +498,17 @@ def summarize(configs: list[RunConfig], results: dict, tokens: int, seconds: flo
                 ratios[f"best_grpo_over_best_treerpo_{key}"] = min(g_hits) / min(t_hits)
         if seconds is not None:
             g_s, t_s = best(grpo, "accuracy_at_seconds"), best(tree, "accuracy_at_seconds")
-            ratios["best_treerpo_minus_best_grpo_accuracy_at_seconds"] = \
+            ratios["best_treerpo_minus_best_grpo_accuracy_at_seconds"] = (
                 t_s["accuracy_at_seconds"]["mean"] - g_s["accuracy_at_seconds"]["mean"]
-    return {"configs": rows, "target": target, "target_source": target_source if target is not None else None,
-            "ratios": ratios,
-            "best_final_accuracy": best(rows, "final_accuracy")["label"], "best_auc": best(rows, "auc")["label"]}
+            )
+    return {
+        "configs": rows,
+        "target": target,
+        "target_source": target_source if target is not None else None,
+        "ratios": ratios,
+        "best_final_accuracy": best(rows, "final_accuracy")["label"],
+        "best_auc": best(rows, "auc")["label"],
+    }
 
 
 # ---- text and plots -----------------------------------------------------------------------------------
@@ -439,23 +526,40 @@ def _tokens(x) -> str:
 
 def markdown_table(summary: dict, tokens: int, seconds: float | None) -> str:
     target = summary["target"]
-    cols = ["config", "n", f"accuracy at {_tokens(tokens)} tokens", "AUC / budget", "training s to budget",
-            "steps to budget", "tokens/step", "start accuracy"]
+    cols = [
+        "config",
+        "n",
+        f"accuracy at {_tokens(tokens)} tokens",
+        "AUC / budget",
+        "training s to budget",
+        "steps to budget",
+        "tokens/step",
+        "start accuracy",
+    ]
     if seconds is not None:
         cols += [f"accuracy at {seconds:g} s", "AUC / s budget"]
     if target is not None:
         cols += [f"tokens to {target:.3f}", f"seconds to {target:.3f}"]
     lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for r in summary["configs"]:
-        cells = [f"`{r['label']}`", str(r["n"]), _pm(r["final_accuracy"]), _pm(r["auc"]),
-                 _pm(r["seconds_at_budget"], "{:.1f}"), _pm(r["steps_at_budget"], "{:.0f}"),
-                 _pm(r["tokens_per_step"], "{:,.0f}"), _pm(r["initial_accuracy"])]
+        cells = [
+            f"`{r['label']}`",
+            str(r["n"]),
+            _pm(r["final_accuracy"]),
+            _pm(r["auc"]),
+            _pm(r["seconds_at_budget"], "{:.1f}"),
+            _pm(r["steps_at_budget"], "{:.0f}"),
+            _pm(r["tokens_per_step"], "{:,.0f}"),
+            _pm(r["initial_accuracy"]),
+        ]
         if seconds is not None:
             cells += [_pm(r["accuracy_at_seconds"]), _pm(r["auc_seconds"])]
         if target is not None:
             reached = f" ({r['seeds_reaching_target']}/{r['n']} seeds)" if r["n"] > 1 else ""
-            cells += [_tokens(r["tokens_to_target"]) + reached,
-                      "never" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"]
+            cells += [
+                _tokens(r["tokens_to_target"]) + reached,
+                "never" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     if summary["ratios"]:
         lines += ["", "| ratio | value |", "|---|---|"]
@@ -470,13 +574,18 @@ def plot_curves(summary: dict, out_dir: Path, title: str, seconds: float | None)
     import matplotlib.pyplot as plt
 
     paths = []
-    for key, label, name in (("mean_curve_tokens", "generated tokens", "accuracy_vs_tokens"),
-                             ("mean_curve_seconds", "training seconds (evaluation excluded)"
-                              + ("" if seconds is not None else ", up to the token budget"), "accuracy_vs_seconds")):
+    for key, label, name in (
+        ("mean_curve_tokens", "generated tokens", "accuracy_vs_tokens"),
+        (
+            "mean_curve_seconds",
+            "training seconds (evaluation excluded)" + ("" if seconds is not None else ", up to the token budget"),
+            "accuracy_vs_seconds",
+        ),
+    ):
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
         for row in summary["configs"]:
             c = row[key]
-            line, = ax.plot(c["x"], c["mean"], marker="o", ms=3, label=f"{row['label']} (n={row['n']})")
+            (line,) = ax.plot(c["x"], c["mean"], marker="o", ms=3, label=f"{row['label']} (n={row['n']})")
             ax.fill_between(c["x"], c["min"], c["max"], alpha=0.18, color=line.get_color())
         if summary["target"] is not None:
             ax.axhline(summary["target"], color="grey", ls=":", lw=1, label=f"target {summary['target']:.3f}")
@@ -497,27 +606,47 @@ def describe_machine(threads: int | None) -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{threads or 'torch default'} threads a run, torch {torch.__version__}")
+    return (
+        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{threads or 'torch default'} threads a run, torch {torch.__version__}"
+    )
 
 
 # ---- main ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", "--grid", nargs="+", default=[], metavar="CONFIG",
-                        help="[LABEL=]ALGO[:KEY=VALUE,...]; '|' between values expands a grid")
+    parser.add_argument(
+        "--configs",
+        "--grid",
+        nargs="+",
+        default=[],
+        metavar="CONFIG",
+        help="[LABEL=]ALGO[:KEY=VALUE,...]; '|' between values expands a grid",
+    )
     parser.add_argument("--config-file", default=None, help="YAML/JSON list of configurations")
     parser.add_argument("--common", default=None, help="KEY=VALUE,... applied to every configuration")
     parser.add_argument("--tokens", type=int, required=True, help="generated-token budget of every run")
-    parser.add_argument("--seconds", type=float, default=None,
-                        help="also a training-seconds budget: every run also passes it, accuracy read at it")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="also a training-seconds budget: every run also passes it, accuracy read at it",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (all configs)")
-    parser.add_argument("--evals", type=int, default=10,
-                        help="without --eval-every: each config evaluates about every budget/N nominal tokens "
-                             "(at least this many evaluations within the budget)")
-    parser.add_argument("--target", type=float, default=None,
-                        help="accuracy to reach (default: the best GRPO configuration's final mean)")
+    parser.add_argument(
+        "--evals",
+        type=int,
+        default=10,
+        help="without --eval-every: each config evaluates about every budget/N nominal tokens "
+        "(at least this many evaluations within the budget)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="accuracy to reach (default: the best GRPO configuration's final mean)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of every run")
     parser.add_argument("--out", default="learning_runs", help="run folders, tables, plots (kept; reruns resume)")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds one run may take")
@@ -556,46 +685,84 @@ def main(argv=None) -> int:
 
     base = make_config(configs[0].values)
     model = base.model or "embedded tiny Qwen2 (treerpo/models/tiny_chain)"
-    describe = (f"learning efficiency on {describe_machine(args.threads)}: model {model}, task {base.dataset} "
-                f"(held-out greedy pass@1 on {base.eval_size} problems), seeds {args.seeds}, budget "
-                f"{args.tokens:,} generated tokens" + (f" and {args.seconds:g} training seconds" if args.seconds
-                                                       else "") + " per run; configurations:\n"
-                + "\n".join(f"  {c.label}: {c.values} ({nominal_tokens_per_step(c.values):,} nominal tokens/step, "
-                            f"eval every {evals_every[c.label]} steps)" for c in configs)
-                + f"\n{INTERPOLATION_NOTE}.")
+    describe = (
+        f"learning efficiency on {describe_machine(args.threads)}: model {model}, task {base.dataset} "
+        f"(held-out greedy pass@1 on {base.eval_size} problems), seeds {args.seeds}, budget "
+        f"{args.tokens:,} generated tokens"
+        + (f" and {args.seconds:g} training seconds" if args.seconds else "")
+        + " per run; configurations:\n"
+        + "\n".join(
+            f"  {c.label}: {c.values} ({nominal_tokens_per_step(c.values):,} nominal tokens/step, "
+            f"eval every {evals_every[c.label]} steps)"
+            for c in configs
+        )
+        + f"\n{INTERPOLATION_NOTE}."
+    )
     print(describe, flush=True)
     results, started = {}, time.perf_counter()
     for seed in args.seeds:
         for c in configs:
             run_dir = run_dir_for(out, c, evals_every[c.label], seed)
             try:
-                run, what = run_one(c, seed, run_dir, evals_every[c.label], args.tokens, args.seconds, args.threads,
-                                    args.timeout)
+                run, what = run_one(
+                    c, seed, run_dir, evals_every[c.label], args.tokens, args.seconds, args.threads, args.timeout
+                )
             except RuntimeError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
-            results[(c.label, seed)] = {**analyse_run(run, args.tokens, args.seconds), "dir": str(run_dir),
-                                        "label": c.label, "seed": seed, "evals": run["evals"]}
-            print(f"  {c.label} seed {seed}: {what}; accuracy at budget "
-                  f"{results[(c.label, seed)]['final_accuracy']:.3f}", flush=True)
+            results[(c.label, seed)] = {
+                **analyse_run(run, args.tokens, args.seconds),
+                "dir": str(run_dir),
+                "label": c.label,
+                "seed": seed,
+                "evals": run["evals"],
+            }
+            print(
+                f"  {c.label} seed {seed}: {what}; accuracy at budget {results[(c.label, seed)]['final_accuracy']:.3f}",
+                flush=True,
+            )
     summary = summarize(configs, results, args.tokens, args.seconds, args.target)
     table = markdown_table(summary, args.tokens, args.seconds)
-    header = (f"target {summary['target']:.3f}: {summary['target_source']}; tokens/seconds to target are read off "
-              "the mean-over-seeds curve (linear between evaluations); 'never' = not within the budget"
-              if summary["target"] is not None else "no target (no GRPO configuration and no --target)")
+    header = (
+        f"target {summary['target']:.3f}: {summary['target_source']}; tokens/seconds to target are read off "
+        "the mean-over-seeds curve (linear between evaluations); 'never' = not within the budget"
+        if summary["target"] is not None
+        else "no target (no GRPO configuration and no --target)"
+    )
     print(f"\n{header}; mean ± std over seeds (n)\n\n{table}")
-    plots = plot_curves(summary, out, f"{model}, task {base.dataset}; budget {_tokens(args.tokens)} generated tokens"
-                                      f"\n{describe_machine(args.threads)}", args.seconds)
+    plots = plot_curves(
+        summary,
+        out,
+        f"{model}, task {base.dataset}; budget {_tokens(args.tokens)} generated tokens"
+        f"\n{describe_machine(args.threads)}",
+        args.seconds,
+    )
     (out / "tables.md").write_text(f"{describe}\n\n{header}\n\n{table}\n")
-    print(f"\ntables: {out / 'tables.md'}; plots: " + ", ".join(str(p) for p in plots)
-          + f"; {time.perf_counter() - started:.0f} s")
-    payload = {"description": describe, "machine": describe_machine(args.threads), "model": model,
-               "task": base.dataset, "tokens_budget": args.tokens, "seconds_budget": args.seconds,
-               "seeds": args.seeds, "threads": args.threads, "interpolation": INTERPOLATION_NOTE,
-               "target": summary["target"], "target_source": summary["target_source"],
-               "eval_every": evals_every, "configs": summary["configs"], "ratios": summary["ratios"],
-               "best_final_accuracy": summary["best_final_accuracy"], "best_auc": summary["best_auc"],
-               "runs": [dict(v) for v in results.values()], "out": str(out)}
+    print(
+        f"\ntables: {out / 'tables.md'}; plots: "
+        + ", ".join(str(p) for p in plots)
+        + f"; {time.perf_counter() - started:.0f} s"
+    )
+    payload = {
+        "description": describe,
+        "machine": describe_machine(args.threads),
+        "model": model,
+        "task": base.dataset,
+        "tokens_budget": args.tokens,
+        "seconds_budget": args.seconds,
+        "seeds": args.seeds,
+        "threads": args.threads,
+        "interpolation": INTERPOLATION_NOTE,
+        "target": summary["target"],
+        "target_source": summary["target_source"],
+        "eval_every": evals_every,
+        "configs": summary["configs"],
+        "ratios": summary["ratios"],
+        "best_final_accuracy": summary["best_final_accuracy"],
+        "best_auc": summary["best_auc"],
+        "runs": [dict(v) for v in results.values()],
+        "out": str(out),
+    }
     (out / "learning.json").write_text(json.dumps(payload, indent=1, default=str))
     write_json(args.json, json.loads(json.dumps(payload, default=str)))
     return 0

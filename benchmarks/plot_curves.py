@@ -8,6 +8,7 @@ evaluations, up to the shortest seed's last evaluation).
 
 A run folder is a ``python -m treerpo.train`` output folder (``metrics.jsonl``, ``summary.json``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learning import read_run  # noqa: E402
+from learning import read_run
 
 
 class _AddRun(argparse.Action):
@@ -42,8 +43,12 @@ def curves(dirs: list[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
         run = read_run(d)
         if run is None or not run["evals"]:
             raise SystemExit(f"{d}: no metrics.jsonl with held-out evaluations (is it a treerpo.train output folder?)")
-        out.append((np.array([e["tokens"] for e in run["evals"]], float),
-                    np.array([e["accuracy"] for e in run["evals"]], float)))
+        out.append(
+            (
+                np.array([e["tokens"] for e in run["evals"]], float),
+                np.array([e["accuracy"] for e in run["evals"]], float),
+            )
+        )
     return out
 
 
@@ -77,8 +82,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(panels=[])
     parser.add_argument("--panel", action=_AddPanel, metavar="TITLE", help="start a panel")
-    parser.add_argument("--run", action=_AddRun, nargs="+", metavar="LABEL DIR",
-                        help="a configuration: its label, then its run folders (one a seed)")
+    parser.add_argument(
+        "--run",
+        action=_AddRun,
+        nargs="+",
+        metavar="LABEL DIR",
+        help="a configuration: its label, then its run folders (one a seed)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if not args.panels or any(not runs for _, runs in args.panels):

@@ -18,6 +18,7 @@ limit is far below the chip's large-matrix peak; it is the ceiling of the matmul
 
     python benchmarks/rollout.py --model random-qwen2-1.5b --prompts 8 --branching 4 2 2 --json r.json   # a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,20 +28,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, timed, write_json  # noqa: E402
+from common import machine, print_table, timed, write_json
 
-from treerpo.attention import enable_tree_attention  # noqa: E402
-from treerpo.engine.tree_sampler import TreeSampler  # noqa: E402
-from treerpo.models.tiny import load_model_and_tokenizer  # noqa: E402
-from treerpo.sampling.generation import left_pad  # noqa: E402
-from treerpo.tree import TreeSpec  # noqa: E402
+from treerpo.attention import enable_tree_attention
+from treerpo.engine.tree_sampler import TreeSampler
+from treerpo.models.tiny import load_model_and_tokenizer
+from treerpo.sampling.generation import left_pad
+from treerpo.tree import TreeSpec
 
-PROMPTS = ["Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-           "How many clips did Natalia sell altogether?\nAnswer:",
-           "Question: Weng earns $12 an hour for babysitting. Yesterday, she did 50 minutes of babysitting. "
-           "How much did she earn?\nAnswer:",
-           "Question: A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total?\nAnswer:",
-           "Question: James writes a 3-page letter to 2 different friends twice a week. How many pages a year?\nAnswer:"]
+PROMPTS = [
+    "Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether?\nAnswer:",
+    "Question: Weng earns $12 an hour for babysitting. Yesterday, she did 50 minutes of babysitting. "
+    "How much did she earn?\nAnswer:",
+    "Question: A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total?\nAnswer:",
+    "Question: James writes a 3-page letter to 2 different friends twice a week. How many pages a year?\nAnswer:",
+]
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -84,7 +87,7 @@ def matmul_limit(config, dtype: torch.dtype, device, rows: int, repeats: int = 5
     def draw(a: int, b: int, scale: float = 1.0):
         return (torch.randn(a, b, generator=gen, device=device) * scale).to(dtype)
 
-    weights = [[draw(a, b, a ** -0.5) for a, b in shapes] for _ in range(sets)]
+    weights = [[draw(a, b, a**-0.5) for a, b in shapes] for _ in range(sets)]
     inputs = [draw(rows, a) for a, _ in shapes]
     outputs = [torch.empty(rows, b, device=device, dtype=dtype) for _, b in shapes]
     flops_per_sweep = 2 * rows * sum(a * b for a, b in shapes) * sets
@@ -99,9 +102,18 @@ def matmul_limit(config, dtype: torch.dtype, device, rows: int, repeats: int = 5
     once = min(timed(lambda: sweep(1))[1] for _ in range(3))
     inner = max(1, min(1000, round((0.02 if device.type == "cuda" else 0.05) / max(once, 1e-9))))
     best = min(timed(lambda: sweep(inner))[1] for _ in range(repeats))
-    return {"rows": rows, "hidden": h, "intermediate": i, "weight_sets": sets, "dtype": str(dtype).replace("torch.", ""),
-            "device": str(device), "sweeps_per_repeat": inner, "repeats": repeats, "seconds": best / inner,
-            "flop_per_s": flops_per_sweep * inner / best}
+    return {
+        "rows": rows,
+        "hidden": h,
+        "intermediate": i,
+        "weight_sets": sets,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "sweeps_per_repeat": inner,
+        "repeats": repeats,
+        "seconds": best / inner,
+        "flop_per_s": flops_per_sweep * inner / best,
+    }
 
 
 def run_engine(model, tok, prompts, spec, share: bool, pool_tokens: int, cascade: bool = True):
@@ -112,25 +124,44 @@ def run_engine(model, tok, prompts, spec, share: bool, pool_tokens: int, cascade
         chain = TreeSpec((1,) * spec.depth, spec.segment_tokens, spec.max_prompt_tokens, spec.temperature)
         repeated = [p for p in prompts for _ in range(spec.max_leaves)]
         trees, seconds = timed(lambda: sampler.sample(repeated, chain, seeds=range(len(repeated))))
-    return {"generated_tokens": sum(t.generated_tokens for t in trees), "forward_tokens": sampler.runner.forward_tokens,
-            "kv_peak_bytes": sampler.pool.peak_used_bytes, "seconds": seconds,
-            "leaves": sum(len(t.leaves()) for t in trees)}
+    return {
+        "generated_tokens": sum(t.generated_tokens for t in trees),
+        "forward_tokens": sampler.runner.forward_tokens,
+        "kv_peak_bytes": sampler.pool.peak_used_bytes,
+        "seconds": seconds,
+        "leaves": sum(len(t.leaves()) for t in trees),
+    }
 
 
 @torch.no_grad()
 def run_generate(model, tok, prompts, leaves: int, new_tokens: int):
     ids, mask = left_pad(prompts, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, "cpu")
     ids, mask = ids.to(model.device), mask.to(model.device)
-    out, seconds = timed(lambda: model.generate(
-        input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-        num_return_sequences=leaves, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        pad_token_id=tok.pad_token_id or tok.eos_token_id))
+    out, seconds = timed(
+        lambda: model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            num_return_sequences=leaves,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=tok.pad_token_id or tok.eos_token_id,
+        )
+    )
     rows = out.shape[0]
     layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     bytes_per_token = 2 * layers * heads * head_dim * model.dtype.itemsize
-    return {"generated_tokens": rows * new_tokens, "forward_tokens": int(mask.sum()) * leaves + rows * new_tokens,
-            "kv_peak_bytes": rows * out.shape[1] * bytes_per_token, "seconds": seconds, "leaves": rows}
+    return {
+        "generated_tokens": rows * new_tokens,
+        "forward_tokens": int(mask.sum()) * leaves + rows * new_tokens,
+        "kv_peak_bytes": rows * out.shape[1] * bytes_per_token,
+        "seconds": seconds,
+        "leaves": rows,
+    }
 
 
 def analytic_ratio(spec: TreeSpec) -> float:
@@ -140,8 +171,11 @@ def analytic_ratio(spec: TreeSpec) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2",
-                        help="smollm2, tiny, random-qwen2-1.5b (Qwen2-1.5B-shaped, random weights), or a local model folder")
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2, tiny, random-qwen2-1.5b (Qwen2-1.5B-shaped, random weights), or a local model folder",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--matmul-repeats", type=int, default=5, help="timed sweeps of the matmul limit (best kept)")
@@ -150,15 +184,19 @@ def main(argv=None):
     parser.add_argument("--segment-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per system (the fastest is kept)")
     parser.add_argument("--pool-tokens", type=int, default=1 << 15)
-    parser.add_argument("--cascade", choices=["on", "off"], default="on",
-                        help="engine decode reads the prefix siblings share once per group (on) or per branch (off)")
+    parser.add_argument(
+        "--cascade",
+        choices=["on", "off"],
+        default="on",
+        help="engine decode reads the prefix siblings share once per group (on) or per branch (off)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     model, tok = load(args.model, dtype, device)
-    texts = (PROMPTS * args.prompts)[:args.prompts]
+    texts = (PROMPTS * args.prompts)[: args.prompts]
     if args.model == "tiny":
         texts = [f"{i + 1}+{i + 2}-3=" for i in range(args.prompts)]
     prompts = [tok(t)["input_ids"] for t in texts]
@@ -166,13 +204,18 @@ def main(argv=None):
     flat = TreeSpec((spec.max_leaves,), spec.depth * spec.segment_tokens, max_prompt_tokens=256)
     prompt_tokens = sum(len(p) for p in prompts)
     counts = flops_per_token(model)
-    print(f"rollout benchmark on {machine()}, device {device}; model {args.model} "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {counts['non_embedding_params'] / 1e6:.1f}M "
-          f"non-embedding + {counts['lm_head_params'] / 1e6:.1f}M LM head, {model.dtype}); {len(prompts)} prompts "
-          f"({prompt_tokens} tokens); tree {list(spec.branching)} x {spec.segment_tokens} tokens = {spec.max_leaves} "
-          f"leaves of {spec.max_new_tokens} tokens")
-    print("compared: engine_tree (the tree, shared prefixes), engine_noshare (each leaf an independent chain), "
-          "hf_generate (generate, num_return_sequences = leaves), engine_flat (depth-1 trees of the same leaves)")
+    print(
+        f"rollout benchmark on {machine()}, device {device}; model {args.model} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {counts['non_embedding_params'] / 1e6:.1f}M "
+        f"non-embedding + {counts['lm_head_params'] / 1e6:.1f}M LM head, {model.dtype}); {len(prompts)} prompts "
+        f"({prompt_tokens} tokens); tree {list(spec.branching)} x {spec.segment_tokens} tokens = {spec.max_leaves} "
+        f"leaves of {spec.max_new_tokens} tokens"
+    )
+    print(
+        "compared: engine_tree (the tree, shared prefixes), engine_noshare (each leaf an independent chain), "
+        "hf_generate (generate, num_return_sequences = leaves), engine_flat (depth-1 trees of the same leaves)"
+    )
+
     def best(fn):
         runs = [fn() for _ in range(args.repeats)]
         return min(runs, key=lambda r: r["seconds"])
@@ -186,40 +229,85 @@ def main(argv=None):
     }
     # measured after the systems (the model's memory is in use, as during decoding) and once more; the faster kept,
     # so that a passing disturbance of the machine does not lower the limit
-    limit = max((matmul_limit(model.config, model.dtype, device, rows=len(prompts) * spec.max_leaves,
-                              repeats=args.matmul_repeats) for _ in range(2)), key=lambda m: m["flop_per_s"])
-    print(f"matmul limit: {limit['flop_per_s'] / 1e12:.4g} TFLOP/s ({limit['rows']} rows x hidden {limit['hidden']} "
-          f"against {limit['hidden']}->{2 * limit['intermediate']}, {limit['intermediate']}->{limit['hidden']}, "
-          f"{limit['hidden']}->{limit['hidden']}, {limit['weight_sets']} weight sets, {limit['dtype']}, best of "
-          f"{limit['repeats']} x 2)")
+    limit = max(
+        (
+            matmul_limit(
+                model.config, model.dtype, device, rows=len(prompts) * spec.max_leaves, repeats=args.matmul_repeats
+            )
+            for _ in range(2)
+        ),
+        key=lambda m: m["flop_per_s"],
+    )
+    print(
+        f"matmul limit: {limit['flop_per_s'] / 1e12:.4g} TFLOP/s ({limit['rows']} rows x hidden {limit['hidden']} "
+        f"against {limit['hidden']}->{2 * limit['intermediate']}, {limit['intermediate']}->{limit['hidden']}, "
+        f"{limit['hidden']}->{limit['hidden']}, {limit['weight_sets']} weight sets, {limit['dtype']}, best of "
+        f"{limit['repeats']} x 2)"
+    )
     rows = []
     for name, r in systems.items():
         r["tokens_per_s"] = r["generated_tokens"] / r["seconds"]
         r["useful_tokens"] = r["generated_tokens"] + prompt_tokens  # every generated token is kept (EOS ignored)
         r["useful_flop_per_s"] = r["useful_tokens"] * counts["flops_per_token"] / r["seconds"]
         r["matmul_limit_fraction"] = r["useful_flop_per_s"] / limit["flop_per_s"]
-        rows.append({"system": name, **r, "kv_peak_MiB": r["kv_peak_bytes"] / 2**20,
-                     "useful_TFLOP_s": r["useful_flop_per_s"] / 1e12})
-    print_table(rows, ["system", "leaves", "generated_tokens", "forward_tokens", "kv_peak_MiB", "seconds", "tokens_per_s",
-                       "useful_TFLOP_s", "matmul_limit_fraction"])
+        rows.append(
+            {
+                "system": name,
+                **r,
+                "kv_peak_MiB": r["kv_peak_bytes"] / 2**20,
+                "useful_TFLOP_s": r["useful_flop_per_s"] / 1e12,
+            }
+        )
+    print_table(
+        rows,
+        [
+            "system",
+            "leaves",
+            "generated_tokens",
+            "forward_tokens",
+            "kv_peak_MiB",
+            "seconds",
+            "tokens_per_s",
+            "useful_TFLOP_s",
+            "matmul_limit_fraction",
+        ],
+    )
     ratios = {
         "analytic_generated_token_ratio": analytic_ratio(spec),
-        "measured_generated_token_ratio": systems["hf_generate"]["generated_tokens"] / systems["engine_tree"]["generated_tokens"],
+        "measured_generated_token_ratio": systems["hf_generate"]["generated_tokens"]
+        / systems["engine_tree"]["generated_tokens"],
         "engine_tree_speedup_vs_hf_generate": systems["hf_generate"]["seconds"] / systems["engine_tree"]["seconds"],
-        "engine_tree_speedup_vs_engine_noshare": systems["engine_noshare"]["seconds"] / systems["engine_tree"]["seconds"],
+        "engine_tree_speedup_vs_engine_noshare": systems["engine_noshare"]["seconds"]
+        / systems["engine_tree"]["seconds"],
         "engine_flat_speedup_vs_hf_generate": systems["hf_generate"]["seconds"] / systems["engine_flat"]["seconds"],
-        "kv_peak_ratio_hf_generate_over_engine_tree": systems["hf_generate"]["kv_peak_bytes"] / systems["engine_tree"]["kv_peak_bytes"],
+        "kv_peak_ratio_hf_generate_over_engine_tree": systems["hf_generate"]["kv_peak_bytes"]
+        / systems["engine_tree"]["kv_peak_bytes"],
     }
-    ratios["speedup_over_analytic"] = ratios["engine_tree_speedup_vs_hf_generate"] / ratios["analytic_generated_token_ratio"]
+    ratios["speedup_over_analytic"] = (
+        ratios["engine_tree_speedup_vs_hf_generate"] / ratios["analytic_generated_token_ratio"]
+    )
     ratios["engine_flat_matmul_limit_fraction"] = systems["engine_flat"]["matmul_limit_fraction"]
     ratios["engine_tree_matmul_limit_fraction"] = systems["engine_tree"]["matmul_limit_fraction"]
     for k, v in ratios.items():
         print(f"{k}: {v:.3g}")
-    write_json(args.json, {"machine": machine(), "device": device, "dtype": str(model.dtype).replace("torch.", ""),
-                           "model": args.model, "cascade": cascade, "prompts": len(prompts),
-                           "prompt_tokens": prompt_tokens, "branching": list(spec.branching),
-                           "segment_tokens": spec.segment_tokens, **counts, "matmul_limit": limit,
-                           "systems": systems, "ratios": ratios})
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "device": device,
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "model": args.model,
+            "cascade": cascade,
+            "prompts": len(prompts),
+            "prompt_tokens": prompt_tokens,
+            "branching": list(spec.branching),
+            "segment_tokens": spec.segment_tokens,
+            **counts,
+            "matmul_limit": limit,
+            "systems": systems,
+            "ratios": ratios,
+        },
+    )
 
 
 if __name__ == "__main__":

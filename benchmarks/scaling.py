@@ -14,6 +14,7 @@ steps after the first (warm-up) on rank 0, whose steps end with the collectives 
 ``ratios`` holds those headline figures. Tokens are the step's generated plus trained tokens over all ranks.
 On a machine with fewer cores (or GPUs) than ranks, the ranks share them and the figures only show it runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,36 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import machine, print_table, write_json
 
 
 def run_point(kind: str, ranks: int, prompts: int, args, folder: Path) -> dict:
     out = folder / f"{kind}-{args.parallel}-{ranks}ranks-{prompts}prompts"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "treerpo.train", "--parallel", args.parallel, "--output-dir", str(out),
-               "--max-steps", str(args.steps), "--prompts-per-step", str(prompts), "--eval-size", "8",
-               "--eval-every", "0", "--save-every", "0", "--device", args.device]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "treerpo.train",
+        "--parallel",
+        args.parallel,
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        str(args.steps),
+        "--prompts-per-step",
+        str(prompts),
+        "--eval-size",
+        "8",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--device",
+        args.device,
+    ]
     if args.model:
         command += ["--model", args.model]
     if args.threads:
@@ -47,10 +69,16 @@ def run_point(kind: str, ranks: int, prompts: int, args, folder: Path) -> dict:
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after warm-up
     step_s = float(np.median([r["step_s"] for r in steps]))
     tokens = float(np.median([r["tokens_generated"] + r["tokens_trained"] for r in steps]))
-    return {"ranks": ranks, "prompts_per_step": prompts, "step_s": step_s, "steps_per_s": 1 / step_s,
-            "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
-            "rollout_s": float(np.median([r["rollout_s"] for r in steps])),
-            "training_s": float(np.median([r["training_s"] for r in steps]))}
+    return {
+        "ranks": ranks,
+        "prompts_per_step": prompts,
+        "step_s": step_s,
+        "steps_per_s": 1 / step_s,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / step_s,
+        "rollout_s": float(np.median([r["rollout_s"] for r in steps])),
+        "training_s": float(np.median([r["training_s"] for r in steps])),
+    }
 
 
 def main() -> None:
@@ -80,18 +108,38 @@ def main() -> None:
             ratios[f"weak_tokens_per_s_speedup_{w['ranks']}_ranks"] = w["tokens_per_s"] / base_weak["tokens_per_s"]
             ratios[f"strong_steps_per_s_speedup_{s['ranks']}_ranks"] = s["steps_per_s"] / base_strong["steps_per_s"]
     where = machine()
-    print(f"treerpo data-parallel scaling, --parallel {args.parallel}, model {args.model or 'embedded tiny'}, "
-          f"{args.steps - 1} timed steps a run (median), on {where}")
-    columns = ["ranks", "prompts_per_step", "step_s", "steps_per_s", "tokens_per_step", "tokens_per_s", "rollout_s",
-               "training_s"]
+    print(
+        f"treerpo data-parallel scaling, --parallel {args.parallel}, model {args.model or 'embedded tiny'}, "
+        f"{args.steps - 1} timed steps a run (median), on {where}"
+    )
+    columns = [
+        "ranks",
+        "prompts_per_step",
+        "step_s",
+        "steps_per_s",
+        "tokens_per_step",
+        "tokens_per_s",
+        "rollout_s",
+        "training_s",
+    ]
     print(f"weak scaling: {args.prompts_per_rank} prompts a rank")
     print_table(weak, columns)
     print(f"strong scaling: {args.global_prompts} prompts a step")
     print_table(strong, columns)
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
-    write_json(args.json, {"machine": where, "parallel": args.parallel, "model": args.model or "embedded tiny",
-                           "steps_timed": args.steps - 1, "weak": weak, "strong": strong, "ratios": ratios})
+    write_json(
+        args.json,
+        {
+            "machine": where,
+            "parallel": args.parallel,
+            "model": args.model or "embedded tiny",
+            "steps_timed": args.steps - 1,
+            "weak": weak,
+            "strong": strong,
+            "ratios": ratios,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ have them); both sides' outputs are checked equal before timing. Times are media
 ``ratios`` is PyTorch time / C++ time. The C++ runs on one thread; PyTorch gets the faster of one thread
 and ``torch.get_num_threads()``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,10 @@ import time
 # arrays) always do. Without them, filling fresh memory here costs one page fault per 4 KiB.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from treerpo.trees import native  # noqa: E402
+from treerpo.trees import native
 from treerpo.trees.tile_skip import tile_skip_vectorized
 
 # name, trees' branching, trees, mean tokens per generated segment, probability a segment ends with EOS
@@ -71,9 +72,14 @@ def random_batch(branching, num_trees: int, seg_tokens: int, eos: float, rng: np
     has_child[(local_parent + node_offsets[tree])[local_parent >= 0]] = True
     reward = np.where(has_child, np.nan, rng.integers(0, 2, len(tree)).astype(float))
     token_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return dict(node_offsets=node_offsets.astype(np.int64), parent=local_parent.astype(np.int64), depth=depth,
-                reward=reward, token_offsets=token_offsets.astype(np.int64),
-                token_ids=rng.integers(0, 50_000, token_offsets[-1]).astype(np.int64))
+    return dict(
+        node_offsets=node_offsets.astype(np.int64),
+        parent=local_parent.astype(np.int64),
+        depth=depth,
+        reward=reward,
+        token_offsets=token_offsets.astype(np.int64),
+        token_ids=rng.integers(0, 50_000, token_offsets[-1]).astype(np.int64),
+    )
 
 
 # ---- the vectorised PyTorch versions -------------------------------------------------------------------
@@ -159,10 +165,17 @@ def torch_pack(node_offsets, parent, depth, token_offsets, token_ids, kept, adva
     within = row - start[node]
     prev = row - 1
     prev[start[dfs]] = torch.where(root[dfs], -1, last_row[gparent[dfs]])
-    return dict(input_ids=token_ids[token_offsets[node] + within], position_ids=position[node] + within,
-                tin=row.int(), tout=(start + sub)[node].int(), prev_index=prev, loss_mask=(kept & ~root)[node],
-                advantages=torch.where(root, 0.0, advantage).float()[node], tree_index=tree[node],
-                node_index=(torch.arange(n) - node_offsets[:-1][tree])[node])
+    return dict(
+        input_ids=token_ids[token_offsets[node] + within],
+        position_ids=position[node] + within,
+        tin=row.int(),
+        tout=(start + sub)[node].int(),
+        prev_index=prev,
+        loss_mask=(kept & ~root)[node],
+        advantages=torch.where(root, 0.0, advantage).float()[node],
+        tree_index=tree[node],
+        node_index=(torch.arange(n) - node_offsets[:-1][tree])[node],
+    )
 
 
 # ---- timing --------------------------------------------------------------------------------------------
@@ -210,33 +223,68 @@ def bench_size(name, branching, num_trees, seg_tokens, eos, repeats, thread_coun
     assert np.array_equal(skip[0], skip_t[0].numpy()) and np.array_equal(skip[1], skip_t[1].numpy())
 
     ops = {
-        "advantages": (lambda: C.compute_advantages(b["node_offsets"], b["parent"], b["reward"]),
-                       lambda: torch_advantages(t["node_offsets"], t["parent"], t["depth"], t["reward"])),
-        "pack": (lambda: C.pack(*pack_args),
-                 lambda: torch_pack(t["node_offsets"], t["parent"], t["depth"], t["token_offsets"], t["token_ids"],
-                                    kept_t, adv_t)),
-        "tile_skip": (lambda: C.tile_skip(tin, tout),
-                      lambda: tile_skip_vectorized(torch.from_numpy(tin), torch.from_numpy(tout))),
+        "advantages": (
+            lambda: C.compute_advantages(b["node_offsets"], b["parent"], b["reward"]),
+            lambda: torch_advantages(t["node_offsets"], t["parent"], t["depth"], t["reward"]),
+        ),
+        "pack": (
+            lambda: C.pack(*pack_args),
+            lambda: torch_pack(
+                t["node_offsets"], t["parent"], t["depth"], t["token_offsets"], t["token_ids"], kept_t, adv_t
+            ),
+        ),
+        "tile_skip": (
+            lambda: C.tile_skip(tin, tout),
+            lambda: tile_skip_vectorized(torch.from_numpy(tin), torch.from_numpy(tout)),
+        ),
     }
     rows = []
     for op, (native_fn, torch_fn) in ops.items():
         native_s = median_time(native_fn, repeats)
         torch_s, threads = best_torch_time(torch_fn, repeats, thread_counts)
-        rows.append(dict(size=name, op=op, trees=num_trees, nodes=len(b["parent"]), tokens=int(b["token_offsets"][-1]),
-                         packed_tokens=len(tin), tile_pairs=len(skip[1]), native_s=native_s, torch_s=torch_s,
-                         torch_threads=threads, ratio=torch_s / native_s))
-        print(f"{name:>12} {op:>10}: {rows[-1]['nodes']:>9,} nodes {rows[-1]['tokens']:>11,} tokens   "
-              f"C++ {native_s * 1e3:9.3f} ms   torch {torch_s * 1e3:9.3f} ms ({threads} thr)   "
-              f"x{torch_s / native_s:6.1f}", flush=True)
+        rows.append(
+            dict(
+                size=name,
+                op=op,
+                trees=num_trees,
+                nodes=len(b["parent"]),
+                tokens=int(b["token_offsets"][-1]),
+                packed_tokens=len(tin),
+                tile_pairs=len(skip[1]),
+                native_s=native_s,
+                torch_s=torch_s,
+                torch_threads=threads,
+                ratio=torch_s / native_s,
+            )
+        )
+        print(
+            f"{name:>12} {op:>10}: {rows[-1]['nodes']:>9,} nodes {rows[-1]['tokens']:>11,} tokens   "
+            f"C++ {native_s * 1e3:9.3f} ms   torch {torch_s * 1e3:9.3f} ms ({threads} thr)   "
+            f"x{torch_s / native_s:6.1f}",
+            flush=True,
+        )
     return rows
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return dict(cpu=model, cores=os.cpu_count(), load_average=os.getloadavg()[0], torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, numpy=np.__version__, python=platform.python_version(),
-                platform=platform.platform())
+    model = (
+        next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.processor()
+    )
+    return dict(
+        cpu=model,
+        cores=os.cpu_count(),
+        load_average=os.getloadavg()[0],
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        numpy=np.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+    )
 
 
 def main():
@@ -250,8 +298,10 @@ def main():
         raise SystemExit("treerpo._C is not built: pip install -e .")
     info = machine()
     thread_counts = sorted({1, info["torch_threads"]})
-    print(f"treerpo._C (1 thread) vs vectorised PyTorch (best of {thread_counts} threads) on {info['cpu']}, "
-          f"{info['cores']} cores, load {os.getloadavg()[0]:.1f}; torch {info['torch']}")
+    print(
+        f"treerpo._C (1 thread) vs vectorised PyTorch (best of {thread_counts} threads) on {info['cpu']}, "
+        f"{info['cores']} cores, load {os.getloadavg()[0]:.1f}; torch {info['torch']}"
+    )
     rng = np.random.default_rng(args.seed)
     sizes, repeats = (SIZES[:QUICK], 1) if args.quick else (SIZES, args.repeats)
     rows = [row for size in sizes for row in bench_size(*size, repeats, thread_counts, rng)]

@@ -1,4 +1,5 @@
 """Host-side choices shared by the Triton kernels."""
+
 from __future__ import annotations
 
 import os

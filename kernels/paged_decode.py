@@ -27,6 +27,7 @@ The kernels take tensors only; the engine's "triton" paged backend, which turns 
 Dots run on the query dtype (fp16/bf16 operands, fp32 accumulation) on a GPU, exact fp32 for fp32, and
 fp32 for bf16 under ``TRITON_INTERPRET=1`` (the interpreter computes bf16 wrongly).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,13 @@ import triton.language as tl
 
 from ._common import dot_modes, interpreting
 
-__all__ = ["paged_decode_attention", "cascade_decode_attention", "cascade_decode_grouped", "merge_attention_states",
-           "merge_two"]
+__all__ = [
+    "paged_decode_attention",
+    "cascade_decode_attention",
+    "cascade_decode_grouped",
+    "merge_attention_states",
+    "merge_two",
+]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -45,12 +51,40 @@ EMPTY_LSE = -1.0e30 * LN2  # natural-log LSE of a partial that saw no key (its w
 
 
 @triton.jit
-def _paged_attn_fwd(Q, K, V, SLOTS, KSTART, KEND, QSTART, QIDX, O, LSE,
-                    GROUP, chunk, num_q_tiles, qk_scale,
-                    stride_qr, stride_qh, stride_sl, stride_ks, stride_kh, stride_vs, stride_vh,
-                    stride_os, stride_or, stride_oh, stride_ls, stride_lr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+def _paged_attn_fwd(
+    Q,
+    K,
+    V,
+    SLOTS,
+    KSTART,
+    KEND,
+    QSTART,
+    QIDX,
+    O,
+    LSE,
+    GROUP,
+    chunk,
+    num_q_tiles,
+    qk_scale,
+    stride_qr,
+    stride_qh,
+    stride_sl,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_os,
+    stride_or,
+    stride_oh,
+    stride_ls,
+    stride_lr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     lst = tl.program_id(0)
     pid1 = tl.program_id(1)  # kv_head * num_q_tiles + q_tile
     split = tl.program_id(2)
@@ -67,8 +101,11 @@ def _paged_attn_fwd(Q, K, V, SLOTS, KSTART, KEND, QSTART, QIDX, O, LSE,
         offs_d = tl.arange(0, BLOCK_D)
         d_valid = offs_d < HEAD_DIM
         q_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + row[:, None] * stride_qr + head[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
-                    mask=q_mask, other=0.0)
+        q = tl.load(
+            Q + row[:, None] * stride_qr + head[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
+            mask=q_mask,
+            other=0.0,
+        )
         if DOT_FP32:
             q = q.to(tl.float32)
 
@@ -102,8 +139,13 @@ def _paged_attn_fwd(Q, K, V, SLOTS, KSTART, KEND, QSTART, QIDX, O, LSE,
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
-        o_ptr = (O + split.to(tl.int64) * stride_os + row[:, None] * stride_or
-                 + head[:, None].to(tl.int64) * stride_oh + offs_d[None, :])
+        o_ptr = (
+            O
+            + split.to(tl.int64) * stride_os
+            + row[:, None] * stride_or
+            + head[:, None].to(tl.int64) * stride_oh
+            + offs_d[None, :]
+        )
         tl.store(o_ptr, out, mask=q_mask)
         lse_ptr = LSE + split.to(tl.int64) * stride_ls + row * stride_lr + head
         tl.store(lse_ptr, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=m_valid)
@@ -148,8 +190,9 @@ def _num_splits(max_keys: int, programs: int, block_n: int, splits: int | None) 
     return max(1, min(want, triton.cdiv(max_keys, 256)))
 
 
-def _partial_attention(q, k_cache, v_cache, slots, kstart, kend, qstart, qidx, max_rows, scale, splits,
-                       max_keys, out=None, lse=None):
+def _partial_attention(
+    q, k_cache, v_cache, slots, kstart, kend, qstart, qidx, max_rows, scale, splits, max_keys, out=None, lse=None
+):
     """Run ``_paged_attn_fwd``: partial outputs fp32 [S, R, Hq, D] and natural LSE [S, R, Hq]."""
     r, hq, d = q.shape
     hkv = k_cache.shape[1]
@@ -168,20 +211,50 @@ def _partial_attention(q, k_cache, v_cache, slots, kstart, kend, qstart, qidx, m
         return out, lse
     dot_fp32, precision = dot_modes(q.dtype)
     grid = (n_lists, hkv * num_q_tiles, splits)
-    _paged_attn_fwd[grid](q, k_cache, v_cache, slots, kstart, kend, qstart, qidx, out, lse,
-                          group, chunk, num_q_tiles, scale * LOG2E,
-                          q.stride(0), q.stride(1), slots.stride(0), k_cache.stride(0), k_cache.stride(1),
-                          v_cache.stride(0), v_cache.stride(1),
-                          out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-                          HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                          DOT_FP32=dot_fp32, PRECISION=precision, num_warps=num_warps)
+    _paged_attn_fwd[grid](
+        q,
+        k_cache,
+        v_cache,
+        slots,
+        kstart,
+        kend,
+        qstart,
+        qidx,
+        out,
+        lse,
+        group,
+        chunk,
+        num_q_tiles,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        slots.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_FP32=dot_fp32,
+        PRECISION=precision,
+        num_warps=num_warps,
+    )
     return out, lse
 
 
 def _check(q, k_cache, v_cache, kv_slots):
     if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"expected query [B, Hq, D] and K/V caches [slots, Hkv, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"expected query [B, Hq, D] and K/V caches [slots, Hkv, D]; got {tuple(q.shape)}, "
+            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
     hq, hkv = q.shape[1], k_cache.shape[1]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
@@ -193,22 +266,41 @@ def _check(q, k_cache, v_cache, kv_slots):
         raise ValueError("K/V caches need a contiguous last dim")
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
-                           kv_len: torch.Tensor, scale: float | None = None, splits: int | None = None,
-                           return_lse: bool = False):
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_slots: torch.Tensor,
+    kv_len: torch.Tensor,
+    scale: float | None = None,
+    splits: int | None = None,
+    return_lse: bool = False,
+):
     """q [B, Hq, D]; k_cache/v_cache [slots, Hkv, D]; kv_slots int64 [B, K] (row b's keys are
     ``kv_slots[b, :kv_len[b]]``) -> out [B, Hq, D] in q's dtype (and the natural-log LSE [B, Hq], fp32).
 
     ``splits`` forces the number of split-K chunks (default: a heuristic, 1 under the interpreter)."""
     _check(q, k_cache, v_cache, kv_slots)
     b, hq, d = q.shape
-    scale = d ** -0.5 if scale is None else float(scale)
+    scale = d**-0.5 if scale is None else float(scale)
     q = q if q.stride(2) == 1 else q.contiguous()
     kv_slots = kv_slots.to(torch.int64).contiguous()
     kv_len = kv_len.to(device=q.device, dtype=torch.int64).contiguous()
     ar = torch.arange(b + 1, device=q.device, dtype=torch.int64)
-    out, lse = _partial_attention(q, k_cache, v_cache, kv_slots, torch.zeros_like(kv_len), kv_len,
-                                  ar, ar[:-1].contiguous(), 1, scale, splits, kv_slots.shape[1])
+    out, lse = _partial_attention(
+        q,
+        k_cache,
+        v_cache,
+        kv_slots,
+        torch.zeros_like(kv_len),
+        kv_len,
+        ar,
+        ar[:-1].contiguous(),
+        1,
+        scale,
+        splits,
+        kv_slots.shape[1],
+    )
     if out.shape[0] == 1:
         o, l = out[0], lse[0]
     else:
@@ -217,10 +309,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return (o, l) if return_lse else o
 
 
-def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
-                             kv_len: torch.Tensor, prefix_slots: torch.Tensor, prefix_len: torch.Tensor,
-                             group_of_seq: torch.Tensor, scale: float | None = None, splits: int | None = None,
-                             return_lse: bool = False):
+def cascade_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_slots: torch.Tensor,
+    kv_len: torch.Tensor,
+    prefix_slots: torch.Tensor,
+    prefix_len: torch.Tensor,
+    group_of_seq: torch.Tensor,
+    scale: float | None = None,
+    splits: int | None = None,
+    return_lse: bool = False,
+):
     """Decode attention with shared prefixes computed once per group (Hydragen / DeFT style).
 
     ``prefix_slots`` int64 [G, P] and ``prefix_len`` [G]: group g's shared prefix; ``group_of_seq`` [B]
@@ -232,7 +333,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     _check(q, k_cache, v_cache, kv_slots)
     b, hq, d = q.shape
     dev = q.device
-    scale = d ** -0.5 if scale is None else float(scale)
+    scale = d**-0.5 if scale is None else float(scale)
     q = q if q.stride(2) == 1 else q.contiguous()
     kv_slots = kv_slots.to(torch.int64).contiguous()
     kv_len = kv_len.to(device=dev, dtype=torch.int64).contiguous()
@@ -243,11 +344,13 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     in_group = group_of_seq >= 0
     # suffix: [prefix_len[g], kv_len) of every sequence (the whole path for ungrouped ones)
     gsafe = group_of_seq.clamp(min=0)
-    kstart = torch.where(in_group, prefix_len[gsafe] if n_groups else torch.zeros_like(kv_len),
-                         torch.zeros_like(kv_len)).contiguous()
+    kstart = torch.where(
+        in_group, prefix_len[gsafe] if n_groups else torch.zeros_like(kv_len), torch.zeros_like(kv_len)
+    ).contiguous()
     ar = torch.arange(b + 1, device=dev, dtype=torch.int64)
-    suf_o, suf_l = _partial_attention(q, k_cache, v_cache, kv_slots, kstart, kv_len, ar, ar[:-1].contiguous(),
-                                      1, scale, splits, kv_slots.shape[1])
+    suf_o, suf_l = _partial_attention(
+        q, k_cache, v_cache, kv_slots, kstart, kv_len, ar, ar[:-1].contiguous(), 1, scale, splits, kv_slots.shape[1]
+    )
     if n_groups == 0 or not bool(in_group.any()):
         o, l = merge_attention_states(suf_o, suf_l) if suf_o.shape[0] > 1 else (suf_o[0], suf_l[0])
         o = o.to(q.dtype)
@@ -257,25 +360,60 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     order = grouped[torch.argsort(group_of_seq[grouped], stable=True)]
     counts = torch.bincount(group_of_seq[grouped], minlength=n_groups)
     qstart = torch.cat((counts.new_zeros(1), torch.cumsum(counts, 0))).contiguous()
-    o, l = _merge_with_prefix(q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_len, order.contiguous(), qstart,
-                              int(counts.max()), scale, splits)
+    o, l = _merge_with_prefix(
+        q,
+        k_cache,
+        v_cache,
+        suf_o,
+        suf_l,
+        prefix_slots,
+        prefix_len,
+        order.contiguous(),
+        qstart,
+        int(counts.max()),
+        scale,
+        splits,
+    )
     o = o.to(q.dtype)
     return (o, l) if return_lse else o
 
 
-def _merge_with_prefix(q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_len, members, member_start,
-                       max_members, scale, splits):
+def _merge_with_prefix(
+    q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_len, members, member_start, max_members, scale, splits
+):
     """The prefix partial (group g's query rows ``members[member_start[g]:member_start[g + 1]]`` against its
     ``prefix_slots[g, :prefix_len[g]]``, each K/V tile read once for the group) merged with the suffix partials."""
-    pre_o, pre_l = _partial_attention(q, k_cache, v_cache, prefix_slots, torch.zeros_like(prefix_len), prefix_len,
-                                      member_start, members, max_members, scale, splits, prefix_slots.shape[1])
+    pre_o, pre_l = _partial_attention(
+        q,
+        k_cache,
+        v_cache,
+        prefix_slots,
+        torch.zeros_like(prefix_len),
+        prefix_len,
+        member_start,
+        members,
+        max_members,
+        scale,
+        splits,
+        prefix_slots.shape[1],
+    )
     return merge_attention_states(torch.cat((suf_o, pre_o)), torch.cat((suf_l, pre_l)))
 
 
-def cascade_decode_grouped(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
-                           kv_len: torch.Tensor, prefix_slots: torch.Tensor, prefix_len: torch.Tensor,
-                           members: torch.Tensor, member_start: torch.Tensor, max_members: int,
-                           scale: float | None = None, splits: int | None = None) -> torch.Tensor:
+def cascade_decode_grouped(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_slots: torch.Tensor,
+    kv_len: torch.Tensor,
+    prefix_slots: torch.Tensor,
+    prefix_len: torch.Tensor,
+    members: torch.Tensor,
+    member_start: torch.Tensor,
+    max_members: int,
+    scale: float | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
     """The cascade with its groups precomputed: ``kv_slots[b, :kv_len[b]]`` are sequence b's keys after its
     group's prefix (its whole path when it is in no group); group g's prefix is ``prefix_slots[g,
     :prefix_len[g]]`` and its query rows ``members[member_start[g]:member_start[g + 1]]``, at most
@@ -286,8 +424,21 @@ def cascade_decode_grouped(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     b = q.shape[0]
     ar = torch.arange(b + 1, device=q.device, dtype=torch.int64)
     kv_len = kv_len.contiguous()
-    suf_o, suf_l = _partial_attention(q, k_cache, v_cache, kv_slots, torch.zeros_like(kv_len), kv_len,
-                                      ar, ar[:-1].contiguous(), 1, scale, splits=splits, max_keys=kv_slots.shape[1])
-    out, _ = _merge_with_prefix(q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_len, members,
-                                member_start, max_members, scale, splits)
+    suf_o, suf_l = _partial_attention(
+        q,
+        k_cache,
+        v_cache,
+        kv_slots,
+        torch.zeros_like(kv_len),
+        kv_len,
+        ar,
+        ar[:-1].contiguous(),
+        1,
+        scale,
+        splits=splits,
+        max_keys=kv_slots.shape[1],
+    )
+    out, _ = _merge_with_prefix(
+        q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_len, members, member_start, max_members, scale, splits
+    )
     return out.to(q.dtype)

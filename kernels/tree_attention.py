@@ -19,6 +19,7 @@ Grouped-query attention: query head h reads KV head ``h // (Hq // Hkv)``. Dots r
 (fp16/bf16, fp32 accumulation) on a GPU, and on fp32 for fp32 inputs and under ``TRITON_INTERPRET=1``
 for bf16 (the interpreter computes bf16 wrongly).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2
 
 # ----------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _key_tile(k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn,
-              BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
+def _key_tile(
+    k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr
+):
     """K and V of key tile ``kt`` and which of its keys each query row (``tin_q``) sees: [BLOCK_M, BLOCK_N]."""
     offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
@@ -54,11 +56,34 @@ def _key_tile(k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_k
 
 
 @triton.jit
-def _tree_attn_fwd(Q, K, V, O, LSE, TIN, TOUT, OFFSETS, KEY_TILES,
-                   N, HQ, HKV, GROUP, qk_scale,
-                   stride_qh, stride_qn, stride_kh, stride_kn, stride_oh, stride_on,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+def _tree_attn_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    TIN,
+    TOUT,
+    OFFSETS,
+    KEY_TILES,
+    N,
+    HQ,
+    HKV,
+    GROUP,
+    qk_scale,
+    stride_qh,
+    stride_qn,
+    stride_kh,
+    stride_kn,
+    stride_oh,
+    stride_on,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)  # b * HQ + h
     kv_h = (pid_h // HQ) * HKV + (pid_h % HQ) // GROUP
@@ -81,8 +106,9 @@ def _tree_attn_fwd(Q, K, V, O, LSE, TIN, TOUT, OFFSETS, KEY_TILES,
     end = tl.load(OFFSETS + pid_m + 1)
     for i in range(start, end):
         kt = tl.load(KEY_TILES + i)
-        k, v, visible = _key_tile(k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn,
-                                  BLOCK_N, DOT_FP32)
+        k, v, visible = _key_tile(
+            k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn, BLOCK_N, DOT_FP32
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -100,11 +126,38 @@ def _tree_attn_fwd(Q, K, V, O, LSE, TIN, TOUT, OFFSETS, KEY_TILES,
 
 # ---------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _tree_attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, TIN, TOUT, Q_OFFSETS, Q_TILES,
-                        N, HQ, HKV, GROUP, qk_scale, sm_scale,
-                        stride_qh, stride_qn, stride_kh, stride_kn, stride_dh, stride_dn,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+def _tree_attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    TIN,
+    TOUT,
+    Q_OFFSETS,
+    Q_TILES,
+    N,
+    HQ,
+    HKV,
+    GROUP,
+    qk_scale,
+    sm_scale,
+    stride_qh,
+    stride_qn,
+    stride_kh,
+    stride_kn,
+    stride_dh,
+    stride_dn,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """dK, dV of one query head (fp32 [B*Hq, N, D]) for key tile program_id(0)."""
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -158,11 +211,35 @@ def _tree_attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, TIN, TOUT, Q_OFFSETS, Q
 
 
 @triton.jit
-def _tree_attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TIN, TOUT, OFFSETS, KEY_TILES,
-                      N, HQ, HKV, GROUP, qk_scale, sm_scale,
-                      stride_qh, stride_qn, stride_kh, stride_kn,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+def _tree_attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    TIN,
+    TOUT,
+    OFFSETS,
+    KEY_TILES,
+    N,
+    HQ,
+    HKV,
+    GROUP,
+    qk_scale,
+    sm_scale,
+    stride_qh,
+    stride_qn,
+    stride_kh,
+    stride_kn,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
     kv_h = (pid_h // HQ) * HKV + (pid_h % HQ) // GROUP
@@ -189,8 +266,9 @@ def _tree_attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TIN, TOUT, OFFSETS, KEY_TILES
     end = tl.load(OFFSETS + pid_m + 1)
     for i in range(start, end):
         kt = tl.load(KEY_TILES + i)
-        k, v, visible = _key_tile(k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn,
-                                  BLOCK_N, DOT_FP32)
+        k, v, visible = _key_tile(
+            k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn, BLOCK_N, DOT_FP32
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -226,11 +304,35 @@ class TreeAttentionFunction(torch.autograd.Function):
         dot_fp32, precision = dot_modes(q.dtype)
         block_d = max(16, triton.next_power_of_2(d))
         grid = (triton.cdiv(n, block), b * hq)
-        _tree_attn_fwd[grid](q, k, v, o, lse, tin, tout, offsets, key_tiles,
-                             n, hq, hkv, hq // hkv, scale * LOG2E,
-                             q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
-                             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block,
-                             DOT_FP32=dot_fp32, PRECISION=precision, num_warps=num_warps)
+        _tree_attn_fwd[grid](
+            q,
+            k,
+            v,
+            o,
+            lse,
+            tin,
+            tout,
+            offsets,
+            key_tiles,
+            n,
+            hq,
+            hkv,
+            hq // hkv,
+            scale * LOG2E,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            o.stride(0),
+            o.stride(1),
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            BLOCK_M=block,
+            BLOCK_N=block,
+            DOT_FP32=dot_fp32,
+            PRECISION=precision,
+            num_warps=num_warps,
+        )
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.skip, ctx.scale, ctx.block, ctx.num_warps = skip, scale, block, num_warps
         ctx.shape = (b, hq, hkv, n, d)
@@ -251,25 +353,85 @@ class TreeAttentionFunction(torch.autograd.Function):
         dv = torch.empty_like(dk)
         dq = torch.empty_like(q)
         num_tiles = triton.cdiv(n, block)
-        common = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, DOT_FP32=dot_fp32,
-                      PRECISION=precision, num_warps=ctx.num_warps)
+        common = dict(
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            BLOCK_M=block,
+            BLOCK_N=block,
+            DOT_FP32=dot_fp32,
+            PRECISION=precision,
+            num_warps=ctx.num_warps,
+        )
         _tree_attn_bwd_dkdv[(num_tiles, b * hq)](
-            q, k, v, do, lse, delta, dk, dv, tin, tout, q_offsets, q_tiles,
-            n, hq, hkv, group, scale * LOG2E, scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), dk.stride(0), dk.stride(1), **common)
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            tin,
+            tout,
+            q_offsets,
+            q_tiles,
+            n,
+            hq,
+            hkv,
+            group,
+            scale * LOG2E,
+            scale,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            dk.stride(0),
+            dk.stride(1),
+            **common,
+        )
         _tree_attn_bwd_dq[(num_tiles, b * hq)](
-            q, k, v, do, lse, delta, dq, tin, tout, offsets, key_tiles,
-            n, hq, hkv, group, scale * LOG2E, scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), **common)
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dq,
+            tin,
+            tout,
+            offsets,
+            key_tiles,
+            n,
+            hq,
+            hkv,
+            group,
+            scale * LOG2E,
+            scale,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            **common,
+        )
         dk = dk.view(b, hkv, group, n, d).sum(2).to(k.dtype)
         dv = dv.view(b, hkv, group, n, d).sum(2).to(v.dtype)
         return dq.view(b, hq, n, d), dk, dv, None, None, None, None
 
 
-def triton_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tin: torch.Tensor,
-                          tout: torch.Tensor, offsets: torch.Tensor, key_tiles: torch.Tensor,
-                          q_offsets: torch.Tensor, q_tiles: torch.Tensor, block: int, scale: float | None = None,
-                          num_warps: int | None = None) -> torch.Tensor:
+def triton_tree_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    tin: torch.Tensor,
+    tout: torch.Tensor,
+    offsets: torch.Tensor,
+    key_tiles: torch.Tensor,
+    q_offsets: torch.Tensor,
+    q_tiles: torch.Tensor,
+    block: int,
+    scale: float | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
     """query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, Hq, N, D]; the layout of ``sdpa_tree_attention``.
 
     ``tin``/``tout`` [N]: the tokens' intervals. The skip list of tiles of ``block`` rows (queries and keys
@@ -286,15 +448,19 @@ def triton_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
         return query.new_empty(query.shape)
     num_tiles = -(-n // block)
     if offsets.numel() != num_tiles + 1 or q_offsets.numel() != num_tiles + 1:
-        raise ValueError(f"skip lists of {offsets.numel() - 1}/{q_offsets.numel() - 1} tiles for {num_tiles} "
-                         f"tiles of {block} rows")
+        raise ValueError(
+            f"skip lists of {offsets.numel() - 1}/{q_offsets.numel() - 1} tiles for {num_tiles} tiles of {block} rows"
+        )
     if num_warps is None:
         num_warps = block_config(d, n)[1]
-    scale = d ** -0.5 if scale is None else float(scale)
+    scale = d**-0.5 if scale is None else float(scale)
     dev = query.device
-    skip = (tin.to(device=dev, dtype=torch.int32).contiguous(), tout.to(device=dev, dtype=torch.int32).contiguous(),
-            offsets.to(device=dev, dtype=torch.int64).contiguous(),
-            key_tiles.to(device=dev, dtype=torch.int32).contiguous(),
-            q_offsets.to(device=dev, dtype=torch.int64).contiguous(),
-            q_tiles.to(device=dev, dtype=torch.int32).contiguous())
+    skip = (
+        tin.to(device=dev, dtype=torch.int32).contiguous(),
+        tout.to(device=dev, dtype=torch.int32).contiguous(),
+        offsets.to(device=dev, dtype=torch.int64).contiguous(),
+        key_tiles.to(device=dev, dtype=torch.int32).contiguous(),
+        q_offsets.to(device=dev, dtype=torch.int64).contiguous(),
+        q_tiles.to(device=dev, dtype=torch.int32).contiguous(),
+    )
     return TreeAttentionFunction.apply(query, key, value, skip, scale, block, num_warps)

@@ -1,5 +1,6 @@
 """One rank's side of a check in test_distributed.py, launched by torchrun: ``python distributed_worker.py TASK
 CONFIG_JSON RESULT_PREFIX``. Each task writes what the test compares to ``RESULT_PREFIX`` files."""
+
 from __future__ import annotations
 
 import json

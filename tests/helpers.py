@@ -1,4 +1,5 @@
 """Shared builders for tests: random trees and tiny random models."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,14 @@ def python_block(path, heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def random_tree(rng: np.random.Generator, num_nodes: int, vocab: int = 40, prompt_len: int | None = None,
-                max_segment: int = 5, shape: str = "random") -> Tree:
+def random_tree(
+    rng: np.random.Generator,
+    num_nodes: int,
+    vocab: int = 40,
+    prompt_len: int | None = None,
+    max_segment: int = 5,
+    shape: str = "random",
+) -> Tree:
     """A tree of ``num_nodes`` generated nodes; ``shape`` is random, chain or fan (all children of the root)."""
     parents = []
     for n in range(1, num_nodes + 1):
@@ -44,10 +51,20 @@ def random_tree(rng: np.random.Generator, num_nodes: int, vocab: int = 40, promp
 
 def tiny_model(arch: str = "qwen2", vocab: int = 40, seed: int = 0, tree_attention: bool = True):
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = (Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)) if arch == "qwen2"
-             else LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)))
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = (
+        Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
+        if arch == "qwen2"
+        else LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+    )
     model.eval()
     return enable_tree_attention(model) if tree_attention else model
 
@@ -65,9 +82,19 @@ def char_model_folder(folder, extra_chars: str = "", max_positions: int = 256):
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                         max_position_embeddings=max_positions, eos_token_id=1, pad_token_id=0))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=max_positions,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    )
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -85,6 +112,7 @@ class SequenceStep:
 class SharedPrefixes:
     """Decode steps in groups that share a cached prefix: step i's cached path is
     ``prefixes[group_of_step[i]]`` followed by the step's own ``cached_slots``."""
+
     prefixes: list  # int64 slot arrays, one per group, none empty
     group_of_step: np.ndarray  # int64 [len(steps)]
 
@@ -97,8 +125,9 @@ def runner_logits(runner, steps: list[SequenceStep], shared: SharedPrefixes | No
 
     sequences = [(s.cached_slots, s.new_slots) for s in steps]
     prefixes, group_of_step = (None, None) if shared is None else (shared.prefixes, shared.group_of_step)
-    inputs = sequence_inputs(runner.pool, sequences, [s.new_tokens for s in steps], runner.device, prefixes,
-                             group_of_step)
+    inputs = sequence_inputs(
+        runner.pool, sequences, [s.new_tokens for s in steps], runner.device, prefixes, group_of_step
+    )
     return runner.head.logits(runner.run(inputs))
 
 

@@ -1,6 +1,7 @@
 """Activation checkpointing recomputes each layer in the backward, outside the tree-attention block: the tree
 metadata must reach the recomputed attention too (it travels as a forward keyword argument), so gradients with
 checkpointing equal gradients without it."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,9 +15,20 @@ from treerpo.trees.packing import pack_trees
 
 def mistral_model():
     torch.manual_seed(0)
-    return enable_tree_attention(MistralForCausalLM(MistralConfig(
-        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, sliding_window=None)))
+    return enable_tree_attention(
+        MistralForCausalLM(
+            MistralConfig(
+                vocab_size=40,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                sliding_window=None,
+            )
+        )
+    )
 
 
 MODELS = {"qwen2": lambda: tiny_model("qwen2"), "llama": lambda: tiny_model("llama"), "mistral": mistral_model}
@@ -53,8 +65,16 @@ def test_trainer_option_gives_the_same_step(tmp_path):
 
     weights, layer_calls = [], []
     for on in (False, True):
-        config = make_config({"output_dir": str(tmp_path / str(on)), "prompts_per_step": 8, "eval_size": 8,
-                              "threads": 1, "tau": 0.0, "gradient_checkpointing": on})
+        config = make_config(
+            {
+                "output_dir": str(tmp_path / str(on)),
+                "prompts_per_step": 8,
+                "eval_size": 8,
+                "threads": 1,
+                "tau": 0.0,
+                "gradient_checkpointing": on,
+            }
+        )
         with Trainer(config, log=lambda *a: None) as trainer:
             calls = []
             layer = trainer.model.model.layers[0].self_attn  # a pre-hook: recomputation may stop early, after it

@@ -1,4 +1,5 @@
 """Node values and sibling-group advantages against hand-computed trees; GRPO against the textbook formula."""
+
 import numpy as np
 import pytest
 
@@ -89,8 +90,9 @@ def test_mean_only_and_batch_std():
     np.testing.assert_allclose(trees[1].advantage[1:], [1 / 3, 1 / 3, -2 / 3])
     compute_advantages(trees, normalization="batch_std", tau=0.0)
     centred = np.array([0.5, -0.5, 1 / 3, 1 / 3, -2 / 3])
-    np.testing.assert_allclose(np.concatenate([trees[0].advantage[1:], trees[1].advantage[1:]]),
-                               centred / (centred.std() + 1e-6))
+    np.testing.assert_allclose(
+        np.concatenate([trees[0].advantage[1:], trees[1].advantage[1:]]), centred / (centred.std() + 1e-6)
+    )
 
 
 def test_grpo_equals_textbook_formula():
@@ -170,8 +172,12 @@ def test_global_root_is_leaf_mean_whatever_the_value_mode():
 
 
 def test_global_batch_std():
-    trees = [make_tree([0, 0], {1: 1, 2: 0}), make_tree([0, 0, 0], {1: 1, 2: 1, 3: 0}), two_branch_tree(),
-             make_tree([0, 0], {1: 1, 2: 1})]  # the last: all leaves equal, no signal of any kind
+    trees = [
+        make_tree([0, 0], {1: 1, 2: 0}),
+        make_tree([0, 0, 0], {1: 1, 2: 1, 3: 0}),
+        two_branch_tree(),
+        make_tree([0, 0], {1: 1, 2: 1}),
+    ]  # the last: all leaves equal, no signal of any kind
     stats = compute_advantages(trees, normalization="batch_std", tau=0.1, global_weight=0.5)
     # mean_only terms (by hand): local centred values of the kept groups, global terms of the trees with signal
     local = [[0.5, -0.5], [1 / 3, 1 / 3, -2 / 3], [-0.25, 0.25, 0.5, -0.5, 0, 0], [0.0, 0.0]]
@@ -179,8 +185,9 @@ def test_global_batch_std():
     local_scale = np.std([0.5, -0.5, 1 / 3, 1 / 3, -2 / 3, -0.25, 0.25, 0.5, -0.5]) + 1e-6
     global_scale = np.std(glob[0] + glob[1] + glob[2]) + 1e-6
     for tree, lo, gl in zip(trees, local, glob, strict=True):
-        np.testing.assert_allclose(tree.advantage[1:], np.array(lo) / local_scale + 0.5 * np.array(gl) / global_scale,
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            tree.advantage[1:], np.array(lo) / local_scale + 0.5 * np.array(gl) / global_scale, atol=1e-12
+        )
     assert not trees[3].kept.any() and (trees[3].advantage == 0).all()
     assert stats["global_trees"] == 3
 
@@ -214,8 +221,9 @@ def random_scored_batch(seed):
         tree = random_tree(rng, int(rng.integers(0, 25)), shape=str(rng.choice(["random", "chain", "fan"])))
         leaves = tree.is_leaf()
         kind = rng.integers(3)
-        tree.reward[leaves] = (rng.integers(0, 2, leaves.sum()) if kind == 0 else
-                               rng.random(leaves.sum()) if kind == 1 else 0.1)
+        tree.reward[leaves] = (
+            rng.integers(0, 2, leaves.sum()) if kind == 0 else rng.random(leaves.sum()) if kind == 1 else 0.1
+        )
         trees.append(tree)
     return trees
 
@@ -237,8 +245,11 @@ def test_global_weight_zero_is_the_local_advantage_exactly(backend, normalizatio
             trees = random_scored_batch(seed)
             tau = (0.0, 0.1, 0.3)[seed % 3]
             module = native.native_module(backend)
-            old = (adv._compute_advantages_native(module, trees, value_mode, normalization, tau, 1e-6)
-                   if module is not None else adv._compute_advantages_python(trees, value_mode, normalization, tau, 1e-6))
+            old = (
+                adv._compute_advantages_native(module, trees, value_mode, normalization, tau, 1e-6)
+                if module is not None
+                else adv._compute_advantages_python(trees, value_mode, normalization, tau, 1e-6)
+            )
             expected = columns(trees)
             stats = compute_advantages(trees, value_mode, normalization, tau, backend=backend, global_weight=0.0)
             assert stats == old and "global_trees" not in stats
@@ -256,8 +267,10 @@ def test_global_native_equals_python(normalization):
             trees = random_scored_batch(seed)
             expected = compute_advantages(trees, value_mode, normalization, tau, backend="python", global_weight=weight)
             want = columns(trees)
-            assert compute_advantages(trees, value_mode, normalization, tau, backend="native",
-                                      global_weight=weight) == expected
+            assert (
+                compute_advantages(trees, value_mode, normalization, tau, backend="native", global_weight=weight)
+                == expected
+            )
             for got, ref in zip(columns(trees), want, strict=True):
                 for a, b in zip(got, ref, strict=True):
                     np.testing.assert_array_equal(a, b)

@@ -7,6 +7,7 @@ engine greedy trees equal the generate-based reference sampler's; the engine's s
 equal a plain forward; a training step's gradients equal those of a per-path loss; the tree-enabled
 model's plain forward equals the untouched model's; or it is refused with the documented error.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -22,38 +23,77 @@ from treerpo.tree import TreeSpec
 from treerpo.trees.packing import pack_trees
 
 VOCAB = 48
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 LONG_WINDOW = 4096  # longer than every path here
 SHORT_WINDOW = 6  # shorter than the paths
 
 FAMILIES = {  # name: (config class, model class, config overrides, None = exact | regex of the refusal)
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, None),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, None),
-    "qwen2-window-long": ("Qwen2Config", "Qwen2ForCausalLM",
-                          dict(use_sliding_window=True, sliding_window=LONG_WINDOW, max_window_layers=0), None),
-    "qwen2-window-short": ("Qwen2Config", "Qwen2ForCausalLM",
-                           dict(use_sliding_window=True, sliding_window=SHORT_WINDOW, max_window_layers=0),
-                           "sliding window of 6 positions is shorter than this batch's paths"),
+    "qwen2-window-long": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(use_sliding_window=True, sliding_window=LONG_WINDOW, max_window_layers=0),
+        None,
+    ),
+    "qwen2-window-short": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(use_sliding_window=True, sliding_window=SHORT_WINDOW, max_window_layers=0),
+        "sliding window of 6 positions is shorter than this batch's paths",
+    ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8), None),
     "mistral-window-long": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=LONG_WINDOW), None),
-    "mistral-window-short": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=SHORT_WINDOW),
-                             "sliding window of 6 positions is shorter"),
+    "mistral-window-short": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(sliding_window=SHORT_WINDOW),
+        "sliding window of 6 positions is shorter",
+    ),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8), None),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=8, attn_logit_softcapping=5.0,
-                                                         final_logit_softcapping=3.0, sliding_window=LONG_WINDOW),
-               "attention logit soft-capping"),
-    "gemma3-long": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                    dict(head_dim=8, sliding_window=LONG_WINDOW, final_logit_softcapping=3.0), None),
-    "gemma3-window-short": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=8, sliding_window=SHORT_WINDOW),
-                            "sliding window of 6 positions is shorter"),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(head_dim=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window=LONG_WINDOW),
+        "attention logit soft-capping",
+    ),
+    "gemma3-long": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(head_dim=8, sliding_window=LONG_WINDOW, final_logit_softcapping=3.0),
+        None,
+    ),
+    "gemma3-window-short": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(head_dim=8, sliding_window=SHORT_WINDOW),
+        "sliding window of 6 positions is shorter",
+    ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, None),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, None),
-    "granite": ("GraniteConfig", "GraniteForCausalLM",
-                dict(logits_scaling=4.0, attention_multiplier=0.3, embedding_multiplier=2.0, residual_multiplier=0.5),
-                None),
-    "gpt-oss": ("GptOssConfig", "GptOssForCausalLM", dict(head_dim=8, num_local_experts=2, num_experts_per_tok=1,
-                                                          sliding_window=LONG_WINDOW), "attention sinks"),
+    "granite": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        dict(logits_scaling=4.0, attention_multiplier=0.3, embedding_multiplier=2.0, residual_multiplier=0.5),
+        None,
+    ),
+    "gpt-oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=LONG_WINDOW),
+        "attention sinks",
+    ),
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5), None),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=LONG_WINDOW), None),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}, None),
@@ -81,8 +121,10 @@ def path_logprobs(model, ids):
 
 
 def trees_for(rng):
-    return [random_tree(rng, 7, vocab=VOCAB, prompt_len=3), random_tree(rng, 5, vocab=VOCAB, shape="chain",
-                                                                          prompt_len=2)]
+    return [
+        random_tree(rng, 7, vocab=VOCAB, prompt_len=3),
+        random_tree(rng, 5, vocab=VOCAB, shape="chain", prompt_len=2),
+    ]
 
 
 def per_path_reference(plain, trees, batch, rows):
@@ -139,6 +181,7 @@ def test_packed_logprobs_and_gradients(family):
 
 class IdTokenizer:
     """What the samplers need of a tokenizer, for token-id prompts."""
+
     pad_token_id, eos_token_id, padding_side = 0, 2, "left"
     bos_token = None
 
@@ -170,9 +213,13 @@ def test_engine_trees_and_sampled_logprobs(family):
                 ids = tree.path_token_ids(int(leaf))
                 expected = path_logprobs(plain, ids)
                 nodes = tree.path(int(leaf))[1:]
-                got = np.concatenate([tree.token_logprobs[tree.offsets[n]:tree.offsets[n + 1]] for n in nodes])
-                torch.testing.assert_close(torch.as_tensor(got, dtype=torch.float32),
-                                           expected[len(tree.prompt_ids) - 1:], rtol=1e-4, atol=1e-4)
+                got = np.concatenate([tree.token_logprobs[tree.offsets[n] : tree.offsets[n + 1]] for n in nodes])
+                torch.testing.assert_close(
+                    torch.as_tensor(got, dtype=torch.float32),
+                    expected[len(tree.prompt_ids) - 1 :],
+                    rtol=1e-4,
+                    atol=1e-4,
+                )
 
 
 def test_trainer_refuses_a_window_shorter_than_its_paths_before_any_work(tmp_path):

@@ -6,6 +6,7 @@ forward, and the bound is bf16's: a packed log-prob may differ from it by what b
 activations gives a plain bf16 forward of the same path (measured here per family), times a small margin. The
 engine's sampled-token log-probs are checked the same way against a plain bf16 forward of the sampled path.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -63,14 +64,15 @@ def test_engine_sampled_logprobs_in_bf16(family):
     tree_model = enable_tree_attention(tree_model.to(DEVICE, torch.bfloat16))
     sampler = TreeSampler(tree_model, IdTokenizer(), pool_tokens=1024, ignore_eos=True)
     assert sampler.pool.dtype == torch.bfloat16
-    trees = sampler.sample([[5, 9, 14, 3], [7, 7, 20]], TreeSpec((2, 2), segment_tokens=4, temperature=1.0),
-                           seeds=[0, 1])
+    trees = sampler.sample(
+        [[5, 9, 14, 3], [7, 7, 20]], TreeSpec((2, 2), segment_tokens=4, temperature=1.0), seeds=[0, 1]
+    )
     with torch.no_grad():
         for tree in trees:
             for leaf in tree.leaves():
                 ids = tree.path_token_ids(int(leaf))
                 expected = path_logprobs(plain, ids)
                 nodes = tree.path(int(leaf))[1:]
-                got = np.concatenate([tree.token_logprobs[tree.offsets[n]:tree.offsets[n + 1]] for n in nodes])
-                err = (torch.as_tensor(got, dtype=torch.float32) - expected[len(tree.prompt_ids) - 1:]).abs().max()
+                got = np.concatenate([tree.token_logprobs[tree.offsets[n] : tree.offsets[n + 1]] for n in nodes])
+                err = (torch.as_tensor(got, dtype=torch.float32) - expected[len(tree.prompt_ids) - 1 :]).abs().max()
                 assert err <= 2e-2, f"{family}: sampled log-prob off by {err:.3g} from a plain bf16 forward"

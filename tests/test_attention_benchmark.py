@@ -1,4 +1,5 @@
 """benchmarks/attention.py runs end to end at toy size and writes its headline ratios."""
+
 import json
 import subprocess
 import sys
@@ -9,8 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_attention_benchmark_quick_writes_ratios(tmp_path):
     out = tmp_path / "a.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--quick", "--json", str(out)],
-                   check=True, cwd=ROOT, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--quick", "--json", str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     result = json.loads(out.read_text())
     ratios = result["ratios"]
     for key in ("sdpa_tree_fwd_speedup_vs_independent_rows", "flex_over_sdpa_fwd", "row_tokens_over_tree_tokens"):

@@ -1,5 +1,6 @@
 """One registry for the tree and paged attention backends; the Triton kernels are plain tensor operations that know
 nothing of it (nor of anything else in ``treerpo``)."""
+
 import ast
 import os
 import subprocess
@@ -26,17 +27,29 @@ def treerpo_imports(path: Path) -> list[str]:
                 found.append("." * node.level + (node.module or ""))
         elif isinstance(node, ast.Call):
             name = getattr(node.func, "attr", getattr(node.func, "id", None))
-            if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
-                    and str(node.args[0].value).split(".")[0] == "treerpo":
+            if (
+                name in ("import_module", "__import__")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and str(node.args[0].value).split(".")[0] == "treerpo"
+            ):
                 found.append(node.args[0].value)
     return found
 
 
 def test_the_finder_sees_treerpo_imports(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text("import os\nfrom ._common import x\nfrom treerpo.trees.tile_skip import tile_skip\nimport treerpo.trees.packing\n"
-                   "from ..attention import paged\nimportlib.import_module('treerpo.attention')\n")
-    assert treerpo_imports(src) == ["treerpo.trees.tile_skip", "treerpo.trees.packing", "..attention", "treerpo.attention"]
+    src.write_text(
+        "import os\nfrom ._common import x\nfrom treerpo.trees.tile_skip import tile_skip\n"
+        "import treerpo.trees.packing\n"
+        "from ..attention import paged\nimportlib.import_module('treerpo.attention')\n"
+    )
+    assert treerpo_imports(src) == [
+        "treerpo.trees.tile_skip",
+        "treerpo.trees.packing",
+        "..attention",
+        "treerpo.attention",
+    ]
 
 
 def test_kernels_import_nothing_from_treerpo():
@@ -48,24 +61,29 @@ def test_kernels_import_nothing_from_treerpo():
 def test_importing_a_kernel_registers_nothing():
     """Registration is ``treerpo.attention``'s (lazily, for CUDA), not a side effect of a kernel's import."""
     pytest.importorskip("triton")
-    script = ("import treerpo.kernels.paged_decode, treerpo.kernels.tree_attention\n"
-              "from treerpo.attention import registry\n"
-              "print(registry.available_tree_backends(), registry.available_paged_backends())\n"
-              "assert 'triton' not in registry.available_tree_backends()\n"
-              "assert registry.available_paged_backends() == ['torch']\n"
-              "assert registry._register_triton('tree') and registry._register_triton('paged')\n"
-              "from treerpo.attention import triton_backends\n"
-              "assert registry.get_tree_backend('triton') is triton_backends.triton_tree_backend\n"
-              "assert registry.get_paged_backend('triton') is triton_backends.paged_decode_backend\n")
+    script = (
+        "import treerpo.kernels.paged_decode, treerpo.kernels.tree_attention\n"
+        "from treerpo.attention import registry\n"
+        "print(registry.available_tree_backends(), registry.available_paged_backends())\n"
+        "assert 'triton' not in registry.available_tree_backends()\n"
+        "assert registry.available_paged_backends() == ['torch']\n"
+        "assert registry._register_triton('tree') and registry._register_triton('paged')\n"
+        "from treerpo.attention import triton_backends\n"
+        "assert registry.get_tree_backend('triton') is triton_backends.triton_tree_backend\n"
+        "assert registry.get_paged_backend('triton') is triton_backends.paged_decode_backend\n"
+    )
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("kind,get,available", [
-    ("tree", registry.get_tree_backend, registry.available_tree_backends),
-    ("paged", registry.get_paged_backend, registry.available_paged_backends),
-])
+@pytest.mark.parametrize(
+    "kind,get,available",
+    [
+        ("tree", registry.get_tree_backend, registry.available_tree_backends),
+        ("paged", registry.get_paged_backend, registry.available_paged_backends),
+    ],
+)
 def test_unknown_backend_error_names_the_available_ones(kind, get, available):
     names = available()
     assert names and names == registry.available_backends(kind)

@@ -1,4 +1,5 @@
 """The benchmarks run end to end at toy sizes and write their headline ratios (they are measured elsewhere)."""
+
 import json
 import os
 import subprocess
@@ -12,14 +13,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_benchmark(script, *args, tmp_path):
     out = tmp_path / "r.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)], check=True,
-                   cwd=ROOT, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     return json.loads(out.read_text())
 
 
 def test_rollout_benchmark_writes_ratios(tmp_path):
-    result = run_benchmark("rollout.py", "--model", "tiny", "--prompts", "2", "--segment-tokens", "4",
-                           "--repeats", "1", tmp_path=tmp_path)
+    result = run_benchmark(
+        "rollout.py", "--model", "tiny", "--prompts", "2", "--segment-tokens", "4", "--repeats", "1", tmp_path=tmp_path
+    )
     ratios = result["ratios"]
     assert ratios["analytic_generated_token_ratio"] == pytest.approx(8 * 3 / 14)
     assert ratios["measured_generated_token_ratio"] == pytest.approx(ratios["analytic_generated_token_ratio"])
@@ -40,8 +47,20 @@ def test_rollout_benchmark_writes_ratios(tmp_path):
 def test_draw_benchmark_bounds_the_chunked_draw(tmp_path):
     """512 rows x 5,000 tokens in a 2 MB budget (20 rows a chunk) against every row at once: the same tokens,
     and the chunked draw's extra memory well under the 10 MB that one fp32 copy of all the logits takes."""
-    result = run_benchmark("draw.py", "--rows", "512", "--vocab", "5000", "--memory-bytes", str(2 * 10 ** 6),
-                           "--repeats", "1", "--threads", "1", tmp_path=tmp_path)
+    result = run_benchmark(
+        "draw.py",
+        "--rows",
+        "512",
+        "--vocab",
+        "5000",
+        "--memory-bytes",
+        str(2 * 10**6),
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        tmp_path=tmp_path,
+    )
     (row,) = result["results"]
     assert row["same_tokens"]
     assert row["chunked"]["peak_extra_MiB"] < 512 * 5000 * 4 / 2**20
@@ -57,8 +76,14 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
     """benchmarks/gpu_check.sh: without CUDA (and without GPU_CHECK_DRY_RUN=1) one line, exit 2, nothing written."""
     env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_DRY_RUN"}
     env.update(CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, OUT=str(tmp_path / "out"))
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and "needs a CUDA GPU" in lines[0]

@@ -1,4 +1,5 @@
 """Options: defaults < config file < flags; unknown keys and bad values are refused with the fix."""
+
 import json
 
 import pytest
@@ -27,24 +28,27 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         parse_args(["--config", str(cfg)])
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("algo", "ppo", r"algo='ppo' is not valid; choose one of \['treerpo', 'grpo'\]"),
-    ("advantage_norm", "z", r"choose one of \['group_std', 'mean_only', 'batch_std'\]"),
-    ("lr", "fast", r"lr='fast' is not a valid float"),
-    ("max_steps", 0, r"max_steps must be >= 1"),
-    ("tau", -1, r"tau must be >= 0"),
-    ("global_weight", -1, r"global_weight must be a finite number >= 0, got -1.0; use 0 for local advantages"),
-    ("global_weight", "nan", r"global_weight must be a finite number >= 0, got nan"),
-    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
-    ("fork_entropy", -0.5, r"fork_entropy must be a finite number of nats >= 0, got -0.5; use 0"),
-    ("fork_entropy", "inf", r"fork_entropy must be a finite number of nats >= 0, got inf"),
-    ("min_segment_tokens", 13, r"min_segment_tokens must be in \[1, segment_tokens=12\], got 13"),
-    ("branching", [2, 0], r"branching must be a non-empty list of integers >= 1"),
-    ("truncate_prompts", "maybe", r"is not a valid bool"),
-    ("lr", "nan", r"lr must be a finite number"),
-    ("threads", 0, r"threads must be >= 1"),
-    ("tree_attention_backend", "sdpaa", r"tree_attention_backend='sdpaa' is not valid; choose one of"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("algo", "ppo", r"algo='ppo' is not valid; choose one of \['treerpo', 'grpo'\]"),
+        ("advantage_norm", "z", r"choose one of \['group_std', 'mean_only', 'batch_std'\]"),
+        ("lr", "fast", r"lr='fast' is not a valid float"),
+        ("max_steps", 0, r"max_steps must be >= 1"),
+        ("tau", -1, r"tau must be >= 0"),
+        ("global_weight", -1, r"global_weight must be a finite number >= 0, got -1.0; use 0 for local advantages"),
+        ("global_weight", "nan", r"global_weight must be a finite number >= 0, got nan"),
+        ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+        ("fork_entropy", -0.5, r"fork_entropy must be a finite number of nats >= 0, got -0.5; use 0"),
+        ("fork_entropy", "inf", r"fork_entropy must be a finite number of nats >= 0, got inf"),
+        ("min_segment_tokens", 13, r"min_segment_tokens must be in \[1, segment_tokens=12\], got 13"),
+        ("branching", [2, 0], r"branching must be a non-empty list of integers >= 1"),
+        ("truncate_prompts", "maybe", r"is not a valid bool"),
+        ("lr", "nan", r"lr must be a finite number"),
+        ("threads", 0, r"threads must be >= 1"),
+        ("tree_attention_backend", "sdpaa", r"tree_attention_backend='sdpaa' is not valid; choose one of"),
+    ],
+)
 def test_bad_values_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):
         make_config({key: value})

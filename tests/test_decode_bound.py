@@ -1,4 +1,5 @@
 """benchmarks/decode_bound.py: its lean decoder computes the model's own logits, or refuses the model."""
+
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from helpers import tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from decode_bound import LeanDecoder  # noqa: E402
+from decode_bound import LeanDecoder
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])  # Qwen2: q/k/v biases and tied embeddings; Llama: neither
@@ -26,8 +27,7 @@ def test_lean_decoder_steps_give_the_models_logits(arch):
         expected = model(input_ids=ids).logits
     lean = LeanDecoder(model, rows=3, max_len=9)
     for position in range(9):
-        torch.testing.assert_close(lean.step(ids[:, position], position), expected[:, position], rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(lean.step(ids[:, position], position), expected[:, position], rtol=1e-4, atol=1e-4)
 
 
 def test_other_families_are_refused():

@@ -1,4 +1,5 @@
 """Data-parallel training under torchrun (2 CPU processes, gloo) against one process on the same global batch."""
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,36 @@ from treerpo.training.seeding import seed_everything, step_seed
 from treerpo.training.trainer import Trainer
 
 HERE = Path(__file__).parent
-SMALL = dict(prompts_per_step=4, branching=[2, 2, 2], segment_tokens=12, eval_size=8, eval_every=0, save_every=1,
-             kl_coef=0.02, ppo_epochs=1, minibatches=2, micro_batch_tokens=64, threads=1)
+SMALL = dict(
+    prompts_per_step=4,
+    branching=[2, 2, 2],
+    segment_tokens=12,
+    eval_size=8,
+    eval_every=0,
+    save_every=1,
+    kl_coef=0.02,
+    ppo_epochs=1,
+    minibatches=2,
+    micro_batch_tokens=64,
+    threads=1,
+)
 # exact counts: any difference means different trees, minibatches or padding
-EXACT = ("step", "leaves", "groups", "kept_groups", "tokens_generated", "tokens_trained", "tokens_forward",
-         "optimizer_steps", "skipped_updates", "reward_mean", "accuracy", "response_tokens_mean", "eval_accuracy",
-         "nonfinite")
+EXACT = (
+    "step",
+    "leaves",
+    "groups",
+    "kept_groups",
+    "tokens_generated",
+    "tokens_trained",
+    "tokens_forward",
+    "optimizer_steps",
+    "skipped_updates",
+    "reward_mean",
+    "accuracy",
+    "response_tokens_mean",
+    "eval_accuracy",
+    "nonfinite",
+)
 
 
 def flags(options: dict) -> list[str]:
@@ -48,8 +73,11 @@ def torchrun(args: list[str], nproc: int = 2) -> list[str]:
 def train(out: Path, nproc: int | None, timeout: float = 300, **options) -> subprocess.CompletedProcess:
     """``python -m treerpo.train`` in one process (nproc None) or under torchrun."""
     args = flags({**SMALL, "output_dir": str(out), **options})
-    command = ([sys.executable, "-m", "treerpo.train", *args] if nproc is None
-               else torchrun(["-m", "treerpo.train", *args], nproc))
+    command = (
+        [sys.executable, "-m", "treerpo.train", *args]
+        if nproc is None
+        else torchrun(["-m", "treerpo.train", *args], nproc)
+    )
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment())
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -79,8 +107,9 @@ def assert_close_weights(a: dict, b: dict, atol: float = 1e-5, steps: int = 8, l
     assert a.keys() == b.keys()
     diff = {name: (a[name] - b[name]).abs() for name in a}
     loose = sum(int((d > atol).sum()) for d in diff.values())
-    assert loose <= 1e-3 * sum(d.numel() for d in diff.values()), {n: float(d.max()) for n, d in diff.items()
-                                                                  if float(d.max()) > atol}
+    assert loose <= 1e-3 * sum(d.numel() for d in diff.values()), {
+        n: float(d.max()) for n, d in diff.items() if float(d.max()) > atol
+    }
     for name, d in diff.items():
         assert float(d.max()) <= 2 * lr * steps, (name, float(d.max()))
 
@@ -93,8 +122,11 @@ def one_process_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, extra", [("ddp", {}), ("fsdp", {}), ("ddp", {"gradient_checkpointing": True})],
-                         ids=["ddp", "fsdp", "ddp-checkpointing"])
+@pytest.mark.parametrize(
+    "mode, extra",
+    [("ddp", {}), ("fsdp", {}), ("ddp", {"gradient_checkpointing": True})],
+    ids=["ddp", "fsdp", "ddp-checkpointing"],
+)
 def test_two_ranks_equal_one_process(tmp_path, one_process_run, mode, extra):
     """Same global batch: the same trees, minibatches, counts and metrics; the weights within 1e-5."""
     out = tmp_path / mode
@@ -104,8 +136,11 @@ def test_two_ranks_equal_one_process(tmp_path, one_process_run, mode, extra):
     assert_same_metrics(one, two)
     exported = weights(out / "checkpoint-2")
     assert_close_weights(weights(one_process_run / "checkpoint-2"), exported)
-    assert not any(torch.equal(exported[k], v) for k, v in weights(HERE.parent / "treerpo" / "models" / "tiny_chain").items()
-                   if "layers.0.mlp" in k), "the run must move the weights for the comparison to mean anything"
+    assert not any(
+        torch.equal(exported[k], v)
+        for k, v in weights(HERE.parent / "treerpo" / "models" / "tiny_chain").items()
+        if "layers.0.mlp" in k
+    ), "the run must move the weights for the comparison to mean anything"
     if mode == "fsdp":  # the Hugging Face export loads and equals the DCP state it was gathered from
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
         from transformers import AutoModelForCausalLM
@@ -173,8 +208,9 @@ def rank_pids(torchrun_pid: int) -> dict[int, int]:
     out = {}
     children = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
     for pid in map(int, children):
-        env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
-                   if "=" in item)
+        env = dict(
+            item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item
+        )
         if "RANK" in env:
             out[int(env["RANK"])] = pid
     return out
@@ -186,8 +222,13 @@ def test_sigkill_of_one_rank_then_resume_equals_the_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train(straight, 2, **options)
     args = flags({**SMALL, "output_dir": str(killed), **options})
-    proc = subprocess.Popen(torchrun(["-m", "treerpo.train", *args]), env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        torchrun(["-m", "treerpo.train", *args]),
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (killed / "checkpoint-2" / "trainer_state.json").exists():  # step 3 has begun (or is about to)
@@ -218,15 +259,24 @@ def test_resume_at_another_world_size_says_steps_are_not_bit_identical(tmp_path)
     assert [r["step"] for r in records(out)] == [1, 2]
 
 
-@pytest.mark.parametrize("options, env, message", [
-    ({"parallel": "ddp"}, {}, "needs a torchrun launch"),
-    ({"parallel": "none"}, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "pass --parallel ddp"),
-    ({"parallel": "fsdp", "sampler": "reference"}, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
-     "needs --sampler engine"),
-    ({"parallel": "ddp", "dtype": "bfloat16"}, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "float32"),
-    ({"parallel": "fsdp", "gradient_checkpointing": True}, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
-     "not supported yet"),
-])
+@pytest.mark.parametrize(
+    "options, env, message",
+    [
+        ({"parallel": "ddp"}, {}, "needs a torchrun launch"),
+        ({"parallel": "none"}, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "pass --parallel ddp"),
+        (
+            {"parallel": "fsdp", "sampler": "reference"},
+            {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+            "needs --sampler engine",
+        ),
+        ({"parallel": "ddp", "dtype": "bfloat16"}, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "float32"),
+        (
+            {"parallel": "fsdp", "gradient_checkpointing": True},
+            {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+            "not supported yet",
+        ),
+    ],
+)
 def test_unsupported_combinations_are_refused_before_any_work(monkeypatch, options, env, message):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -239,14 +289,35 @@ def test_unsupported_combinations_are_refused_before_any_work(monkeypatch, optio
 @pytest.mark.slow
 def test_scaling_benchmark_writes_ratios(tmp_path):
     out = tmp_path / "scaling.json"
-    subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "scaling.py"), "--ranks", "1", "2", "--steps", "2",
-                    "--prompts-per-rank", "2", "--global-prompts", "2", "--json", str(out)], check=True,
-                   capture_output=True, timeout=600, env=environment())
+    subprocess.run(
+        [
+            sys.executable,
+            str(HERE.parent / "benchmarks" / "scaling.py"),
+            "--ranks",
+            "1",
+            "2",
+            "--steps",
+            "2",
+            "--prompts-per-rank",
+            "2",
+            "--global-prompts",
+            "2",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env=environment(),
+    )
     result = json.loads(out.read_text())
     assert [p["ranks"] for p in result["weak"]] == [1, 2] and [p["prompts_per_step"] for p in result["weak"]] == [2, 4]
     assert [p["prompts_per_step"] for p in result["strong"]] == [2, 2]
-    assert set(result["ratios"]) == {"weak_efficiency_2_ranks", "weak_tokens_per_s_speedup_2_ranks",
-                                     "strong_steps_per_s_speedup_2_ranks"}
+    assert set(result["ratios"]) == {
+        "weak_efficiency_2_ranks",
+        "weak_tokens_per_s_speedup_2_ranks",
+        "strong_steps_per_s_speedup_2_ranks",
+    }
     assert all(v > 0 for v in result["ratios"].values())
 
 
@@ -254,8 +325,13 @@ def test_scaling_benchmark_writes_ratios(tmp_path):
 def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     args = flags({**SMALL, "output_dir": str(out), "max_steps": 200, "save_every": 0, "parallel": "ddp"})
-    proc = subprocess.Popen(torchrun(["-m", "treerpo.train", *args]), env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        torchrun(["-m", "treerpo.train", *args]),
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):

@@ -1,4 +1,5 @@
 """benchmarks/e2e.py: the five systems run end to end; the report's arithmetic against hand-computed cases."""
+
 import json
 import subprocess
 import sys
@@ -15,11 +16,27 @@ from e2e_systems import hash_reward, trl_config  # noqa: E402
 
 
 def _run(system, seed, step_s, evals, tokens=100):
-    steps = [{"step_s": t, "rollout_s": t / 2, "scoring_s": 0.0, "logprobs_s": t / 4, "training_s": t / 4,
-              "tokens_generated": tokens, "tokens_trained": tokens, "reward_mean": 0.5, "response_tokens_mean": 10}
-             for t in step_s]
-    return {"system": system, "seed": seed, "steps": steps, "peak_memory_MiB": 100.0,
-            "evals": [{"step": i, "wall_s": w, "tokens_generated": k, "accuracy": a} for i, (w, k, a) in enumerate(evals)]}
+    steps = [
+        {
+            "step_s": t,
+            "rollout_s": t / 2,
+            "scoring_s": 0.0,
+            "logprobs_s": t / 4,
+            "training_s": t / 4,
+            "tokens_generated": tokens,
+            "tokens_trained": tokens,
+            "reward_mean": 0.5,
+            "response_tokens_mean": 10,
+        }
+        for t in step_s
+    ]
+    return {
+        "system": system,
+        "seed": seed,
+        "steps": steps,
+        "peak_memory_MiB": 100.0,
+        "evals": [{"step": i, "wall_s": w, "tokens_generated": k, "accuracy": a} for i, (w, k, a) in enumerate(evals)],
+    }
 
 
 def test_summary_ratios_and_crossings_by_hand():
@@ -27,8 +44,12 @@ def test_summary_ratios_and_crossings_by_hand():
         # per-step medians after the warm-up step: trl 3.0, grpo 1.5, treerpo 0.5
         _run("trl", 0, [9.0, 3.0, 3.0], [(0, 0, 0.3), (6, 100, 0.4), (9, 150, 0.5), (12, 200, 0.6), (15, 300, 0.7)]),
         _run("grpo", 0, [5.0, 1.5, 1.5], [(0, 0, 0.3), (6.5, 200, 0.55), (8, 300, 0.58)]),
-        _run("treerpo", 0, [1.0, 0.5, 0.5], [(0, 0, 0.3), (0.5, 50, 0.65), (1, 100, 0.5), (1.5, 150, 0.6),
-                                             (2, 200, 0.62)]),
+        _run(
+            "treerpo",
+            0,
+            [1.0, 0.5, 0.5],
+            [(0, 0, 0.3), (0.5, 50, 0.65), (1, 100, 0.5), (1.5, 150, 0.6), (2, 200, 0.62)],
+        ),
     ]
     summary = summarize(runs)
     ratios = summary["ratios"]
@@ -47,9 +68,11 @@ def test_summary_ratios_and_crossings_by_hand():
 
 
 def test_trl_integration_ratios_by_hand():
-    runs = [_run("trl", 0, [9.0, 3.0, 3.0], [(0, 0, 0.3), (9, 150, 0.5)]),
-            _run("trl_rollout", 0, [5.0, 2.0, 2.0], [(0, 0, 0.3), (5, 150, 0.5)]),
-            _run("trl_treerpo", 0, [2.0, 1.0, 1.0, 1.0], [(0, 0, 0.3), (5, 150, 0.5)])]
+    runs = [
+        _run("trl", 0, [9.0, 3.0, 3.0], [(0, 0, 0.3), (9, 150, 0.5)]),
+        _run("trl_rollout", 0, [5.0, 2.0, 2.0], [(0, 0, 0.3), (5, 150, 0.5)]),
+        _run("trl_treerpo", 0, [2.0, 1.0, 1.0, 1.0], [(0, 0, 0.3), (5, 150, 0.5)]),
+    ]
     ratios = summarize(runs)["ratios"]
     assert ratios["trl_rollout_step_speedup_vs_trl"] == pytest.approx(1.5)
     assert ratios["trl_rollout_rollout_speedup_vs_trl"] == pytest.approx(1.5)  # rollout = step / 2 in _run
@@ -59,8 +82,10 @@ def test_trl_integration_ratios_by_hand():
 
 def test_no_crossing_ratio_when_a_seed_never_reaches_the_target():
     runs = [_run("trl", s, [2.0, 2.0], [(0, 0, 0.3), (4, 200, 0.7)]) for s in (0, 1)]
-    runs += [_run("treerpo", 0, [1.0, 1.0], [(0, 0, 0.3), (2, 100, 0.8)]),
-             _run("treerpo", 1, [1.0, 1.0], [(0, 0, 0.3), (2, 100, 0.6)])]
+    runs += [
+        _run("treerpo", 0, [1.0, 1.0], [(0, 0, 0.3), (2, 100, 0.8)]),
+        _run("treerpo", 1, [1.0, 1.0], [(0, 0, 0.3), (2, 100, 0.6)]),
+    ]
     summary = summarize(runs)
     assert [r["reached"] for r in summary["crossings"]["treerpo"]] == [True, False]
     assert "treerpo_wall_clock_to_trl_final_accuracy_speedup" not in summary["ratios"]
@@ -92,9 +117,26 @@ def test_hash_reward_is_deterministic_and_varies():
 def test_e2e_runs_all_five_systems(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "e2e.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--preset", "tiny", "--steps", "2",
-                    "--seeds", "0", "--out", str(tmp_path / "runs"), "--json", str(out)],
-                   check=True, cwd=ROOT, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "e2e.py"),
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path / "runs"),
+            "--json",
+            str(out),
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
     result = json.loads(out.read_text())
     runs = {r["system"]: r for r in result["runs"]}
     assert set(runs) == {"treerpo", "grpo", "trl", "trl_rollout", "trl_treerpo"}
@@ -106,8 +148,12 @@ def test_e2e_runs_all_five_systems(tmp_path):
     assert all(runs[s]["same_prompts_as_treerpo"] for s in ("trl", "trl_rollout", "trl_treerpo"))
     # GRPO with G = 16 and TRL sample the same number of answers of the same length limit
     assert runs["grpo"]["group_size"] == runs["trl"]["group_size"] == runs["trl_rollout"]["group_size"] == 16
-    for key in ("grpo_step_speedup_vs_trl", "treerpo_step_speedup_vs_trl", "trl_rollout_step_speedup_vs_trl",
-                "trl_treerpo_step_speedup_vs_trl"):
+    for key in (
+        "grpo_step_speedup_vs_trl",
+        "treerpo_step_speedup_vs_trl",
+        "trl_rollout_step_speedup_vs_trl",
+        "trl_treerpo_step_speedup_vs_trl",
+    ):
         assert result["ratios"][key] > 0
     for png in ("accuracy_vs_wallclock.png", "accuracy_vs_tokens.png", "step_breakdown.png"):
         assert (tmp_path / "runs" / png).stat().st_size > 0
@@ -129,8 +175,9 @@ def test_trl_with_gradient_accumulation_records_one_step_per_rollout():
 
     from e2e_systems import run_trl
 
-    preset = replace(get_preset("tiny"), steps=2, prompts_per_step=4, eval_size=8, eval_every=0,
-                     trl_per_device_batch=16)
+    preset = replace(
+        get_preset("tiny"), steps=2, prompts_per_step=4, eval_size=8, eval_every=0, trl_per_device_batch=16
+    )
     run = run_trl(preset, "trl", seed=0, budget="leaves", log=lambda message: None)
     assert run["trl_config"] == {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 4}
     assert len(run["steps"]) == 2 and [e["step"] for e in run["evals"]] == [0, 2]

@@ -1,4 +1,5 @@
 """docs/embedding.md's row-based example runs as written, and its row loss equals the packed tree loss."""
+
 import re
 from pathlib import Path
 

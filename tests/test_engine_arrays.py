@@ -1,5 +1,6 @@
 """The array-based engine's pieces against independent references: decode inputs against the per-sequence
 metadata builder, counter-based seeds against their properties, node records against a hand-built tree."""
+
 import numpy as np
 import pytest
 import torch
@@ -17,9 +18,19 @@ def random_branches(rng, paths: PathTable, segment: int, count: int) -> Branches
     own = rng.integers(0, 4096, (count, segment))
     path = rng.integers(0, paths.count, count)
     zeros = np.zeros(count, dtype=np.int64)
-    return Branches(tree=zeros, parent=zeros, child=zeros, depth=zeros + 1, code=zeros, path=path,
-                    seed=np.zeros(count, np.uint64), n=n, tokens=rng.integers(0, 50, (count, segment)),
-                    logprobs=np.zeros((count, segment)), own_slots=own)
+    return Branches(
+        tree=zeros,
+        parent=zeros,
+        child=zeros,
+        depth=zeros + 1,
+        code=zeros,
+        path=path,
+        seed=np.zeros(count, np.uint64),
+        n=n,
+        tokens=rng.integers(0, 50, (count, segment)),
+        logprobs=np.zeros((count, segment)),
+        own_slots=own,
+    )
 
 
 @pytest.mark.parametrize("cascade", [False, True])
@@ -32,15 +43,26 @@ def test_decode_inputs_equal_the_per_sequence_builder(cascade):
     branches = random_branches(rng, paths, segment=6, count=9)
     got = decode_inputs(branches, paths, pool, HostStaging("cpu"), cascade)
     # reference: one (cached slots, new slot) pair per branch, through PagedAttentionMetadata.build
-    own_before = [branches.own_slots[b, :branches.n[b] - 1] for b in range(len(branches))]
-    new = [branches.own_slots[b, branches.n[b] - 1:branches.n[b]] for b in range(len(branches))]
-    path_slots = [paths.slots[p, :paths.length[p]] for p in range(paths.count)]
+    own_before = [branches.own_slots[b, : branches.n[b] - 1] for b in range(len(branches))]
+    new = [branches.own_slots[b, branches.n[b] - 1 : branches.n[b]] for b in range(len(branches))]
+    path_slots = [paths.slots[p, : paths.length[p]] for p in range(paths.count)]
     if cascade:
         used, group = np.unique(branches.path, return_inverse=True)
-        ref = PagedAttentionMetadata.build(pool, list(zip(own_before, new, strict=True)), "cpu", [path_slots[p] for p in used],
-                                           group)
-        for name in ("prefix_len", "group_of_seq", "member_rows", "rank_in_group", "members", "member_start",
-                     "prefix_rows", "suffix_rows", "prefix_padding", "suffix_padding"):
+        ref = PagedAttentionMetadata.build(
+            pool, list(zip(own_before, new, strict=True)), "cpu", [path_slots[p] for p in used], group
+        )
+        for name in (
+            "prefix_len",
+            "group_of_seq",
+            "member_rows",
+            "rank_in_group",
+            "members",
+            "member_start",
+            "prefix_rows",
+            "suffix_rows",
+            "prefix_padding",
+            "suffix_padding",
+        ):
             assert torch.equal(getattr(got.meta.groups, name), getattr(ref.groups, name)), name
     else:
         full = [np.concatenate([path_slots[branches.path[b]], own_before[b]]) for b in range(len(branches))]
@@ -59,7 +81,7 @@ def test_path_table_extends_a_path_by_a_segment():
     paths = PathTable(8)
     first = paths.add(np.array([[5, 6, 7]]), np.array([3]))
     ids = paths.extended(np.array([first[0], first[0]]), np.array([[1, 2], [3, 4]]), np.array([2, 1]))
-    assert [paths.slots[i, :paths.length[i]].tolist() for i in ids] == [[5, 6, 7, 1, 2], [5, 6, 7, 3]]
+    assert [paths.slots[i, : paths.length[i]].tolist() for i in ids] == [[5, 6, 7, 1, 2], [5, 6, 7, 3]]
     many = paths.add(np.zeros((40, 2), dtype=np.int64), np.full(40, 2))  # grows past its first capacity
     assert many[-1] == 42 and paths.length[ids].tolist() == [5, 4]
 
@@ -86,10 +108,19 @@ def test_records_build_breadth_first_trees():
         n = len(tokens)
         row = np.zeros((1, seg), dtype=np.int64)
         row[0, :n] = tokens
-        b = Branches(tree=np.array([0]), parent=np.array([parent]), child=np.array([child]),
-                     depth=np.array([depth]), code=np.array([code]), path=np.array([0]),
-                     seed=np.zeros(1, np.uint64), n=np.array([n]), tokens=row, logprobs=row * -0.5,
-                     own_slots=np.zeros((1, seg), dtype=np.int64))
+        b = Branches(
+            tree=np.array([0]),
+            parent=np.array([parent]),
+            child=np.array([child]),
+            depth=np.array([depth]),
+            code=np.array([code]),
+            path=np.array([0]),
+            seed=np.zeros(1, np.uint64),
+            n=np.array([n]),
+            tokens=row,
+            logprobs=row * -0.5,
+            own_slots=np.zeros((1, seg), dtype=np.int64),
+        )
         return int(records.add(b, np.array([finished]))[0])
 
     second = done(ROOT, 1, 1, 1, [30, 31])
@@ -100,8 +131,15 @@ def test_records_build_breadth_first_trees():
     done(second, 1, 2, 3, [33, 34])
     (tree,) = records.build_trees([[1, 2, 3]], [{"k": 1}])
     assert tree.parent.tolist() == [-1, 0, 0, 1, 1, 2, 2]
-    assert [tree.segment(i).tolist() for i in range(7)] == [[1, 2, 3], [10, 11], [30, 31], [12, 15], [13, 14],
-                                                             [32], [33, 34]]
+    assert [tree.segment(i).tolist() for i in range(7)] == [
+        [1, 2, 3],
+        [10, 11],
+        [30, 31],
+        [12, 15],
+        [13, 14],
+        [32],
+        [33, 34],
+    ]
     assert tree.finished.tolist() == [False, False, False, False, False, True, False]
     assert tree.depth.tolist() == [0, 1, 1, 2, 2, 2, 2]
     assert np.allclose(tree.token_logprobs[3:], tree.token_ids[3:] * -0.5) and np.isnan(tree.token_logprobs[:3]).all()

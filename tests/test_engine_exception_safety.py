@@ -1,5 +1,6 @@
 """An exception inside TreeSampler.sample gives back every slot and lock it took; unannounced weight changes
 retire the cached K/V."""
+
 import pytest
 import torch
 
@@ -29,6 +30,7 @@ def failing_after(forward, calls: int, error=Boom):
         if count["n"] > calls:
             raise error("injected")
         return forward(*args, **kwargs)
+
     return wrapped
 
 

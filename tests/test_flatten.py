@@ -1,4 +1,5 @@
 """flatten_trees: rows of root-to-leaf completions whose token weights reproduce the packed tree's loss."""
+
 import numpy as np
 import pytest
 
@@ -39,8 +40,12 @@ def test_weighted_row_sums_equal_sums_over_the_packed_loss_tokens(seed):
     trees = [random_tree(rng, int(rng.integers(1, 12))) for _ in range(3)]
     value = rng.normal(size=64)  # any per-token function of the token id
     flat = flatten_trees(trees)
-    rows_sum = sum(float((w * value[np.asarray(c)]).sum()) for w, c in zip(flat.token_weights, flat.completion_ids, strict=True))
-    adv_sum = sum(float((a * value[np.asarray(c)]).sum()) for a, c in zip(flat.token_advantages, flat.completion_ids, strict=True))
+    rows_sum = sum(
+        float((w * value[np.asarray(c)]).sum()) for w, c in zip(flat.token_weights, flat.completion_ids, strict=True)
+    )
+    adv_sum = sum(
+        float((a * value[np.asarray(c)]).sum()) for a, c in zip(flat.token_advantages, flat.completion_ids, strict=True)
+    )
     packed = pack_trees(trees)
     mask = packed.loss_mask.numpy()
     ids = packed.input_ids.numpy()[mask]

@@ -1,4 +1,5 @@
 """The FlexAttention tree backend (CPU: eager forward) against the SDPA reference; optional dense kernels."""
+
 import logging
 
 import numpy as np
@@ -19,8 +20,11 @@ def packed(seed, num_trees, nodes=8):
 
 def qkv(n, hq=4, hkv=2, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(1, hq, n, d, generator=g), torch.randn(1, hkv, n, d, generator=g),
-            torch.randn(1, hkv, n, d, generator=g))
+    return (
+        torch.randn(1, hq, n, d, generator=g),
+        torch.randn(1, hkv, n, d, generator=g),
+        torch.randn(1, hkv, n, d, generator=g),
+    )
 
 
 def test_flex_registered():
@@ -44,8 +48,12 @@ def test_flex_default_scale_and_short_batch():
     batch = packed(3, 1, nodes=2)
     q, k, v = qkv(batch.num_tokens)
     with torch.no_grad():
-        torch.testing.assert_close(flex_tree_attention(q, k, v, batch.tin, batch.tout),
-                                   sdpa_tree_attention(q, k, v, batch.tin, batch.tout), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            flex_tree_attention(q, k, v, batch.tin, batch.tout),
+            sdpa_tree_attention(q, k, v, batch.tin, batch.tout),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_flex_refuses_cpu_backward():

@@ -1,4 +1,5 @@
 """Bad input is refused before any work (no model load for a bad path, no evaluation, no hub traffic)."""
+
 import json
 import time
 
@@ -21,15 +22,18 @@ def trainer(tmp_path, **overrides):
     return t
 
 
-@pytest.mark.parametrize("text, message", [
-    ("lr:\nmax_steps: 3\n", r"c.yaml: \['lr'\] have no value"),
-    ("algo: [grpo\n", r"config file .*c.yaml is not valid YAML"),
-    ("branching: [4.7, 2]\n", r"branching=4.7 is not a valid list of int"),
-    ("max_steps: true\n", r"max_steps=True is not a valid int"),
-    ("seed: 1.5\n", r"seed=1.5 is not a valid int"),
-    ("lr: yes\n", r"lr=True is not a valid float"),
-    ("- 1\n- 2\n", r"must hold a mapping of option names to values, got list"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lr:\nmax_steps: 3\n", r"c.yaml: \['lr'\] have no value"),
+        ("algo: [grpo\n", r"config file .*c.yaml is not valid YAML"),
+        ("branching: [4.7, 2]\n", r"branching=4.7 is not a valid list of int"),
+        ("max_steps: true\n", r"max_steps=True is not a valid int"),
+        ("seed: 1.5\n", r"seed=1.5 is not a valid int"),
+        ("lr: yes\n", r"lr=True is not a valid float"),
+        ("- 1\n- 2\n", r"must hold a mapping of option names to values, got list"),
+    ],
+)
 def test_yaml_config_refusals_name_file_and_key(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message):
@@ -43,8 +47,9 @@ def test_malformed_json_config_is_named(tmp_path):
 
 
 def test_exact_values_still_convert():
-    config = make_config({"max_steps": 4.0, "branching": ["2", 3], "lr": "1e-4", "truncate_prompts": "yes",
-                          "threads": None})
+    config = make_config(
+        {"max_steps": 4.0, "branching": ["2", 3], "lr": "1e-4", "truncate_prompts": "yes", "threads": None}
+    )
     assert config.max_steps == 4 and config.branching == [2, 3] and config.lr == 1e-4 and config.truncate_prompts
 
 

@@ -1,5 +1,6 @@
 """First-use check of the Triton kernels (run here in the Triton interpreter): a kernel that disagrees with the
 PyTorch reference, or fails to run, is replaced by the reference with one warning, and results equal it."""
+
 import logging
 import os
 
@@ -10,11 +11,11 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from helpers import random_tree, tiny_model  # noqa: E402
-from treerpo.attention import kernel_check, registry  # noqa: E402
-from treerpo.attention.registry import get_paged_backend, register_paged_backend  # noqa: E402
-from treerpo.policy.logprobs import packed_logprobs  # noqa: E402
-from treerpo.trees.packing import pack_trees  # noqa: E402
+from helpers import random_tree, tiny_model
+from treerpo.attention import kernel_check, registry
+from treerpo.attention.registry import get_paged_backend, register_paged_backend
+from treerpo.policy.logprobs import packed_logprobs
+from treerpo.trees.packing import pack_trees
 
 CPU = torch.device("cpu")
 
@@ -53,6 +54,7 @@ def test_a_wrong_tree_kernel_falls_back_and_results_equal_the_reference(monkeypa
 def test_a_failing_paged_kernel_falls_back(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image is available for execution on the device")
+
     real = get_paged_backend("triton")
     register_paged_backend("triton", broken)
     try:

@@ -1,4 +1,5 @@
 """KVPool: page accounting, reference counts, sizing, K/V storage."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +10,9 @@ from treerpo.engine.kv_pool import KVPool, PoolExhausted, RequestTooLarge
 
 def small_pool(num_pages=8, page_size=1, **kw):
     kw.setdefault("dtype", torch.float32)
-    return KVPool(num_layers=2, num_kv_heads=2, head_dim=4, device="cpu", page_size=page_size,
-                  num_pages=num_pages, **kw)
+    return KVPool(
+        num_layers=2, num_kv_heads=2, head_dim=4, device="cpu", page_size=page_size, num_pages=num_pages, **kw
+    )
 
 
 def test_alloc_free_accounting():

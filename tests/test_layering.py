@@ -1,5 +1,6 @@
 """Every import inside ``treerpo/`` against the table of allowed imports in ``docs/architecture.md``: no arrow points
 up a floor and there is no circle."""
+
 import ast
 import re
 from pathlib import Path
@@ -39,8 +40,12 @@ def imported_modules(path: Path, text: str | None = None) -> list[str]:
             base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
             module = ".".join(p for p in (base, node.module or "") if p)
             names += [module] if node.module else [f"{module}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == \
-                "import_module" and node.args and isinstance(node.args[0], ast.Constant):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             names.append(str(node.args[0].value))
     return names
 
@@ -54,8 +59,11 @@ def actual_imports() -> dict[str, dict[str, list[str]]]:
     """unit -> {imported unit: [files importing it]}, across units only."""
     found: dict[str, dict[str, list[str]]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.resolve().is_relative_to((ROOT / "kernels").resolve()) or path.name == "__init__.py" and \
-                path.parent == PACKAGE:
+        if (
+            path.resolve().is_relative_to((ROOT / "kernels").resolve())
+            or path.name == "__init__.py"
+            and path.parent == PACKAGE
+        ):
             continue  # kernels/: tests/test_backend_registry.py; treerpo/__init__.py: the lazy public names
         unit = unit_of(path)
         for module in imported_modules(path):
@@ -85,15 +93,21 @@ def test_the_table_covers_every_unit_and_has_no_circle():
 
 def test_every_import_is_allowed_by_the_table():
     table = allowed_imports()
-    wrong = {f"{unit} -> {target}": files for unit, targets in actual_imports().items()
-             for target, files in targets.items() if target not in table.get(unit, set())}
+    wrong = {
+        f"{unit} -> {target}": files
+        for unit, targets in actual_imports().items()
+        for target, files in targets.items()
+        if target not in table.get(unit, set())
+    }
     assert not wrong, f"imports that docs/architecture.md does not allow: {wrong}"
 
 
 def test_the_checker_sees_a_forbidden_import():
     """The parser resolves relative imports and import_module, so a violation cannot hide behind either."""
-    text = ("from ..training import trainer\nfrom .kv_pool import KVPool\nimport importlib\n"
-            "importlib.import_module('treerpo.runtime.resume')\n")
+    text = (
+        "from ..training import trainer\nfrom .kv_pool import KVPool\nimport importlib\n"
+        "importlib.import_module('treerpo.runtime.resume')\n"
+    )
     names = imported_modules(PACKAGE / "engine" / "example.py", text)
     assert names == ["treerpo.training", "treerpo.engine.kv_pool", "importlib", "treerpo.runtime.resume"]
     assert [treerpo_unit(n) for n in names] == ["training", "engine", None, "runtime"]

@@ -1,6 +1,7 @@
 """benchmarks/learning.py: two tiny configurations run by the trainer to one generated-token budget, the curves
 cut at it, the accuracy at the budget recomputed here from each run's metrics.jsonl; bad configurations refused
 before any run."""
+
 import json
 import subprocess
 import sys
@@ -16,9 +17,31 @@ COMMON = "prompts_per_step=4,eval_size=32,segment_tokens=18,max_new_tokens=36"
 
 
 def _bench(tmp_path, *extra):
-    return subprocess.run([sys.executable, str(SCRIPT), "--configs", *CONFIGS, "--common", COMMON, "--tokens",
-                           str(BUDGET), "--seeds", "0", "--eval-every", "1", "--threads", "1", "--out",
-                           str(tmp_path / "runs"), *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--configs",
+            *CONFIGS,
+            "--common",
+            COMMON,
+            "--tokens",
+            str(BUDGET),
+            "--seeds",
+            "0",
+            "--eval-every",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "runs"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def _accuracy_at_budget(run_dir: Path) -> float:
@@ -70,18 +93,37 @@ def test_two_configs_cut_at_the_token_budget(tmp_path):
 
 
 def test_a_bad_config_is_refused_before_any_run(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--configs", "grpo:group_size=4", "treerpo:branchng=2,2",
-                           "--tokens", "100", "--out", str(tmp_path / "runs")], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--configs",
+            "grpo:group_size=4",
+            "treerpo:branchng=2,2",
+            "--tokens",
+            "100",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert "config 'treerpo:branchng=2,2'" in proc.stderr and "unknown config key" in proc.stderr, proc.stderr
     assert not (tmp_path / "runs").exists()  # refused before any run started
 
 
-@pytest.mark.parametrize("bad, words", [("treerpo:segment_tokens=4.5", ["segment_tokens", "not a valid int"]),
-                                        ("grpo:seed=3", ["seed", "--seeds"]),
-                                        ("ppo:group_size=4", ["ppo", "treerpo or grpo"]),
-                                        ("grpo:group_size=4,group_size=8", ["group_size", "twice"])])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("treerpo:segment_tokens=4.5", ["segment_tokens", "not a valid int"]),
+        ("grpo:seed=3", ["seed", "--seeds"]),
+        ("ppo:group_size=4", ["ppo", "treerpo or grpo"]),
+        ("grpo:group_size=4,group_size=8", ["group_size", "twice"]),
+    ],
+)
 def test_bad_config_messages(tmp_path, capsys, bad, words):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from learning import main
@@ -110,9 +152,11 @@ def test_cut_area_and_crossing_by_hand():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from learning import area, cut_curve, first_reach, mean_curve, seconds_at_tokens
 
-    evals = [{"step": 0, "tokens": 0, "seconds": 0.0, "accuracy": 0.2},
-             {"step": 2, "tokens": 100, "seconds": 2.0, "accuracy": 0.4},
-             {"step": 4, "tokens": 200, "seconds": 4.0, "accuracy": 0.8}]
+    evals = [
+        {"step": 0, "tokens": 0, "seconds": 0.0, "accuracy": 0.2},
+        {"step": 2, "tokens": 100, "seconds": 2.0, "accuracy": 0.4},
+        {"step": 4, "tokens": 200, "seconds": 4.0, "accuracy": 0.8},
+    ]
     curve = cut_curve(evals, "tokens", 150)
     assert [p["tokens"] for p in curve] == [0, 100, 150]
     assert curve[-1]["accuracy"] == pytest.approx(0.6) and curve[-1]["seconds"] == pytest.approx(3.0)

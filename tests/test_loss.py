@@ -1,4 +1,5 @@
 """PPO-clip loss and k3 KL against hand-computed values; a gradient step moves log-probs the right way."""
+
 import math
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_gradient_step_raises_positive_advantage_tokens():
     opt.step()
     with torch.no_grad():
         after = packed_logprobs(model, batch, rows)
-    change = (after - before.detach())
+    change = after - before.detach()
     adv = batch.advantages[rows]
     # a first-order step along the advantage-weighted gradient: the change correlates with the advantage
     assert torch.corrcoef(torch.stack([change, adv]))[0, 1] > 0.3

@@ -1,4 +1,5 @@
 """Tests of treerpo.data.math_datasets on tmp files and on ../shared/data."""
+
 import json
 import logging
 from pathlib import Path
@@ -11,10 +12,16 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"math data folder {DATA} is absent")
 
 # records in the README; skipped: math_train has 2 null and 2 empty ("") answers
-COUNTS = {"math_train.json": (7474, 4), "math500_test.jsonl": (500, 0),
-          "aime24_test.jsonl": (30, 0), "amc23_test.jsonl": (40, 0),
-          "minerva_math_test.jsonl": (272, 0), "olympiadbench_test.jsonl": (675, 0),
-          "gsm8k_train.jsonl": (7473, 0), "gsm8k_test.jsonl": (1319, 0)}
+COUNTS = {
+    "math_train.json": (7474, 4),
+    "math500_test.jsonl": (500, 0),
+    "aime24_test.jsonl": (30, 0),
+    "amc23_test.jsonl": (40, 0),
+    "minerva_math_test.jsonl": (272, 0),
+    "olympiadbench_test.jsonl": (675, 0),
+    "gsm8k_train.jsonl": (7473, 0),
+    "gsm8k_test.jsonl": (1319, 0),
+}
 
 
 def write_jsonl(path: Path, records) -> Path:
@@ -66,22 +73,31 @@ def test_gsm8k_thousands_removed():
 
 # ------------------------------------------------------------------ formats
 def test_all_formats_in_one_file(tmp_path, caplog):
-    path = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"problem": "p0", "answer": 27.0},
-        {"problem": "p1", "answer": 2.5},
-        {"problem": "p2", "solution": r"so \boxed{1} or rather \boxed{\frac{1}{2}}."},
-        "",
-        {"question": "q3", "final_answer": ["$x^{2}$"]},
-        {"question": "q4", "answer": "3 * 500 = <<3*500=1500>>1500\n#### 1,500"},
-        {"problem": "p5", "answer": None},
-        {"question": "q6", "final_answer": ["$69$,$84$"]},
-        {"problem": "p7", "answer": " 025 "},
-    ])
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"problem": "p0", "answer": 27.0},
+            {"problem": "p1", "answer": 2.5},
+            {"problem": "p2", "solution": r"so \boxed{1} or rather \boxed{\frac{1}{2}}."},
+            "",
+            {"question": "q3", "final_answer": ["$x^{2}$"]},
+            {"question": "q4", "answer": "3 * 500 = <<3*500=1500>>1500\n#### 1,500"},
+            {"problem": "p5", "answer": None},
+            {"question": "q6", "final_answer": ["$69$,$84$"]},
+            {"problem": "p7", "answer": " 025 "},
+        ],
+    )
     with caplog.at_level(logging.WARNING):
         problems = load_problems(path)
     assert [(p.question, p.answer, p.index) for p in problems] == [
-        ("p0", "27", 0), ("p1", "2.5", 1), ("p2", r"\frac{1}{2}", 2), ("q3", "x^{2}", 3),
-        ("q4", "1500", 4), ("q6", "$69$,$84$", 6), ("p7", "025", 7)]
+        ("p0", "27", 0),
+        ("p1", "2.5", 1),
+        ("p2", r"\frac{1}{2}", 2),
+        ("q3", "x^{2}", 3),
+        ("q4", "1500", 4),
+        ("q6", "$69$,$84$", 6),
+        ("p7", "025", 7),
+    ]
     assert {p.source for p in problems} == {"mixed"}
     assert "skipped 1 of 8" in caplog.text and str(path) in caplog.text
 
@@ -93,9 +109,15 @@ def test_json_array(tmp_path):
 
 
 def test_malformed_jsonl_line(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [
-        {"problem": "a", "answer": "1"}, {"problem": "b", "answer": "2"},
-        '{"problem": "c", "answer": ', {"problem": "d", "answer": "4"}])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"problem": "a", "answer": "1"},
+            {"problem": "b", "answer": "2"},
+            '{"problem": "c", "answer": ',
+            {"problem": "d", "answer": "4"},
+        ],
+    )
     with pytest.raises(DatasetFormatError) as err:
         load_problems(path)
     msg = str(err.value)
@@ -114,14 +136,17 @@ def test_malformed_json_array(tmp_path):
 
 
 def test_unknown_record_format(tmp_path):
-    path = write_jsonl(tmp_path / "odd.jsonl", [{"problem": "a", "answer": "1"},
-                                                {"prompt": "b", "target": "2"}])
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"problem": "a", "answer": "1"}, {"prompt": "b", "target": "2"}])
     with pytest.raises(DatasetFormatError) as err:
         load_problems(path)
     msg = str(err.value)
     assert str(path) in msg and "line 2" in msg and "['prompt', 'target']" in msg
-    for combo in ("'problem' + 'answer'", "'problem' + 'solution'",
-                  "'question' + 'final_answer'", "'question' + 'answer'"):
+    for combo in (
+        "'problem' + 'answer'",
+        "'problem' + 'solution'",
+        "'question' + 'final_answer'",
+        "'question' + 'answer'",
+    ):
         assert combo in msg
 
 
@@ -142,8 +167,8 @@ def test_missing_file_and_bad_suffix(tmp_path):
 # ------------------------------------------------------------------- prompts
 def test_plain_prompt():
     assert format_math_prompt("What is 1+1?") == (
-        "Question: What is 1+1?\nPlease reason step by step, and put your final answer "
-        "within \\boxed{}.\nAnswer:")
+        "Question: What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}.\nAnswer:"
+    )
 
 
 def test_chat_prompt():
@@ -157,8 +182,12 @@ def test_chat_prompt():
     tok = FakeTokenizer()
     assert format_math_prompt("What is 1+1?", tok) == "<chat>"
     messages, kwargs = tok.call
-    assert messages == [{"role": "user", "content": "What is 1+1?\nPlease reason step by step, "
-                         "and put your final answer within \\boxed{}."}]
+    assert messages == [
+        {
+            "role": "user",
+            "content": "What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}.",
+        }
+    ]
     assert kwargs == {"add_generation_prompt": True, "tokenize": False}
     tok.chat_template = None
     assert format_math_prompt("q", tok).startswith("Question: q\n")

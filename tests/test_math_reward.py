@@ -1,4 +1,5 @@
 """Tests of treerpo.rewards.math_verify_reward on hand cases and on ../shared/data."""
+
 import multiprocessing as mp
 import os
 import random
@@ -16,9 +17,16 @@ from treerpo.rewards.math_verify_reward import WORKER_NAME, MathVerifyReward, ex
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"math data folder {DATA} is absent")
-DATA_FILES = ["math_train.json", "math500_test.jsonl", "aime24_test.jsonl", "amc23_test.jsonl",
-              "minerva_math_test.jsonl", "olympiadbench_test.jsonl", "gsm8k_train.jsonl",
-              "gsm8k_test.jsonl"]
+DATA_FILES = [
+    "math_train.json",
+    "math500_test.jsonl",
+    "aime24_test.jsonl",
+    "amc23_test.jsonl",
+    "minerva_math_test.jsonl",
+    "olympiadbench_test.jsonl",
+    "gsm8k_train.jsonl",
+    "gsm8k_test.jsonl",
+]
 PATHOLOGICAL = r"\boxed{9^{9^{9^{9^{9}}}}}"  # math-verify hangs (> 20 s) comparing this with 1
 DEADLINE = 2.0  # of the hang tests; a worker start-up takes 8 s of CPU here (it imports torch)
 
@@ -42,16 +50,19 @@ def boxed(answer: str) -> str:
 
 
 # ---------------------------------------------------------------- extract_boxed
-@pytest.mark.parametrize("text, expected", [
-    (r"so \boxed{\frac{1}{2}} done", r"\frac{1}{2}"),
-    (r"\boxed{a_{1}^{2}+\sqrt{b_{3}}}", r"a_{1}^{2}+\sqrt{b_{3}}"),
-    (r"first \boxed{1}, then \boxed{2}, finally \boxed{\{3, 4\}}.", r"\{3, 4\}"),
-    (r"\fbox{7}", "7"),
-    (r"\boxed {x+1}", "x+1"),
-    (r"\boxed{\boxed{5}} end", r"\boxed{5}"),
-    (r"\boxed{1} and \fbox{2}", "2"),
-    (r"\boxed{}", ""),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so \boxed{\frac{1}{2}} done", r"\frac{1}{2}"),
+        (r"\boxed{a_{1}^{2}+\sqrt{b_{3}}}", r"a_{1}^{2}+\sqrt{b_{3}}"),
+        (r"first \boxed{1}, then \boxed{2}, finally \boxed{\{3, 4\}}.", r"\{3, 4\}"),
+        (r"\fbox{7}", "7"),
+        (r"\boxed {x+1}", "x+1"),
+        (r"\boxed{\boxed{5}} end", r"\boxed{5}"),
+        (r"\boxed{1} and \fbox{2}", "2"),
+        (r"\boxed{}", ""),
+    ],
+)
 def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
@@ -62,29 +73,40 @@ def test_extract_boxed_none(text):
 
 
 # ----------------------------------------------------------------- prepare_gold
-@pytest.mark.parametrize("gold, expected", [
-    ("4.5e33", r"$4.5 \times 10^{33}$"),
-    ("1.2e-5", r"$1.2 \times 10^{-5}$"),
-    ("3E+8", r"$3 \times 10^{8}$"),
-    ("  7e07 ", r"$7 \times 10^{7}$"),
-    ("1,450,000", "$1450000$"),
-    ("-12,000", "$-12000$"),
-    ("1,3,5", "$1,3,5$"),
-    ("(1,450, 2)", "$(1,450, 2)$"),
-    (r" \frac{14}{3} ", r"$\frac{14}{3}$"),
-    ("$x^2$", "$x^2$"),
-    (r"\boxed{5}", r"\boxed{5}"),
-    ("$221,$8$", "$221,8$"),
-    (r"x_2e3", r"$x_2e3$"),
-])
+@pytest.mark.parametrize(
+    "gold, expected",
+    [
+        ("4.5e33", r"$4.5 \times 10^{33}$"),
+        ("1.2e-5", r"$1.2 \times 10^{-5}$"),
+        ("3E+8", r"$3 \times 10^{8}$"),
+        ("  7e07 ", r"$7 \times 10^{7}$"),
+        ("1,450,000", "$1450000$"),
+        ("-12,000", "$-12000$"),
+        ("1,3,5", "$1,3,5$"),
+        ("(1,450, 2)", "$(1,450, 2)$"),
+        (r" \frac{14}{3} ", r"$\frac{14}{3}$"),
+        ("$x^2$", "$x^2$"),
+        (r"\boxed{5}", r"\boxed{5}"),
+        ("$221,$8$", "$221,8$"),
+        (r"x_2e3", r"$x_2e3$"),
+    ],
+)
 def test_prepare_gold(gold, expected):
     assert prepare_gold(gold) == expected
 
 
 # ----------------------------------------------------------------------- reward
 def test_basic_scores(reward):
-    completions = [boxed(r"\frac{1}{2}"), boxed("0.5"), boxed("3"), "no final answer: 1/2",
-                   boxed("1,450,000"), boxed(r"4.5 \times 10^{33}"), boxed("4.5e34"), r"\boxed{}"]
+    completions = [
+        boxed(r"\frac{1}{2}"),
+        boxed("0.5"),
+        boxed("3"),
+        "no final answer: 1/2",
+        boxed("1,450,000"),
+        boxed(r"4.5 \times 10^{33}"),
+        boxed("4.5e34"),
+        r"\boxed{}",
+    ]
     golds = ["1/2", r"\frac12", "4", "1/2", "1450000", "4.5e33", "4.5e33", "0"]
     assert reward(completions, golds) == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
     assert reward([], []) == []
@@ -106,8 +128,7 @@ def test_works_from_thread(reward):
     out = {}
 
     def target():
-        out["scores"] = reward([boxed("42"), boxed("41"), boxed(r"\sqrt{2}")],
-                               ["42", "42", r"2^{1/2}"])
+        out["scores"] = reward([boxed("42"), boxed("41"), boxed(r"\sqrt{2}")], ["42", "42", r"2^{1/2}"])
 
     t = threading.Thread(target=target)
     t.start()
@@ -162,8 +183,12 @@ def test_pathological_input_hits_deadline(hang_reward):
     assert hang_reward([PATHOLOGICAL], ["1"]) == [0.0]
     assert time.monotonic() - t0 < DEADLINE + margin
     t0 = time.monotonic()
-    assert hang_reward([boxed("3"), PATHOLOGICAL, boxed(r"\frac{6}{2}"), boxed("2")],
-                       ["3", "1", "3", "3"]) == [1.0, 0.0, 1.0, 0.0]
+    assert hang_reward([boxed("3"), PATHOLOGICAL, boxed(r"\frac{6}{2}"), boxed("2")], ["3", "1", "3", "3"]) == [
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+    ]
     assert time.monotonic() - t0 < DEADLINE + margin
 
 

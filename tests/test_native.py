@@ -1,4 +1,5 @@
 """treerpo._C against the Python reference on random trees; invalid input; the fallback when it is not built."""
+
 import logging
 
 import numpy as np
@@ -32,11 +33,13 @@ def trees(draw, max_nodes: int = 14) -> Tree:
     parents = [{"chain": i - 1, "fan": 0}.get(shape) for i in range(1, n + 1)]
     parents = [p if p is not None else draw(st.integers(0, i - 1)) for i, p in enumerate(parents, start=1)]
     lengths = draw(st.lists(st.integers(0, 3), min_size=n + 1, max_size=n + 1))
-    tree = Tree.from_segments(list(range(3, 3 + lengths[0])), parents,
-                              [list(range(3, 3 + k)) for k in lengths[1:]], [False] * n)
+    tree = Tree.from_segments(
+        list(range(3, 3 + lengths[0])), parents, [list(range(3, 3 + k)) for k in lengths[1:]], [False] * n
+    )
     leaves = tree.leaves()
-    tree.reward[leaves] = draw(st.lists(REWARDS[draw(st.sampled_from(sorted(REWARDS)))],
-                                        min_size=len(leaves), max_size=len(leaves)))
+    tree.reward[leaves] = draw(
+        st.lists(REWARDS[draw(st.sampled_from(sorted(REWARDS)))], min_size=len(leaves), max_size=len(leaves))
+    )
     tree.kept = np.array(draw(st.lists(st.booleans(), min_size=n + 1, max_size=n + 1)))
     tree.advantage = np.array(draw(st.lists(st.floats(-3, 3), min_size=n + 1, max_size=n + 1)))
     return tree
@@ -83,8 +86,11 @@ def test_sibling_groups_and_statistics(batch):
     values = np.concatenate([node_values(t, backend="python") for t in batch] or [np.zeros(0)])
     g = native._C.sibling_groups(f.node_offsets, f.parent, values)
     groups = np.split(g["members"], g["offsets"][1:-1]) if len(g["parent"]) else []
-    expected = [(grp + base, t.parent[grp[0]] + base)
-                for t, base in zip(batch, f.node_offsets, strict=True) for grp in sibling_groups(t)]
+    expected = [
+        (grp + base, t.parent[grp[0]] + base)
+        for t, base in zip(batch, f.node_offsets[:-1], strict=True)
+        for grp in sibling_groups(t)
+    ]
     assert [x.tolist() for x in groups] == [members.tolist() for members, _ in expected]
     assert g["parent"].tolist() == [p for _, p in expected]
     for k, members in enumerate(groups):
@@ -106,9 +112,11 @@ def test_tile_skip_equals_dense_mask(batch, prune, block_q, block_k, shift):
     b = pack_trees(batch, prune)
     tin, tout = b.tin + shift, b.tout + shift  # a slice of a longer buffer
     expected = tile_skip_dense(tin, tout, block_q, block_k)
-    for got in (tile_skip(tin, tout, block_q, block_k, backend="native"),  # int32, as packed
-                tile_skip(tin.long(), tout.long(), block_q, block_k, backend="native"),
-                tile_skip_vectorized(tin, tout, block_q, block_k)):
+    for got in (
+        tile_skip(tin, tout, block_q, block_k, backend="native"),  # int32, as packed
+        tile_skip(tin.long(), tout.long(), block_q, block_k, backend="native"),
+        tile_skip_vectorized(tin, tout, block_q, block_k),
+    ):
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
@@ -169,8 +177,14 @@ def test_bad_parents_are_refused(case):
     with pytest.raises(ValueError, match=f"tree 1: .*{message}"):
         native._C.compute_advantages(node_offsets, parent, reward)
     with pytest.raises(ValueError, match=message):
-        native._C.pack(node_offsets, parent, np.arange(len(parent) + 1), np.arange(len(parent)),
-                       np.ones(len(parent), dtype=bool), reward)
+        native._C.pack(
+            node_offsets,
+            parent,
+            np.arange(len(parent) + 1),
+            np.arange(len(parent)),
+            np.ones(len(parent), dtype=bool),
+            reward,
+        )
     with pytest.raises(ValueError, match=message):
         native._C.sibling_groups(node_offsets, parent)
 
@@ -186,10 +200,16 @@ def test_a_bad_tree_object_is_refused():
 
 
 @needs_native
-@pytest.mark.parametrize("node_offsets, message", [
-    ([], "node_offsets"), ([1, 3], "start at 0"), ([0, 2, 2], "no nodes"), ([0, 2], "end at len"),
-    ([0, 5], "past the end"),
-])
+@pytest.mark.parametrize(
+    "node_offsets, message",
+    [
+        ([], "node_offsets"),
+        ([1, 3], "start at 0"),
+        ([0, 2, 2], "no nodes"),
+        ([0, 2], "end at len"),
+        ([0, 5], "past the end"),
+    ],
+)
 def test_bad_node_offsets_are_refused(node_offsets, message):
     with pytest.raises(ValueError, match=message):
         native._C.node_values(np.array(node_offsets, dtype=np.int64), np.array([-1, 0, 0]), np.ones(3))
@@ -208,8 +228,12 @@ def test_bad_lengths_tokens_and_options_are_refused():
         native._C.compute_advantages(offsets, parent, np.ones(2), normalization="rank")
     with pytest.raises(ValueError, match="tau"):
         native._C.compute_advantages(offsets, parent, np.ones(2), tau=-1.0)
-    pack = lambda token_offsets: native._C.pack(offsets, parent, np.array(token_offsets), np.arange(3),  # noqa: E731
-                                                np.ones(2, dtype=bool), np.zeros(2))
+
+    def pack(token_offsets):
+        return native._C.pack(
+            offsets, parent, np.array(token_offsets), np.arange(3), np.ones(2, dtype=bool), np.zeros(2)
+        )
+
     with pytest.raises(ValueError, match="non-decreasing"):
         pack([0, 2, 1])
     with pytest.raises(ValueError, match="end at len"):

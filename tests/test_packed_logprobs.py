@@ -1,4 +1,5 @@
 """Packed-tree log-probs (one tree-masked forward) equal per-path log-probs of the plain model."""
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +68,7 @@ def test_packed_gradients_match_per_path(arch):
 
 def test_packing_layout_hand_computed():
     from treerpo.tree import Tree
+
     # prompt [5,6]; node1 = [7] under root; node2 = [8,9] under root; node3 = [10] under node1
     tree = Tree.from_segments([5, 6], [0, 0, 1], [[7], [8, 9], [10]], [False] * 3)
     tree.kept[:] = [False, True, True, True]
@@ -84,6 +86,7 @@ def test_packing_layout_hand_computed():
 
 def test_pruning_drops_subtrees_without_loss():
     from treerpo.tree import Tree
+
     tree = Tree.from_segments([1], [0, 0, 2], [[2], [3], [4]], [False] * 3)
     tree.kept[:] = [False, False, False, True]  # only node 3 (under node 2) trains
     b = pack_trees([tree], prune_unkept=True)

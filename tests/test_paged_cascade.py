@@ -3,6 +3,7 @@
 Checked against the plain paged path (each sequence over its whole path) and against an independent
 per-sequence softmax over the path's keys; then through ``ModelRunner.forward`` on a tiny model.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -49,7 +50,7 @@ def random_decode_groups(seed, hq=6, hkv=2, d=16, dtype=torch.float32, device="c
 
 
 def cascade_and_plain_metadata(pool, prefixes, group_of_seq, suffixes, new_slots, device="cpu"):
-    steps = [(suffix, new_slots[i:i + 1]) for i, suffix in enumerate(suffixes)]
+    steps = [(suffix, new_slots[i : i + 1]) for i, suffix in enumerate(suffixes)]
     cascade = PagedAttentionMetadata.build(pool, steps, device, prefixes, group_of_seq)
     full = [(np.concatenate([prefixes[g], suffix]), new) for g, (suffix, new) in zip(group_of_seq, steps, strict=True)]
     return cascade, PagedAttentionMetadata.build(pool, full, device)
@@ -62,10 +63,10 @@ def reference(pool, prefixes, group_of_seq, suffixes, new_slots, q, k, v, scale)
     values[torch.from_numpy(new_slots)] = v[0].transpose(0, 1).float()
     hq, d = q.shape[1], q.shape[3]
     rep = hq // keys.shape[1]
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     out = []
     for b, g in enumerate(group_of_seq):
-        path = torch.from_numpy(np.concatenate([prefixes[g], suffixes[b], new_slots[b:b + 1]]))
+        path = torch.from_numpy(np.concatenate([prefixes[g], suffixes[b], new_slots[b : b + 1]]))
         kb = keys[path].repeat_interleave(rep, 1)  # [n, Hq, D]
         vb = values[path].repeat_interleave(rep, 1)
         weights = (torch.einsum("hd,nhd->hn", q[0, :, b].float(), kb) * scale).softmax(-1)
@@ -100,16 +101,17 @@ def test_cascade_in_bf16_stays_close_to_the_fp32_reference():
 def test_group_tables_list_every_member_once():
     _, prefixes, group_of_seq, *_ = random_decode_groups(3)
     pool = KVPool(1, 1, 4, num_pages=POOL_SLOTS)
-    meta = PagedAttentionMetadata.build(pool, [([], [NEW_SLOTS_FROM + i]) for i in range(len(group_of_seq))],
-                                        "cpu", prefixes, group_of_seq)
+    meta = PagedAttentionMetadata.build(
+        pool, [([], [NEW_SLOTS_FROM + i]) for i in range(len(group_of_seq))], "cpu", prefixes, group_of_seq
+    )
     g = meta.groups
     rows = g.member_rows.numpy()
     for group in range(len(prefixes)):
         expected = np.flatnonzero(group_of_seq == group)
-        assert rows[group, :len(expected)].tolist() == expected.tolist()
-        start, end = g.member_start[group:group + 2].tolist()
+        assert rows[group, : len(expected)].tolist() == expected.tolist()
+        start, end = g.member_start[group : group + 2].tolist()
         assert g.members[start:end].tolist() == expected.tolist()
-        assert g.prefix_slots[group, :len(prefixes[group])].tolist() == prefixes[group].tolist()
+        assert g.prefix_slots[group, : len(prefixes[group])].tolist() == prefixes[group].tolist()
     assert (rows[group_of_seq, g.rank_in_group.numpy()] == np.arange(len(group_of_seq))).all()
     assert g.prefix_len.tolist() == [len(p) for p in prefixes]
 
@@ -152,18 +154,20 @@ def test_runner_decode_with_shared_prefixes_equals_whole_paths(monkeypatch):
         root = pool.alloc(len(prompt)).numpy()
         runner_logits(runner, [SequenceStep(root[:0], prompt, root)])
         child = np.concatenate([root, pool.alloc(len(segment)).numpy()])
-        runner_logits(runner, [SequenceStep(root, segment, child[len(root):])])
+        runner_logits(runner, [SequenceStep(root, segment, child[len(root) :])])
         prefixes, group_of_seq = [root, child], np.array([0, 1, 0, 1, 1])
         own = [np.zeros(0, dtype=np.int64) for _ in group_of_seq]
         out = []
         for step in tokens:
             new = pool.alloc(len(step)).numpy()
             if cascade:
-                steps = [SequenceStep(own[i], [t], new[i:i + 1]) for i, t in enumerate(step)]
+                steps = [SequenceStep(own[i], [t], new[i : i + 1]) for i, t in enumerate(step)]
                 out.append(runner_logits(runner, steps, SharedPrefixes(prefixes, group_of_seq)))
             else:
-                steps = [SequenceStep(np.concatenate([prefixes[g], own[i]]), [t], new[i:i + 1])
-                         for i, (g, t) in enumerate(zip(group_of_seq, step, strict=True))]
+                steps = [
+                    SequenceStep(np.concatenate([prefixes[g], own[i]]), [t], new[i : i + 1])
+                    for i, (g, t) in enumerate(zip(group_of_seq, step, strict=True))
+                ]
                 out.append(runner_logits(runner, steps))
             own = [np.append(o, new[i]) for i, o in enumerate(own)]
         logits[cascade] = torch.cat(out)

@@ -1,4 +1,5 @@
 """The paths tree attention (chunks over gathered ancestor paths) against the dense-mask SDPA reference."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,16 @@ def _batches():
     yield "single_node", [random_tree(rng, 0, prompt_len=5)]
     yield "chain", [random_tree(rng, 20, shape="chain", prompt_len=3, max_segment=4)]
     yield "fan", [random_tree(rng, 25, shape="fan", prompt_len=4, max_segment=9)]
-    yield "several", [random_tree(rng, 6), random_tree(rng, 4, shape="chain"), random_tree(rng, 0),
-                      random_tree(rng, 7, shape="fan"), random_tree(rng, 30, max_segment=40)]
+    yield (
+        "several",
+        [
+            random_tree(rng, 6),
+            random_tree(rng, 4, shape="chain"),
+            random_tree(rng, 0),
+            random_tree(rng, 7, shape="fan"),
+            random_tree(rng, 30, max_segment=40),
+        ],
+    )
 
 
 @pytest.mark.parametrize("name,trees", list(_batches()), ids=[n for n, _ in _batches()])
@@ -76,8 +85,9 @@ def test_cache_is_reused_across_layers():
 
 def test_empty_batch_and_offset_intervals():
     empty = torch.zeros(1, 2, 0, 4)
-    assert paths_tree_attention(empty, empty, empty, torch.zeros(0, dtype=torch.int32),
-                                torch.zeros(0, dtype=torch.int32)).shape == (1, 2, 0, 4)
+    assert paths_tree_attention(
+        empty, empty, empty, torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    ).shape == (1, 2, 0, 4)
     batch = pack_trees([random_tree(np.random.default_rng(2), 6)])
     x = torch.randn(1, 2, batch.num_tokens, 4, dtype=torch.float64)
     shifted = [paths_tree_attention(x, x, x, batch.tin + base, batch.tout + base, cache={}) for base in (0, 100)]

@@ -1,4 +1,5 @@
 """benchmarks/plot_curves.py: accuracy against cumulative generated tokens, read from trainer output folders."""
+
 import json
 import sys
 from pathlib import Path
@@ -6,13 +7,15 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import plot_curves  # noqa: E402
+import plot_curves
 
 
 def fake_run(folder: Path, initial: float, steps: list[tuple[int, float | None]]) -> Path:
     folder.mkdir(parents=True)
-    lines = [{"step": i + 1, "tokens_generated": t, "step_s": 1.0, **({} if a is None else {"eval_accuracy": a})}
-             for i, (t, a) in enumerate(steps)]
+    lines = [
+        {"step": i + 1, "tokens_generated": t, "step_s": 1.0, **({} if a is None else {"eval_accuracy": a})}
+        for i, (t, a) in enumerate(steps)
+    ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (folder / "summary.json").write_text(json.dumps({"steps": len(steps), "initial_eval_accuracy": initial}))
     return folder
@@ -20,7 +23,7 @@ def fake_run(folder: Path, initial: float, steps: list[tuple[int, float | None]]
 
 def test_curves_are_cumulative_tokens_at_each_evaluation(tmp_path):
     run = fake_run(tmp_path / "a", 0.25, [(100, None), (150, 0.5), (120, None), (130, 0.75)])
-    (tokens, acc), = plot_curves.curves([run])
+    ((tokens, acc),) = plot_curves.curves([run])
     assert tokens.tolist() == [0, 250, 500]
     assert acc.tolist() == [0.25, 0.5, 0.75]
 

@@ -1,4 +1,5 @@
 """Half precision: packed bf16 log-probs against per-path bf16 forwards, fp32 master weights, exact resume."""
+
 import json
 
 import numpy as np
@@ -59,8 +60,17 @@ def test_master_weights_keep_updates_bf16_would_lose():
     torch.testing.assert_close(model.weight.float(), master.params[0].detach().to(torch.bfloat16).float())
 
 
-SMALL = dict(prompts_per_step=4, branching=[2, 2, 2], segment_tokens=12, eval_size=8, eval_every=0, save_every=2,
-             threads=1, dtype="bfloat16", tau=0.0)
+SMALL = dict(
+    prompts_per_step=4,
+    branching=[2, 2, 2],
+    segment_tokens=12,
+    eval_size=8,
+    eval_every=0,
+    save_every=2,
+    threads=1,
+    dtype="bfloat16",
+    tau=0.0,
+)
 
 
 def run(out, **overrides):
@@ -87,8 +97,17 @@ def test_a_short_bf16_run_still_learns(tmp_path):
     """bf16 compute with fp32 master weights on the embedded task: held-out greedy accuracy goes up (measured:
     0.453 -> 0.539 after 40 steps, about 4 min of CPU: bf16 matmuls are slow on CPUs without bf16 units;
     after 24 steps only +1.6 points, within the noise of 128 problems)."""
-    config = make_config({"output_dir": str(tmp_path), "max_steps": 40, "eval_every": 0, "save_every": 0,
-                          "eval_size": 128, "threads": 2, "dtype": "bfloat16"})
+    config = make_config(
+        {
+            "output_dir": str(tmp_path),
+            "max_steps": 40,
+            "eval_every": 0,
+            "save_every": 0,
+            "eval_size": 128,
+            "threads": 2,
+            "dtype": "bfloat16",
+        }
+    )
     with Trainer(config, log=lambda *a: None) as trainer:
         assert next(trainer.model.parameters()).dtype == torch.bfloat16
         assert trainer.sampler.pool.k.dtype == torch.bfloat16

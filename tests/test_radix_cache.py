@@ -4,6 +4,7 @@ Every slot written in these tests carries a tag in the pool: k = an exact code o
 prefix it holds KV for, v = the policy version it was computed under. A match is right only
 if the tags of the slots it returns spell the queried prefix under the current version.
 """
+
 import random
 
 import numpy as np
@@ -35,7 +36,7 @@ def make(num_pages=32, page_size=1):
 def write_tags(pool, cache, tokens, slots, start):
     """Write the tags of tokens[start + j] at slots[j] (as a model forward would write K/V)."""
     n = len(slots)
-    k = torch.tensor([prefix_code(tokens[:start + j + 1]) for j in range(n)], dtype=torch.float64)
+    k = torch.tensor([prefix_code(tokens[: start + j + 1]) for j in range(n)], dtype=torch.float64)
     v = torch.full((n,), float(cache.policy_version), dtype=torch.float64)
     pool.write(0, slots, k.view(n, 1, 1), v.view(n, 1, 1))
 
@@ -44,7 +45,7 @@ def check_match(pool, cache, tokens, slots, node):
     n = len(slots)
     assert n <= len(tokens) and n % cache.page_size == 0
     k, v = pool.gather(0, slots)
-    assert k.view(-1).tolist() == [prefix_code(tokens[:j + 1]) for j in range(n)], "slots hold KV of other tokens"
+    assert k.view(-1).tolist() == [prefix_code(tokens[: j + 1]) for j in range(n)], "slots hold KV of other tokens"
     assert (v.view(-1) == cache.policy_version).all(), "a match returned KV of an older policy version"
     assert (pool.refcounts(slots) > 0).all(), "a match returned slots on free pages"
     assert path_tokens(cache, node) == tuple(tokens[:n])
@@ -318,7 +319,7 @@ class Model:
         write_tags(self.pool, self.cache, tokens, slots, 0)
         already = self.cache.insert(tokens, slots)
         self.pool.decref(slots[:already])
-        self.pool.decref(slots[self.cache.cacheable_length(len(tokens)):])
+        self.pool.decref(slots[self.cache.cacheable_length(len(tokens)) :])
 
     def match(self, tokens):
         got, node = self.cache.match_prefix(tokens)
@@ -329,7 +330,7 @@ class Model:
         if node is self.cache.root:
             return
         self.cache.lock(node)
-        self.locks.append((node, tuple(tokens[:len(got)]), got.clone()))
+        self.locks.append((node, tuple(tokens[: len(got)]), got.clone()))
 
     def unlock(self, i):
         node, _, _ = self.locks.pop(i % len(self.locks))
@@ -368,7 +369,7 @@ class Model:
             assert path_tokens(cache, node) == tokens
             assert path_slots(cache, node).tolist() == slots.tolist()
             k, _ = pool.gather(0, slots)
-            assert k.view(-1).tolist() == [prefix_code(tokens[:j + 1]) for j in range(len(tokens))]
+            assert k.view(-1).tolist() == [prefix_code(tokens[: j + 1]) for j in range(len(tokens))]
             while node is not cache.root:
                 locks_below[node.id] = locks_below.get(node.id, 0) + 1
                 node = node.parent
@@ -439,8 +440,9 @@ class CacheMachine(RuleBasedStateMachine):
             self.m.finish_all()
 
 
-CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=50, deadline=None,
-                                          suppress_health_check=[HealthCheck.too_slow])
+CacheMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestCacheMachine = CacheMachine.TestCase
 
 
@@ -448,8 +450,12 @@ TestCacheMachine = CacheMachine.TestCase
 def test_long_random_sequences(seed, page_size):
     rng = random.Random(seed)
     m = Model(page_size, num_pages=24)
-    ops = ["request"] * 4 + ["blind"] * 2 + ["match", "lock", "unlock", "finish", "finish", "evict"] + \
-        (["bump"] if seed != 1 else [])  # seed 1: no bumps, so the tree grows deep and splits a lot
+    ops = (
+        ["request"] * 4
+        + ["blind"] * 2
+        + ["match", "lock", "unlock", "finish", "finish", "evict"]
+        + (["bump"] if seed != 1 else [])
+    )  # seed 1: no bumps, so the tree grows deep and splits a lot
     for _ in range(400):
         tokens = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 10))]
         op = rng.choice(ops)

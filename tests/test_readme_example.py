@@ -1,4 +1,5 @@
 """The README's embedding example runs as written and actually trains (the weights change)."""
+
 from pathlib import Path
 
 import torch
@@ -21,5 +22,7 @@ def test_readme_example_runs(capsys):
     from treerpo import load_model_and_tokenizer
 
     original, _ = load_model_and_tokenizer()
-    changed = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values(), strict=True)]
+    changed = [
+        not torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values(), strict=True)
+    ]
     assert any(changed), "two optimizer steps on trees with kept groups must change the weights"

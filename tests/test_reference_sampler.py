@@ -1,4 +1,5 @@
 """The reference sampler builds the tree shape asked for, continues each path, and refuses prompts that do not fit."""
+
 import numpy as np
 import pytest
 import torch
@@ -24,11 +25,17 @@ def test_greedy_tree_paths_equal_one_greedy_generation(model_and_tokenizer):
     trees = ReferenceTreeSampler(model, tok).sample(prompts, spec)
     for prompt, tree in zip(prompts, trees, strict=True):
         ids = torch.tensor([prompt])
-        full = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=15,
-                              do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        expected = full[0, len(prompt):].tolist()
+        full = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=15,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        expected = full[0, len(prompt) :].tolist()
         if tok.eos_token_id in expected:
-            expected = expected[:expected.index(tok.eos_token_id) + 1]
+            expected = expected[: expected.index(tok.eos_token_id) + 1]
         for leaf in tree.leaves():
             assert tree.path_token_ids(leaf, include_prompt=False).tolist() == expected
 

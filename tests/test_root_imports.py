@@ -5,6 +5,7 @@ The root comes first on ``sys.path`` there (``python -m ...``, ``python -m pytes
 project's top-level ``kernels/`` folder must never hide Hugging Face's ``kernels``, which transformers
 imports at start-up.
 """
+
 import importlib.metadata
 import os
 import subprocess
@@ -18,8 +19,14 @@ BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
 
 
 def run_from_root(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_ok(run):
@@ -38,11 +45,13 @@ def test_import_kernels_from_the_root_gives_the_installed_package(pythonpath):
         importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("no package named kernels is installed here, so nothing can be shadowed")
-    script = ("import kernels, os, sys\n"
-              "assert kernels.__file__ is not None, 'the repository folder was imported as kernels'\n"
-              "assert not os.path.realpath(kernels.__file__).startswith(sys.argv[1] + '/kernels/'), kernels.__file__\n"
-              "import transformers.modeling_utils, treerpo.kernels.tree_attention, treerpo.train, treerpo.evaluate\n"
-              "assert os.path.realpath(treerpo.kernels.tree_attention.__file__).startswith(sys.argv[1] + os.sep)\n")
+    script = (
+        "import kernels, os, sys\n"
+        "assert kernels.__file__ is not None, 'the repository folder was imported as kernels'\n"
+        "assert not os.path.realpath(kernels.__file__).startswith(sys.argv[1] + '/kernels/'), kernels.__file__\n"
+        "import transformers.modeling_utils, treerpo.kernels.tree_attention, treerpo.train, treerpo.evaluate\n"
+        "assert os.path.realpath(treerpo.kernels.tree_attention.__file__).startswith(sys.argv[1] + os.sep)\n"
+    )
     env = {"PYTHONPATH": pythonpath} if pythonpath else None
     assert_ok(run_from_root("-c", script, str(ROOT.resolve()), env=env))
 

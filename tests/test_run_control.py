@@ -1,4 +1,5 @@
 """Signals and the output-folder lock, on real training processes."""
+
 import json
 import os
 import signal
@@ -16,8 +17,28 @@ from treerpo.runtime.run_lock import OutputDirLockedError, RunLock
 from treerpo.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--prompts-per-step", "4", "--branching", "2", "2", "2", "--segment-tokens", "12", "--eval-size", "8",
-         "--eval-every", "0", "--save-every", "100", "--threads", "1", "--kv-pool-tokens", "4096", "--device", "cpu"]
+FLAGS = [
+    "--prompts-per-step",
+    "4",
+    "--branching",
+    "2",
+    "2",
+    "2",
+    "--segment-tokens",
+    "12",
+    "--eval-size",
+    "8",
+    "--eval-every",
+    "0",
+    "--save-every",
+    "100",
+    "--threads",
+    "1",
+    "--kv-pool-tokens",
+    "4096",
+    "--device",
+    "cpu",
+]
 
 
 def default_stop_signals() -> None:
@@ -29,9 +50,15 @@ def default_stop_signals() -> None:
 
 def start(out: Path, steps: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "treerpo.train", "--output-dir", str(out), "--max-steps",
-                             str(steps), *FLAGS, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=default_stop_signals)
+    return subprocess.Popen(
+        [sys.executable, "-m", "treerpo.train", "--output-dir", str(out), "--max-steps", str(steps), *FLAGS, *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_stop_signals,
+    )
 
 
 def steps_logged(out: Path) -> int:
@@ -102,8 +129,10 @@ def test_second_signal_stops_at_once(tmp_path):
 
 
 def hold_lock(out: Path) -> subprocess.Popen:
-    code = ("import sys, time; from treerpo.runtime.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
-            "print('held', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from treerpo.runtime.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -130,11 +159,14 @@ def test_stale_lock_file_does_not_block(tmp_path):
     lock.release()
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--lr", "0.1"], "python -m treerpo.train --lr 0.1 --resume"),
-    (["--resume", "false", "--output-dir", "a b"], "python -m treerpo.train --output-dir 'a b' --resume"),
-    (["--resume=no", "--max-steps", "3", "--resume"], "python -m treerpo.train --max-steps 3 --resume"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--lr", "0.1"], "python -m treerpo.train --lr 0.1 --resume"),
+        (["--resume", "false", "--output-dir", "a b"], "python -m treerpo.train --output-dir 'a b' --resume"),
+        (["--resume=no", "--max-steps", "3", "--resume"], "python -m treerpo.train --max-steps 3 --resume"),
+    ],
+)
 def test_printed_resume_command(argv, expected):
     from treerpo.train import resume_command
 

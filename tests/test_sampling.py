@@ -1,4 +1,5 @@
 """Next-token sampling: greedy, truncation, per-row generators, and the sampled distribution itself."""
+
 import numpy as np
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_seeded_draw_is_the_fp64_inverse_cdf_at_the_generators_fp64_uniform():
     batch, _ = sample_next(logits, params, [torch.Generator().manual_seed(s) for s in seeds])
     assert batch.tolist() == expected
     for i in (0, 17, 63):
-        alone, _ = sample_next(logits[i:i + 1], params, [torch.Generator().manual_seed(seeds[i])])
+        alone, _ = sample_next(logits[i : i + 1], params, [torch.Generator().manual_seed(seeds[i])])
         assert alone.item() == expected[i]
 
 

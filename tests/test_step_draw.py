@@ -1,4 +1,5 @@
 """A step's draws: the engine's batched draw against numpy in fp64, and the LM head + draw in row chunks."""
+
 import numpy as np
 import pytest
 import torch
@@ -51,8 +52,12 @@ def test_greedy_draw_takes_the_argmax_with_its_logprob():
     assert not bool(bad)
 
 
-PARAMS = {"sampled": SamplingParams(), "greedy": SamplingParams(temperature=0.0),
-          "top_p": SamplingParams(top_p=0.9), "top_k": SamplingParams(top_k=5)}
+PARAMS = {
+    "sampled": SamplingParams(),
+    "greedy": SamplingParams(temperature=0.0),
+    "top_p": SamplingParams(top_p=0.9),
+    "top_k": SamplingParams(top_k=5),
+}
 
 
 @pytest.mark.parametrize("entropy", [False, True])
@@ -117,8 +122,16 @@ def test_chunked_truncated_draws_equal_one_call():
     hidden = torch.randn(7, model.config.hidden_size) * 4
     rows, u = np.arange(7), np.random.default_rng(1).random((7, 2))
     params = SamplingParams(top_p=0.8)
-    chunked = draw_step(head, hidden, rows, u, 2, params, entropy=True,
-                        memory_bytes=2 * head.weight.shape[0] * draw_bytes_per_logit(params, True))
+    chunked = draw_step(
+        head,
+        hidden,
+        rows,
+        u,
+        2,
+        params,
+        entropy=True,
+        memory_bytes=2 * head.weight.shape[0] * draw_bytes_per_logit(params, True),
+    )
     whole = draw(head.logits(hidden).detach(), params, torch.from_numpy(u), entropy=True)
     assert chunked[0].tolist() == whole[0].tolist()
     np.testing.assert_allclose(chunked[1], whole[1].numpy(), rtol=1e-6)
@@ -137,8 +150,9 @@ def test_chunked_draws_equal_the_draws_of_one_head_call(temperature):
     rows = np.array([0, 0, 1, 2, 2, 2, 3, 4, 4, 1, 0])
     u = np.random.default_rng(0).random((len(rows), 3))
     params = SamplingParams(temperature=temperature)
-    tokens, logprobs, entropies = draw_step(head, hidden, rows, u, 3, params, entropy=True,
-                                            memory_bytes=3 * vocab * draw_bytes_per_logit(params, True))
+    tokens, logprobs, entropies = draw_step(
+        head, hidden, rows, u, 3, params, entropy=True, memory_bytes=3 * vocab * draw_bytes_per_logit(params, True)
+    )
     assert head.calls == [3, 3, 3, 2]
     logits = (hidden @ head.weight.t()).detach().double().numpy()[rows]
     for r in range(len(rows)):
@@ -149,10 +163,12 @@ def test_chunked_draws_equal_the_draws_of_one_head_call(temperature):
             want = reference(logits[r], temperature, u[r])[0]
             z = logits[r] / temperature
         assert tokens[r].tolist() == want
-        np.testing.assert_allclose(logprobs[r], z[want] - z.max() - np.log(np.exp(z - z.max()).sum()), rtol=1e-5,
-                                   atol=1e-5)
-        assert entropies[r] == pytest.approx(reference(logits[r], 1.0 if temperature == 0 else temperature, [])[2],
-                                             rel=1e-5, abs=1e-5)
+        np.testing.assert_allclose(
+            logprobs[r], z[want] - z.max() - np.log(np.exp(z - z.max()).sum()), rtol=1e-5, atol=1e-5
+        )
+        assert entropies[r] == pytest.approx(
+            reference(logits[r], 1.0 if temperature == 0 else temperature, [])[2], rel=1e-5, abs=1e-5
+        )
 
 
 def test_non_finite_logits_in_a_later_chunk_are_refused():
@@ -161,13 +177,26 @@ def test_non_finite_logits_in_a_later_chunk_are_refused():
     hidden = torch.randn(6, model.config.hidden_size)
     hidden[5, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="not finite"):
-        draw_step(head, hidden, np.arange(6), None, 1, SamplingParams(), entropy=False,
-                  memory_bytes=2 * head.weight.shape[0] * draw_bytes_per_logit(SamplingParams(), False))
+        draw_step(
+            head,
+            hidden,
+            np.arange(6),
+            None,
+            1,
+            SamplingParams(),
+            entropy=False,
+            memory_bytes=2 * head.weight.shape[0] * draw_bytes_per_logit(SamplingParams(), False),
+        )
 
 
-@pytest.mark.parametrize("spec", [TreeSpec((3, 2), segment_tokens=5, temperature=1.0),
-                                  TreeSpec((2, 2), segment_tokens=6, temperature=1.0, fork_entropy=1.5,
-                                           min_segment_tokens=2)], ids=["plain", "fork_entropy"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TreeSpec((3, 2), segment_tokens=5, temperature=1.0),
+        TreeSpec((2, 2), segment_tokens=6, temperature=1.0, fork_entropy=1.5, min_segment_tokens=2),
+    ],
+    ids=["plain", "fork_entropy"],
+)
 def test_engine_with_a_tiny_draw_budget_samples_the_same_trees(spec):
     """Chunks of one row against the default budget (every row at once): the same seeded trees, same log-probs."""
     tok = build_char_tokenizer()

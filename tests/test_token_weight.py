@@ -1,4 +1,5 @@
 """token_weight: how a segment shared by several answers counts in the loss, against per-path forwards."""
+
 import numpy as np
 import pytest
 import torch
@@ -41,8 +42,10 @@ def test_row_weights_follow_the_packed_rows():
     packed = pack_trees(trees, prune_unkept=True)
     rows = packed.loss_mask.nonzero().squeeze(1)
     got = row_weights(trees, packed.tree_index[rows].numpy(), packed.node_index[rows].numpy(), "leaves")
-    expected = [trees[t].leaves_below()[n] for t, n in zip(packed.tree_index[rows].tolist(),
-                                                            packed.node_index[rows].tolist(), strict=True)]
+    expected = [
+        trees[t].leaves_below()[n]
+        for t, n in zip(packed.tree_index[rows].tolist(), packed.node_index[rows].tolist(), strict=True)
+    ]
     assert got.tolist() == expected
     assert got.sum() == sum(loss_weight(t, "leaves") for t in trees)
 
@@ -69,7 +72,7 @@ def _reference_loss(model, trees, token_weight):
             for node in path[1:]:
                 n = len(tree.segment(node))
                 if tree.kept[node] and (token_weight == "leaves" or node == end):
-                    total = total - tree.advantage[node] * logp[start - 1:start - 1 + n].sum()
+                    total = total - tree.advantage[node] * logp[start - 1 : start - 1 + n].sum()
                     value -= tree.advantage[node] * n
                     count += n
                 start += n
@@ -78,9 +81,21 @@ def _reference_loss(model, trees, token_weight):
 
 @pytest.mark.parametrize("token_weight", ["node", "leaves"])
 def test_trainer_loss_and_gradient_equal_per_path_forwards(tmp_path, token_weight):
-    config = make_config(dict(prompts_per_step=2, branching=[2, 2], segment_tokens=4, eval_size=4, eval_every=0,
-                              save_every=0, threads=1, kl_coef=0.0, max_grad_norm=1e9, token_weight=token_weight,
-                              output_dir=str(tmp_path)))
+    config = make_config(
+        dict(
+            prompts_per_step=2,
+            branching=[2, 2],
+            segment_tokens=4,
+            eval_size=4,
+            eval_every=0,
+            save_every=0,
+            threads=1,
+            kl_coef=0.0,
+            max_grad_norm=1e9,
+            token_weight=token_weight,
+            output_dir=str(tmp_path),
+        )
+    )
     trainer = Trainer(config, log=lambda *a: None)
     try:
         rng = np.random.default_rng(0)
@@ -91,8 +106,10 @@ def test_trainer_loss_and_gradient_equal_per_path_forwards(tmp_path, token_weigh
         captured = {}
 
         def capture_instead_of_step():
-            captured.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
-                             if p.grad is not None})
+            captured.update(
+                {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+            )
+
         trainer.optimizer.step = capture_instead_of_step
         stats = trainer.update(trees)
 

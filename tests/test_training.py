@@ -1,4 +1,5 @@
 """The trainer end to end on the embedded model: outputs, exact resume, both algorithms through one path."""
+
 import json
 
 import pytest
@@ -9,8 +10,19 @@ from helpers import char_model_folder
 from treerpo.config import make_config
 from treerpo.training.trainer import Trainer
 
-SMALL = dict(prompts_per_step=4, branching=[2, 2, 2], segment_tokens=12, group_size=4, eval_size=16, eval_every=2,
-             save_every=2, kl_coef=0.02, ppo_epochs=2, minibatches=2, micro_batch_tokens=128)
+SMALL = dict(
+    prompts_per_step=4,
+    branching=[2, 2, 2],
+    segment_tokens=12,
+    group_size=4,
+    eval_size=16,
+    eval_every=2,
+    save_every=2,
+    kl_coef=0.02,
+    ppo_epochs=2,
+    minibatches=2,
+    micro_batch_tokens=128,
+)
 
 
 def run(out, **overrides):
@@ -51,8 +63,15 @@ def test_outputs_of_a_run(tmp_path, algo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     summary = run(tmp_path, algo=algo, max_steps=2, ppo_epochs=1, minibatches=1)
-    for key in ("algo", "steps", "initial_eval_accuracy", "final_eval_accuracy", "wall_time_s", "tokens_generated",
-                "tokens_trained"):
+    for key in (
+        "algo",
+        "steps",
+        "initial_eval_accuracy",
+        "final_eval_accuracy",
+        "wall_time_s",
+        "tokens_generated",
+        "tokens_trained",
+    ):
         assert key in summary
     assert summary["algo"] == algo
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
@@ -77,10 +96,20 @@ def test_resume_refuses_changed_options(tmp_path):
 def test_math_file_dataset_runs_through_the_trainer(tmp_path):
     """A gsm8k-format file trains through the math-verify reward (the model is not expected to score)."""
     data = tmp_path / "gsm.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{i}+{i}=", "answer": f"so #### {2 * i}"}) + "\n"
-                            for i in range(12)))
-    summary = run(tmp_path / "out", model=str(char_model_folder(tmp_path / "model")), dataset=str(data),
-                  eval_size=4, max_steps=1, max_prompt_tokens=32, truncate_prompts=True, ppo_epochs=1, minibatches=1)
+    data.write_text(
+        "".join(json.dumps({"question": f"{i}+{i}=", "answer": f"so #### {2 * i}"}) + "\n" for i in range(12))
+    )
+    summary = run(
+        tmp_path / "out",
+        model=str(char_model_folder(tmp_path / "model")),
+        dataset=str(data),
+        eval_size=4,
+        max_steps=1,
+        max_prompt_tokens=32,
+        truncate_prompts=True,
+        ppo_epochs=1,
+        minibatches=1,
+    )
     assert summary["steps"] == 1 and summary["tokens_generated"] > 0
     assert 0.0 <= summary["final_eval_accuracy"] <= 1.0
 

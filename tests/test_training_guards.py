@@ -1,4 +1,5 @@
 """Non-finite steps, resume option checks, metrics repair and PPO minibatches on the embedded model."""
+
 import json
 
 import numpy as np
@@ -10,10 +11,21 @@ from helpers import char_model_folder
 from treerpo.config import make_config
 from treerpo.runtime.finite_guard import NonFiniteError
 from treerpo.runtime.resume import ResumeMismatchError
-from treerpo.training.trainer import Trainer, micro_batches, minibatch_trees
+from treerpo.training.minibatch_plan import micro_batches, minibatch_indices
+from treerpo.training.trainer import Trainer
+from treerpo.trees.token_weights import loss_token_count
 
-SMALL = dict(prompts_per_step=4, branching=[2, 2, 2], segment_tokens=12, eval_size=8, eval_every=0, save_every=1,
-             kl_coef=0.02, threads=1, kv_pool_tokens=4096)
+SMALL = dict(
+    prompts_per_step=4,
+    branching=[2, 2, 2],
+    segment_tokens=12,
+    eval_size=8,
+    eval_every=0,
+    save_every=1,
+    kl_coef=0.02,
+    threads=1,
+    kv_pool_tokens=4096,
+)
 
 
 def make_trainer(out, **overrides):
@@ -30,8 +42,10 @@ def run(out, **overrides):
 
 def strict_json_lines(path):
     """Every line parses as strict JSON (no NaN/Infinity constants)."""
+
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
+
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
@@ -47,6 +61,7 @@ def test_nonfinite_step_is_not_applied_and_the_run_stops_after_n_in_a_row(tmp_pa
         def nan_loss(*args, **kwargs):
             loss, stats = real_loss(*args, **kwargs)
             return loss * float("nan"), stats
+
         monkeypatch.setattr(trainer_module, "policy_loss", nan_loss)
         record = t.train_step(1)
         assert record["skipped_updates"] == 1 and record["optimizer_steps"] == 0
@@ -72,6 +87,7 @@ def test_huge_learning_rate_never_checkpoints_nonfinite_weights(tmp_path):
         pass  # stopping is fine; what it leaves behind is checked below
     strict_json_lines(tmp_path / "metrics.jsonl")
     from safetensors.torch import load_file
+
     for checkpoint in tmp_path.glob("checkpoint-*"):
         assert all(torch.isfinite(w).all() for w in load_file(checkpoint / "model.safetensors").values())
 
@@ -81,12 +97,20 @@ def test_resume_resolves_paths_and_allows_evaluation_options(tmp_path, monkeypat
     """Relative model, data and output paths written differently (and an output folder moved) are one run."""
     monkeypatch.chdir(tmp_path)
     char_model_folder(tmp_path / "m")
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"question": f"{i}+1=", "answer": f"#### {i + 1}"}) + "\n"
-                                              for i in range(12)))
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"question": f"{i}+1=", "answer": f"#### {i + 1}"}) + "\n" for i in range(12))
+    )
     paths = dict(model="m", dataset="d.jsonl", eval_size=4, max_prompt_tokens=64, truncate_prompts=True)
     run("out", max_steps=1, **paths)
-    run("./out/", max_steps=2, resume=True, eval_every=1, eval_samples=2, eval_temperature=0.5,
-        **{**paths, "model": "./m/", "dataset": str(tmp_path / "d.jsonl")})
+    run(
+        "./out/",
+        max_steps=2,
+        resume=True,
+        eval_every=1,
+        eval_samples=2,
+        eval_temperature=0.5,
+        **{**paths, "model": "./m/", "dataset": str(tmp_path / "d.jsonl")},
+    )
     (tmp_path / "out").rename(tmp_path / "moved")
     run(str(tmp_path / "moved"), max_steps=3, resume=True, **paths)
     assert [r["step"] for r in strict_json_lines(tmp_path / "moved" / "metrics.jsonl")] == [1, 2, 3]
@@ -100,8 +124,7 @@ def test_truncated_last_metrics_line_is_repaired_with_a_notice(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(path.read_text() + '{"step": 3, "rew')  # a crash while writing step 3
     notices = []
-    t = Trainer(make_config({**SMALL, "output_dir": str(tmp_path), "max_steps": 3, "resume": True}),
-                log=notices.append)
+    t = Trainer(make_config({**SMALL, "output_dir": str(tmp_path), "max_steps": 3, "resume": True}), log=notices.append)
     try:
         t.train()
     finally:
@@ -112,6 +135,7 @@ def test_truncated_last_metrics_line_is_repaired_with_a_notice(tmp_path):
 
 def _trees(seed=0, count=8):
     from helpers import random_tree
+
     rng = np.random.default_rng(seed)
     return [random_tree(rng, 6) for _ in range(count)]
 
@@ -121,7 +145,7 @@ def test_minibatches_are_whole_trees_whatever_the_token_budget(minibatches):
     trees = _trees()
     for budget in (16, 64, 4096):
         np.random.seed(0)
-        groups = minibatch_trees(trees, minibatches)
+        groups = [[trees[i] for i in g] for g in minibatch_indices([loss_token_count(t) for t in trees], minibatches)]
         assert len(groups) == minibatches
         assert sorted(id(t) for g in groups for t in g) == sorted(id(t) for t in trees)
         for group in groups:
@@ -132,8 +156,15 @@ def test_minibatches_are_whole_trees_whatever_the_token_budget(minibatches):
 def test_optimizer_steps_per_epoch_do_not_depend_on_micro_batch_tokens(tmp_path):
     weights, steps = [], []
     for budget in (64, 16384):
-        t = make_trainer(tmp_path / str(budget), max_steps=1, minibatches=2, ppo_epochs=2, tau=0.0, prompts_per_step=8,
-                         micro_batch_tokens=budget)
+        t = make_trainer(
+            tmp_path / str(budget),
+            max_steps=1,
+            minibatches=2,
+            ppo_epochs=2,
+            tau=0.0,
+            prompts_per_step=8,
+            micro_batch_tokens=budget,
+        )
         try:
             t.initial_eval = 0.0
             record = t.train_step(0)
@@ -163,6 +194,7 @@ def test_signal_during_the_last_step_completes_the_run(tmp_path):
         record = real_step(step)
         stop.requested = signal.SIGINT
         return record
+
     t.train_step = step_then_signal
     try:
         summary = t._train(stop)

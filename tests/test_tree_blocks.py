@@ -1,4 +1,5 @@
 """Per-tree blocks of the sdpa backend equal the brute-force split of the dense mask."""
+
 import numpy as np
 import torch
 

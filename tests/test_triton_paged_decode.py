@@ -5,6 +5,7 @@ imported), so sizes stay small: B <= 8 sequences, K <= 40 keys, head dim 16/32, 
 Tolerances (max abs error against an fp32 gather + softmax reference, inputs ~N(0, 1)): fp32 1e-5,
 fp16 5e-3, bf16 3e-2 (bf16 is upcast to fp32 under the interpreter).
 """
+
 import os
 
 import torch
@@ -12,8 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 triton = pytest.importorskip("triton")
 
@@ -49,10 +50,10 @@ def reference(q, k_cache, v_cache, kv_slots, kv_len, scale=None):
     """fp32 gather + softmax per sequence: (out [B, Hq, D], natural LSE [B, Hq])."""
     b, hq, d = q.shape
     group = hq // k_cache.shape[1]
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     outs, lses = [], []
     for i in range(b):
-        idx = kv_slots[i, :int(kv_len[i])]
+        idx = kv_slots[i, : int(kv_len[i])]
         k = k_cache[idx].float().repeat_interleave(group, 1)  # [n, Hq, D]
         v = v_cache[idx].float().repeat_interleave(group, 1)
         s = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
@@ -72,13 +73,14 @@ def random_case(seed, b, hq, hkv, d, max_k, dtype, slots=128, share=True):
     if share and b > 1:  # rows sharing pages: the same slot ids in several rows
         n = int(min(kv_len[0], kv_len[1]))
         kv_slots[1, :n] = kv_slots[0, :n]
-        kv_slots[-1, :int(kv_len[-1])] = kv_slots[0, torch.randperm(max_k, generator=gen)[:int(kv_len[-1])]]
+        kv_slots[-1, : int(kv_len[-1])] = kv_slots[0, torch.randperm(max_k, generator=gen)[: int(kv_len[-1])]]
     return q, k_cache, v_cache, kv_slots.to(DEVICE), kv_len.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("b,hq,hkv,d,max_k", [(1, 2, 2, 16, 1), (5, 4, 2, 32, 37), (8, 8, 2, 16, 40),
-                                              (3, 3, 1, 32, 17)])
+@pytest.mark.parametrize(
+    "b,hq,hkv,d,max_k", [(1, 2, 2, 16, 1), (5, 4, 2, 32, 37), (8, 8, 2, 16, 40), (3, 3, 1, 32, 17)]
+)
 def test_plain_kernel_matches_reference(b, hq, hkv, d, max_k, dtype):
     q, kc, vc, slots, lens = random_case(b * 100 + max_k, b, hq, hkv, d, max_k, dtype)
     out, lse = paged_decode_attention(q, kc, vc, slots, lens, return_lse=True)
@@ -117,8 +119,16 @@ def sibling_groups(seed, dtype, d=16, hq=4, hkv=2):
             kv_slots[i, :p] = prefix_slots[g, :p]
             kv_len[i] = max(int(kv_len[i]), p + 1)  # at least the new token after the prefix
     kv_len[5] = prefix_len[0] + 1  # a suffix of the new token only
-    return (q, kc, vc, kv_slots.to(DEVICE), kv_len.to(DEVICE), prefix_slots.to(DEVICE), prefix_len.to(DEVICE),
-            group_of_seq.to(DEVICE))
+    return (
+        q,
+        kc,
+        vc,
+        kv_slots.to(DEVICE),
+        kv_len.to(DEVICE),
+        prefix_slots.to(DEVICE),
+        prefix_len.to(DEVICE),
+        group_of_seq.to(DEVICE),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -126,8 +136,7 @@ def sibling_groups(seed, dtype, d=16, hq=4, hkv=2):
 def test_cascade_matches_the_plain_kernel(dtype, splits):
     q, kc, vc, slots, lens, pslots, plen, groups = sibling_groups(3, dtype)
     plain, plain_lse = paged_decode_attention(q, kc, vc, slots, lens, return_lse=True)
-    out, lse = cascade_decode_attention(q, kc, vc, slots, lens, pslots, plen, groups, splits=splits,
-                                        return_lse=True)
+    out, lse = cascade_decode_attention(q, kc, vc, slots, lens, pslots, plen, groups, splits=splits, return_lse=True)
     assert out.dtype == dtype and out.shape == plain.shape
     torch.testing.assert_close(out.float(), plain.float(), atol=TOL[dtype], rtol=0)
     torch.testing.assert_close(lse, plain_lse, atol=max(TOL[dtype], 1e-4), rtol=0)
@@ -156,7 +165,7 @@ def test_lse_merge_equals_attention_over_the_concatenation():
     concat = torch.zeros(b, 22, dtype=torch.int64, device=DEVICE)
     for i in range(b):
         n1, n2 = int(l1[i]), int(l2[i])
-        concat[i, :n1], concat[i, n1:n1 + n2] = first[i, :n1], second[i, :n2]
+        concat[i, :n1], concat[i, n1 : n1 + n2] = first[i, :n1], second[i, :n2]
     ref, ref_lse = reference(q, kc, vc, concat, l1 + l2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
@@ -223,6 +232,7 @@ def test_engine_forward_with_the_triton_backend(monkeypatch):
         return paged_decode_backend(*args)
 
     from treerpo.attention import kernel_check
+
     monkeypatch.setattr(kernel_check, "_enabled", False)  # counts the model's calls only (the check: test_kernel_check)
     monkeypatch.setitem(registry._BACKENDS["paged"], "triton", spy)
     logits = {}
@@ -239,9 +249,12 @@ def test_engine_forward_with_the_triton_backend(monkeypatch):
         paths = [root.clone() for _ in children]
         for t in range(3):  # three decode steps of three siblings sharing the prompt's slots
             new = pool.alloc(len(children))
-            out.append(runner_logits(runner, [SequenceStep(paths[i], [children[i][t]], new[i:i + 1])
-                                       for i in range(len(children))]))
-            paths = [torch.cat((p, new[i:i + 1])) for i, p in enumerate(paths)]
+            out.append(
+                runner_logits(
+                    runner, [SequenceStep(paths[i], [children[i][t]], new[i : i + 1]) for i in range(len(children))]
+                )
+            )
+            paths = [torch.cat((p, new[i : i + 1])) for i, p in enumerate(paths)]
         logits[backend] = torch.cat(out)
     assert len(calls) == 4 * layers  # every forward (prefill falls back inside the backend)
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
@@ -258,8 +271,11 @@ def test_tree_sampler_with_the_triton_backend_samples_the_same_trees(monkeypatch
     prompts = [tok(p)["input_ids"] for p in ("12+3-4=", "7-19+2=")]
     spec = TreeSpec((2, 2), segment_tokens=3, temperature=1.0)
     cascade_calls = []
-    monkeypatch.setattr(triton_backends, "cascade_decode",
-                        lambda *args, f=triton_backends.cascade_decode: cascade_calls.append(1) or f(*args))
+    monkeypatch.setattr(
+        triton_backends,
+        "cascade_decode",
+        lambda *args, f=triton_backends.cascade_decode: cascade_calls.append(1) or f(*args),
+    )
     trees = {}
     for backend in ("torch", "triton"):
         monkeypatch.setattr(model_runner, "default_paged_backend", lambda device, b=backend: b)

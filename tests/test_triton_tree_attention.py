@@ -8,6 +8,7 @@ Tolerances (max abs error against the fp32 reference, inputs ~N(0, 1)):
   (bf16 loads are upcast to fp32 under the interpreter, which computes bf16 wrongly; on a GPU the dots
   run in bf16 with fp32 accumulation).
 """
+
 import os
 
 import torch
@@ -15,8 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 triton = pytest.importorskip("triton")
 
@@ -38,8 +39,13 @@ def _batch(case: str):
         "single_node": [random_tree(rng, 0, prompt_len=5)],
         "chain": [random_tree(rng, 20, shape="chain", prompt_len=3, max_segment=4)],
         "fan": [random_tree(rng, 25, shape="fan", prompt_len=4, max_segment=3)],
-        "several": [random_tree(rng, 6), random_tree(rng, 4, shape="chain"), random_tree(rng, 0),
-                    random_tree(rng, 7, shape="fan"), random_tree(rng, 5)],
+        "several": [
+            random_tree(rng, 6),
+            random_tree(rng, 4, shape="chain"),
+            random_tree(rng, 0),
+            random_tree(rng, 7, shape="fan"),
+            random_tree(rng, 5),
+        ],
     }[case]
     return pack_trees(trees)
 
@@ -50,8 +56,14 @@ def _run(batch, hq, hkv, d, dtype, seed=0, cache=None, scale=None):
     q, k, v = (torch.randn(1, h, n, d, generator=gen).to(DEVICE, dtype) for h in (hq, hkv, hkv))
     grad = torch.randn(1, hq, n, d, generator=gen).to(DEVICE, dtype)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = triton_tree_backend(*leaves, batch.tin.to(DEVICE), batch.tout.to(DEVICE), scale=scale,
-                              cache={} if cache is None else cache, block=BLOCK)
+    out = triton_tree_backend(
+        *leaves,
+        batch.tin.to(DEVICE),
+        batch.tout.to(DEVICE),
+        scale=scale,
+        cache={} if cache is None else cache,
+        block=BLOCK,
+    )
     grads = torch.autograd.grad(out, leaves, grad)
     ref_leaves = [x.float().clone().requires_grad_() for x in (q, k, v)]
     ref = sdpa_tree_attention(*ref_leaves, batch.tin.to(DEVICE), batch.tout.to(DEVICE), scale=scale)
@@ -116,12 +128,12 @@ def test_kernel_visits_only_the_skip_list():
     offsets, key_tiles = lists["offsets"].clone(), lists["key_tiles"].clone()
     last = num_tiles - 1
     drop = int(offsets[last])
-    broken["key_tiles"] = torch.cat([key_tiles[:drop], key_tiles[drop + 1:]])
-    offsets[last + 1:] -= 1
+    broken["key_tiles"] = torch.cat([key_tiles[:drop], key_tiles[drop + 1 :]])
+    offsets[last + 1 :] -= 1
     broken["offsets"] = offsets
     bad, *_ = _run(batch, 4, 2, 16, torch.float32, cache={key: broken})
-    assert not torch.allclose(bad[:, :, last * BLOCK:], ref[:, :, last * BLOCK:], atol=1e-3)
-    torch.testing.assert_close(bad[:, :, :last * BLOCK], ref[:, :, :last * BLOCK], atol=1e-4, rtol=0)
+    assert not torch.allclose(bad[:, :, last * BLOCK :], ref[:, :, last * BLOCK :], atol=1e-3)
+    torch.testing.assert_close(bad[:, :, : last * BLOCK], ref[:, :, : last * BLOCK], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["chain", "fan", "several"])
@@ -137,7 +149,7 @@ def test_transposed_skip_list_is_brute_force(case, block):
     mask[:n, :n] = interval_mask(batch.tin.long(), batch.tout.long())
     needed = mask.view(num_tiles, block, num_tiles, block).any(dim=3).any(dim=1)  # [q tile, k tile]
     for kt in range(num_tiles):
-        q_tiles = lists["q_tiles"][lists["q_offsets"][kt]:lists["q_offsets"][kt + 1]]
+        q_tiles = lists["q_tiles"][lists["q_offsets"][kt] : lists["q_offsets"][kt + 1]]
         assert q_tiles.tolist() == torch.nonzero(needed[:, kt]).squeeze(1).tolist()
     q_off, q_tiles = transpose_skip(offsets, key_tiles, num_tiles)
     assert q_off.dtype == torch.long and q_tiles.dtype == torch.int32

@@ -1,4 +1,5 @@
 """treerpo inside TRL's GRPOTrainer: the engine's rollout, TreeRPOTrainer, and the options they refuse."""
+
 import os
 import tempfile
 
@@ -23,8 +24,17 @@ from treerpo.trees.flatten import flatten_trees  # noqa: E402
 from treerpo.trees.packing import pack_trees  # noqa: E402
 from treerpo.trees.token_weights import loss_token_count  # noqa: E402
 
-COMMON = dict(use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, bf16=False,
-              shuffle_dataset=False, lr_scheduler_type="constant", max_grad_norm=1e9)
+COMMON = dict(
+    use_cpu=True,
+    report_to="none",
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    bf16=False,
+    shuffle_dataset=False,
+    lr_scheduler_type="constant",
+    max_grad_norm=1e9,
+)
 
 
 def tiny():
@@ -44,9 +54,11 @@ def same_length_rows(tokenizer, count: int) -> list[dict]:
 
 def varied_reward(seen: list):
     """Differs within a group of identical completions (row parity), so greedy groups still have advantages."""
+
     def reward(prompts, completions, answer, **kwargs):
         seen.extend(completions)
         return [float((len(c) + i) % 3) for i, c in enumerate(completions)]
+
     return reward
 
 
@@ -54,11 +66,26 @@ def grpo_run(rollout_func, rows, generation_kwargs=None, seed=0, **overrides):
     torch.manual_seed(seed)
     model, tokenizer = tiny()
     seen = []
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=1, per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=40, learning_rate=1e-3, beta=0.0, seed=seed,
-                      generation_kwargs=generation_kwargs, **{**COMMON, **overrides})
-    trainer = GRPOTrainer(model=model, reward_funcs=varied_reward(seen), args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer, rollout_func=rollout_func)
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=1,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=40,
+        learning_rate=1e-3,
+        beta=0.0,
+        seed=seed,
+        generation_kwargs=generation_kwargs,
+        **{**COMMON, **overrides},
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=varied_reward(seen),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        rollout_func=rollout_func,
+    )
     return trainer, seen
 
 
@@ -93,14 +120,15 @@ def test_sampled_rollout_returns_groups_with_the_models_logprobs(monkeypatch):
     assert len(out["completion_ids"]) == len(prompts) == len(out["logprobs"])
     model = trainer.model.eval()
     eos = set(trainer.eos_token_ids)
-    for prompt, prompt_ids, completion, logprobs in zip(prompts, out["prompt_ids"], out["completion_ids"],
-                                                        out["logprobs"], strict=True):
+    for prompt, prompt_ids, completion, logprobs in zip(
+        prompts, out["prompt_ids"], out["completion_ids"], out["logprobs"], strict=True
+    ):
         assert prompt_ids == tokenizer(prompt)["input_ids"]
         assert 1 <= len(completion) <= 40 and (len(completion) == 40 or completion[-1] in eos)
         assert not eos & set(completion[:-1])  # cut after the first EOS, as TRL's generate does
         ids = torch.tensor([prompt_ids + completion])
         with torch.no_grad():
-            reference = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1:-1].float(), -1)
+            reference = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1 : -1].float(), -1)
         expected = reference.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
         assert np.allclose(logprobs, expected.numpy(), atol=1e-4)
     # the last two rows are one prompt repeated: one group of 8 sampled completions in the same engine call
@@ -118,12 +146,22 @@ def treerpo_trl(rows, max_steps=1, **overrides):
     def reward(prompts, completions, answer, **kwargs):  # the verifier plus a length term: most groups differ
         return [v + len(c) % 3 for v, c in zip(verifier(completions, answer), completions, strict=True)]
 
-    settings = dict(output_dir=tempfile.mkdtemp(), max_steps=max_steps, branching=[2, 2], segment_tokens=20,
-                    per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-4, beta=0.0,
-                    tau=0.0, **COMMON)
+    settings = dict(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=max_steps,
+        branching=[2, 2],
+        segment_tokens=20,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-4,
+        beta=0.0,
+        tau=0.0,
+        **COMMON,
+    )
     args = TreeRPOConfig(**{**settings, **overrides})
-    return TreeRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer)
+    return TreeRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
 
 
 def chain_rows(count: int) -> list[dict]:
@@ -142,8 +180,14 @@ def treerpo_own_gradient(trees):
     enable_tree_attention(model)
     packed = pack_trees(trees, prune_unkept=True)
     logp = packed_logprobs(model, packed)
-    loss, _ = policy_loss(logp, logp.detach(), packed.advantages[packed.loss_mask], clip_low=0.2, clip_high=0.2,
-                          normalizer=sum(map(loss_token_count, trees)))
+    loss, _ = policy_loss(
+        logp,
+        logp.detach(),
+        packed.advantages[packed.loss_mask],
+        clip_low=0.2,
+        clip_high=0.2,
+        normalizer=sum(map(loss_token_count, trees)),
+    )
     loss.backward()
     return float(loss), gradients(model)
 
@@ -159,12 +203,13 @@ def flattened_gradient(trees, state_dict=None, beta=0.0):
     flat = flatten_trees(trees)
 
     def completion_logprobs(net, prompt, completion):
-        logits = net(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
+        logits = net(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
         return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
 
     total = 0.0
-    for prompt, completion, advantage, weight in zip(flat.prompt_ids, flat.completion_ids, flat.token_advantages,
-                                                      flat.token_weights, strict=True):
+    for prompt, completion, advantage, weight in zip(
+        flat.prompt_ids, flat.completion_ids, flat.token_advantages, flat.token_weights, strict=True
+    ):
         logp = completion_logprobs(model, prompt, completion)
         ratio = torch.exp(logp - logp.detach())
         loss = -(torch.as_tensor(advantage, dtype=torch.float32) * ratio).sum()
@@ -246,8 +291,13 @@ def test_training_step_backward_per_micro_batch_equals_the_chunk_loss():
 def test_every_optimizer_step_is_one_token_mean(generation_steps, accumulation, iterations):
     """TRL's schedule: micro-step s trains chunk s % steps_per_generation; an optimizer step is
     gradient_accumulation_steps micro-steps; each must sum its chunks' tokens over exactly its own count."""
-    trainer = treerpo_trl(chain_rows(32), per_device_train_batch_size=16, steps_per_generation=generation_steps,
-                          gradient_accumulation_steps=accumulation, num_iterations=iterations)
+    trainer = treerpo_trl(
+        chain_rows(32),
+        per_device_train_batch_size=16,
+        steps_per_generation=generation_steps,
+        gradient_accumulation_steps=accumulation,
+        num_iterations=iterations,
+    )
     trees, chunks = sampled_chunks(trainer)
     assert len(chunks) == generation_steps
     share = {}
@@ -262,8 +312,9 @@ def test_every_optimizer_step_is_one_token_mean(generation_steps, accumulation, 
 
 
 def test_treerpo_trainer_trains_saves_and_reloads(tmp_path):
-    trainer = treerpo_trl(chain_rows(16), max_steps=3, beta=0.04, save_strategy="steps", save_steps=3,
-                          output_dir=str(tmp_path))
+    trainer = treerpo_trl(
+        chain_rows(16), max_steps=3, beta=0.04, save_strategy="steps", save_steps=3, output_dir=str(tmp_path)
+    )
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
     after = trainer.model.state_dict()
@@ -275,20 +326,23 @@ def test_treerpo_trainer_trains_saves_and_reloads(tmp_path):
         assert torch.equal(value, after[name]), name
 
 
-@pytest.mark.parametrize("option, message", [
-    (dict(loss_type="grpo"), "loss_type='grpo'"),
-    (dict(importance_sampling_level="sequence"), "importance_sampling_level"),
-    (dict(scale_rewards="batch"), "scale_rewards"),
-    (dict(mask_truncated_completions=True), "mask_truncated_completions"),
-    (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
-    (dict(num_generations=3), "num_generations=3"),
-    (dict(max_completion_length=10), "max_completion_length=10"),
-    (dict(eval_strategy="steps", eval_steps=1), "eval_strategy"),
-    (dict(advantage_norm="zscore"), "advantage_norm"),
-    (dict(steps_per_generation=3, gradient_accumulation_steps=2), "steps_per_generation=3"),
-    (dict(steps_per_generation=2, gradient_accumulation_steps=4), "steps_per_generation=2"),
-    (dict(log_completions=True), "log_completions"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (dict(loss_type="grpo"), "loss_type='grpo'"),
+        (dict(importance_sampling_level="sequence"), "importance_sampling_level"),
+        (dict(scale_rewards="batch"), "scale_rewards"),
+        (dict(mask_truncated_completions=True), "mask_truncated_completions"),
+        (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
+        (dict(num_generations=3), "num_generations=3"),
+        (dict(max_completion_length=10), "max_completion_length=10"),
+        (dict(eval_strategy="steps", eval_steps=1), "eval_strategy"),
+        (dict(advantage_norm="zscore"), "advantage_norm"),
+        (dict(steps_per_generation=3, gradient_accumulation_steps=2), "steps_per_generation=3"),
+        (dict(steps_per_generation=2, gradient_accumulation_steps=4), "steps_per_generation=2"),
+        (dict(log_completions=True), "log_completions"),
+    ],
+)
 def test_treerpo_config_refuses_what_it_would_reinterpret(option, message):
     with pytest.raises(UnsupportedTRLOption, match=message):
         TreeRPOConfig(output_dir=tempfile.mkdtemp(), branching=[2, 2], segment_tokens=8, **{**COMMON, **option})
@@ -302,15 +356,22 @@ def test_treerpo_trainer_refuses_unsupported_sampling_and_rollouts():
     with pytest.raises(UnsupportedTRLOption, match="temperature"):
         treerpo_trl(chain_rows(4), generation_kwargs={"temperature": 0.7})
     with pytest.raises(UnsupportedTRLOption, match="rollout_func"):
-        TreeRPOTrainer(model=tiny()[0], reward_funcs=lambda **k: [], args=TreeRPOConfig(
-            output_dir=tempfile.mkdtemp(), branching=[2], segment_tokens=8, **COMMON), rollout_func=lambda p, t: {})
+        TreeRPOTrainer(
+            model=tiny()[0],
+            reward_funcs=lambda **k: [],
+            args=TreeRPOConfig(output_dir=tempfile.mkdtemp(), branching=[2], segment_tokens=8, **COMMON),
+            rollout_func=lambda p, t: {},
+        )
 
 
-@pytest.mark.parametrize("generation_kwargs, overrides, message", [
-    ({"num_beams": 2}, {}, "num_beams"),
-    (None, {"repetition_penalty": 1.2}, "repetition_penalty=1.2"),
-    (None, {"min_p": 0.1}, "min_p=0.1"),
-])
+@pytest.mark.parametrize(
+    "generation_kwargs, overrides, message",
+    [
+        ({"num_beams": 2}, {}, "num_beams"),
+        (None, {"repetition_penalty": 1.2}, "repetition_penalty=1.2"),
+        (None, {"min_p": 0.1}, "min_p=0.1"),
+    ],
+)
 def test_rollout_refuses_generation_options_it_cannot_honour(generation_kwargs, overrides, message):
     _, tokenizer = tiny()
     trainer, _ = grpo_run(treerpo_rollout(), same_length_rows(tokenizer, 2), generation_kwargs, **overrides)

@@ -1,4 +1,5 @@
 """The word-problem generator (treerpo/data/word_problems.py) and its task: determinism, held-out set, golds, reward."""
+
 import re
 
 import numpy as np
@@ -17,7 +18,7 @@ def solve_from_text(question: str) -> int:
     first = [int(n) for n in re.findall(r"\d+", opening)]
     value = first[0] * first[1] if "Each of the" in opening else first[0]
     assert len(first) == (2 if "Each of the" in opening else 1)
-    for sentence in sentences[len(opening.split(". ")):-1]:
+    for sentence in sentences[len(opening.split(". ")) : -1]:
         (n,) = (int(x) for x in re.findall(r"\d+", sentence))
         value += -n if "of them" in sentence else n
     assert sentences[-1].startswith("How many")
@@ -26,8 +27,13 @@ def solve_from_text(question: str) -> int:
 
 def test_hand_written_case_is_read_as_a_person_would():
     assert solve_from_text("Mia has 7 apples. She buys 5 more. How many apples does she have now?") == 12
-    assert solve_from_text("Leo has 3 jars of shells. Each of the jars holds 4 shells. He loses 5 of them. "
-                           "How many shells does he have now?") == 7
+    assert (
+        solve_from_text(
+            "Leo has 3 jars of shells. Each of the jars holds 4 shells. He loses 5 of them. "
+            "How many shells does he have now?"
+        )
+        == 7
+    )
     q, a = WORKED_EXAMPLES[0]
     assert f"\\boxed{{{solve_from_text(q)}}}" in a
 

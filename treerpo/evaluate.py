@@ -9,6 +9,7 @@ model and hub models need an explicit ``--output``. A prompt the model's tokeniz
 represent, or one that with ``--max-new-tokens`` overruns the model's context, is refused
 before anything is scored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,17 +53,23 @@ def check_context(model, encoded: list[list[int]], max_new: int, name: str) -> N
     limit = max_positions_of(model)
     longest = max((len(ids) for ids in encoded), default=0)
     if limit is not None and longest + max_new > limit:
-        raise PromptTooLongError(f"{name}: a prompt of {longest} tokens plus --max-new-tokens {max_new} overruns the "
-                         f"model's context of {limit} positions; lower --max-new-tokens (at most "
-                         f"{max(limit - longest, 0)} here) or use a model with a longer context")
+        raise PromptTooLongError(
+            f"{name}: a prompt of {longest} tokens plus --max-new-tokens {max_new} overruns the "
+            f"model's context of {limit} positions; lower --max-new-tokens (at most "
+            f"{max(limit - longest, 0)} here) or use a model with a longer context"
+        )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m treerpo.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m treerpo.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None, help="local model folder or hub name (default: the embedded model)")
-    parser.add_argument("--allow-download", action="store_true",
-                        help="fetch a hub model that is not in the local cache (off: no network traffic)")
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="fetch a hub model that is not in the local cache (off: no network traffic)",
+    )
     parser.add_argument("--data", nargs="+", required=True, help="benchmark files (.jsonl/.json) or 'synthetic'")
     parser.add_argument("--samples", type=int, default=1, help="samples per problem (n)")
     parser.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for n=1, else 1.0")
@@ -71,15 +78,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     parser.add_argument("--deadline", type=float, default=5.0, help="seconds the verifier may spend on one answer")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="results file (default: eval_results.json in the model's folder)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="results file (default: eval_results.json in the model's folder)"
+    )
     args = parser.parse_args(argv)
     if args.samples < 1:
         parser.error("--samples must be >= 1")
     output = args.output or default_output(args.model)
     if output is None:
-        parser.error("--output is required for the embedded model or a hub model (results are never written into "
-                     "the current folder unasked); e.g. --output results/eval.json")
+        parser.error(
+            "--output is required for the embedded model or a hub model (results are never written into "
+            "the current folder unasked); e.g. --output results/eval.json"
+        )
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
 
     from treerpo.data.math_datasets import DatasetFormatError
@@ -95,25 +105,43 @@ def main(argv=None) -> int:
             encoded = encode_prompts(tokenizer, prompts)
             check_representable(tokenizer, prompts, encoded, name)
             check_context(model, encoded, max_new_tokens(args, kind), name)
-    except (ModelSourceError, FileNotFoundError, DatasetFormatError, UnrepresentablePromptError,
-            PromptTooLongError) as err:
+    except (
+        ModelSourceError,
+        FileNotFoundError,
+        DatasetFormatError,
+        UnrepresentablePromptError,
+        PromptTooLongError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rewards = {}
-    results = {"model": args.model or "embedded", "samples": args.samples, "temperature": temperature,
-               "benchmarks": {}}
+    results = {"model": args.model or "embedded", "samples": args.samples, "temperature": temperature, "benchmarks": {}}
     try:
         for name, prompts, golds, kind in loaded:
             if kind not in rewards:
                 rewards[kind] = make_reward(kind, args.deadline)
             max_new = max_new_tokens(args, kind)
             start = time.perf_counter()
-            res = pass_at_1(model, tokenizer, prompts, golds, rewards[kind], max_new, n=args.samples,
-                            temperature=temperature, top_p=args.top_p, batch_size=args.batch_size)
+            res = pass_at_1(
+                model,
+                tokenizer,
+                prompts,
+                golds,
+                rewards[kind],
+                max_new,
+                n=args.samples,
+                temperature=temperature,
+                top_p=args.top_p,
+                batch_size=args.batch_size,
+            )
             label = "synthetic" if name == "synthetic" else Path(name).stem
-            results["benchmarks"][label] = {"pass@1": res.accuracy, f"pass@{args.samples}": res.pass_at_n,
-                                            "problems": len(prompts), "mean_response_tokens": res.mean_response_tokens,
-                                            "seconds": time.perf_counter() - start}
+            results["benchmarks"][label] = {
+                "pass@1": res.accuracy,
+                f"pass@{args.samples}": res.pass_at_n,
+                "problems": len(prompts),
+                "mean_response_tokens": res.mean_response_tokens,
+                "seconds": time.perf_counter() - start,
+            }
             print(f"{label:>28}: pass@1 {res.accuracy:.4f}  ({len(prompts)} problems, n={args.samples})")
     finally:
         for reward in rewards.values():

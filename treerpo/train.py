@@ -3,6 +3,7 @@
 Exit codes: 0 done; 1 stopped by non-finite training; 2 refused input (nothing was trained);
 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM) after writing a checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from treerpo.sampling.prompt_rules import PromptTooLongError, UnrepresentablePromptError
     from treerpo.training.metrics import MetricsLogError
 
-    return (ConfigError, DatasetFormatError, RequestTooLarge, MetricsLogError, ModelSourceError,
-            UnrepresentablePromptError, PromptTooLongError, ResumeMismatchError, OutputDirLockedError, UnsupportedModelError,
-            FileNotFoundError)
+    return (
+        ConfigError,
+        DatasetFormatError,
+        RequestTooLarge,
+        MetricsLogError,
+        ModelSourceError,
+        UnrepresentablePromptError,
+        PromptTooLongError,
+        ResumeMismatchError,
+        OutputDirLockedError,
+        UnsupportedModelError,
+        FileNotFoundError,
+    )
 
 
 def resume_command(argv: list[str]) -> str:
@@ -81,8 +92,11 @@ def main(argv=None) -> int:
             print(f"{stopped}\nresume with:\n  {resume_command(argv)}", file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt as err:
-        print(f"\nstopped at once ({err or 'interrupted'}); resume from the latest checkpoint with:\n  "
-              f"{resume_command(argv)}", file=sys.stderr)
+        print(
+            f"\nstopped at once ({err or 'interrupted'}); resume from the latest checkpoint with:\n  "
+            f"{resume_command(argv)}",
+            file=sys.stderr,
+        )
         return 130
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -91,9 +105,11 @@ def main(argv=None) -> int:
         trainer.close()
     if not is_main_process():
         return 0
-    print(f"{summary['algo']}: held-out accuracy {summary['initial_eval_accuracy']:.3f} -> "
-          f"{summary['final_eval_accuracy']:.3f} in {summary['steps']} steps, {summary['wall_time_s']:.0f} s; "
-          f"outputs in {config.output_dir}")
+    print(
+        f"{summary['algo']}: held-out accuracy {summary['initial_eval_accuracy']:.3f} -> "
+        f"{summary['final_eval_accuracy']:.3f} in {summary['steps']} steps, {summary['wall_time_s']:.0f} s; "
+        f"outputs in {config.output_dir}"
+    )
     return 0
 
 

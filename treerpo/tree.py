@@ -4,6 +4,7 @@ A Tree stores its nodes in flat arrays. Node 0 is the root and holds the prompt;
 other node holds one generated segment and points at its parent. Nodes are numbered level
 by level (children in order), so a parent's index is always smaller than its children's.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,11 +40,15 @@ class TreeSpec:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.fork_entropy is not None and not (np.isfinite(self.fork_entropy) and self.fork_entropy > 0):
-            raise ValueError(f"fork_entropy must be a finite number of nats > 0 (None: fork at segment ends only), "
-                             f"got {self.fork_entropy}")
+            raise ValueError(
+                f"fork_entropy must be a finite number of nats > 0 (None: fork at segment ends only), "
+                f"got {self.fork_entropy}"
+            )
         if not 1 <= self.min_segment_tokens <= self.segment_tokens:
-            raise ValueError(f"min_segment_tokens must be in [1, segment_tokens={self.segment_tokens}], got "
-                             f"{self.min_segment_tokens}")
+            raise ValueError(
+                f"min_segment_tokens must be in [1, segment_tokens={self.segment_tokens}], got "
+                f"{self.min_segment_tokens}"
+            )
 
     @property
     def depth(self) -> int:
@@ -91,8 +96,14 @@ class Tree:
             self.kept = np.zeros(n, dtype=bool)
 
     @classmethod
-    def from_segments(cls, prompt_ids: Sequence[int], parents: Sequence[int], segments: Sequence[Sequence[int]],
-                      finished: Sequence[bool], info: dict | None = None) -> "Tree":
+    def from_segments(
+        cls,
+        prompt_ids: Sequence[int],
+        parents: Sequence[int],
+        segments: Sequence[Sequence[int]],
+        finished: Sequence[bool],
+        info: dict | None = None,
+    ) -> "Tree":
         """Build from the prompt and the generated nodes (``parents`` index the full node list, root = 0)."""
         parent = np.array([-1, *parents], dtype=np.int64)
         if np.any(parent[1:] < 0) or np.any(parent[1:] >= np.arange(1, len(parent))):
@@ -102,8 +113,9 @@ class Tree:
             depth[n] = depth[parent[n]] + 1
         lengths = [len(prompt_ids)] + [len(s) for s in segments]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        tokens = np.concatenate([np.asarray(prompt_ids, dtype=np.int64)]
-                                + [np.asarray(s, dtype=np.int64) for s in segments])
+        tokens = np.concatenate(
+            [np.asarray(prompt_ids, dtype=np.int64)] + [np.asarray(s, dtype=np.int64) for s in segments]
+        )
         done = np.array([False, *finished], dtype=bool)
         return cls(parent, depth, offsets, tokens, done, info=dict(info or {}))
 
@@ -120,7 +132,7 @@ class Tree:
         return self.segment(0)
 
     def segment(self, node: int) -> np.ndarray:
-        return self.token_ids[self.offsets[node]:self.offsets[node + 1]]
+        return self.token_ids[self.offsets[node] : self.offsets[node + 1]]
 
     def children(self, node: int) -> np.ndarray:
         return np.flatnonzero(self.parent == node)
@@ -150,7 +162,7 @@ class Tree:
         return nodes[::-1]
 
     def path_token_ids(self, node: int, include_prompt: bool = True) -> np.ndarray:
-        nodes = self.path(node)[0 if include_prompt else 1:]
+        nodes = self.path(node)[0 if include_prompt else 1 :]
         if not nodes:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([self.segment(n) for n in nodes])

@@ -4,6 +4,7 @@ A group is the children of one parent. GRPO is the depth-1 case: one group, the 
 These functions run in C++ (``treerpo._C``, a whole batch at once) when it is built; ``backend="python"``
 runs the implementations below, the reference the C++ is tested against.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -42,8 +43,9 @@ def _node_values_python(tree: Tree, mode: str) -> np.ndarray:
     # children have larger indices than their parent: a reverse sweep finishes children first
     for node in range(n - 1, -1, -1):
         if not leaf[node]:
-            values[node] = (child_sum[node] / num_children[node] if mode == "children_mean"
-                            else leaf_sum[node] / leaf_count[node])
+            values[node] = (
+                child_sum[node] / num_children[node] if mode == "children_mean" else leaf_sum[node] / leaf_count[node]
+            )
         p = tree.parent[node]
         if p >= 0:
             child_sum[p] += values[node]
@@ -60,9 +62,15 @@ def sibling_groups(tree: Tree) -> list[np.ndarray]:
     return np.split(order, splits) if len(order) else []
 
 
-def compute_advantages(trees: Sequence[Tree], value_mode: str = "children_mean", normalization: str = "group_std",
-                       tau: float = 0.1, eps: float = 1e-6, backend: str = "auto",
-                       global_weight: float = 0.0) -> dict[str, float]:
+def compute_advantages(
+    trees: Sequence[Tree],
+    value_mode: str = "children_mean",
+    normalization: str = "group_std",
+    tau: float = 0.1,
+    eps: float = 1e-6,
+    backend: str = "auto",
+    global_weight: float = 0.0,
+) -> dict[str, float]:
     """Fill ``value``, ``advantage`` and ``kept`` of every tree; return batch statistics.
 
     Local term: a group is kept when it has at least two members and the (unbiased) std of its
@@ -123,8 +131,9 @@ def _add_global_advantages(trees: Sequence[Tree], normalization: str, tau: float
     return len(signal)
 
 
-def _compute_advantages_python(trees: Sequence[Tree], value_mode: str, normalization: str, tau: float,
-                               eps: float) -> dict[str, float]:
+def _compute_advantages_python(
+    trees: Sequence[Tree], value_mode: str, normalization: str, tau: float, eps: float
+) -> dict[str, float]:
     kept_groups = total_groups = 0
     centred_all = []
     for tree in trees:
@@ -149,8 +158,9 @@ def _compute_advantages_python(trees: Sequence[Tree], value_mode: str, normaliza
     return _stats(total_groups, kept_groups)
 
 
-def _compute_advantages_native(native, trees: Sequence[Tree], value_mode: str, normalization: str, tau: float,
-                               eps: float) -> dict[str, float]:
+def _compute_advantages_native(
+    native, trees: Sequence[Tree], value_mode: str, normalization: str, tau: float, eps: float
+) -> dict[str, float]:
     """The whole batch in one call; every tree's arrays become views of the batch's."""
     flat = FlatTrees.from_trees(trees)
     out = native.compute_advantages(flat.node_offsets, flat.parent, flat.reward, value_mode, normalization, tau, eps)
@@ -161,5 +171,8 @@ def _compute_advantages_native(native, trees: Sequence[Tree], value_mode: str, n
 
 
 def _stats(groups: int, kept_groups: int) -> dict[str, float]:
-    return {"groups": groups, "kept_groups": kept_groups,
-            "kept_group_fraction": kept_groups / groups if groups else 0.0}
+    return {
+        "groups": groups,
+        "kept_groups": kept_groups,
+        "kept_group_fraction": kept_groups / groups if groups else 0.0,
+    }

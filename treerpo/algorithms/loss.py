@@ -1,13 +1,23 @@
 """PPO-clip policy loss on per-token log-probs, with an optional k3 KL penalty to a reference policy."""
+
 from __future__ import annotations
 
 import torch
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
-                weights: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float | None = None,
-                ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
-                normalizer: float | None = None, kl_times_ratio: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    normalizer: float | None = None,
+    kl_times_ratio: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted token-mean PPO-clip loss: token t counts ``weights[t]`` times (default: every token once; a boolean
     mask keeps the tokens where it is true).
 
@@ -35,6 +45,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     loss = (per_token * mask).sum() / denom
     with torch.no_grad():
         n = max(float(mask.sum()), 1.0)
-        stats["clip_fraction"] = float((((ratio - 1.0).abs() > 1e-12) & (unclipped != clipped)).to(mask.dtype).mul(mask).sum() / n)
+        stats["clip_fraction"] = float(
+            (((ratio - 1.0).abs() > 1e-12) & (unclipped != clipped)).to(mask.dtype).mul(mask).sum() / n
+        )
         stats["ratio_mean"] = float((ratio * mask).sum() / n)
     return loss, stats

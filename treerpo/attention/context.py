@@ -4,6 +4,7 @@ Hugging Face models call attention through ``AttentionInterface`` with their own
 arguments; the intervals of a packed tree batch travel beside them in a context variable,
 set for the duration of one forward.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -12,6 +12,7 @@ reuses it.
   FlexAttention has no CPU backward, so a call that would need one is refused, naming the ``paths``
   backend.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -42,6 +43,7 @@ def padded_length(n: int, block: int = BLOCK) -> int:
 
 def interval_mask_mod(tin: torch.Tensor, tout: torch.Tensor):
     """``mask_mod(b, h, q_idx, kv_idx)``: True where key ``kv_idx`` is an ancestor-or-self of query ``q_idx``."""
+
     def mask_mod(b, h, q_idx, kv_idx):
         tin_q = tin[q_idx]
         return (tin[kv_idx] <= tin_q) & (tin_q < tout[kv_idx])
@@ -58,20 +60,40 @@ def build_block_mask(tin: torch.Tensor, tout: torch.Tensor, device) -> dict:
     tout_p = torch.full((n_pad,), -1, dtype=torch.int32, device=device)
     tin_p[:n] = tin.to(device=device, dtype=torch.int32)
     tout_p[:n] = tout.to(device=device, dtype=torch.int32)
-    block_mask = create_block_mask(interval_mask_mod(tin_p, tout_p), None, None, n_pad, n_pad, device=device,
-                                   BLOCK_SIZE=BLOCK, _compile=device.type == "cuda")
+    block_mask = create_block_mask(
+        interval_mask_mod(tin_p, tout_p),
+        None,
+        None,
+        n_pad,
+        n_pad,
+        device=device,
+        BLOCK_SIZE=BLOCK,
+        _compile=device.type == "cuda",
+    )
     return {"block_mask": block_mask, "n": n, "n_pad": n_pad, "device": device, "tin": tin_p, "tout": tout_p}
 
 
 def _check_cpu_grad(query, key, value) -> None:
-    if query.device.type == "cpu" and torch.is_grad_enabled() and (
-            query.requires_grad or key.requires_grad or value.requires_grad):
-        raise RuntimeError("the 'flex' tree attention backend has no backward on CPU (FlexAttention supports CPU "
-                           "forward only); use the 'paths' backend for CPU training, or run under torch.no_grad()")
+    if (
+        query.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad or value.requires_grad)
+    ):
+        raise RuntimeError(
+            "the 'flex' tree attention backend has no backward on CPU (FlexAttention supports CPU "
+            "forward only); use the 'paths' backend for CPU training, or run under torch.no_grad()"
+        )
 
 
-def flex_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tin: torch.Tensor,
-                        tout: torch.Tensor, scale: float | None = None, cache: dict | None = None) -> torch.Tensor:
+def flex_tree_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    tin: torch.Tensor,
+    tout: torch.Tensor,
+    scale: float | None = None,
+    cache: dict | None = None,
+) -> torch.Tensor:
     """query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, Hq, N, D]; the layout of ``sdpa_tree_attention``."""
     b, hq, n, d = query.shape
     hkv = key.shape[1]

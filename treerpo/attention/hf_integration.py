@@ -9,6 +9,7 @@ depth position ids as packed-sequence boundaries. What the tree and paged paths 
 (attention soft-capping, sinks, dropout, a sliding window shorter than a path) is refused with
 an error naming it, never computed differently.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,14 +33,16 @@ class UnsupportedModelError(ValueError):
     """The model uses an attention feature the tree and paged attention do not implement."""
 
 
-def tree_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                           scaling: float | None = None, **kwargs):
+def tree_attention_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
+):
     # the forward's keyword arguments reach here through the model's layers (as packed cu_seq_lens do); unlike
     # the context variable, they are captured by activation checkpointing and seen again when it recomputes
     meta = kwargs.pop(METADATA_KWARG, None) or current_tree_metadata()
     if meta is None:
-        return default_attention(module)(module, query, key, value, attention_mask, dropout=dropout,
-                                         scaling=scaling, **kwargs)
+        return default_attention(module)(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     check_supported_call(module, meta, dropout, kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch is one row; got batch size {query.shape[0]}")
@@ -75,21 +78,26 @@ def check_supported_call(module, meta, dropout: float, kwargs: dict) -> None:
     if getattr(module, "sinks", None) is not None:
         raise UnsupportedModelError(unsupported("attention sinks", type(module).__name__))
     if dropout:
-        raise UnsupportedModelError(f"{type(module).__name__}: attention dropout {dropout} in a tree forward is "
-                                    "not implemented; set config.attention_dropout = 0 for RL training")
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: attention dropout {dropout} in a tree forward is "
+            "not implemented; set config.attention_dropout = 0 for RL training"
+        )
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     longest = getattr(meta, "max_positions", None)
     if window and longest is not None and longest > window:
         raise UnsupportedModelError(
             f"{type(module).__name__}: a sliding window of {window} positions is shorter than this batch's paths "
             f"(up to {longest} positions), and the tree and paged attention do not implement sliding windows; keep "
-            f"prompt + depth x segment_tokens within {window} tokens")
+            f"prompt + depth x segment_tokens within {window} tokens"
+        )
 
 
 def unsupported(feature: str, where: str) -> str:
-    return (f"{where} uses {feature}, which the tree and paged attention do not implement (its results would "
-            "differ from the model's own); use another model family, or train this one without treerpo's tree "
-            "attention")
+    return (
+        f"{where} uses {feature}, which the tree and paged attention do not implement (its results would "
+        "differ from the model's own); use another model family, or train this one without treerpo's tree "
+        "attention"
+    )
 
 
 def tree_mask(*args, **kwargs):
@@ -112,8 +120,9 @@ def check_supported_model(model) -> None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     name = type(model).__name__
     if getattr(config, "attn_logit_softcapping", None):
-        raise UnsupportedModelError(unsupported(f"attention logit soft-capping ({config.attn_logit_softcapping})",
-                                                name))
+        raise UnsupportedModelError(
+            unsupported(f"attention logit soft-capping ({config.attn_logit_softcapping})", name)
+        )
     if any(getattr(m, "sinks", None) is not None for m in model.modules()):
         raise UnsupportedModelError(unsupported("attention sinks", name))
 

@@ -7,6 +7,7 @@ kernel and the device, and the reference backend is used from then on. ``TREERPO
 (or ``set_kernel_verification(False)``, the trainer's ``--verify-kernels false``) skips the check
 on a device already proven.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,9 @@ def set_kernel_verification(enabled: bool) -> None:
     _enabled = enabled
 
 
-def checked_backend(kind: str, name: str, device: torch.device, dtype: torch.dtype,
-                    heads: tuple[int, int, int] = (4, 2, 32)) -> str:
+def checked_backend(
+    kind: str, name: str, device: torch.device, dtype: torch.dtype, heads: tuple[int, int, int] = (4, 2, 32)
+) -> str:
     """``name``, or the reference backend when ``name`` is a Triton kernel that failed its check here.
     ``heads``: (query heads, KV heads, head dim) of the call, checked with the same shapes."""
     if name != "triton" or not _enabled:
@@ -51,8 +53,15 @@ def _verify(kind: str, device: torch.device, dtype: torch.dtype, heads: tuple[in
         detail = f"max error {error:.3g} against the PyTorch reference"
     if error <= TOLERANCE.get(dtype, 6e-2):
         return True
-    logger.warning("the Triton %s attention kernel failed its first-use check on %s (%s, %s); using the %r "
-                   "backend for this device and dtype", kind, device, dtype, detail, reference_backend(kind))
+    logger.warning(
+        "the Triton %s attention kernel failed its first-use check on %s (%s, %s); using the %r "
+        "backend for this device and dtype",
+        kind,
+        device,
+        dtype,
+        detail,
+        reference_backend(kind),
+    )
     return False
 
 
@@ -87,8 +96,10 @@ def _small_tree() -> tuple[torch.Tensor, torch.Tensor]:
         stack.append((node, True))
         stack.extend((c, False) for c in reversed(children.get(node, [])))
     order = sorted(range(len(parent)), key=tin.__getitem__)  # packed depth-first
-    return (torch.tensor([tin[i] for i in order], dtype=torch.int32),
-            torch.tensor([tout[i] for i in order], dtype=torch.int32))
+    return (
+        torch.tensor([tin[i] for i in order], dtype=torch.int32),
+        torch.tensor([tout[i] for i in order], dtype=torch.int32),
+    )
 
 
 @torch.enable_grad()
@@ -97,8 +108,9 @@ def _tree_error(device, dtype, hq: int, hkv: int, d: int) -> float:
 
     gen = torch.Generator().manual_seed(0)
     tin, tout = (t.to(device) for t in _small_tree())
-    q, k, v = (torch.randn(1, heads, len(tin), d, generator=gen).to(device, dtype).requires_grad_()
-               for heads in (hq, hkv, hkv))
+    q, k, v = (
+        torch.randn(1, heads, len(tin), d, generator=gen).to(device, dtype).requires_grad_() for heads in (hq, hkv, hkv)
+    )
     grad_out = torch.randn(1, hq, len(tin), d, generator=gen).to(device, dtype)
     results = []
     for backend in ("triton", reference_backend("tree")):
@@ -111,7 +123,6 @@ def _paged_error(device, dtype, hq: int, hkv: int, d: int) -> float:
     from treerpo.attention.paged import PagedAttentionMetadata
     from treerpo.attention.registry import get_paged_backend
 
-
     gen = torch.Generator().manual_seed(0)
     pool = _PagedCache(150, hkv, d, dtype, device)
     slots = torch.randperm(150, generator=gen)  # token slots in no particular order, as a paged pool hands them out
@@ -121,8 +132,10 @@ def _paged_error(device, dtype, hq: int, hkv: int, d: int) -> float:
     query = torch.randn(1, hq, 2, d, generator=gen).to(device, dtype)
     key, value = (torch.randn(1, hkv, 2, d, generator=gen).to(device, dtype) for _ in range(2))
     module = _LayerZero()
-    outs = [get_paged_backend(name)(module, query, key, value, meta, None).float()
-            for name in ("triton", reference_backend("paged"))]
+    outs = [
+        get_paged_backend(name)(module, query, key, value, meta, None).float()
+        for name in ("triton", reference_backend("paged"))
+    ]
     return float((outs[0] - outs[1]).abs().max())
 
 

@@ -10,6 +10,7 @@ On CUDA with neither package importable, one line is logged (once) naming the fa
 the engine: a helper for callers and benchmarks. ``import_optional`` (import once, say once when it fails)
 also serves the Triton kernels' registration (``registry.py``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -65,11 +66,15 @@ def _notice_once(device) -> None:
     global _notice_logged
     if not _notice_logged:
         _notice_logged = True
-        logger.warning("flash_attn and xformers unavailable on %s; the causal prefix pass uses PyTorch SDPA "
-                       "(is_causal=True).", device)
+        logger.warning(
+            "flash_attn and xformers unavailable on %s; the causal prefix pass uses PyTorch SDPA (is_causal=True).",
+            device,
+        )
 
 
-def causal_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def causal_prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     """Causal attention of one sequence: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D] (GQA allowed)."""
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 or hq % hkv:
@@ -77,16 +82,18 @@ def causal_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     kernels = available_dense_kernels(q.device)
     if "flash_attn" in kernels and q.dtype in (torch.float16, torch.bfloat16):
         # flash_attn wants [B, S, H, D] and handles GQA itself
-        out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-                                 causal=True)
+        out = _flash_attn_func()(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True
+        )
         return out.transpose(1, 2)
     if "xformers" in kernels:
         xops = _xformers_ops()
         if hkv != hq:
             k = k.repeat_interleave(hq // hkv, dim=1)
             v = v.repeat_interleave(hq // hkv, dim=1)
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              attn_bias=xops.LowerTriangularMask(), scale=scale)
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=xops.LowerTriangularMask(), scale=scale
+        )
         return out.transpose(1, 2)
     if _is_cuda(q.device) and kernels == ["sdpa"]:
         _notice_once(q.device)

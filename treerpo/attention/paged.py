@@ -12,6 +12,7 @@ prefix. The prefix K/V is then gathered once per group and attended by all the g
 queries in one batched matmul; each sequence attends to its own suffix; the two partial
 results are merged exactly by their log-sum-exps.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 class CascadeGroups:
     """Decode sequences grouped by a shared cached prefix; sequence b is packed row b (one new token each).
     Sequence b attends to ``prefix_slots[g, :prefix_len[g]]`` (g = ``group_of_seq[b]``), then to its kv_slots."""
+
     prefix_slots: torch.Tensor  # long [G, P]: each group's prefix slots (padding: any slot)
     prefix_len: torch.Tensor  # long [G], >= 1
     group_of_seq: torch.Tensor  # long [B]
@@ -40,8 +42,9 @@ class CascadeGroups:
     suffix_padding: torch.Tensor  # bool [B, 1, 1, K]: past sequence b's new token
 
     @classmethod
-    def build(cls, prefixes: list, group_of_seq, kv_slots: np.ndarray, suffix_len: np.ndarray, kv_heads: int,
-              device) -> "CascadeGroups":
+    def build(
+        cls, prefixes: list, group_of_seq, kv_slots: np.ndarray, suffix_len: np.ndarray, kv_heads: int, device
+    ) -> "CascadeGroups":
         """``kv_slots`` [B, K]: each sequence's slots after its group's prefix, ``suffix_len[b]`` of them."""
         prefix_len = np.fromiter(map(len, prefixes), dtype=np.int64, count=len(prefixes))
         if not prefix_len.all():
@@ -49,8 +52,9 @@ class CascadeGroups:
         group_of_seq = np.asarray(group_of_seq, dtype=np.int64)
         if len(np.bincount(group_of_seq, minlength=len(prefixes))) != len(prefixes) or (group_of_seq < 0).any():
             raise ValueError(f"group_of_seq must lie in [0, {len(prefixes)})")
-        arrays = cascade_arrays(padded_rows(prefixes, prefix_len), prefix_len, group_of_seq, kv_slots, suffix_len,
-                                kv_heads)
+        arrays = cascade_arrays(
+            padded_rows(prefixes, prefix_len), prefix_len, group_of_seq, kv_slots, suffix_len, kv_heads
+        )
         return cls(**{k: torch.from_numpy(np.ascontiguousarray(a)).to(device) for k, a in arrays.items()})
 
 
@@ -65,11 +69,19 @@ def cascade_arrays(prefix_slots, prefix_len, group_of_seq, suffix_slots, suffix_
     rank[members] = np.arange(len(members)) - np.repeat(np.cumsum(counts) - counts, counts)
     member_rows = np.zeros((len(prefix_len), int(counts.max(initial=1))), dtype=np.int64)
     member_rows[group_of_seq, rank] = np.arange(len(members))
-    return dict(prefix_slots=prefix_slots, prefix_len=prefix_len, group_of_seq=group_of_seq, member_rows=member_rows,
-                rank_in_group=rank, members=members, member_start=np.concatenate(([0], np.cumsum(counts))),
-                prefix_rows=_head_rows(prefix_slots, kv_heads), prefix_padding=_padding(prefix_len, width),
-                suffix_rows=_head_rows(suffix_slots, kv_heads),
-                suffix_padding=_padding(suffix_len, suffix_slots.shape[1]))
+    return dict(
+        prefix_slots=prefix_slots,
+        prefix_len=prefix_len,
+        group_of_seq=group_of_seq,
+        member_rows=member_rows,
+        rank_in_group=rank,
+        members=members,
+        member_start=np.concatenate(([0], np.cumsum(counts))),
+        prefix_rows=_head_rows(prefix_slots, kv_heads),
+        prefix_padding=_padding(prefix_len, width),
+        suffix_rows=_head_rows(suffix_slots, kv_heads),
+        suffix_padding=_padding(suffix_len, suffix_slots.shape[1]),
+    )
 
 
 def _head_rows(slots: np.ndarray, kv_heads: int) -> np.ndarray:
@@ -95,8 +107,9 @@ class PagedAttentionMetadata:
     max_positions: int | None = None  # the longest path in the forward, for the sliding-window check
 
     @classmethod
-    def build(cls, pool, sequences: list[tuple], device, prefixes: list | None = None,
-              group_of_seq=None) -> "PagedAttentionMetadata":
+    def build(
+        cls, pool, sequences: list[tuple], device, prefixes: list | None = None, group_of_seq=None
+    ) -> "PagedAttentionMetadata":
         """``sequences``: per sequence (slots of its cached path, slots of its new tokens), in packed order. With
         ``prefixes`` (decode only), sequence b's cached path is ``prefixes[group_of_seq[b]]`` followed by its own
         cached slots."""
@@ -112,12 +125,17 @@ class PagedAttentionMetadata:
         groups = None
         if prefixes is not None:
             if (new_len != 1).any() or len(group_of_seq) != len(sequences):
-                raise ValueError("shared-prefix groups are for decode steps: one new token and one group per "
-                                 "sequence")
+                raise ValueError("shared-prefix groups are for decode steps: one new token and one group per sequence")
             groups = CascadeGroups.build(prefixes, group_of_seq, kv_slots, old_len + 1, pool.num_kv_heads, device)
         as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-        return cls(pool, as_tensor(np.concatenate(news)), as_tensor(query_rows), as_tensor(kv_slots),
-                   as_tensor(query_key_pos), groups=groups)
+        return cls(
+            pool,
+            as_tensor(np.concatenate(news)),
+            as_tensor(query_rows),
+            as_tensor(kv_slots),
+            as_tensor(query_key_pos),
+            groups=groups,
+        )
 
 
 def padded_rows(arrays: list, lengths: np.ndarray, pieces: int = 1) -> np.ndarray:
@@ -152,8 +170,9 @@ def paged_attention_torch(module, query, key, value, meta: PagedAttentionMetadat
     q = query[0].transpose(0, 1)[:, :, None] if one_token_each else query[0].transpose(0, 1)[rows].permute(0, 2, 1, 3)
     key_index = torch.arange(keys.shape[2], device=query.device)
     visible = key_index[None, None, :] <= meta.query_key_pos.clamp(min=0)[:, :, None]  # [B, Q, K]
-    out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None],
-                                         scale=scale, enable_gqa=hq != keys.shape[1])  # [B, Hq, Q, D]
+    out = F.scaled_dot_product_attention(
+        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=scale, enable_gqa=hq != keys.shape[1]
+    )  # [B, Hq, Q, D]
     if one_token_each:
         return out[:, :, 0][None]
     out = out.permute(0, 2, 1, 3)  # [B, Q, Hq, D]
@@ -187,7 +206,7 @@ def _cascade_decode_torch(query, meta: PagedAttentionMetadata, layer: int, scale
     _, hq, b, d = query.shape
     hkv = pool.num_kv_heads
     rep = hq // hkv  # query heads per KV head (query head h reads KV head h // rep)
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     q = query[0].transpose(0, 1).reshape(b, hkv, rep, d)
     n_groups, width = groups.member_rows.shape
     # prefix: K/V gathered once per group; the group's (member, query head) pairs of a KV head are the rows
@@ -200,4 +219,3 @@ def _cascade_decode_torch(query, meta: PagedAttentionMetadata, layer: int, scale
     # exact merge: the prefix partial's share of the total softmax mass is sigmoid(lse_prefix - lse_suffix)
     weight = torch.sigmoid(prefix_lse - lse).unsqueeze(-1)
     return torch.lerp(out, prefix_out, weight).reshape(b, hq, d).to(query.dtype)[None]
-

@@ -8,6 +8,7 @@ tree (a prompt and G answers) costs about G * answer * (prompt + answer) pairs i
 mask's (prompt + G * answer) squared. Autograd flows through the gathers (index_select's backward adds
 the key/value gradients of every chunk that read a token).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,9 +60,9 @@ def build_path_chunks(tin: torch.Tensor, tout: torch.Tensor, chunk: int = DEFAUL
     query_key_pos = np.zeros((rows, chunk), dtype=np.int64)
     order = np.empty(len(tin_np), dtype=np.int64)
     for r, (k, (lo, hi, first_pos)) in enumerate(zip(keys, queries, strict=True)):
-        key_index[r, :len(k)] = k
-        query_index[r, :hi - lo] = np.arange(lo, hi)
-        query_key_pos[r, :hi - lo] = first_pos + np.arange(hi - lo)
+        key_index[r, : len(k)] = k
+        query_index[r, : hi - lo] = np.arange(lo, hi)
+        query_key_pos[r, : hi - lo] = first_pos + np.arange(hi - lo)
         order[lo:hi] = r * chunk + np.arange(hi - lo)
     device = tin.device
     return PathChunks(*(torch.from_numpy(a).to(device) for a in (key_index, query_index, query_key_pos, order)))
@@ -73,9 +74,16 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(1, index.reshape(-1)).view(x.shape[0], r, length, x.shape[2]).transpose(0, 1)
 
 
-def paths_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tin: torch.Tensor,
-                         tout: torch.Tensor, scale: float | None = None, cache: dict | None = None,
-                         chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def paths_tree_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    tin: torch.Tensor,
+    tout: torch.Tensor,
+    scale: float | None = None,
+    cache: dict | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
     """query [1, Hq, N, D], key/value [1, Hkv, N, D] -> [1, Hq, N, D]."""
     if query.shape[0] != 1:
         raise ValueError(f"the paths backend takes one packed row; got batch size {query.shape[0]}")
@@ -91,8 +99,9 @@ def paths_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     v = _gather_rows(value[0], chunks.key_index)
     key_pos = torch.arange(k.shape[2], device=query.device)
     visible = key_pos[None, None, :] <= chunks.query_key_pos[:, :, None]  # [R, C, K]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])  # [R, Hq, C, D]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=visible[:, None], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )  # [R, Hq, C, D]
     hq, d = out.shape[1], out.shape[3]
     flat = out.transpose(0, 1).reshape(hq, -1, d)  # [Hq, R*C, D]
     return flat.index_select(1, chunks.order)[None]

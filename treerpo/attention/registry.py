@@ -9,6 +9,7 @@ The "triton" backends (``triton_backends.py``, adapting ``treerpo.kernels``) are
 default backend is asked for a CUDA device and the kernel imports; when it does not, one warning, and the
 PyTorch backend is the default.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,10 +25,10 @@ TreeAttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 PagedAttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 
 
-
 @dataclass(frozen=True)
 class BackendKind:
     label: str  # what the kind computes, for messages
+    triton_label: str  # what its Triton kernel computes, for the notice when it does not import
     reference: str  # the PyTorch backend: the fallback of the Triton one, and what kernel checks compare with
     triton_kernel: str  # the module of treerpo.kernels behind the "triton" backend
     triton_adapter: str  # its adapter in triton_backends.py
@@ -35,8 +36,16 @@ class BackendKind:
 
 # the one table of backend kinds; the backends themselves, by name, in _BACKENDS
 KINDS = {
-    "tree": BackendKind("tree attention", "sdpa", "treerpo.kernels.tree_attention", "triton_tree_backend"),
-    "paged": BackendKind("paged attention", "torch", "treerpo.kernels.paged_decode", "paged_decode_backend"),
+    "tree": BackendKind(
+        "tree attention", "Triton tree attention", "sdpa", "treerpo.kernels.tree_attention", "triton_tree_backend"
+    ),
+    "paged": BackendKind(
+        "paged attention",
+        "Triton paged decode attention",
+        "torch",
+        "treerpo.kernels.paged_decode",
+        "paged_decode_backend",
+    ),
 }
 _BACKENDS: dict[str, dict[str, Callable]] = {
     "tree": {"sdpa": sdpa_tree_attention, "paths": paths_tree_attention},
@@ -73,7 +82,7 @@ def _register_triton(kind: str = "tree") -> bool:
     """Import the Triton kernel of ``kind`` and register its backend as "triton" (once); when the kernel does
     not import, one notice, False."""
     spec = KINDS[kind]
-    notice = f"Triton {spec.label} unavailable (%s: %s); using the {spec.reference} backend."
+    notice = f"{spec.triton_label} unavailable (%s: %s); using the {spec.reference} backend."
     if import_optional(spec.triton_kernel, notice, logger) is None:
         return False
     if "triton" not in _backends(kind):
@@ -129,7 +138,7 @@ def available_paged_backends() -> list[str]:
 
 
 def default_paged_backend(device) -> str:
-    """"triton" (the paged decode kernel of ``treerpo.kernels.paged_decode``) on CUDA when it imports, else
+    """ "triton" (the paged decode kernel of ``treerpo.kernels.paged_decode``) on CUDA when it imports, else
     "torch"; says once when CUDA is there but the kernel does not import."""
     return _default_backend("paged", device, "torch")
 

@@ -4,6 +4,7 @@ The mask is dense per tree: a batch of several trees is cut at tree boundaries (
 sees another tree), so the cost is the sum of the squares of the tree sizes, not the square
 of the batch. The ground truth for tests and the CPU training path.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,15 @@ def _block_masks(tin: torch.Tensor, tout: torch.Tensor) -> list[tuple[int, int, 
     return [(s, e, interval_mask(tin[s:e], tout[s:e])) for s, e in tree_blocks(tin, tout)]
 
 
-def sdpa_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tin: torch.Tensor,
-                        tout: torch.Tensor, scale: float | None = None, cache: dict | None = None) -> torch.Tensor:
+def sdpa_tree_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    tin: torch.Tensor,
+    tout: torch.Tensor,
+    scale: float | None = None,
+    cache: dict | None = None,
+) -> torch.Tensor:
     """query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, Hq, N, D]."""
     blocks = cache.get("sdpa_blocks") if cache is not None else None
     if blocks is None:
@@ -40,6 +48,10 @@ def sdpa_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         if cache is not None:
             cache["sdpa_blocks"] = blocks
     gqa = query.shape[1] != key.shape[1]
-    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask,
-                                           scale=scale, enable_gqa=gqa) for s, e, mask in blocks]
+    outs = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
+        for s, e, mask in blocks
+    ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

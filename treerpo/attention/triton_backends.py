@@ -13,6 +13,7 @@ The kernels take tensors only; this module turns the project's objects into thei
 
 Importing this module imports triton; ``registry.py`` imports it only once the kernels have imported.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,18 +50,29 @@ def skip_lists(tin: torch.Tensor, tout: torch.Tensor, block: int, device, cache:
     n = tin.numel()
     offsets, key_tiles = tile_skip(tin.cpu(), tout.cpu(), block, block)
     q_offsets, q_tiles = transpose_skip(offsets, key_tiles, -(-n // block))
-    lists = {"tin": tin.to(device=device, dtype=torch.int32).contiguous(),
-             "tout": tout.to(device=device, dtype=torch.int32).contiguous(),
-             "offsets": offsets.to(device), "key_tiles": key_tiles.to(device),
-             "q_offsets": q_offsets.to(device), "q_tiles": q_tiles.to(device)}
+    lists = {
+        "tin": tin.to(device=device, dtype=torch.int32).contiguous(),
+        "tout": tout.to(device=device, dtype=torch.int32).contiguous(),
+        "offsets": offsets.to(device),
+        "key_tiles": key_tiles.to(device),
+        "q_offsets": q_offsets.to(device),
+        "q_tiles": q_tiles.to(device),
+    }
     if cache is not None:
         cache[key] = lists
     return lists
 
 
-def triton_tree_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tin: torch.Tensor,
-                        tout: torch.Tensor, scale: float | None = None, cache: dict | None = None,
-                        block: int | None = None) -> torch.Tensor:
+def triton_tree_backend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    tin: torch.Tensor,
+    tout: torch.Tensor,
+    scale: float | None = None,
+    cache: dict | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
     """The "triton" tree backend: query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, Hq, N, D].
 
     ``cache`` (a dict shared by the layers of one forward) keeps the skip lists, so they are computed once
@@ -68,20 +80,42 @@ def triton_tree_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     default_block, num_warps = block_config(query.shape[3], query.shape[2])
     block = block or default_block
     lists = skip_lists(tin, tout, block, query.device, cache)
-    return triton_tree_attention(query, key, value, lists["tin"], lists["tout"], lists["offsets"],
-                                 lists["key_tiles"], lists["q_offsets"], lists["q_tiles"], block, scale=scale,
-                                 num_warps=num_warps)
+    return triton_tree_attention(
+        query,
+        key,
+        value,
+        lists["tin"],
+        lists["tout"],
+        lists["offsets"],
+        lists["key_tiles"],
+        lists["q_offsets"],
+        lists["q_tiles"],
+        block,
+        scale=scale,
+        num_warps=num_warps,
+    )
 
 
 # ----------------------------------------------------------------------------------------- paged attention
-def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMetadata,
-                   scale: float | None) -> torch.Tensor:
+def cascade_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMetadata, scale: float | None
+) -> torch.Tensor:
     """Cascade decode over the engine's metadata: ``meta.kv_slots`` are the suffixes, ``meta.groups`` the
     prefixes and their members, precomputed once per forward (no host sync per layer) -> out [B, Hq, D]."""
     g = meta.groups
-    return paged_decode.cascade_decode_grouped(q, k_cache, v_cache, meta.kv_slots, meta.query_key_pos[:, 0] + 1,
-                                               g.prefix_slots, g.prefix_len, g.members, g.member_start,
-                                               g.member_rows.shape[1], scale=scale)
+    return paged_decode.cascade_decode_grouped(
+        q,
+        k_cache,
+        v_cache,
+        meta.kv_slots,
+        meta.query_key_pos[:, 0] + 1,
+        g.prefix_slots,
+        g.prefix_len,
+        g.members,
+        g.member_start,
+        g.member_rows.shape[1],
+        scale=scale,
+    )
 
 
 def paged_decode_backend(module, query, key, value, meta: PagedAttentionMetadata, scale):
@@ -98,9 +132,9 @@ def paged_decode_backend(module, query, key, value, meta: PagedAttentionMetadata
         out = cascade_decode(q, meta.pool.k[layer], meta.pool.v[layer], meta, scale)
     else:
         kv_len = meta.query_key_pos[:, 0] + 1
-        out = paged_decode.paged_decode_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.kv_slots, kv_len,
-                                                  scale=scale)
+        out = paged_decode.paged_decode_attention(
+            q, meta.pool.k[layer], meta.pool.v[layer], meta.kv_slots, kv_len, scale=scale
+        )
     packed = query.new_empty((query.shape[2], query.shape[1], query.shape[3]))
     packed[rows] = out.to(query.dtype)
     return packed[None]
-

@@ -1,4 +1,5 @@
 """Loading math benchmark files (MATH, MATH-500, AIME, AMC, Minerva, OlympiadBench, GSM8K)."""
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,10 @@ def _strip_dollars(text: str) -> str:
 def _gold(record: dict, where: str):
     """(question, gold) of a record, gold may be _MISSING; raises on unknown formats."""
     if not isinstance(record, dict):
-        raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}. "
-                                 f"Accepted field combinations: {ACCEPTED_FORMATS}")
+        raise DatasetFormatError(
+            f"{where}: expected a JSON object, got {type(record).__name__}. "
+            f"Accepted field combinations: {ACCEPTED_FORMATS}"
+        )
     if "problem" in record and "answer" in record:
         ans = record["answer"]
         return record["problem"], _MISSING if ans is None else _answer_str(ans)
@@ -71,11 +74,14 @@ def _gold(record: dict, where: str):
         if isinstance(ans, str) and "####" in ans:
             ans = ans.split("####")[-1].strip()
             return record["question"], ans.replace(",", "") if _THOUSANDS_RE.fullmatch(ans) else ans
-        raise DatasetFormatError(f"{where}: 'question' + 'answer' record whose answer has no "
-                                 f"'#### <final answer>' marker (GSM8K format). "
-                                 f"Accepted field combinations: {ACCEPTED_FORMATS}")
-    raise DatasetFormatError(f"{where}: unknown record format with keys {sorted(record)}. "
-                             f"Accepted field combinations: {ACCEPTED_FORMATS}")
+        raise DatasetFormatError(
+            f"{where}: 'question' + 'answer' record whose answer has no "
+            f"'#### <final answer>' marker (GSM8K format). "
+            f"Accepted field combinations: {ACCEPTED_FORMATS}"
+        )
+    raise DatasetFormatError(
+        f"{where}: unknown record format with keys {sorted(record)}. Accepted field combinations: {ACCEPTED_FORMATS}"
+    )
 
 
 def _read_records(path: Path) -> list[tuple[str, object]]:
@@ -83,8 +89,10 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise DatasetFormatError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
-                                 "a math data file is .jsonl (one JSON object a line) or .json text") from None
+        raise DatasetFormatError(
+            f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}); "
+            "a math data file is .jsonl (one JSON object a line) or .json text"
+        ) from None
     if path.suffix == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -96,22 +104,28 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
                 raise DatasetFormatError(
                     f"{path}: line {n}: invalid JSON ({e.msg} at column {e.colno}). Each "
                     f"non-blank line of a .jsonl file must be one complete JSON object: "
-                    f"fix or delete that line.") from None
+                    f"fix or delete that line."
+                ) from None
         return out
     if path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DatasetFormatError(f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column "
-                                     f"{e.colno}). A .json file must hold one JSON array of "
-                                     f"records: fix the file.") from None
+            raise DatasetFormatError(
+                f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column "
+                f"{e.colno}). A .json file must hold one JSON array of "
+                f"records: fix the file."
+            ) from None
         if not isinstance(data, list):
-            raise DatasetFormatError(f"{path}: a .json file must hold a JSON array of records, "
-                                     f"got {type(data).__name__}. Use a list, or one object "
-                                     f"per line in a .jsonl file.")
+            raise DatasetFormatError(
+                f"{path}: a .json file must hold a JSON array of records, "
+                f"got {type(data).__name__}. Use a list, or one object "
+                f"per line in a .jsonl file."
+            )
         return [(f"{path}: record {n} (1-based)", r) for n, r in enumerate(data, 1)]
-    raise DatasetFormatError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl "
-                             f"(one JSON object per line) or .json (a JSON array).")
+    raise DatasetFormatError(
+        f"{path}: unsupported file type {path.suffix!r}; use .jsonl (one JSON object per line) or .json (a JSON array)."
+    )
 
 
 def load_problems(path) -> list[Problem]:
@@ -127,11 +141,14 @@ def load_problems(path) -> list[Problem]:
             continue
         problems.append(Problem(str(question), gold, path.stem, index))
     if not problems:
-        raise DatasetFormatError(f"{path}: holds no problems with a gold answer ({skipped} records without one); "
-                                 f"give a file with records in one of the accepted formats: {ACCEPTED_FORMATS}")
+        raise DatasetFormatError(
+            f"{path}: holds no problems with a gold answer ({skipped} records without one); "
+            f"give a file with records in one of the accepted formats: {ACCEPTED_FORMATS}"
+        )
     if skipped:
-        logger.warning("%s: skipped %d of %d records without a gold answer (null/empty)",
-                       path, skipped, skipped + len(problems))
+        logger.warning(
+            "%s: skipped %d of %d records without a gold answer (null/empty)", path, skipped, skipped + len(problems)
+        )
     return problems
 
 

@@ -3,6 +3,7 @@
 Prompt ``12+7-15+3=``; solution ``12+7=19;19-15=4;4+3=7;#7``: one step per operator, then ``#``
 and the final value. The reward reads the integer after the last ``#``.
 """
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """What the trainer trains on: prompts with gold answers, a held-out set, and the reward that checks them."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,7 +59,6 @@ class PromptTask:
         idx = rng.choice(len(self.train), size=size, replace=len(self.train) < size)
         return [self.train[i] for i in idx]
 
-
     def training_prompts(self) -> list[str]:
         """Prompts that bound what training will feed the model: every prompt of a file, or the generator's
         longest possible prompt."""
@@ -78,8 +78,10 @@ def synthetic_task(eval_size: int) -> PromptTask:
 def word_problem_task(eval_size: int, tokenizer, generator: WordProblemTask | None = None) -> PromptTask:
     """Generated word problems (``data/word_problems.py``) under the math reward; a fixed held-out set."""
     prompts = WordProblemPrompts(tokenizer, generator)
-    held_out = [(prompts.prompt(p.question), p.gold)
-                for p in prompts.generator.problems(eval_size, seed=WORD_PROBLEMS_HELD_OUT_SEED)]
+    held_out = [
+        (prompts.prompt(p.question), p.gold)
+        for p in prompts.generator.problems(eval_size, seed=WORD_PROBLEMS_HELD_OUT_SEED)
+    ]
     return PromptTask("word-problems", prompts, held_out, "math")
 
 
@@ -96,8 +98,10 @@ def math_file_task(path: str, eval_path: str | None, eval_size: int, tokenizer) 
         held_out = pairs(load_problems(eval_path))[:eval_size]
     else:
         if len(train) <= eval_size:
-            raise ConfigError(f"{path} has {len(train)} problems: too few to hold out eval_size={eval_size}; "
-                             "pass a smaller eval_size or an eval_dataset file")
+            raise ConfigError(
+                f"{path} has {len(train)} problems: too few to hold out eval_size={eval_size}; "
+                "pass a smaller eval_size or an eval_dataset file"
+            )
         train, held_out = train[:-eval_size], train[-eval_size:]
     return PromptTask(Path(path).stem, train, held_out, "math")
 
@@ -108,8 +112,9 @@ def load_task(dataset: str, eval_dataset: str | None, eval_size: int, tokenizer)
     if dataset == "word-problems":
         return word_problem_task(eval_size, tokenizer)
     if not Path(dataset).exists():
-        raise FileNotFoundError(f"dataset {dataset!r} is neither one of {list(GENERATED_DATASETS)} nor an existing "
-                                ".jsonl/.json file")
+        raise FileNotFoundError(
+            f"dataset {dataset!r} is neither one of {list(GENERATED_DATASETS)} nor an existing .jsonl/.json file"
+        )
     return math_file_task(dataset, eval_dataset, eval_size, tokenizer)
 
 

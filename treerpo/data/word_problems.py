@@ -5,28 +5,72 @@ starting amount (a count, or groups times items per group) followed by add / sub
 the gold answer is the integer the operations give, never negative. Everything is drawn from
 a NumPy generator, so a seed fixes the problems.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-NAMES = (("Mia", "she"), ("Liam", "he"), ("Emma", "she"), ("Noah", "he"), ("Olivia", "she"), ("Lucas", "he"),
-         ("Ava", "she"), ("Ethan", "he"), ("Sofia", "she"), ("Jacob", "he"), ("Zoe", "she"), ("Omar", "he"),
-         ("Nina", "she"), ("Leo", "he"), ("Grace", "she"), ("Sam", "he"))
-OBJECTS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "coins", "cards", "balloons",
-           "oranges", "stamps", "toy cars", "candies", "flowers", "buttons")
+NAMES = (
+    ("Mia", "she"),
+    ("Liam", "he"),
+    ("Emma", "she"),
+    ("Noah", "he"),
+    ("Olivia", "she"),
+    ("Lucas", "he"),
+    ("Ava", "she"),
+    ("Ethan", "he"),
+    ("Sofia", "she"),
+    ("Jacob", "he"),
+    ("Zoe", "she"),
+    ("Omar", "he"),
+    ("Nina", "she"),
+    ("Leo", "he"),
+    ("Grace", "she"),
+    ("Sam", "he"),
+)
+OBJECTS = (
+    "apples",
+    "pencils",
+    "stickers",
+    "marbles",
+    "cookies",
+    "books",
+    "shells",
+    "coins",
+    "cards",
+    "balloons",
+    "oranges",
+    "stamps",
+    "toy cars",
+    "candies",
+    "flowers",
+    "buttons",
+)
 CONTAINERS = ("bags", "boxes", "jars", "baskets", "packs", "bowls")
-ADD_STEPS = ("{P} buys {n} more.", "{P} finds {n} more.", "{other} gives {o} {n} more.",
-             "{P} gets {n} more from {other}.")
-SUB_STEPS = ("{P} gives {n} of them to {other}.", "{P} loses {n} of them.", "{P} sells {n} of them.",
-             "{P} uses {n} of them.")
+ADD_STEPS = (
+    "{P} buys {n} more.",
+    "{P} finds {n} more.",
+    "{other} gives {o} {n} more.",
+    "{P} gets {n} more from {other}.",
+)
+SUB_STEPS = (
+    "{P} gives {n} of them to {other}.",
+    "{P} loses {n} of them.",
+    "{P} sells {n} of them.",
+    "{P} uses {n} of them.",
+)
 QUESTIONS = ("How many {obj} does {p} have now?", "How many {obj} does {name} have now?")
 _OBJ_PRONOUN = {"she": "her", "he": "him"}
 # one worked example, an earlier chat turn of every prompt: a 135M instruct model copies its short form (the
 # equation, then a boxed number) instead of a long list that runs out of tokens before any answer
-WORKED_EXAMPLES = (("Liam has 9 marbles. He gives 4 of them to Zoe. How many marbles does Liam have now?",
-                    "9 - 4 = 5. The answer is \\boxed{5}."),)
+WORKED_EXAMPLES = (
+    (
+        "Liam has 9 marbles. He gives 4 of them to Zoe. How many marbles does Liam have now?",
+        "9 - 4 = 5. The answer is \\boxed{5}.",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +98,7 @@ class WordProblemTask:
     ``groups`` in 2..``max_factor`` times ``per_group`` in 2..``max_factor``; ``mul_prob`` is the
     chance that a problem starts from a product.
     """
+
     min_ops: int = 1
     max_ops: int = 1
     max_count: int = 20
@@ -73,8 +118,14 @@ class WordProblemTask:
         while other == name:
             other = NAMES[rng.integers(len(NAMES))][0]
         obj = OBJECTS[rng.integers(len(OBJECTS))]
-        fill = {"P": pronoun.capitalize(), "p": pronoun, "o": _OBJ_PRONOUN[pronoun], "name": name, "other": other,
-                "obj": obj}
+        fill = {
+            "P": pronoun.capitalize(),
+            "p": pronoun,
+            "o": _OBJ_PRONOUN[pronoun],
+            "name": name,
+            "other": other,
+            "obj": obj,
+        }
         if rng.random() < self.mul_prob:
             groups, per_group = (int(x) for x in rng.integers(2, self.max_factor + 1, size=2))
             container = CONTAINERS[rng.integers(len(CONTAINERS))]
@@ -120,13 +171,20 @@ class WordProblemTask:
         n = self.max_count
         out = []
         for pronoun in ("she", "he"):
-            fill = {"P": pronoun.capitalize(), "p": pronoun, "o": _OBJ_PRONOUN[pronoun], "name": name,
-                    "other": other, "obj": obj}
+            fill = {
+                "P": pronoun.capitalize(),
+                "p": pronoun,
+                "o": _OBJ_PRONOUN[pronoun],
+                "name": name,
+                "other": other,
+                "obj": obj,
+            }
             step = max((s.format(n=n, **fill) for s in ADD_STEPS + SUB_STEPS), key=len)
             question = max((q.format(**fill) for q in QUESTIONS), key=len)
             f = self.max_factor
-            for opening, ops in ((f"{name} has {n} {obj}.", self.max_ops),
-                                 (f"{name} has {f} {container} of {obj}. Each of the {container} holds {f} {obj}.",
-                                  self.max_ops - 1)):
+            for opening, ops in (
+                (f"{name} has {n} {obj}.", self.max_ops),
+                (f"{name} has {f} {container} of {obj}. Each of the {container} holds {f} {obj}.", self.max_ops - 1),
+            ):
                 out.append(" ".join([opening] + [step] * ops + [question]))
         return out

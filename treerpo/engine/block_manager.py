@@ -8,6 +8,7 @@ A *path* is the slots of everything before a segment (the prompt, then the ances
 one row of a table shared by all branches forking from the same node: the siblings' cascade
 group. Paths are added in bulk at forks, never per branch.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,7 @@ class PathTable:
             self.slots = np.concatenate([self.slots, np.zeros_like(self.slots)])
             self.length = np.concatenate([self.length, np.zeros_like(self.length)])
         ids = np.arange(self.count, self.count + n)
-        self.slots[ids, :rows.shape[1]] = rows
+        self.slots[ids, : rows.shape[1]] = rows
         self.length[ids] = lengths
         self.count += n
         return ids

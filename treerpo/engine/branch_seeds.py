@@ -6,6 +6,7 @@ branches run. All of it is vectorised over the rows of a step: no generator obje
 branch, no Python call per draw. The hash is SplitMix64's finaliser (full avalanche on
 64 bits); a uniform takes its top 53 bits, so it is an exact fp64 number in [0, 1).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,4 +42,4 @@ def uniforms(seeds: np.ndarray, token_index: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         offset = (np.asarray(token_index, dtype=np.int64).astype(np.uint64) + np.uint64(1)) * _TOKEN
         bits = mix64(np.asarray(seeds, dtype=np.uint64) + offset)
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53

@@ -24,6 +24,7 @@ dtype size`` (K and V).
 The bookkeeping (free list, reference counts) lives on the host; slot index tensors handed
 out are CPU ``int64`` tensors, moved to the storage device only to index the buffers.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,9 +51,13 @@ def _available_memory(device: torch.device) -> int:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError as exc:  # pragma: no cover - non-Linux hosts
-        raise RuntimeError("memory_fraction on CPU reads /proc/meminfo, which is unreadable here; "
-                           "give memory_bytes or num_pages instead") from exc
-    raise RuntimeError("no MemAvailable line in /proc/meminfo; give memory_bytes or num_pages instead")  # pragma: no cover
+        raise RuntimeError(
+            "memory_fraction on CPU reads /proc/meminfo, which is unreadable here; "
+            "give memory_bytes or num_pages instead"
+        ) from exc
+    raise RuntimeError(
+        "no MemAvailable line in /proc/meminfo; give memory_bytes or num_pages instead"
+    )  # pragma: no cover
 
 
 def _as_index_array(slots) -> np.ndarray:
@@ -64,11 +69,24 @@ def _as_index_array(slots) -> np.ndarray:
 class KVPool:
     """Per-layer K/V buffers in token slots grouped into ref-counted pages."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
-                 device="cpu", page_size: int = 1, num_pages: int | None = None, memory_bytes: int | None = None,
-                 memory_fraction: float | None = None):
-        for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                          ("page_size", page_size)):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        page_size: int = 1,
+        num_pages: int | None = None,
+        memory_bytes: int | None = None,
+        memory_fraction: float | None = None,
+    ):
+        for name, val in (
+            ("num_layers", num_layers),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("page_size", page_size),
+        ):
             if int(val) != val or val < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
@@ -77,8 +95,11 @@ class KVPool:
         self.device = torch.device(device)
         self.dtype_size = torch.empty((), dtype=dtype).element_size()
 
-        given = [n for n, v in (("num_pages", num_pages), ("memory_bytes", memory_bytes),
-                                ("memory_fraction", memory_fraction)) if v is not None]
+        given = [
+            n
+            for n, v in (("num_pages", num_pages), ("memory_bytes", memory_bytes), ("memory_fraction", memory_fraction))
+            if v is not None
+        ]
         if len(given) != 1:
             raise ValueError(f"give exactly one of num_pages, memory_bytes, memory_fraction (got {given or 'none'})")
         if memory_fraction is not None:
@@ -88,9 +109,11 @@ class KVPool:
         if memory_bytes is not None:
             num_pages = int(memory_bytes) // self.bytes_per_page
             if num_pages < 1:
-                raise ValueError(f"a KV budget of {int(memory_bytes)} bytes is smaller than one page "
-                                 f"({self.bytes_per_page} bytes = {self.page_size} tokens x {self.bytes_per_token} "
-                                 f"bytes/token); give the pool more memory")
+                raise ValueError(
+                    f"a KV budget of {int(memory_bytes)} bytes is smaller than one page "
+                    f"({self.bytes_per_page} bytes = {self.page_size} tokens x {self.bytes_per_token} "
+                    f"bytes/token); give the pool more memory"
+                )
         if int(num_pages) != num_pages or num_pages < 1:
             raise ValueError(f"num_pages must be an integer >= 1, got {num_pages!r}")
         self.num_pages = int(num_pages)
@@ -155,15 +178,18 @@ class KVPool:
                 f"holds {self.capacity_tokens} tokens ({self.num_pages} pages, "
                 f"{self.num_pages * self.bytes_per_page / 2**20:.1f} MiB at {self.bytes_per_token} bytes/token). "
                 f"Give the pool a bigger memory budget (num_pages / memory_bytes / memory_fraction) or sample a "
-                f"smaller tree (fewer or shorter branches, a shorter prompt)")
+                f"smaller tree (fewer or shorter branches, a shorter prompt)"
+            )
         return pages
 
     def alloc(self, num_tokens: int) -> torch.Tensor:
         """``num_tokens`` slots (CPU int64) from ``ceil(n / page_size)`` fresh pages, refcount 1 each."""
         pages_needed = self._check_fits_ever(num_tokens)
         if pages_needed > len(self._free):
-            raise PoolExhausted(f"KV pool exhausted: {int(num_tokens)} tokens need {pages_needed} pages, "
-                                f"{len(self._free)} of {self.num_pages} are free")
+            raise PoolExhausted(
+                f"KV pool exhausted: {int(num_tokens)} tokens need {pages_needed} pages, "
+                f"{len(self._free)} of {self.num_pages} are free"
+            )
         if pages_needed == 0:
             return torch.zeros(0, dtype=torch.long)
         pages = self._free[-pages_needed:][::-1]
@@ -179,8 +205,9 @@ class KVPool:
     def _pages(self, slots, unique: bool = True) -> np.ndarray:
         idx = _as_index_array(slots)
         if idx.size and (idx.min() < 0 or idx.max() >= self.capacity_tokens):
-            raise IndexError(f"slot index out of range [0, {self.capacity_tokens}): "
-                             f"min {int(idx.min())}, max {int(idx.max())}")
+            raise IndexError(
+                f"slot index out of range [0, {self.capacity_tokens}): min {int(idx.min())}, max {int(idx.max())}"
+            )
         pages = idx // self.page_size if self.page_size > 1 else idx
         return np.unique(pages) if unique else pages
 
@@ -230,6 +257,8 @@ class KVPool:
         return self.k[layer].index_select(0, idx), self.v[layer].index_select(0, idx)
 
     def __repr__(self) -> str:
-        return (f"KVPool(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"dtype={self.dtype}, device={self.device}, page_size={self.page_size}, pages={self.num_pages}, "
-                f"free={self.free_pages}, {self.num_pages * self.bytes_per_page / 2**20:.1f} MiB)")
+        return (
+            f"KVPool(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"dtype={self.dtype}, device={self.device}, page_size={self.page_size}, pages={self.num_pages}, "
+            f"free={self.free_pages}, {self.num_pages * self.bytes_per_page / 2**20:.1f} MiB)"
+        )

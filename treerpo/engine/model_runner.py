@@ -7,6 +7,7 @@ returned. Prefill (many new tokens) and decode (one each) are the same call (``r
 ``step_builder``). Decode steps may come in groups sharing a cached prefix, which the attention then reads once
 per group (the cascade).
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,9 @@ class ModelRunner:
         time, ``step_draw``)."""
         inputs.meta.backend = self.paged_backend
         with attention_metadata(inputs.meta):
-            hidden = decoder_of(self.model)(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
-                                            use_cache=False).last_hidden_state[0]
+            hidden = decoder_of(self.model)(
+                input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False
+            ).last_hidden_state[0]
         self.forward_tokens += inputs.num_tokens
         return hidden[inputs.last_rows]
 

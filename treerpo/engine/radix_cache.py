@@ -59,6 +59,7 @@ version.
 The tree does not remember logits: when a whole sequence is cached, a caller that needs
 the next-token distribution should match ``tokens[:-1]`` and recompute the last token.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -77,8 +78,15 @@ _ids = itertools.count()
 class TreeNode:
     __slots__ = ("key", "value", "children", "parent", "lock_ref", "last_access", "version", "id", "dead")
 
-    def __init__(self, key: tuple, value: torch.Tensor, parent: "TreeNode | None", version: int,
-                 last_access: int = 0, lock_ref: int = 0):
+    def __init__(
+        self,
+        key: tuple,
+        value: torch.Tensor,
+        parent: "TreeNode | None",
+        version: int,
+        last_access: int = 0,
+        lock_ref: int = 0,
+    ):
         self.key = key
         self.value = value
         self.children: dict = {}
@@ -90,8 +98,10 @@ class TreeNode:
         self.dead = False  # evicted, dropped or reset: no longer part of the cache
 
     def __repr__(self) -> str:
-        return (f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref}, version={self.version}, "
-                f"children={len(self.children)}{', dead' if self.dead else ''})")
+        return (
+            f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref}, version={self.version}, "
+            f"children={len(self.children)}{', dead' if self.dead else ''})"
+        )
 
 
 def _as_key(tokens) -> tuple:
@@ -128,11 +138,11 @@ class RadixCache:
 
     # ---------------------------------------------------------------- helpers
     def _child_key(self, key: tuple, i: int):
-        return key[i] if self.page_size == 1 else key[i:i + self.page_size]
+        return key[i] if self.page_size == 1 else key[i : i + self.page_size]
 
     def _match_len(self, node_key: tuple, key: tuple, start: int) -> int:
         n = min(len(node_key), len(key) - start)
-        if node_key[:n] == key[start:start + n]:
+        if node_key[:n] == key[start : start + n]:
             i = n
         else:
             i = 0
@@ -167,7 +177,7 @@ class RadixCache:
         """(slots of the longest cached current-version prefix, its last node). Takes no references."""
         key = _as_key(tokens)
         if self.page_size > 1:
-            key = key[:len(key) - len(key) % self.page_size]
+            key = key[: len(key) - len(key) % self.page_size]
         now = self._tick()
         node, i, values = self.root, 0, []
         while i < len(key):
@@ -202,10 +212,11 @@ class RadixCache:
         n = len(key) - len(key) % ps
         if ps > 1 and n:
             pages = slots[:n].view(-1, ps)
-            if not (bool((pages[:, 0] % ps == 0).all())
-                    and bool((pages - pages[:, :1] == torch.arange(ps)).all())):
-                raise ValueError(f"insert: with page_size {ps} the slots must be whole pages in order "
-                                 f"(slots[j*{ps} + o] == page*{ps} + o)")
+            if not (bool((pages[:, 0] % ps == 0).all()) and bool((pages - pages[:, :1] == torch.arange(ps)).all())):
+                raise ValueError(
+                    f"insert: with page_size {ps} the slots must be whole pages in order "
+                    f"(slots[j*{ps} + o] == page*{ps} + o)"
+                )
         now = self._tick()
         node, i = self.root, 0
         while i < n:
@@ -223,8 +234,10 @@ class RadixCache:
         if i < n:
             value = slots[i:n].clone()
             if (self.pool.refcounts(value) <= 0).any():
-                raise RuntimeError("insert of slots on free KV pages: the caller must hold a reference on the slots "
-                                   "it inserts (the cache takes that reference over)")
+                raise RuntimeError(
+                    "insert of slots on free KV pages: the caller must hold a reference on the slots "
+                    "it inserts (the cache takes that reference over)"
+                )
             leaf = TreeNode(key[i:n], value, node, self.policy_version, now)
             node.children[self._child_key(key, i)] = leaf
             self._current_tokens += n - i
@@ -326,8 +339,10 @@ class RadixCache:
         Refuses while nodes are locked (a live request relies on them) unless ``force``.
         """
         if not force and (self._locked_tokens or self._stale):
-            raise RuntimeError(f"reset of a radix cache with locked nodes ({self._locked_tokens} current, "
-                               f"{self._stale_tokens} stale tokens): unlock them first, or reset(force=True)")
+            raise RuntimeError(
+                f"reset of a radix cache with locked nodes ({self._locked_tokens} current, "
+                f"{self._stale_tokens} stale tokens): unlock them first, or reset(force=True)"
+            )
         for node in list(self.iter_nodes()):
             self._release(node)
             node.children = {}
@@ -380,9 +395,13 @@ class RadixCache:
             assert not node.dead and node.version != self.policy_version and node.lock_ref > 0, node
             assert not node.children and (node.parent is self.root or node.parent in self._stale), node
             stale += len(node.key)
-        assert (total, locked, stale) == (self._current_tokens, self._locked_tokens, self._stale_tokens), \
-            ((total, locked, stale), (self._current_tokens, self._locked_tokens, self._stale_tokens))
+        assert (total, locked, stale) == (self._current_tokens, self._locked_tokens, self._stale_tokens), (
+            (total, locked, stale),
+            (self._current_tokens, self._locked_tokens, self._stale_tokens),
+        )
 
     def __repr__(self) -> str:
-        return (f"RadixCache(version={self.policy_version}, tokens={self._current_tokens}, "
-                f"locked={self._locked_tokens}, stale={self._stale_tokens}, page_size={self.page_size})")
+        return (
+            f"RadixCache(version={self.policy_version}, tokens={self._current_tokens}, "
+            f"locked={self._locked_tokens}, stale={self._stale_tokens}, page_size={self.page_size})"
+        )

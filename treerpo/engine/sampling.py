@@ -4,6 +4,7 @@ The returned log-prob is that of the policy the trainer scores: log-softmax of
 ``logits / temperature`` (before top-k/top-p truncation; with the defaults, top_k = 0 and
 top_p = 1, it is exactly the sampling distribution).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -140,5 +141,7 @@ def _not_finite(row_max: torch.Tensor) -> torch.Tensor:
 def raise_nonfinite() -> None:
     from treerpo.runtime.finite_guard import NonFiniteError
 
-    raise NonFiniteError("the model's next-token logits are not finite (NaN or +inf): its weights have "
-                         "diverged or overflowed; sampling stopped")
+    raise NonFiniteError(
+        "the model's next-token logits are not finite (NaN or +inf): its weights have "
+        "diverged or overflowed; sampling stopped"
+    )

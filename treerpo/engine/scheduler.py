@@ -5,6 +5,7 @@ fits beside what the running trees may still take, evicting unlocked cache entri
 so a batch larger than the pool waits instead of failing half-way. A tree whose last branch
 ended is released at once and the waiting trees move up.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -23,9 +24,10 @@ def worst_case_tokens(prompt_lengths, max_generated_tokens: int, capacity_tokens
         i = int(worst.argmax())
         raise RequestTooLarge(
             f"one tree may need {worst[i]} KV slots (prompt {worst[i] - max_generated_tokens} + up to "
-            f"{max_generated_tokens} generated) but the KV pool holds {capacity_tokens} (kv_pool_tokens="
-            f"{capacity_tokens}); give the sampler a larger pool (kv_pool_tokens, or TreeSampler's pool_tokens / "
-            "memory_bytes) or make the tree smaller")
+            f"{max_generated_tokens} generated) but the KV pool holds {capacity_tokens} tokens: kv_pool_tokens="
+            f"{capacity_tokens}; give the sampler a larger pool (kv_pool_tokens, or TreeSampler's pool_tokens / "
+            "memory_bytes) or make the tree smaller"
+        )
     return worst
 
 
@@ -56,7 +58,8 @@ class Scheduler:
                     raise RuntimeError(
                         f"tree {self.waiting[0]} needs {need} KV slots but only {pool.free_tokens} are free after "
                         f"evicting the cache ({cache.total_cached_tokens} cached tokens are locked); "
-                        "give the sampler a larger pool (kv_pool_tokens / memory_bytes)")
+                        "give the sampler a larger pool (kv_pool_tokens / memory_bytes)"
+                    )
                 break
             t = self.waiting.popleft()
             self.running.add(t)

@@ -6,6 +6,7 @@ their segment into their children in one vectorised operation. ``NodeRecords`` c
 finished nodes and builds the trees at the end, numbered breadth-first (the reference
 sampler's layout).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -22,6 +23,7 @@ ROOT = -1  # parent record of a depth-1 node: the tree's prompt
 class Branches:
     """Live branches, row b of every column. ``tokens[b, :n[b]]`` is the segment so far; its last token is
     sampled but not yet fed to the model; ``own_slots[b, :n[b] - 1]`` hold the K/V of those fed."""
+
     tree: np.ndarray  # int64: index of the tree in the batch
     parent: np.ndarray  # int64: record of the parent node (ROOT: the prompt)
     child: np.ndarray  # int64: index among its siblings
@@ -62,8 +64,9 @@ class Branches:
         self.n += 1
 
 
-def children_of(parents: Branches, records: np.ndarray, paths: np.ndarray, spec: TreeSpec,
-                tokens: np.ndarray, logprobs: np.ndarray) -> Branches:
+def children_of(
+    parents: Branches, records: np.ndarray, paths: np.ndarray, spec: TreeSpec, tokens: np.ndarray, logprobs: np.ndarray
+) -> Branches:
     """The children of nodes that just completed (``parents``, stored as ``records``, their path ids the new
     ``paths``): child j of parent p draws ``tokens[p, j]``. Every parent is on one level of the same spec."""
     if len(parents) == 0:
@@ -74,19 +77,37 @@ def children_of(parents: Branches, records: np.ndarray, paths: np.ndarray, spec:
     first = np.zeros((len(parents) * k, spec.segment_tokens), dtype=np.int64)
     first_lp = np.zeros(first.shape, dtype=np.float64)
     first[:, 0], first_lp[:, 0] = tokens[:, :k].reshape(-1), logprobs[:, :k].reshape(-1)
-    return Branches(tree=rep(parents.tree), parent=rep(records), child=child, depth=rep(parents.depth) + 1,
-                    code=rep(parents.code) * k + child, path=rep(paths),
-                    seed=child_seeds(rep(parents.seed), child), n=np.ones(len(child), dtype=np.int64),
-                    tokens=first, logprobs=first_lp, own_slots=np.zeros(first.shape, dtype=np.int64))
+    return Branches(
+        tree=rep(parents.tree),
+        parent=rep(records),
+        child=child,
+        depth=rep(parents.depth) + 1,
+        code=rep(parents.code) * k + child,
+        path=rep(paths),
+        seed=child_seeds(rep(parents.seed), child),
+        n=np.ones(len(child), dtype=np.int64),
+        tokens=first,
+        logprobs=first_lp,
+        own_slots=np.zeros(first.shape, dtype=np.int64),
+    )
 
 
 def roots(trees: np.ndarray, paths: np.ndarray, seeds: np.ndarray) -> Branches:
     """The prompt of each tree as a parent for ``children_of`` (depth 0)."""
     zeros = np.zeros(len(trees), dtype=np.int64)
-    return Branches(tree=np.asarray(trees, dtype=np.int64), parent=zeros + ROOT, child=zeros, depth=zeros,
-                    code=zeros, path=np.asarray(paths, dtype=np.int64), seed=np.asarray(seeds, dtype=np.uint64),
-                    n=zeros, tokens=np.zeros((len(trees), 0), dtype=np.int64),
-                    logprobs=np.zeros((len(trees), 0)), own_slots=np.zeros((len(trees), 0), dtype=np.int64))
+    return Branches(
+        tree=np.asarray(trees, dtype=np.int64),
+        parent=zeros + ROOT,
+        child=zeros,
+        depth=zeros,
+        code=zeros,
+        path=np.asarray(paths, dtype=np.int64),
+        seed=np.asarray(seeds, dtype=np.uint64),
+        n=zeros,
+        tokens=np.zeros((len(trees), 0), dtype=np.int64),
+        logprobs=np.zeros((len(trees), 0)),
+        own_slots=np.zeros((len(trees), 0), dtype=np.int64),
+    )
 
 
 class NodeRecords:
@@ -100,8 +121,19 @@ class NodeRecords:
         """Store completed branches; returns their record ids."""
         ids = np.arange(self.count, self.count + len(done))
         if len(done):
-            self._parts.append((done.tree, done.parent, done.child, done.depth, done.code, done.n,
-                                np.asarray(finished, dtype=bool), done.tokens, done.logprobs))
+            self._parts.append(
+                (
+                    done.tree,
+                    done.parent,
+                    done.child,
+                    done.depth,
+                    done.code,
+                    done.n,
+                    np.asarray(finished, dtype=bool),
+                    done.tokens,
+                    done.logprobs,
+                )
+            )
             self.count += len(done)
         return ids
 
@@ -119,9 +151,15 @@ class NodeRecords:
         parent_local = np.where(parent[order] == ROOT, 0, local[np.maximum(parent[order], 0)])
         out = []
         for t, (prompt, info) in enumerate(zip(prompts, infos, strict=True)):
-            sel = order[starts[t]:starts[t] + counts[t]]
-            nodes = (parent_local[starts[t]:starts[t] + counts[t]], depth[sel], n[sel], finished[sel],
-                     _rows(tokens[sel], n[sel]), _rows(logprobs[sel], n[sel]))
+            sel = order[starts[t] : starts[t] + counts[t]]
+            nodes = (
+                parent_local[starts[t] : starts[t] + counts[t]],
+                depth[sel],
+                n[sel],
+                finished[sel],
+                _rows(tokens[sel], n[sel]),
+                _rows(logprobs[sel], n[sel]),
+            )
             out.append(_tree(prompt, info, *nodes))
         return out
 
@@ -139,10 +177,13 @@ def _no_nodes():
 def _tree(prompt, info, parent, depth, n, finished, tokens, logprobs) -> Tree:
     prompt = np.asarray(prompt, dtype=np.int64)
     lengths = np.concatenate([[len(prompt)], n])
-    tree = Tree(parent=np.concatenate([[-1], parent]).astype(np.int64),
-                depth=np.concatenate([[0], depth]).astype(np.int64),
-                offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                token_ids=np.concatenate([prompt, tokens]).astype(np.int64),
-                finished=np.concatenate([[False], finished]).astype(bool), info=dict(info))
+    tree = Tree(
+        parent=np.concatenate([[-1], parent]).astype(np.int64),
+        depth=np.concatenate([[0], depth]).astype(np.int64),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        token_ids=np.concatenate([prompt, tokens]).astype(np.int64),
+        finished=np.concatenate([[False], finished]).astype(bool),
+        info=dict(info),
+    )
     tree.token_logprobs = np.concatenate([np.full(len(prompt), np.nan), logprobs])
     return tree

@@ -7,6 +7,7 @@ branches are grouped by the path they read (the siblings of a node, or the trees
 prompt), each group's path listed once and each branch carrying only its own segment's
 slots. Host arrays reach the device through ``HostStaging`` in one copy a step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from treerpo.engine.sequence import Branches
 @dataclass
 class StepInputs:
     """What ``ModelRunner.run`` needs: the new tokens of many sequences packed in one row."""
+
     input_ids: torch.Tensor  # long [1, N]
     position_ids: torch.Tensor  # long [1, N]
     meta: PagedAttentionMetadata
@@ -48,7 +50,7 @@ class HostStaging:
         host = buffer.numpy()
         start = 0
         for a, size in zip(arrays.values(), sizes, strict=True):
-            host[start:start + size] = a.reshape(-1)
+            host[start : start + size] = a.reshape(-1)
             start += size
         on_device = buffer[:start].to(self.device, non_blocking=True)
         self._copied[self._turn] = torch.cuda.Event()
@@ -56,7 +58,7 @@ class HostStaging:
         self._turn ^= 1
         out, start = {}, 0
         for (name, a), size in zip(arrays.items(), sizes, strict=True):
-            out[name] = on_device[start:start + size].view(a.shape)
+            out[name] = on_device[start : start + size].view(a.shape)
             start += size
         return out
 
@@ -65,8 +67,9 @@ class HostStaging:
             self._copied[self._turn].synchronize()  # its last copy left long ago: the step's tokens came back
         buffer = self._pinned[self._turn]
         if buffer is None or buffer.numel() < size:
-            buffer = torch.empty(max(size, 1 << 16, 2 * (0 if buffer is None else buffer.numel())),
-                                 dtype=torch.int64, pin_memory=True)
+            buffer = torch.empty(
+                max(size, 1 << 16, 2 * (0 if buffer is None else buffer.numel())), dtype=torch.int64, pin_memory=True
+            )
             self._pinned[self._turn] = buffer
         return buffer
 
@@ -77,26 +80,44 @@ def decode_inputs(branches: Branches, paths: PathTable, pool, staging: HostStagi
     rows = np.arange(b)
     own_len = branches.n  # own slots to read, the new token's included
     path_len = paths.length[branches.path]
-    arrays = {"input_ids": branches.last_tokens()[None], "position_ids": (path_len + own_len - 1)[None],
-              "write_slots": branches.own_slots[rows, own_len - 1], "query_rows": rows[:, None],
-              "last_rows": rows}
-    own = _first(branches.own_slots[:, :int(own_len.max())], own_len)
+    arrays = {
+        "input_ids": branches.last_tokens()[None],
+        "position_ids": (path_len + own_len - 1)[None],
+        "write_slots": branches.own_slots[rows, own_len - 1],
+        "query_rows": rows[:, None],
+        "last_rows": rows,
+    }
+    own = _first(branches.own_slots[:, : int(own_len.max())], own_len)
     if cascade:
         group_paths, group_of_seq = np.unique(branches.path, return_inverse=True)
         arrays.update(kv_slots=own, query_key_pos=(own_len - 1)[:, None])
-        arrays.update(cascade_arrays(paths.slots[group_paths], paths.length[group_paths], group_of_seq, own, own_len,
-                                     pool.num_kv_heads))
+        arrays.update(
+            cascade_arrays(
+                paths.slots[group_paths], paths.length[group_paths], group_of_seq, own, own_len, pool.num_kv_heads
+            )
+        )
     else:
         kv_len = path_len + own_len
-        arrays.update(kv_slots=_joined(paths.slots[branches.path], path_len, own, own_len),
-                      query_key_pos=(kv_len - 1)[:, None])
+        arrays.update(
+            kv_slots=_joined(paths.slots[branches.path], path_len, own, own_len), query_key_pos=(kv_len - 1)[:, None]
+        )
     t = staging(arrays)
     groups = None
     if cascade:
-        groups = CascadeGroups(**{k: t[k] for k in CASCADE_FIELDS},
-                               prefix_padding=t["prefix_padding"].bool(), suffix_padding=t["suffix_padding"].bool())
-    meta = PagedAttentionMetadata(pool, t["write_slots"], t["query_rows"], t["kv_slots"], t["query_key_pos"],
-                                  groups=groups, max_positions=int((path_len + own_len).max()))
+        groups = CascadeGroups(
+            **{k: t[k] for k in CASCADE_FIELDS},
+            prefix_padding=t["prefix_padding"].bool(),
+            suffix_padding=t["suffix_padding"].bool(),
+        )
+    meta = PagedAttentionMetadata(
+        pool,
+        t["write_slots"],
+        t["query_rows"],
+        t["kv_slots"],
+        t["query_key_pos"],
+        groups=groups,
+        max_positions=int((path_len + own_len).max()),
+    )
     return StepInputs(t["input_ids"], t["position_ids"], meta, t["last_rows"], b)
 
 
@@ -106,8 +127,17 @@ def repeated_path_keys(branches: Branches, paths: PathTable) -> int:
     return int(path_len[branches.path].sum() - path_len[np.unique(branches.path)].sum())
 
 
-CASCADE_FIELDS = ("prefix_slots", "prefix_len", "group_of_seq", "member_rows", "rank_in_group", "members",
-                  "member_start", "prefix_rows", "suffix_rows")  # staged as int64; the two paddings as bool
+CASCADE_FIELDS = (
+    "prefix_slots",
+    "prefix_len",
+    "group_of_seq",
+    "member_rows",
+    "rank_in_group",
+    "members",
+    "member_start",
+    "prefix_rows",
+    "suffix_rows",
+)  # staged as int64; the two paddings as bool
 
 
 def _first(table: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -127,8 +157,9 @@ def _joined(path_rows: np.ndarray, path_len: np.ndarray, own: np.ndarray, own_le
     return joined
 
 
-def sequence_inputs(pool, sequences: list[tuple], new_tokens: list, device, prefixes=None,
-                    group_of_seq=None) -> StepInputs:
+def sequence_inputs(
+    pool, sequences: list[tuple], new_tokens: list, device, prefixes=None, group_of_seq=None
+) -> StepInputs:
     """Inputs of a forward over arbitrary sequences (prefill, or decode steps given one by one): per sequence the
     slots of its cached path (after its group's prefix, with ``prefixes``), its new slots and new tokens."""
     meta = PagedAttentionMetadata.build(pool, sequences, device, prefixes, group_of_seq)
@@ -142,5 +173,10 @@ def sequence_inputs(pool, sequences: list[tuple], new_tokens: list, device, pref
     positions = np.arange(ends[-1]) + np.repeat(cached_len - (ends - new_len), new_len)
     meta.max_positions = int((cached_len + new_len).max())
     as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)  # noqa: E731
-    return StepInputs(as_tensor(np.concatenate([np.asarray(t, dtype=np.int64) for t in new_tokens]))[None],
-                      as_tensor(positions)[None], meta, as_tensor(ends - 1), int(ends[-1]))
+    return StepInputs(
+        as_tensor(np.concatenate([np.asarray(t, dtype=np.int64) for t in new_tokens]))[None],
+        as_tensor(positions)[None],
+        meta,
+        as_tensor(ends - 1),
+        int(ends[-1]),
+    )

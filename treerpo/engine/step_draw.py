@@ -6,6 +6,7 @@ draw's fp64 CDF twice that), so the head and the draw run on chunks of rows size
 budget. Every chunk's results stay on the device and come back in one copy: the step's only
 host-device synchronisation.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,9 +23,16 @@ def rows_per_chunk(vocab: int, memory_bytes: int, bytes_per_logit: int) -> int:
 
 
 @torch.no_grad()
-def draw_step(head, hidden: torch.Tensor, rows: np.ndarray | None, u: np.ndarray | None, width: int,
-              params: SamplingParams, entropy: bool,
-              memory_bytes: int = DEFAULT_DRAW_MEMORY_BYTES) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def draw_step(
+    head,
+    hidden: torch.Tensor,
+    rows: np.ndarray | None,
+    u: np.ndarray | None,
+    width: int,
+    params: SamplingParams,
+    entropy: bool,
+    memory_bytes: int = DEFAULT_DRAW_MEMORY_BYTES,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Tokens and log-probs [R, width] on the host (and each row's next-token entropy with ``entropy``): draw r
     reads the logits ``head.logits(hidden[rows[r]])`` (``rows`` None: every row of ``hidden`` in order, a decode
     step's, with no index) and the uniforms ``u[r]`` (torch's global RNG when ``u`` is None). Raises
@@ -39,8 +47,8 @@ def draw_step(head, hidden: torch.Tensor, rows: np.ndarray | None, u: np.ndarray
     step = rows_per_chunk(head.weight.shape[0], memory_bytes, draw_bytes_per_logit(params, entropy))
     parts = []
     for start in range(0, count, step):
-        chunk = hidden[start:start + step] if index is None else hidden.index_select(0, index[start:start + step])
-        parts.append(draw(head.logits(chunk), params, u_dev[start:start + step], entropy))
+        chunk = hidden[start : start + step] if index is None else hidden.index_select(0, index[start : start + step])
+        parts.append(draw(head.logits(chunk), params, u_dev[start : start + step], entropy))
     if not parts:
         empty = np.zeros((0, width))
         return empty.astype(np.int64), empty, np.zeros(0) if entropy else None
@@ -54,8 +62,11 @@ def draw_step(head, hidden: torch.Tensor, rows: np.ndarray | None, u: np.ndarray
     n = tokens.numel()
     if host[2 * n]:
         raise_nonfinite()
-    return (host[:n].long().numpy().reshape(tokens.shape), host[n:2 * n].numpy().reshape(tokens.shape),
-            host[2 * n + 1:].numpy() if entropy else None)
+    return (
+        host[:n].long().numpy().reshape(tokens.shape),
+        host[n : 2 * n].numpy().reshape(tokens.shape),
+        host[2 * n + 1 :].numpy() if entropy else None,
+    )
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

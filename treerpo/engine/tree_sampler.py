@@ -8,6 +8,7 @@ finishes, its slots are freed and waiting trees are admitted (continuous batchin
 is admitted only when its worst-case slot count fits, so a batch larger than the pool
 waits, never fails half-way.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,10 +35,20 @@ from treerpo.tree import Tree, TreeSpec
 class TreeSampler:
     """Samples trees with prefix sharing. ``pool_tokens`` or ``memory_bytes`` sizes the KV pool."""
 
-    def __init__(self, model, tokenizer, pool_tokens: int | None = None, memory_bytes: int | None = None,
-                 truncate_prompts: bool = False, stop_strings: Sequence[str] = (), share_prefixes: bool = True,
-                 ignore_eos: bool = False, cascade: bool = True, eos_ids: Sequence[int] | None = None,
-                 draw_memory_bytes: int = DEFAULT_DRAW_MEMORY_BYTES):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        pool_tokens: int | None = None,
+        memory_bytes: int | None = None,
+        truncate_prompts: bool = False,
+        stop_strings: Sequence[str] = (),
+        share_prefixes: bool = True,
+        ignore_eos: bool = False,
+        cascade: bool = True,
+        eos_ids: Sequence[int] | None = None,
+        draw_memory_bytes: int = DEFAULT_DRAW_MEMORY_BYTES,
+    ):
         """``share_prefixes=False`` prefills every tree's prompt on its own and skips the radix cache (the
         baseline of benchmarks); ``ignore_eos`` generates full segments whatever is sampled (throughput runs);
         ``cascade=False`` decodes every branch over its whole path instead of reading the path its siblings
@@ -56,8 +67,16 @@ class TreeSampler:
         device = next(model.parameters()).device
         if pool_tokens is None and memory_bytes is None:
             pool_tokens = 1 << 16
-        self.pool = KVPool(layers, kv_heads, head_dim, next(model.parameters()).dtype, device, page_size=1,
-                           num_pages=pool_tokens, memory_bytes=memory_bytes if pool_tokens is None else None)
+        self.pool = KVPool(
+            layers,
+            kv_heads,
+            head_dim,
+            next(model.parameters()).dtype,
+            device,
+            page_size=1,
+            num_pages=pool_tokens,
+            memory_bytes=memory_bytes if pool_tokens is None else None,
+        )
         self.cache = RadixCache(self.pool)
         self.runner = ModelRunner(model, self.pool)
         self.eos = set() if ignore_eos else set(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
@@ -90,8 +109,13 @@ class TreeSampler:
 
     # ---- public ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, prompts: Sequence[Sequence[int]], spec: TreeSpec, infos: Sequence[dict] | None = None,
-               seeds: Sequence[int] | None = None) -> list[Tree]:
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        spec: TreeSpec,
+        infos: Sequence[dict] | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Tree]:
         """One tree per prompt. With ``seeds`` every tree draws from its own counter-based stream (same seed, same
         tree, whatever else is in the batch); without, from torch's global RNG."""
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
@@ -99,8 +123,13 @@ class TreeSampler:
         infos = list(infos) if infos is not None else [{} for _ in prompts]
         worst = worst_case_tokens(list(map(len, prompts)), spec.max_generated_tokens, self.pool.capacity_tokens)
         self._forget_stale_kv()
-        batch = _Batch(prompts, spec, SamplingParams(spec.temperature, spec.top_p),
-                       None if seeds is None else root_seeds([int(s) for s in seeds]), Scheduler(self.blocks, worst))
+        batch = _Batch(
+            prompts,
+            spec,
+            SamplingParams(spec.temperature, spec.top_p),
+            None if seeds is None else root_seeds([int(s) for s in seeds]),
+            Scheduler(self.blocks, worst),
+        )
         self.blocks.start(max(map(len, prompts), default=0) + (spec.depth - 1) * spec.segment_tokens)
         was_training = self.model.training
         self.model.eval()
@@ -130,9 +159,15 @@ class TreeSampler:
             return step()
         start, self._model_seconds = time.perf_counter(), 0.0
         step()
-        self.step_records.append({"kind": kind, "branches": len(batch.live), "model_s": self._model_seconds,
-                                  "step_s": time.perf_counter() - start,
-                                  "forked": kind == "decode" and batch.forked})
+        self.step_records.append(
+            {
+                "kind": kind,
+                "branches": len(batch.live),
+                "model_s": self._model_seconds,
+                "step_s": time.perf_counter() - start,
+                "forked": kind == "decode" and batch.forked,
+            }
+        )
 
     def _forward(self, inputs) -> torch.Tensor:
         """The final hidden states at the forward's last rows (``ModelRunner.run``)."""
@@ -158,13 +193,17 @@ class TreeSampler:
             groups.setdefault(tuple(batch.prompts[t]) if self.share_prefixes else (t,), []).append(t)
         keys = list(groups)
         prompts = [tuple(batch.prompts[groups[k][0]]) for k in keys]
-        cached = [self.cache.match_prefix(list(p[:-1]))[0] if self.share_prefixes else torch.zeros(0, dtype=torch.long)
-                  for p in prompts]
-        new = [p[len(c):] for p, c in zip(prompts, cached, strict=True)]
+        cached = [
+            self.cache.match_prefix(list(p[:-1]))[0] if self.share_prefixes else torch.zeros(0, dtype=torch.long)
+            for p in prompts
+        ]
+        new = [p[len(c) :] for p, c in zip(prompts, cached, strict=True)]
         slots = self.pool.alloc(sum(map(len, new)))
         news = torch.split(slots, [len(n) for n in new])
         try:
-            hidden = self._forward(sequence_inputs(self.pool, list(zip(cached, news, strict=True)), new, self.runner.device))
+            hidden = self._forward(
+                sequence_inputs(self.pool, list(zip(cached, news, strict=True)), new, self.runner.device)
+            )
         except BaseException:  # nobody owns the new slots yet
             self.pool.decref(slots)
             raise
@@ -172,7 +211,7 @@ class TreeSampler:
         for key, prompt, c, n in zip(keys, prompts, cached, news, strict=True):
             if self.share_prefixes:  # every new slot in the cache first: a failing fork leaks none
                 already = self.cache.insert(list(prompt), torch.cat([c, n]))
-                duplicate = n[:max(0, already - len(c))]
+                duplicate = n[: max(0, already - len(c))]
                 if len(duplicate):
                     self.pool.decref(duplicate)
                 paths.append(self.blocks.hold_cached_prompt(groups[key], prompt))
@@ -182,8 +221,11 @@ class TreeSampler:
         batch.scheduler.count_used(np.array(admitted), [len(batch.prompts[t]) for t in admitted])
         tree_ids = np.concatenate([np.asarray(g, dtype=np.int64) for g in trees])
         group_rows = np.repeat(np.arange(len(trees)), [len(g) for g in trees])
-        parents = roots(tree_ids, np.asarray(paths, dtype=np.int64)[group_rows],
-                        batch.seeds[tree_ids] if batch.seeds is not None else np.zeros(len(tree_ids), np.uint64))
+        parents = roots(
+            tree_ids,
+            np.asarray(paths, dtype=np.int64)[group_rows],
+            batch.seeds[tree_ids] if batch.seeds is not None else np.zeros(len(tree_ids), np.uint64),
+        )
         everyone = np.ones(len(parents), dtype=bool)
         _, tokens, logprobs = self._draw_step(batch, parents, hidden, group_rows, forced=everyone, may_fork=everyone)
         born = self._children(batch, parents, np.full(len(parents), ROOT), parents.path, tokens, logprobs)
@@ -199,8 +241,9 @@ class TreeSampler:
         cascade = self.cascade and self.runner.cascade_spares_enough(repeated_path_keys(live, self.blocks.paths))
         hidden = self._forward(decode_inputs(live, self.blocks.paths, self.pool, self.staging, cascade))
         forced = live.n == spec.segment_tokens  # only below the last level: full last-level segments ended earlier
-        may_fork = forced | ((live.depth < spec.depth) & (live.n >= spec.min_segment_tokens)
-                             if spec.fork_entropy is not None else forced)
+        may_fork = forced | (
+            (live.depth < spec.depth) & (live.n >= spec.min_segment_tokens) if spec.fork_entropy is not None else forced
+        )
         fork, tokens, logprobs = self._draw_step(batch, live, hidden, None, forced, may_fork)
         batch.forked = bool(fork.any())
         fork_rows, cont_rows = np.flatnonzero(fork), np.flatnonzero(~fork)
@@ -218,12 +261,20 @@ class TreeSampler:
         born = [Branches.empty(batch.spec.segment_tokens)]
         for depth in np.unique(parents.depth):
             at = np.flatnonzero(parents.depth == depth)
-            born.append(children_of(parents.take(at), records[at], paths[at], batch.spec, tokens[at, 1:],
-                                    logprobs[at, 1:]))
+            born.append(
+                children_of(parents.take(at), records[at], paths[at], batch.spec, tokens[at, 1:], logprobs[at, 1:])
+            )
         return Branches.concat(born)
 
-    def _draw_step(self, batch: "_Batch", branches: Branches, hidden: torch.Tensor, hidden_rows: np.ndarray | None,
-                   forced: np.ndarray, may_fork: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _draw_step(
+        self,
+        batch: "_Batch",
+        branches: Branches,
+        hidden: torch.Tensor,
+        hidden_rows: np.ndarray | None,
+        forced: np.ndarray,
+        may_fork: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All of a step's draws in one batched call: column 0 a branch's next token (if it may go on), columns
         1..k the first tokens of its k children (if it may fork). Returns which branches fork (``forced``, or
         ``may_fork`` with next-token entropy >= spec.fork_entropy) and the tokens and log-probs [B, 1 + k]."""
@@ -240,8 +291,9 @@ class TreeSampler:
             u[:, 1:] = np.where(j <= k[:, None], uniforms(child_seeds(branches.seed[:, None], j - 1), 0), 0.0)
         entropy = spec.fork_entropy is not None and bool((may_fork & ~forced).any())
         head = _TimedHead(self) if self.profile else self.runner.head
-        tokens, logprobs, entropies = draw_step(head, hidden, hidden_rows, u, width, params, entropy,
-                                                self.draw_memory_bytes)
+        tokens, logprobs, entropies = draw_step(
+            head, hidden, hidden_rows, u, width, params, entropy, self.draw_memory_bytes
+        )
         fork = forced | (may_fork & (entropies >= spec.fork_entropy)) if entropy else forced
         return fork, tokens, logprobs
 
@@ -260,9 +312,8 @@ class TreeSampler:
     def _hit_stop_strings(self, live: Branches) -> np.ndarray:
         if not self.stop_strings:
             return np.zeros(len(live), dtype=bool)
-        tails = (self.tokenizer.decode(live.tokens[b, max(0, n - 8):n].tolist()) for b, n in enumerate(live.n))
-        return np.fromiter((any(t.endswith(s) for s in self.stop_strings) for t in tails), dtype=bool,
-                           count=len(live))
+        tails = (self.tokenizer.decode(live.tokens[b, max(0, n - 8) : n].tolist()) for b, n in enumerate(live.n))
+        return np.fromiter((any(t.endswith(s) for s in self.stop_strings) for t in tails), dtype=bool, count=len(live))
 
 
 class _TimedHead:

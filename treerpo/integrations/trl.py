@@ -5,6 +5,7 @@
 
 See docs/embedding.md.
 """
+
 from treerpo.integrations.trl_rollout import treerpo_rollout
 from treerpo.integrations.trl_sampling import UnsupportedTRLOption
 from treerpo.integrations.trl_trainer import TreeRPOConfig, TreeRPOTrainer

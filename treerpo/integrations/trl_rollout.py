@@ -5,6 +5,7 @@ prompt is prefilled once for its G completions (and served from the radix cache 
 unchanged). The engine runs on the very model TRL trains: no weight copy, and an optimizer step retires the
 cached K/V by itself (the engine watches the parameters' versions).
 """
+
 from __future__ import annotations
 
 from itertools import groupby
@@ -24,6 +25,7 @@ def treerpo_rollout(pool_tokens: int | None = None, memory_bytes: int | None = N
     worst case does not fit is refused before any work with the size it needs. Returns TRL's keys
     ``prompt_ids``, ``completion_ids`` (cut after the first EOS, as TRL's own generation does) and
     ``logprobs`` (the sampler's log-prob of each completion token)."""
+
     def rollout(prompts: list, trainer) -> dict:
         sampling = engine_sampling(trainer, FEATURE)
         prompt_ids, images, _ = trainer._tokenize_prompts(prompts)
@@ -34,8 +36,13 @@ def treerpo_rollout(pool_tokens: int | None = None, memory_bytes: int | None = N
         groups = _runs_of_identical(prompt_ids)
         for size in sorted({len(g) for g in groups}):  # one engine call per group size: all groups decode together
             same_size = [g for g in groups if len(g) == size]
-            spec = grpo_spec(size, sampling.max_new_tokens, max(len(prompt_ids[g[0]]) for g in same_size),
-                             sampling.temperature, sampling.top_p)
+            spec = grpo_spec(
+                size,
+                sampling.max_new_tokens,
+                max(len(prompt_ids[g[0]]) for g in same_size),
+                sampling.temperature,
+                sampling.top_p,
+            )
             try:
                 trees = sampler.sample([list(prompt_ids[g[0]]) for g in same_size], spec)
             except RequestTooLarge as error:
@@ -43,7 +50,7 @@ def treerpo_rollout(pool_tokens: int | None = None, memory_bytes: int | None = N
             for group, tree in zip(same_size, trees, strict=True):
                 for row, leaf in zip(group, tree.children(0), strict=True):
                     completions[row] = tree.segment(int(leaf)).tolist()
-                    logprobs[row] = tree.token_logprobs[tree.offsets[leaf]:tree.offsets[leaf + 1]].tolist()
+                    logprobs[row] = tree.token_logprobs[tree.offsets[leaf] : tree.offsets[leaf + 1]].tolist()
         return {"prompt_ids": [list(p) for p in prompt_ids], "completion_ids": completions, "logprobs": logprobs}
 
     return rollout

@@ -8,6 +8,7 @@ functions; treerpo computes node values and sibling-group advantages; and the lo
 with TRL's ``epsilon`` / ``epsilon_high``, k3 KL with ``beta``, divided by the number of loss tokens of the
 optimizer step (TRL's ``dapo`` normalisation). Options that would change that meaning are refused.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,15 +39,20 @@ class TreeRPOConfig(GRPOConfig):
     """GRPOConfig plus the tree. ``num_generations`` is the number of leaves of a tree (prod(branching)) and
     ``max_completion_length`` the deepest path (depth x segment_tokens); both are derived, not set."""
 
-    branching: list[int] = field(default_factory=lambda: [4, 2, 2],
-                                 metadata={"help": "children per node at each level"})
+    branching: list[int] = field(
+        default_factory=lambda: [4, 2, 2], metadata={"help": "children per node at each level"}
+    )
     segment_tokens: int = field(default=12, metadata={"help": "tokens per tree node"})
     value_mode: str = field(default="children_mean", metadata={"help": f"one of {VALUE_MODES}"})
     advantage_norm: str = field(default="group_std", metadata={"help": f"one of {NORMALIZATIONS}"})
     tau: float = field(default=0.1, metadata={"help": "drop sibling groups whose value std is below tau"})
-    global_weight: float = field(default=0.0, metadata={
-        "help": "weight of each node's global advantage (value against the tree's leaf-reward mean) added to its "
-                "local one; 0: local only"})
+    global_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of each node's global advantage (value against the tree's leaf-reward mean) added to its "
+            "local one; 0: local only"
+        },
+    )
     micro_batch_tokens: int = field(default=8192, metadata={"help": "packed tokens per forward/backward"})
     kv_pool_tokens: int = field(default=1 << 16, metadata={"help": "KV slots of the engine's pool"})
     num_generations: int | None = field(default=None, metadata={"help": "derived: leaves per tree"})
@@ -55,11 +61,15 @@ class TreeRPOConfig(GRPOConfig):
     def __post_init__(self):
         spec = TreeSpec(tuple(self.branching), self.segment_tokens)  # validates the shape
         self.branching = list(spec.branching)
-        for name, value, derived in (("num_generations", self.num_generations, spec.max_leaves),
-                                     ("max_completion_length", self.max_completion_length, spec.max_new_tokens)):
+        for name, value, derived in (
+            ("num_generations", self.num_generations, spec.max_leaves),
+            ("max_completion_length", self.max_completion_length, spec.max_new_tokens),
+        ):
             if value is not None and value != derived:
-                raise UnsupportedTRLOption(f"{FEATURE}: {name}={value} but the tree {self.branching} x "
-                                           f"{self.segment_tokens} tokens gives {derived}; leave {name} unset")
+                raise UnsupportedTRLOption(
+                    f"{FEATURE}: {name}={value} but the tree {self.branching} x "
+                    f"{self.segment_tokens} tokens gives {derived}; leave {name} unset"
+                )
         self.num_generations, self.max_completion_length = spec.max_leaves, spec.max_new_tokens
         _refuse_unsupported_config(self)
         super().__post_init__()
@@ -69,36 +79,61 @@ def _refuse_unsupported_config(args: TreeRPOConfig) -> None:
     """TRL options whose meaning the tree loss would silently change."""
     checks = [
         (args.value_mode in VALUE_MODES, f"value_mode={args.value_mode!r}", f"choose one of {VALUE_MODES}"),
-        (args.advantage_norm in NORMALIZATIONS, f"advantage_norm={args.advantage_norm!r}",
-         f"choose one of {NORMALIZATIONS}"),
+        (
+            args.advantage_norm in NORMALIZATIONS,
+            f"advantage_norm={args.advantage_norm!r}",
+            f"choose one of {NORMALIZATIONS}",
+        ),
         (args.tau >= 0, f"tau={args.tau}", "tau must be >= 0"),
-        (bool(np.isfinite(args.global_weight)) and args.global_weight >= 0, f"global_weight={args.global_weight}",
-         "global_weight must be a finite number >= 0 (0: local advantages only)"),
+        (
+            bool(np.isfinite(args.global_weight)) and args.global_weight >= 0,
+            f"global_weight={args.global_weight}",
+            "global_weight must be a finite number >= 0 (0: local advantages only)",
+        ),
         (args.micro_batch_tokens >= 1, f"micro_batch_tokens={args.micro_batch_tokens}", "use a positive count"),
-        (args.loss_type == "dapo", f"loss_type={args.loss_type!r}",
-         "the tree loss is token-mean over the optimizer step's loss tokens (TRL's 'dapo'); set loss_type='dapo'"),
-        (args.importance_sampling_level == "token", f"importance_sampling_level={args.importance_sampling_level!r}",
-         "sequence-level ratios are undefined for shared tree tokens; use 'token'"),
-        (args.scale_rewards in ("group", True), f"scale_rewards={args.scale_rewards!r}",
-         "advantages are normalised by advantage_norm (group_std, mean_only, batch_std); leave scale_rewards unset"),
-        (args.multi_objective_aggregation == "sum_then_normalize",
-         f"multi_objective_aggregation={args.multi_objective_aggregation!r}",
-         "leaf rewards are the weighted sum of the reward functions; leave it 'sum_then_normalize'"),
-        (not args.mask_truncated_completions, "mask_truncated_completions=True",
-         "a truncated leaf still scores its path; set it to False"),
+        (
+            args.loss_type == "dapo",
+            f"loss_type={args.loss_type!r}",
+            "the tree loss is token-mean over the optimizer step's loss tokens (TRL's 'dapo'); set loss_type='dapo'",
+        ),
+        (
+            args.importance_sampling_level == "token",
+            f"importance_sampling_level={args.importance_sampling_level!r}",
+            "sequence-level ratios are undefined for shared tree tokens; use 'token'",
+        ),
+        (
+            args.scale_rewards in ("group", True),
+            f"scale_rewards={args.scale_rewards!r}",
+            "advantages are normalised by advantage_norm (group_std, mean_only, batch_std); leave scale_rewards unset",
+        ),
+        (
+            args.multi_objective_aggregation == "sum_then_normalize",
+            f"multi_objective_aggregation={args.multi_objective_aggregation!r}",
+            "leaf rewards are the weighted sum of the reward functions; leave it 'sum_then_normalize'",
+        ),
+        (
+            not args.mask_truncated_completions,
+            "mask_truncated_completions=True",
+            "a truncated leaf still scores its path; set it to False",
+        ),
         (args.top_entropy_quantile >= 1.0, f"top_entropy_quantile={args.top_entropy_quantile}", "set it to 1.0"),
         (args.entropy_coef == 0.0 and not args.use_adaptive_entropy, "an entropy bonus", "set entropy_coef=0"),
         (args.off_policy_mask_threshold is None, "off_policy_mask_threshold", "leave it None"),
         (args.delta is None, f"delta={args.delta}", "leave it None"),
         (not args.use_vllm, "use_vllm=True", "the engine samples with the trained model; set use_vllm=False"),
-        (args.steps_per_generation is None or args.steps_per_generation % args.gradient_accumulation_steps == 0,
-         f"steps_per_generation={args.steps_per_generation} with gradient_accumulation_steps="
-         f"{args.gradient_accumulation_steps}", "an optimizer step must cover whole chunks of one generation: make "
-         "steps_per_generation a multiple of gradient_accumulation_steps"),
+        (
+            args.steps_per_generation is None or args.steps_per_generation % args.gradient_accumulation_steps == 0,
+            f"steps_per_generation={args.steps_per_generation} with gradient_accumulation_steps="
+            f"{args.gradient_accumulation_steps}",
+            "an optimizer step must cover whole chunks of one generation: make "
+            "steps_per_generation a multiple of gradient_accumulation_steps",
+        ),
         (not args.log_completions, "log_completions=True", "completion tables are not filled; set it to False"),
-        (args.eval_strategy in ("no", None) or str(args.eval_strategy) == "IntervalStrategy.NO",
-         f"eval_strategy={args.eval_strategy!r}",
-         "evaluate with a callback (e.g. treerpo.sampling.evaluation.pass_at_1) and set eval_strategy='no'"),
+        (
+            args.eval_strategy in ("no", None) or str(args.eval_strategy) == "IntervalStrategy.NO",
+            f"eval_strategy={args.eval_strategy!r}",
+            "evaluate with a callback (e.g. treerpo.sampling.evaluation.pass_at_1) and set eval_strategy='no'",
+        ),
     ]
     for ok, option, fix in checks:
         if not ok:
@@ -124,25 +159,34 @@ class TreeRPOTrainer(GRPOTrainer):
             raise UnsupportedTRLOption(f"{FEATURE} needs args=TreeRPOConfig(...), got {type(args).__name__}")
         for name in ("rollout_func", "tools", "environment_factory", "peft_config"):
             if kwargs.get(name) is not None:
-                raise UnsupportedTRLOption(f"{FEATURE} does not support {name}: trees are sampled by treerpo's "
-                                           "engine on the full model")
+                raise UnsupportedTRLOption(
+                    f"{FEATURE} does not support {name}: trees are sampled by treerpo's engine on the full model"
+                )
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise UnsupportedTRLOption(f"{FEATURE} runs in one process (no DeepSpeed/FSDP): a tree must not span "
-                                       "processes; for several GPUs use treerpo's own trainer")
+            raise UnsupportedTRLOption(
+                f"{FEATURE} runs in one process (no DeepSpeed/FSDP): a tree must not span "
+                "processes; for several GPUs use treerpo's own trainer"
+            )
         if self.aux_loss_enabled:
-            raise UnsupportedTRLOption(f"{FEATURE} does not add the MoE router auxiliary loss: set "
-                                       "router_aux_loss_coef=0")
+            raise UnsupportedTRLOption(
+                f"{FEATURE} does not add the MoE router auxiliary loss: set router_aux_loss_coef=0"
+            )
         self.sampling = engine_sampling(self, FEATURE)
         if self.sampling.temperature == 0:
-            raise UnsupportedTRLOption(f"{FEATURE} does not support greedy decoding (do_sample=False): identical "
-                                       "siblings have no advantage; sample with a temperature")
+            raise UnsupportedTRLOption(
+                f"{FEATURE} does not support greedy decoding (do_sample=False): identical "
+                "siblings have no advantage; sample with a temperature"
+            )
         if self.sampling.temperature != self.temperature:
-            raise UnsupportedTRLOption(f"{FEATURE}: generation_kwargs temperature {self.sampling.temperature} differs "
-                                       f"from temperature={self.temperature} (the log-probs' temperature); set "
-                                       "GRPOConfig.temperature only")
-        self.spec = TreeSpec(tuple(args.branching), args.segment_tokens, temperature=self.sampling.temperature,
-                             top_p=self.sampling.top_p)
+            raise UnsupportedTRLOption(
+                f"{FEATURE}: generation_kwargs temperature {self.sampling.temperature} differs "
+                f"from temperature={self.temperature} (the log-probs' temperature); set "
+                "GRPOConfig.temperature only"
+            )
+        self.spec = TreeSpec(
+            tuple(args.branching), args.segment_tokens, temperature=self.sampling.temperature, top_p=self.sampling.top_p
+        )
         enable_tree_attention(self._policy())
         if self.ref_model is not None:
             enable_tree_attention(self.accelerator.unwrap_model(self.ref_model))
@@ -166,7 +210,7 @@ class TreeRPOTrainer(GRPOTrainer):
         leaves = self.num_generations
         prompts = [rows[i]["prompt"] for i in range(0, len(rows), leaves)]
         for i, prompt in enumerate(prompts):
-            if any(r["prompt"] != prompt for r in rows[i * leaves:(i + 1) * leaves]):
+            if any(r["prompt"] != prompt for r in rows[i * leaves : (i + 1) * leaves]):
                 raise RuntimeError(f"{FEATURE}: the generation batch does not repeat each prompt {leaves} times")
         prompt_ids, images, _ = self._tokenize_prompts(prompts)
         if images is not None:
@@ -191,19 +235,25 @@ class TreeRPOTrainer(GRPOTrainer):
             rank = leaf_rank[t] = leaf_rank.get(t, -1) + 1
             inputs.append(rows[trees[t].info["row"] + rank])
         prompts = [trees[t].info["prompt"] for t, _ in keys]
-        completions = ([[{"role": "assistant", "content": c}] for c in texts]
-                       if is_conversational({"prompt": prompts[0]}) else texts)
+        completions = (
+            [[{"role": "assistant", "content": c}] for c in texts]
+            if is_conversational({"prompt": prompts[0]})
+            else texts
+        )
         completion_ids = [trees[t].path_token_ids(leaf, include_prompt=False).tolist() for t, leaf in keys]
         per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)
         unscorable = torch.isnan(per_func).all(dim=1).nonzero().flatten().tolist()
         if unscorable:
-            raise ValueError(f"{FEATURE}: every reward function returned None for completion {unscorable[0]} "
-                             f"({completions[unscorable[0]]!r}); a tree needs a reward on every leaf")
+            raise ValueError(
+                f"{FEATURE}: every reward function returned None for completion {unscorable[0]} "
+                f"({completions[unscorable[0]]!r}); a tree needs a reward on every leaf"
+            )
         rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1).cpu().numpy()
         for (t, leaf), r in zip(keys, rewards, strict=True):
             trees[t].reward[leaf] = float(r)
-        stats = compute_advantages(trees, self.args.value_mode, self.args.advantage_norm, self.args.tau,
-                                   global_weight=self.args.global_weight)
+        stats = compute_advantages(
+            trees, self.args.value_mode, self.args.advantage_norm, self.args.tau, global_weight=self.args.global_weight
+        )
         self._log_rollout(trees, rewards, per_func, stats)
 
     def _log_rollout(self, trees, rewards, per_func, stats) -> None:
@@ -230,17 +280,25 @@ class TreeRPOTrainer(GRPOTrainer):
         off_policy = self.num_iterations > 1 or accumulation % (steps * self.num_iterations) != 0
         chunks = []
         for g, group in enumerate(groups):
-            window = groups[g - g % accumulation: g - g % accumulation + accumulation]
+            window = groups[g - g % accumulation : g - g % accumulation + accumulation]
             normalizer = sum(loss_token_count(t) for members in window for t in members)
-            chunks.append(TreeChunk([self._prepare(micro, off_policy) for micro in
-                                     micro_batches(group, self.args.micro_batch_tokens)], normalizer))
+            chunks.append(
+                TreeChunk(
+                    [self._prepare(micro, off_policy) for micro in micro_batches(group, self.args.micro_batch_tokens)],
+                    normalizer,
+                )
+            )
         return chunks
 
     def _prepare(self, trees: list[Tree], off_policy: bool) -> PreparedBatch:
         reference = self.accelerator.unwrap_model(self.ref_model) if self.beta != 0.0 else None
-        return prepare_batch(trees, self.accelerator.device, lambda packed, rows: self._logprobs(self._policy(), packed, rows),
-                             None if reference is None else lambda packed, rows: self._logprobs(reference, packed, rows),
-                             old_logprobs=off_policy)
+        return prepare_batch(
+            trees,
+            self.accelerator.device,
+            lambda packed, rows: self._logprobs(self._policy(), packed, rows),
+            None if reference is None else lambda packed, rows: self._logprobs(reference, packed, rows),
+            old_logprobs=off_policy,
+        )
 
     def _logprobs(self, model, packed, rows):
         """Under TRL's mixed precision (accelerate patches ``model.forward`` with autocast; the packed forward
@@ -252,9 +310,17 @@ class TreeRPOTrainer(GRPOTrainer):
     def micro_batch_loss(self, batch: PreparedBatch, normalizer: int) -> torch.Tensor:
         logp = self._logprobs(self._policy(), batch.packed, batch.rows)
         old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
-        loss, stats = policy_loss(logp, old, batch.packed.advantages[batch.rows], clip_low=self.epsilon_low,
-                                  clip_high=self.epsilon_high, ref_logprobs=batch.ref_logprobs, kl_coef=self.beta,
-                                  normalizer=normalizer, kl_times_ratio=self.args.use_bias_correction_kl)
+        loss, stats = policy_loss(
+            logp,
+            old,
+            batch.packed.advantages[batch.rows],
+            clip_low=self.epsilon_low,
+            clip_high=self.epsilon_high,
+            ref_logprobs=batch.ref_logprobs,
+            kl_coef=self.beta,
+            normalizer=normalizer,
+            kl_times_ratio=self.args.use_bias_correction_kl,
+        )
         for name, value in stats.items():
             self._metrics["train"][name].append(value)
         return loss

@@ -4,6 +4,7 @@ Loading the GGUF through transformers takes ~12 s; the first call re-saves it as
 safetensors in a local cache folder, and later calls load that in well under a second.
 Nothing is downloaded at run time: the weights come with the installed package.
 """
+
 from __future__ import annotations
 
 import os

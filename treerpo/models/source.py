@@ -3,6 +3,7 @@
 Checked before anything is loaded, so a typo costs one clear error instead of hub retries or
 a tokenizer library's complaint about an empty folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,14 +19,21 @@ class ModelSourceError(FileNotFoundError):
 
 def looks_like_path(name: str) -> bool:
     """A hub id is ``name`` or ``owner/name``; anything else (absolute, ./, ~, deeper) is meant as a folder."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or name.endswith("/")
-            or os.sep != "/" and os.sep in name)
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or name.endswith("/")
+        or os.sep != "/"
+        and os.sep in name
+    )
 
 
 def check_local_folder(path: Path) -> None:
     if not path.is_dir():
-        raise ModelSourceError(f"model {path} is a file; give the folder that holds config.json, the weights "
-                               "and the tokenizer")
+        raise ModelSourceError(
+            f"model {path} is a file; give the folder that holds config.json, the weights and the tokenizer"
+        )
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
@@ -34,8 +42,10 @@ def check_local_folder(path: Path) -> None:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         missing.append(f"a tokenizer (one of {', '.join(TOKENIZER_FILES)})")
     if missing:
-        raise ModelSourceError(f"model folder {path} is incomplete: no {', no '.join(missing)}; give a folder "
-                               "written by save_pretrained (model and tokenizer)")
+        raise ModelSourceError(
+            f"model folder {path} is incomplete: no {', no '.join(missing)}; give a folder "
+            "written by save_pretrained (model and tokenizer)"
+        )
 
 
 def in_hub_cache(repo_id: str) -> bool:
@@ -65,4 +75,5 @@ def resolve_model_source(name: str, allow_download: bool = False) -> tuple[str, 
         return name, False
     raise ModelSourceError(
         f"model {name!r}: no folder {path.resolve()} and not in the local Hugging Face cache; pass "
-        "--allow-download to fetch it from the hub (network), or give the path of a local folder")
+        "--allow-download to fetch it from the hub (network), or give the path of a local folder"
+    )

@@ -1,4 +1,5 @@
 """A ~1M-parameter Qwen2 and a character-level tokenizer, both built in code (no downloads)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,17 +21,31 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                   padding_side="left", model_max_length=128)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_max_length=128,
+    )
 
 
 def tiny_model_config(vocab_size: int, pad_token_id: int, eos_token_id: int) -> Qwen2Config:
     """Hidden 192, 3 layers, 4 query heads over 2 KV heads (GQA), tied embeddings: about 1.1M parameters."""
     return Qwen2Config(
-        vocab_size=vocab_size, hidden_size=192, intermediate_size=384, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-        bos_token_id=eos_token_id, rope_theta=10000.0,
+        vocab_size=vocab_size,
+        hidden_size=192,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=eos_token_id,
+        rope_theta=10000.0,
     )
 
 
@@ -41,8 +56,9 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2
     return Qwen2ForCausalLM(config)
 
 
-def load_model_and_tokenizer(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                             allow_download: bool = False):
+def load_model_and_tokenizer(
+    name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32, allow_download: bool = False
+):
     """Load a causal LM and its tokenizer from a local folder, the local hub cache, or (``allow_download``) the hub.
 
     ``None`` means the embedded default checkpoint.
@@ -51,8 +67,10 @@ def load_model_and_tokenizer(name_or_path: str | Path | None = None, dtype: torc
 
     if name_or_path is None:
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
-            raise FileNotFoundError(f"the embedded default model is missing at {DEFAULT_MODEL_DIR}; rebuild it with "
-                                    "`python -m treerpo.models.warmup`")
+            raise FileNotFoundError(
+                f"the embedded default model is missing at {DEFAULT_MODEL_DIR}; rebuild it with "
+                "`python -m treerpo.models.warmup`"
+            )
         source, local_only = str(DEFAULT_MODEL_DIR), True
     else:
         source, local_only = resolve_model_source(str(name_or_path), allow_download)
@@ -62,8 +80,10 @@ def load_model_and_tokenizer(name_or_path: str | Path | None = None, dtype: torc
     except OSError as err:  # e.g. a hub name whose config is cached but not its weights
         from treerpo.models.source import ModelSourceError
 
-        raise ModelSourceError(f"model {name_or_path}: could not be loaded ({err}); check the folder, or pass "
-                               "--allow-download to fetch what is missing from the hub") from None
+        raise ModelSourceError(
+            f"model {name_or_path}: could not be loaded ({err}); check the folder, or pass "
+            "--allow-download to fetch what is missing from the hub"
+        ) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -6,6 +6,7 @@ The step count is fixed (not a time budget) so the checkpoint is the same on eve
 of the same software. The warm-up stops where greedy accuracy is partial and sampled
 answers disagree, which is the regime where reinforcement learning has a signal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,19 @@ def supervised_batch(tokenizer, problems, device="cpu"):
     lab = torch.full((len(rows), width), -100)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (r, l) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, :len(r)], lab[i, :len(l)], mask[i, :len(r)] = torch.tensor(r), torch.tensor(l), 1
+        ids[i, : len(r)], lab[i, : len(l)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(l), 1
     return ids.to(device), mask.to(device), lab.to(device)
 
 
-def warm_up(steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, eval_every: int = 0,
-            eval_problems=None, log=print):
+def warm_up(
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    eval_every: int = 0,
+    eval_problems=None,
+    log=print,
+):
     torch.manual_seed(seed)
     task = ChainTask()
     tokenizer = build_char_tokenizer()
@@ -62,8 +70,10 @@ def report(model, tokenizer, problems, step, loss, log):
     prompts, golds = [p[0] for p in problems], [p[1] for p in problems]
     greedy = pass_at_1(model, tokenizer, prompts, golds, chain_reward, max_new_tokens=40)
     sampled = pass_at_1(model, tokenizer, prompts, golds, chain_reward, max_new_tokens=40, temperature=1.0, n=4)
-    log(f"step {step}: loss {loss:.3f} greedy {greedy.accuracy:.3f} sampled {sampled.accuracy:.3f} "
-        f"pass@4 {sampled.pass_at_n:.3f}")
+    log(
+        f"step {step}: loss {loss:.3f} greedy {greedy.accuracy:.3f} sampled {sampled.accuracy:.3f} "
+        f"pass@4 {sampled.pass_at_n:.3f}"
+    )
 
 
 def main(argv=None):

@@ -1,4 +1,5 @@
 """Activation checkpointing of the policy's decoder layers during the packed training forward."""
+
 from __future__ import annotations
 
 import contextlib

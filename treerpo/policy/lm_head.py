@@ -1,10 +1,12 @@
 """The model's output layer as one function for the engine, the samplers and the trainer.
 
 Hidden states -> fp32 logits with the family's own post-processing (Granite's ``logits_scaling``,
-Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Gemma's ``final_logit_softcapping``). The weights stay in the model's dtype: an fp32 model
+Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Gemma's ``final_logit_softcapping``).
+The weights stay in the model's dtype: an fp32 model
 multiplies directly; a half-precision one converts the head a vocabulary chunk at a time, so a
 full fp32 copy of the head never exists (and the products accumulate in fp32).
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 The LM head (``lm_head.LMHead``) and log-softmax run in fp32 over chunks of rows, recomputed in the backward,
 so the [tokens, vocab] logits never exist for the whole batch at once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,14 @@ def decoder_of(model):
     return body if body is not None else model.get_decoder()
 
 
-def packed_logprobs(model, batch: PackedBatch, rows: torch.Tensor | None = None, temperature: float = 1.0,
-                    chunk_size: int = 2048, backend: str | None = None) -> torch.Tensor:
+def packed_logprobs(
+    model,
+    batch: PackedBatch,
+    rows: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 2048,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Log-prob of each token in ``rows`` (default: the loss tokens) under ``model``; shape [len(rows)].
 
     The model must use the ``tree`` attention (``enable_tree_attention``).
@@ -35,14 +42,18 @@ def packed_logprobs(model, batch: PackedBatch, rows: torch.Tensor | None = None,
     body = decoder_of(model)
     longest = int(batch.position_ids.max()) + 1 if len(batch.position_ids) else 0
     with tree_attention(batch.tin, batch.tout, backend or default_tree_backend(device), longest):
-        hidden = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False,
-                      **metadata_kwargs(body)).last_hidden_state[0]
+        hidden = body(
+            input_ids=batch.input_ids[None],
+            position_ids=batch.position_ids[None],
+            use_cache=False,
+            **metadata_kwargs(body),
+        ).last_hidden_state[0]
     head = LMHead(model)
     states = hidden[batch.prev_index[rows]]
     targets = batch.input_ids[rows]
     out = []
     for start in range(0, len(rows), chunk_size):
-        args = (states[start:start + chunk_size], targets[start:start + chunk_size], temperature)
+        args = (states[start : start + chunk_size], targets[start : start + chunk_size], temperature)
         if torch.is_grad_enabled():  # the chunk's logits are recomputed in the backward, never all kept
             out.append(checkpoint(head.token_logprobs, *args, use_reentrant=False))
         else:

@@ -9,6 +9,7 @@ skip DDP's synchronisation, and under FSDP2 would mix sharded and full tensors.
 Sampling and evaluation run through ``with_full_weights``: under FSDP2 every layer is gathered once for the whole
 call (no collective a decode step, so ranks may decode for different numbers of steps), then sharded again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
     layers = getattr(decoder_of(model), "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__} has no decoder `layers` list; --parallel fsdp shards one unit a "
-                         "layer and cannot find them; use --parallel ddp")
+        raise ValueError(
+            f"{type(model).__name__} has no decoder `layers` list; --parallel fsdp shards one unit a "
+            "layer and cannot find them; use --parallel ddp"
+        )
     return list(layers)
 
 
@@ -70,8 +73,9 @@ def wrap_policy(model: nn.Module, mode: str, device: torch.device, temperature: 
         from torch.nn.parallel import DistributedDataParallel
 
         # buffers (rotary frequencies) are equal everywhere: synced once at construction, not every forward
-        return DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
-                                       forward_sync_buffers=False)
+        return DistributedDataParallel(
+            policy, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 

@@ -5,6 +5,7 @@ steps fp32 copies of its parameters, which are rounded back into the model after
 small updates are not lost to bf16's 8-bit mantissa. The LM head and log-softmax accumulate in fp32
 (``lm_head.LMHead``). An fp32 model needs none of this: the optimizer steps its parameters directly.
 """
+
 from __future__ import annotations
 
 import torch

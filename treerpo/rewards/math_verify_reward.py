@@ -5,6 +5,7 @@ parse/verify runs with its timeouts disabled in a pool of persistent worker proc
 the parent bounds each answer with a deadline and kills a worker that overruns, and
 warm spare workers keep the queue moving meanwhile.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -54,7 +55,7 @@ def extract_boxed(text: str) -> str | None:
         end = _closing_brace(text, m.end() - 1)
         if end is None:
             return None
-        result, pos = text[m.end():end], end + 1
+        result, pos = text[m.end() : end], end + 1
     return result
 
 
@@ -171,7 +172,7 @@ class _WorkerPool:
                 self._collect(scores)
         finally:
             for w in self._busy():  # only after an exception: its late result must not be
-                self._remove(w)     # read as the result of a later answer; the next call refills
+                self._remove(w)  # read as the result of a later answer; the next call refills
 
     def wait_ready(self) -> None:
         self._fill()
@@ -245,7 +246,8 @@ class _WorkerPool:
                 raise RuntimeError(
                     "math-verify worker failed to start (see its stderr). It uses the 'spawn' "
                     "start method: the main script must be a file guarded by "
-                    "`if __name__ == '__main__':`.")
+                    "`if __name__ == '__main__':`."
+                )
 
     def _collect(self, scores: list[float]) -> None:
         """Record finished answers; replace a process that crashed or is past its answer's
@@ -291,8 +293,9 @@ class MathVerifyReward:
     are serialized). Workers use the "spawn" context: scripts need a main guard.
     """
 
-    def __init__(self, deadline_s: float = 5.0, workers: int | None = None, spares: int = 2,
-                 startup_timeout_s: float = 120.0):
+    def __init__(
+        self, deadline_s: float = 5.0, workers: int | None = None, spares: int = 2, startup_timeout_s: float = 120.0
+    ):
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         if deadline_s <= 0 or workers < 1 or spares < 0:
             raise ValueError("deadline_s must be > 0, workers >= 1 and spares >= 0")

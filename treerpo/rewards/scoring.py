@@ -1,4 +1,5 @@
 """Score trees: a reward function on the text of every root-to-leaf path."""
+
 from __future__ import annotations
 
 from typing import Callable, Sequence

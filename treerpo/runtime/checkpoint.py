@@ -4,6 +4,7 @@ A checkpoint is written into a temporary folder and renamed into place, then the
 ``latest`` pointer is replaced atomically: a crash at any moment leaves the previous
 checkpoint intact and pointed to.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, state: dict, keep: int = 2,
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(
+    output_dir: Path, step: int, model, tokenizer, optimizer, state: dict, keep: int = 2, extra: dict | None = None
+) -> Path:
     """``extra``: more tensors to keep, {file name: object for torch.save} (e.g. fp32 master weights)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -65,7 +67,7 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
 def prune_checkpoints(output_dir: Path, keep: int, newest: int) -> None:
     """Keep ``newest`` (the one just written) and the most recent others, ``keep`` in all."""
     others = [s for s in checkpoint_steps(output_dir) if s != newest]
-    for step in others[:max(0, len(others) - (keep - 1))]:
+    for step in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(Path(output_dir) / f"checkpoint-{step}", ignore_errors=True)
 
 
@@ -75,8 +77,10 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         return None
     path = Path(output_dir) / pointer.read_text().strip()
     if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing; "
-                                "point it at an existing checkpoint folder or remove it to start afresh")
+        raise FileNotFoundError(
+            f"{pointer} names {path.name}, which is incomplete or missing; "
+            "point it at an existing checkpoint folder or remove it to start afresh"
+        )
     return path
 
 

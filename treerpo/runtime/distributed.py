@@ -4,6 +4,7 @@ One process started without torchrun is a world of one: every collective returns
 initialised, so the single-process trainer runs exactly the code it ran before. Every helper here is a
 collective: all ranks must call it, in the same order.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,8 +91,9 @@ def init_world(device_kind: str, timeout_s: float = 1800.0) -> World:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None
+        )
     return World(rank, size, local_rank, device)
 
 

@@ -5,6 +5,7 @@ optimizer, each rank writing its shards, reshardable to another world size), the
 weights gathered to rank 0, loadable with ``from_pretrained``), ``trainer_state.json`` and every rank's RNG state.
 All ranks write into a temporary folder; rank 0 renames it into place and then replaces ``latest``.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def rng_file(rank: int) -> str:
     return f"rng_state_rank{rank}.pt"
 
 
-def save_distributed_checkpoint(world: World, output_dir: Path, step: int, policy, optimizer, hf_model, tokenizer,
-                                state: dict, keep: int = 2) -> Path:
+def save_distributed_checkpoint(
+    world: World, output_dir: Path, step: int, policy, optimizer, hf_model, tokenizer, state: dict, keep: int = 2
+) -> Path:
     """Collective: every rank calls it. ``policy`` is the DDP- or FSDP2-wrapped ``PolicyLogprobs``."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"

@@ -1,4 +1,5 @@
 """Non-finite numbers in training: detected with one host sync, never applied, never checkpointed."""
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -19,9 +20,11 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 def restart_advice(config, latest_checkpoint) -> str:
     """How to go on after a divergence: a new run (a resume may not change lr) from the last good weights."""
     start = f"--model {latest_checkpoint} " if latest_checkpoint else ""
-    return (f"The learning rate ({config.lr}) is likely too high: start a new run {start}with a lower --lr and "
-            "another --output-dir (a resume keeps the lr; a new run from a checkpoint also takes it as the KL "
-            "reference)")
+    return (
+        f"The learning rate ({config.lr}) is likely too high: start a new run {start}with a lower --lr and "
+        "another --output-dir (a resume keeps the lr; a new run from a checkpoint also takes it as the KL "
+        "reference)"
+    )
 
 
 def check_weights_finite(model, when: str, advice: str = "") -> None:

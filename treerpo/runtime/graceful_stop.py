@@ -3,6 +3,7 @@
 The trainer polls ``requested`` between steps, writes a checkpoint and raises
 ``TrainingInterrupted``; the command line turns that into exit code 128 + the signal number.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,11 @@ class GracefulStop:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once, no checkpoint")
         self.requested = signum
         # os.write, not print: the signal may have interrupted a write to sys.stderr (re-entering it raises)
-        os.write(2, f"\n{signal.Signals(signum).name} received: finishing the current step, then writing a "
-                    "checkpoint; send it again to stop at once\n".encode())
+        os.write(
+            2,
+            f"\n{signal.Signals(signum).name} received: finishing the current step, then writing a "
+            "checkpoint; send it again to stop at once\n".encode(),
+        )
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -3,16 +3,29 @@
 Paths are compared resolved (``out`` and ``./out`` are one folder; a moved output folder is
 still the same run); options that only change evaluation, logging or checkpointing may change.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 # options that do not change what a training step computes
-RESUMABLE_CHANGES = frozenset({
-    "resume", "output_dir", "max_steps", "threads", "eval_every", "eval_samples", "eval_temperature",
-    "save_every", "keep_checkpoints", "max_nonfinite_steps", "allow_download", "verify_kernels",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "output_dir",
+        "max_steps",
+        "threads",
+        "eval_every",
+        "eval_samples",
+        "eval_temperature",
+        "save_every",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+        "allow_download",
+        "verify_kernels",
+    }
+)
 PATH_OPTIONS = ("model", "dataset", "eval_dataset")
 
 
@@ -36,18 +49,24 @@ def _defaults_of_newer_options() -> dict:
     """Options added after a checkpoint was written count as having had their default."""
     from treerpo.config import TrainConfig
 
-    return {name: getattr(TrainConfig, name)
-            for name in ("parallel", "global_weight", "fork_entropy", "min_segment_tokens", "token_weight")}
+    return {
+        name: getattr(TrainConfig, name)
+        for name in ("parallel", "global_weight", "fork_entropy", "min_segment_tokens", "token_weight")
+    }
 
 
 def check_resumable(current: dict, saved: dict, checkpoint: Path) -> None:
     """Refuse a resume whose options would make its steps differ from the run it continues."""
     saved = {**_defaults_of_newer_options(), **saved, **{k: _resolved(saved.get(k)) for k in PATH_OPTIONS}}
     current = {**current, **{k: _resolved(current.get(k)) for k in PATH_OPTIONS}}
-    differ = {k: (v, saved.get(k)) for k, v in current.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
-              and not (k not in saved and v is None)}
+    differ = {
+        k: (v, saved.get(k))
+        for k, v in current.items()
+        if k not in RESUMABLE_CHANGES and saved.get(k) != v and not (k not in saved and v is None)
+    }
     if differ:
         listed = ", ".join(f"{k}={new!r} (was {old!r})" for k, (new, old) in sorted(differ.items()))
         raise ResumeMismatchError(
             f"resume: the options differ from those {checkpoint} was trained with: {listed}; use the same values "
-            f"(only {sorted(RESUMABLE_CHANGES)} may change) or another output_dir")
+            f"(only {sorted(RESUMABLE_CHANGES)} may change) or another output_dir"
+        )

@@ -4,6 +4,7 @@ The lock is ``fcntl.flock`` on ``<output_dir>/.lock``, which also holds the hold
 refusal message. A lock file left behind by a dead process is not a lock: ``flock`` on it
 succeeds, so a stale lock never blocks a run.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -32,11 +33,15 @@ class RunLock:
             os.close(fd)
             raise OutputDirLockedError(
                 f"{self.path.parent} is in use by another run (pid {holder}); wait for it to finish, stop it, "
-                "or choose another --output-dir") from None
+                "or choose another --output-dir"
+            ) from None
         except OSError as err:  # a file system without flock (some NFS, Lustre, FUSE mounts)
             os.close(fd)
-            warnings.warn(f"{self.path.parent}: file locks are not supported here ({err.strerror}); a second run "
-                          "on this folder would not be refused", stacklevel=2)
+            warnings.warn(
+                f"{self.path.parent}: file locks are not supported here ({err.strerror}); a second run "
+                "on this folder would not be refused",
+                stacklevel=2,
+            )
             return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

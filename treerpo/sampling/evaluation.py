@@ -1,4 +1,5 @@
 """Pass@1 of a model on (prompt, gold) pairs: greedy, or the mean over n samples."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,9 +21,18 @@ class AccuracyResult:
     mean_response_tokens: float
 
 
-def pass_at_1(model, tokenizer, prompts: Sequence[str], golds: Sequence[str], reward_fn: RewardFn,
-              max_new_tokens: int, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-              batch_size: int = 256) -> AccuracyResult:
+def pass_at_1(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    golds: Sequence[str],
+    reward_fn: RewardFn,
+    max_new_tokens: int,
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 256,
+) -> AccuracyResult:
     was_training = model.training
     model.eval()
     try:
@@ -37,6 +47,6 @@ def pass_at_1(model, tokenizer, prompts: Sequence[str], golds: Sequence[str], re
         accuracy=float(scores.mean()) if scores.size else 0.0,
         pass_at_n=float((scores > 0.5).any(axis=1).mean()) if scores.size else 0.0,
         scores=scores,
-        completions=[texts[i * n:(i + 1) * n] for i in range(len(prompts))],
+        completions=[texts[i * n : (i + 1) * n] for i in range(len(prompts))],
         mean_response_tokens=float(np.mean([len(t) for t, _ in outputs])) if outputs else 0.0,
     )

@@ -1,4 +1,5 @@
 """Batched continuation of token-id sequences with a Hugging Face causal LM (``generate``)."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -12,8 +13,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[t
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if len(seq):
-            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
+            ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -36,22 +37,37 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def continue_sequences(model, tokenizer, sequences: Sequence[Sequence[int]], max_new_tokens: int,
-                       temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 256,
-                       ) -> list[tuple[list[int], bool]]:
+def continue_sequences(
+    model,
+    tokenizer,
+    sequences: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 256,
+) -> list[tuple[list[int], bool]]:
     """Continue each sequence by up to ``max_new_tokens``; returns (new tokens cut after EOS, ended with EOS)."""
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
     device = next(model.parameters()).device
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(
-        do_sample=False, temperature=None, top_p=None, top_k=None)
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        if temperature > 0
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
     results = []
     for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
+        chunk = sequences[start : start + batch_size]
         ids, mask = left_pad(chunk, pad_id, device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=sorted(eos), pad_token_id=pad_id, **sampling)
-        for row in out[:, ids.shape[1]:].tolist():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(eos),
+            pad_token_id=pad_id,
+            **sampling,
+        )
+        for row in out[:, ids.shape[1] :].tolist():
             results.append(cut_at_eos(row, eos))
     return results
 

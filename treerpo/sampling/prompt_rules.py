@@ -1,5 +1,6 @@
 """The prompt rules, checked before any work by every sampler and job: each prompt representable by the tokenizer
 and fitting the model's context beside the tree's longest completion."""
+
 from __future__ import annotations
 
 import unicodedata
@@ -17,8 +18,9 @@ class PromptTooLongError(ValueError):
     pass
 
 
-def check_prompt_lengths(prompts: Sequence[Sequence[int]], spec: TreeSpec, max_positions: int | None,
-                         truncate: bool = False) -> list[list[int]]:
+def check_prompt_lengths(
+    prompts: Sequence[Sequence[int]], spec: TreeSpec, max_positions: int | None, truncate: bool = False
+) -> list[list[int]]:
     """Refuse (or, with ``truncate``, keep the last ``max_prompt_tokens`` of) prompts that do not fit.
 
     A prompt fits when it has at most ``spec.max_prompt_tokens`` tokens and prompt plus the
@@ -30,7 +32,8 @@ def check_prompt_lengths(prompts: Sequence[Sequence[int]], spec: TreeSpec, max_p
         if limit < 1:
             raise PromptTooLongError(
                 f"the tree's longest completion ({spec.depth} x {spec.segment_tokens} tokens) leaves no room for a "
-                f"prompt in the model's context of {max_positions} positions; lower depth or segment_tokens")
+                f"prompt in the model's context of {max_positions} positions; lower depth or segment_tokens"
+            )
     out = []
     for i, ids in enumerate(prompts):
         if len(ids) > limit:
@@ -38,7 +41,8 @@ def check_prompt_lengths(prompts: Sequence[Sequence[int]], spec: TreeSpec, max_p
                 raise PromptTooLongError(
                     f"prompt {i} has {len(ids)} tokens but at most {limit} fit (max_prompt_tokens="
                     f"{spec.max_prompt_tokens}, context {max_positions}, completion up to {spec.max_new_tokens}); "
-                    "shorten it, raise max_prompt_tokens, or set truncate_prompts to keep its last tokens")
+                    "shorten it, raise max_prompt_tokens, or set truncate_prompts to keep its last tokens"
+                )
             ids = ids[-limit:]
         out.append(list(ids))
     return out
@@ -60,15 +64,17 @@ def check_representable(tokenizer, texts: Sequence[str], ids: Sequence[Sequence[
             raise UnrepresentablePromptError(
                 f"{where}: prompt {i} ({text[:60]!r}) has characters the model's tokenizer cannot represent "
                 f"(dropped or unknown: {''.join(lost[:20]) or tokenizer.unk_token!r}); use a model whose tokenizer "
-                "covers this data, or data in the model's alphabet")
+                "covers this data, or data in the model's alphabet"
+            )
 
 
 def max_positions_of(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def check_prompts(model, tokenizer, texts: Sequence[str], ids: Sequence[Sequence[int]], spec: TreeSpec,
-                  truncate: bool, where: str) -> int:
+def check_prompts(
+    model, tokenizer, texts: Sequence[str], ids: Sequence[Sequence[int]], spec: TreeSpec, truncate: bool, where: str
+) -> int:
     """Refuse what cannot be answered as asked; returns the longest prompt's token count after truncation."""
     check_representable(tokenizer, texts, ids, where)
     try:

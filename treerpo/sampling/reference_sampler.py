@@ -3,6 +3,7 @@
 Simple and correct: the tests' reference for the engine (``treerpo.engine``), and the "independent sampling"
 baseline (every branch re-reads its whole path).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -19,12 +20,18 @@ class ReferenceTreeSampler:
         self.batch_size = batch_size
         self.truncate_prompts = truncate_prompts
 
-    def sample(self, prompts: Sequence[Sequence[int]], spec: TreeSpec, infos: Sequence[dict] | None = None,
-               ) -> list[Tree]:
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        spec: TreeSpec,
+        infos: Sequence[dict] | None = None,
+    ) -> list[Tree]:
         """One tree per prompt (token ids). Uses the torch RNG: seed it for a reproducible tree."""
         if spec.fork_entropy is not None:
-            raise ValueError("entropy-triggered forks (fork_entropy) are implemented by the engine sampler only; use "
-                             "TreeSampler (--sampler engine) or leave fork_entropy unset")
+            raise ValueError(
+                "entropy-triggered forks (fork_entropy) are implemented by the engine sampler only; use "
+                "TreeSampler (--sampler engine) or leave fork_entropy unset"
+            )
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
         prompts = check_prompt_lengths(prompts, spec, max_positions, self.truncate_prompts)
         # per tree: lists of parents, segments, finished flags (node 0 = prompt)
@@ -36,8 +43,15 @@ class ReferenceTreeSampler:
             requests = [(key, child) for key in paths for child in range(branching)]
             if not requests:
                 break
-            outputs = continue_sequences(self.model, self.tokenizer, [paths[key] for key, _ in requests],
-                                         spec.segment_tokens, spec.temperature, spec.top_p, self.batch_size)
+            outputs = continue_sequences(
+                self.model,
+                self.tokenizer,
+                [paths[key] for key, _ in requests],
+                spec.segment_tokens,
+                spec.temperature,
+                spec.top_p,
+                self.batch_size,
+            )
             next_paths = {}
             for ((t, parent), _), (tokens, ended) in zip(requests, outputs, strict=True):
                 record = nodes[t]
@@ -49,5 +63,7 @@ class ReferenceTreeSampler:
             paths = next_paths
         self.model.train(was_training)
         infos = infos or [{} for _ in prompts]
-        return [Tree.from_segments(p, r["parents"], r["segments"], r["finished"], info)
-                for p, r, info in zip(prompts, nodes, infos, strict=True)]
+        return [
+            Tree.from_segments(p, r["parents"], r["segments"], r["finished"], info)
+            for p, r, info in zip(prompts, nodes, infos, strict=True)
+        ]

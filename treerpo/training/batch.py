@@ -1,6 +1,7 @@
 """Micro-batches ready for the loss: trees packed, their loss rows and weights, and the old and reference
 log-probs computed through the same packed forward as the new ones. Shared by the Trainer and TRL's
 TreeRPOTrainer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,22 +30,32 @@ class PreparedBatch:
 class Minibatch:
     """One optimizer step's share on this rank; ``normalizer`` is the weighted count of the loss tokens of all ranks'
     shares (``tokens``, unweighted)."""
+
     normalizer: int
     batches: list[PreparedBatch]
     tokens: int
 
 
 @torch.no_grad()
-def prepare_batch(trees: list[Tree], device, policy_logprobs: LogprobsFn, reference_logprobs: LogprobsFn | None,
-                  token_weight: str = "node", *, old_logprobs: bool, filler: bool = False) -> PreparedBatch:
+def prepare_batch(
+    trees: list[Tree],
+    device,
+    policy_logprobs: LogprobsFn,
+    reference_logprobs: LogprobsFn | None,
+    token_weight: str = "node",
+    *,
+    old_logprobs: bool,
+    filler: bool = False,
+) -> PreparedBatch:
     """``trees`` packed (unkept nodes pruned) on ``device`` with their loss rows; the policy's log-probs of those rows
     now, when they will be used after the weights change (``old_logprobs``), and the reference policy's."""
     packed = pack_trees(trees, prune_unkept=True)
     weights = None
     if token_weight != "node":  # None: every token once, the plain token mean
         loss_rows = packed.loss_mask.nonzero().squeeze(1)
-        weights = torch.from_numpy(row_weights(trees, packed.tree_index[loss_rows].numpy(),
-                                               packed.node_index[loss_rows].numpy(), token_weight)).to(device)
+        weights = torch.from_numpy(
+            row_weights(trees, packed.tree_index[loss_rows].numpy(), packed.node_index[loss_rows].numpy(), token_weight)
+        ).to(device)
     packed = packed.to(device)
     rows = torch.nonzero(packed.loss_mask).squeeze(1)
     old = policy_logprobs(packed, rows) if old_logprobs else None

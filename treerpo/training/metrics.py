@@ -1,4 +1,5 @@
 """Per-step metrics (``metrics.jsonl``) and the reward / held-out accuracy plot."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,9 @@ class MetricsLog:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 if number < len(lines):
-                    raise MetricsLogError(f"{self.path} line {number} is not valid JSON; repair or delete that "
-                                          "line to resume") from None
+                    raise MetricsLogError(
+                        f"{self.path} line {number} is not valid JSON; repair or delete that line to resume"
+                    ) from None
                 log(f"resume: the last line of {self.path} was cut short (a crash while writing it); dropped it")
         return records
 

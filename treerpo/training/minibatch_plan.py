@@ -7,6 +7,7 @@ minibatch's global count of loss tokens. Under DDP or FSDP2 every forward and ba
 each rank pads its micro-batch list to the longest rank's with ``filler_tree`` batches whose loss is multiplied
 by zero: a rank with less (or no) work issues the same collectives as the others instead of deadlocking them.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Seeds of a run: every step reseeds from (seed, step) and every tree from (seed, step, prompt index), so a resumed
 run draws what the uninterrupted one drew and trees do not depend on how prompts are spread over ranks."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """The training loop: sample trees, score them, compute advantages, one packed PPO update, repeat."""
+
 from __future__ import annotations
 
 import contextlib
@@ -62,11 +63,18 @@ from treerpo.trees.token_weights import loss_token_count, loss_weight
 
 def tree_spec(config: TrainConfig) -> TreeSpec:
     if config.algo == "grpo":
-        return grpo_spec(config.group_size, config.max_new_tokens, config.max_prompt_tokens, config.temperature,
-                         config.top_p)
-    return TreeSpec(tuple(config.branching), config.segment_tokens, config.max_prompt_tokens, config.temperature,
-                    config.top_p, fork_entropy=config.fork_entropy or None,
-                    min_segment_tokens=config.min_segment_tokens)
+        return grpo_spec(
+            config.group_size, config.max_new_tokens, config.max_prompt_tokens, config.temperature, config.top_p
+        )
+    return TreeSpec(
+        tuple(config.branching),
+        config.segment_tokens,
+        config.max_prompt_tokens,
+        config.temperature,
+        config.top_p,
+        fork_entropy=config.fork_entropy or None,
+        min_segment_tokens=config.min_segment_tokens,
+    )
 
 
 MASTER_WEIGHTS = "master_weights.pt"  # fp32 master weights of a half-precision run
@@ -89,8 +97,9 @@ class Trainer:
         self.world = World()
         try:
             self.config.validate_launch()
-            self.world = init_world(self.config.device if self.config.device != "auto" else
-                                    ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.world = init_world(
+                self.config.device if self.config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            )
             self.log = log if self.world.is_main else (lambda *a, **k: None)
             if self.world.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -106,17 +115,28 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         set_kernel_verification(config.verify_kernels)
-        self.device = (self.world.device if self.world.initialized else
-                       torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                                    else "cpu" if config.device == "auto" else config.device))
+        self.device = (
+            self.world.device
+            if self.world.initialized
+            else torch.device(
+                "cuda"
+                if config.device == "auto" and torch.cuda.is_available()
+                else "cpu"
+                if config.device == "auto"
+                else config.device
+            )
+        )
         self.reward_fn = None
         if config.prompts_per_step < self.world.size:
-            raise ConfigError(f"prompts_per_step={config.prompts_per_step} is smaller than the number of ranks "
-                              f"({self.world.size}): some ranks would have no tree to sample; raise --prompts-per-step "
-                              "or launch fewer processes")
+            raise ConfigError(
+                f"prompts_per_step={config.prompts_per_step} is smaller than the number of ranks "
+                f"({self.world.size}): some ranks would have no tree to sample; raise --prompts-per-step "
+                "or launch fewer processes"
+            )
         load_dtype = resolve_dtype(config.dtype, self.device)
-        self.model, self.tokenizer = load_model_and_tokenizer(config.model, dtype=load_dtype,
-                                                              allow_download=config.allow_download)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            config.model, dtype=load_dtype, allow_download=config.allow_download
+        )
         self.dtype = next(self.model.parameters()).dtype  # "auto" (CUDA default): the checkpoint's own
         config.check_parallel_dtype(self.dtype)  # "auto": the checkpoint's own dtype, known once loaded
         self.task = load_task(config.dataset, config.eval_dataset, config.eval_size, self.tokenizer)
@@ -131,8 +151,7 @@ class Trainer:
         self.policy = self.reference_policy = None  # DDP / FSDP2 wrappers of the log-prob forward
         if config.parallel != "none":
             self._wrap_for_parallel()
-        trained = (self.master.params if self.master is not None else
-                   (self.policy or self.model).parameters())
+        trained = self.master.params if self.master is not None else (self.policy or self.model).parameters()
         self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = make_sampler(config, self.model, self.tokenizer)
         self.start_step, self.elapsed_before = 0, 0.0
@@ -142,10 +161,15 @@ class Trainer:
         if config.resume:
             self._resume()
         elif latest_checkpoint(self.out) is not None:
-            raise ConfigError(f"{self.out} holds the checkpoints of an earlier run; continue it with --resume "
-                             "or choose another --output-dir")
-        self.metrics = (MetricsLog(self.out / "metrics.jsonl", resume_step=self.start_step, log=self.log)
-                        if self.world.is_main else None)
+            raise ConfigError(
+                f"{self.out} holds the checkpoints of an earlier run; continue it with --resume "
+                "or choose another --output-dir"
+            )
+        self.metrics = (
+            MetricsLog(self.out / "metrics.jsonl", resume_step=self.start_step, log=self.log)
+            if self.world.is_main
+            else None
+        )
         kind = self.task.reward_kind if config.reward == "auto" else config.reward
         self.reward_fn = make_reward(kind, config.reward_deadline_s)
 
@@ -154,24 +178,41 @@ class Trainer:
         temperature, backend = self.config.temperature or 1.0, self.config.tree_attention_backend
         self.policy = wrap_policy(self.model, self.config.parallel, self.device, temperature, backend)
         if self.reference is not None:
-            self.reference_policy = (wrap_policy(self.reference, "fsdp", self.device, temperature, backend)
-                                     if self.config.parallel == "fsdp" else
-                                     PolicyLogprobs(self.reference, temperature, backend))
+            self.reference_policy = (
+                wrap_policy(self.reference, "fsdp", self.device, temperature, backend)
+                if self.config.parallel == "fsdp"
+                else PolicyLogprobs(self.reference, temperature, backend)
+            )
 
     def _check_inputs(self) -> None:
         """Everything the run will feed the model, checked before the opening evaluation."""
         train = self.task.training_prompts()
-        longest = check_prompts(self.model, self.tokenizer, train, encode_prompts(self.tokenizer, train),
-                                self.spec, self.config.truncate_prompts, f"dataset {self.config.dataset!r}")
+        longest = check_prompts(
+            self.model,
+            self.tokenizer,
+            train,
+            encode_prompts(self.tokenizer, train),
+            self.spec,
+            self.config.truncate_prompts,
+            f"dataset {self.config.dataset!r}",
+        )
         held_out = [p for p, _ in self.task.eval]
-        check_prompts(self.model, self.tokenizer, held_out, encode_prompts(self.tokenizer, held_out),
-                      replace(self.spec, max_prompt_tokens=1 << 30), False,
-                      f"held-out set of {self.config.eval_dataset or self.config.dataset!r} (evaluation never truncates)")
+        check_prompts(
+            self.model,
+            self.tokenizer,
+            held_out,
+            encode_prompts(self.tokenizer, held_out),
+            replace(self.spec, max_prompt_tokens=1 << 30),
+            False,
+            f"held-out set of {self.config.eval_dataset or self.config.dataset!r} (evaluation never truncates)",
+        )
         window = smallest_sliding_window(self.model)
         if window is not None and longest + self.spec.max_new_tokens > window:
-            raise ConfigError(f"the model's sliding window ({window} positions) is shorter than a path (prompt up to "
-                              f"{longest} + {self.spec.max_new_tokens} generated tokens), and tree attention does "
-                              "not implement sliding windows; shorten the tree or the prompts")
+            raise ConfigError(
+                f"the model's sliding window ({window} positions) is shorter than a path (prompt up to "
+                f"{longest} + {self.spec.max_new_tokens} generated tokens), and tree attention does "
+                "not implement sliding windows; shorten the tree or the prompts"
+            )
         if self.config.sampler == "engine":
             try:
                 worst_case_tokens([longest], self.spec.max_generated_tokens, self.config.kv_pool_tokens)
@@ -193,9 +234,11 @@ class Trainer:
         state = load_trainer_state(checkpoint)
         check_resumable(comparable_config(self.config), state["config"], checkpoint)
         if state.get("dtype", "torch.float32") != str(self.dtype):
-            raise ResumeMismatchError(f"resume: {checkpoint} was trained in {state.get('dtype', 'torch.float32')} "
-                                      f"but this run resolves --dtype to {self.dtype}; pass --dtype "
-                                      f"{state.get('dtype', 'torch.float32').removeprefix('torch.')}")
+            raise ResumeMismatchError(
+                f"resume: {checkpoint} was trained in {state.get('dtype', 'torch.float32')} "
+                f"but this run resolves --dtype to {self.dtype}; pass --dtype "
+                f"{state.get('dtype', 'torch.float32').removeprefix('torch.')}"
+            )
         if self.policy is not None:
             self._resume_distributed(checkpoint, state)
         else:
@@ -217,9 +260,11 @@ class Trainer:
 
         saved_world = state.get("world_size", 1)
         if saved_world != self.world.size:
-            self.log(f"resume: {checkpoint} was written by {saved_world} ranks and this run has {self.world.size}; "
-                     "the weights and optimizer state are resharded exactly, but the steps from here on are not "
-                     "bit-identical to a run that kept the old world size (reductions add in another order)")
+            self.log(
+                f"resume: {checkpoint} was written by {saved_world} ranks and this run has {self.world.size}; "
+                "the weights and optimizer state are resharded exactly, but the steps from here on are not "
+                "bit-identical to a run that kept the old world size (reductions add in another order)"
+            )
         load_distributed_state(checkpoint, self.policy, self.optimizer, self.world)
 
     # ---- one step ---------------------------------------------------------------------------------
@@ -251,7 +296,7 @@ class Trainer:
         if count == 0:
             return
         mean = total / count
-        squares, = self.world.sum([((centred - mean) ** 2).sum()])
+        (squares,) = self.world.sum([((centred - mean) ** 2).sum()])
         scale = math.sqrt(squares / count) + eps
         for tree in trees:
             tree.advantage = tree.advantage / scale
@@ -262,12 +307,31 @@ class Trainer:
         log-probs computed through the same path as the new ones."""
         multiple_updates = self.config.ppo_epochs > 1 or self.config.minibatches > 1
         token_weight = self.config.token_weight
-        counts, weighted = map(list, zip(*[c for part in self.world.gather(
-            [(loss_token_count(t), loss_weight(t, token_weight)) for t in trees]) for c in part], strict=True)) if self.world.initialized or trees else ([], [])
+        counts, weighted = (
+            map(
+                list,
+                zip(
+                    *[
+                        c
+                        for part in self.world.gather(
+                            [(loss_token_count(t), loss_weight(t, token_weight)) for t in trees]
+                        )
+                        for c in part
+                    ],
+                    strict=True,
+                ),
+            )
+            if self.world.initialized or trees
+            else ([], [])
+        )
         first = self.world.shard(self.config.prompts_per_step).start
         groups = minibatch_indices(counts, self.config.minibatches)
-        micros = [micro_batches([trees[i - first] for i in group if 0 <= i - first < len(trees)],
-                                self.config.micro_batch_tokens) for group in groups]
+        micros = [
+            micro_batches(
+                [trees[i - first] for i in group if 0 <= i - first < len(trees)], self.config.micro_batch_tokens
+            )
+            for group in groups
+        ]
         widths = self.world.max([len(m) for m in micros]) if groups else []
         filler = filler_tree(self.tokenizer.eos_token_id or 0)
         minibatches = []
@@ -275,15 +339,24 @@ class Trainer:
             prepared = []
             for i in range(int(width)):
                 real = i < len(micro)
-                prepared.append(prepare_batch(micro[i] if real else [filler], self.device, self._train_logprobs,
-                                              self._reference_logprobs if self.reference is not None else None,
-                                              token_weight, old_logprobs=multiple_updates, filler=not real))
+                prepared.append(
+                    prepare_batch(
+                        micro[i] if real else [filler],
+                        self.device,
+                        self._train_logprobs,
+                        self._reference_logprobs if self.reference is not None else None,
+                        token_weight,
+                        old_logprobs=multiple_updates,
+                        filler=not real,
+                    )
+                )
             minibatches.append(Minibatch(sum(weighted[i] for i in group), prepared, sum(counts[i] for i in group)))
         return minibatches
 
     def _logprobs(self, model, packed, rows):
-        return packed_logprobs(model, packed, rows, temperature=self.config.temperature or 1.0,
-                               backend=self.config.tree_attention_backend)
+        return packed_logprobs(
+            model, packed, rows, temperature=self.config.temperature or 1.0, backend=self.config.tree_attention_backend
+        )
 
     def _train_logprobs(self, packed, rows):
         return self.policy(packed, rows) if self.policy is not None else self._logprobs(self.model, packed, rows)
@@ -298,8 +371,14 @@ class Trainer:
         minibatches = self._prepare(trees)
         logprobs_s = time.perf_counter() - started
         if not minibatches:
-            return {"loss": 0.0, "tokens_trained": 0, "tokens_forward": 0, "optimizer_steps": 0,
-                    "skipped_updates": 0, "logprobs_s": logprobs_s}
+            return {
+                "loss": 0.0,
+                "tokens_trained": 0,
+                "tokens_forward": 0,
+                "optimizer_steps": 0,
+                "skipped_updates": 0,
+                "logprobs_s": logprobs_s,
+            }
         stats: dict[str, list[float]] = {}
         counts = {"tokens_forward": 0, "optimizer_steps": 0, "skipped_updates": 0}
         for _ in range(self.config.ppo_epochs):
@@ -321,14 +400,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums = dict.fromkeys(["loss", "clip_fraction", "ratio_mean", "kl", "nonfinite"], 0.0)
         for i, b in enumerate(batches):
-            sync = gradient_sync(self.policy, i == len(batches) - 1) if self.policy is not None else contextlib.nullcontext()
+            sync = (
+                gradient_sync(self.policy, i == len(batches) - 1)
+                if self.policy is not None
+                else contextlib.nullcontext()
+            )
             with sync:
                 with recomputing_layers(self.checkpointed):
                     logp = self._train_logprobs(b.packed, b.rows)
                 old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
-                loss, s = policy_loss(logp, old, b.packed.advantages[b.rows], weights=b.weights,
-                                      clip_low=self.config.clip_low, clip_high=self.config.clip_high,
-                                      ref_logprobs=b.ref_logprobs, kl_coef=self.config.kl_coef, normalizer=normalizer)
+                loss, s = policy_loss(
+                    logp,
+                    old,
+                    b.packed.advantages[b.rows],
+                    weights=b.weights,
+                    clip_low=self.config.clip_low,
+                    clip_high=self.config.clip_high,
+                    ref_logprobs=b.ref_logprobs,
+                    kl_coef=self.config.kl_coef,
+                    normalizer=normalizer,
+                )
                 if b.filler:
                     loss = loss * 0.0
                 (loss * scale if scale != 1 else loss).backward()
@@ -343,8 +434,9 @@ class Trainer:
             for k in ("clip_fraction", "ratio_mean", "kl"):
                 sums[k] += s.get(k, 0.0) * tokens
         reduced = dict(zip(sums, self.world.sum(list(sums.values())), strict=True))
-        for k in ("clip_fraction", "ratio_mean") + (("kl",) if self.reference is not None and self.config.kl_coef > 0
-                                                      else ()):
+        for k in ("clip_fraction", "ratio_mean") + (
+            ("kl",) if self.reference is not None and self.config.kl_coef > 0 else ()
+        ):
             stats.setdefault(k, []).append(reduced[k] / normalizer)
         stats.setdefault("loss", []).append(reduced["loss"])
         trained = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -366,10 +458,18 @@ class Trainer:
         mine = self.world.shard(len(prompts))
 
         def run():
-            return pass_at_1(self.model, self.tokenizer, [prompts[i] for i in mine], [golds[i] for i in mine],
-                             self.reward_fn, self.spec.max_new_tokens, n=self.config.eval_samples,
-                             temperature=self.config.eval_temperature, top_p=self.config.top_p,
-                             batch_size=self.config.sampler_batch_size)
+            return pass_at_1(
+                self.model,
+                self.tokenizer,
+                [prompts[i] for i in mine],
+                [golds[i] for i in mine],
+                self.reward_fn,
+                self.spec.max_new_tokens,
+                n=self.config.eval_samples,
+                temperature=self.config.eval_temperature,
+                top_p=self.config.top_p,
+                batch_size=self.config.sampler_batch_size,
+            )
 
         scores = np.concatenate(self.world.gather(run_with_full_weights(self.policy, run).scores))
         return float(scores.mean()) if scores.size else 0.0
@@ -386,15 +486,30 @@ class Trainer:
         t3 = time.perf_counter()
         lengths = np.concatenate([t.completion_lengths() for t in trees] + [np.zeros(0)])
         reward_sum, correct, leaves, generated, length_sum, answers = self.world.sum(
-            [rewards.sum(), (rewards > 0.5).sum(), len(rewards), sum(t.generated_tokens for t in trees),
-             lengths.sum(), len(lengths)])
-        return {"step": step + 1, "reward_mean": float(reward_sum / leaves) if leaves else 0.0,
-                "accuracy": float(correct / leaves) if leaves else 0.0,
-                "leaves": int(leaves), "groups": adv["groups"], "kept_groups": adv["kept_groups"],
-                "tokens_generated": int(generated),
-                "response_tokens_mean": float(length_sum / answers) if answers else 0.0, **upd,
-                "rollout_s": t1 - t0, "scoring_s": t2 - t1, "training_s": t3 - t2 - upd["logprobs_s"],
-                "step_s": t3 - t0}
+            [
+                rewards.sum(),
+                (rewards > 0.5).sum(),
+                len(rewards),
+                sum(t.generated_tokens for t in trees),
+                lengths.sum(),
+                len(lengths),
+            ]
+        )
+        return {
+            "step": step + 1,
+            "reward_mean": float(reward_sum / leaves) if leaves else 0.0,
+            "accuracy": float(correct / leaves) if leaves else 0.0,
+            "leaves": int(leaves),
+            "groups": adv["groups"],
+            "kept_groups": adv["kept_groups"],
+            "tokens_generated": int(generated),
+            "response_tokens_mean": float(length_sum / answers) if answers else 0.0,
+            **upd,
+            "rollout_s": t1 - t0,
+            "scoring_s": t2 - t1,
+            "training_s": t3 - t2 - upd["logprobs_s"],
+            "step_s": t3 - t0,
+        }
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -412,8 +527,14 @@ class Trainer:
             self.initial_eval = self.evaluate()
             self.log(f"initial held-out accuracy: {self.initial_eval:.3f}")
         final_eval = self.initial_eval
-        bar = tqdm(range(self.start_step, config.max_steps), initial=self.start_step, total=config.max_steps,
-                   desc=f"{config.algo}", dynamic_ncols=True, disable=not self.world.is_main)
+        bar = tqdm(
+            range(self.start_step, config.max_steps),
+            initial=self.start_step,
+            total=config.max_steps,
+            desc=f"{config.algo}",
+            dynamic_ncols=True,
+            disable=not self.world.is_main,
+        )
         done, stop_signal = self.start_step, None
         for step in bar:
             stop_signal = self._agreed_stop(stop)
@@ -454,13 +575,20 @@ class Trainer:
             raise NonFiniteError(
                 f"steps {done - self.nonfinite_streak + 1}-{done}: the loss or gradient norm was not finite "
                 f"{self.nonfinite_streak} steps in a row (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
-                f"their updates were not applied. {restart_advice(self.config, latest)}")
+                f"their updates were not applied. {restart_advice(self.config, latest)}"
+            )
 
     def _trainer_state(self) -> dict:
         wall = self.elapsed_before + time.perf_counter() - self.started
-        return {"config": comparable_config(self.config), "wall_time_s": wall, "counters": self.counters,
-                "initial_eval_accuracy": self.initial_eval, "nonfinite_streak": self.nonfinite_streak,
-                "dtype": str(self.dtype), "world_size": self.world.size}
+        return {
+            "config": comparable_config(self.config),
+            "wall_time_s": wall,
+            "counters": self.counters,
+            "initial_eval_accuracy": self.initial_eval,
+            "nonfinite_streak": self.nonfinite_streak,
+            "dtype": str(self.dtype),
+            "world_size": self.world.size,
+        }
 
     def save(self, done: int) -> Path:
         advice = restart_advice(self.config, latest_checkpoint(self.out))
@@ -469,38 +597,68 @@ class Trainer:
 
             reshard_all(self.policy)
             if self.world.min([all_finite(local_tensor(p.detach()) for p in self.policy.parameters())])[0] == 0:
-                raise NonFiniteError(f"the model's weights are not finite after step {done}; no checkpoint was "
-                                     f"written. {advice}")
-            return save_distributed_checkpoint(self.world, self.out, done, self.policy, self.optimizer,
-                                               self.model, self.tokenizer, self._trainer_state(),
-                                               keep=self.config.keep_checkpoints)
+                raise NonFiniteError(
+                    f"the model's weights are not finite after step {done}; no checkpoint was written. {advice}"
+                )
+            return save_distributed_checkpoint(
+                self.world,
+                self.out,
+                done,
+                self.policy,
+                self.optimizer,
+                self.model,
+                self.tokenizer,
+                self._trainer_state(),
+                keep=self.config.keep_checkpoints,
+            )
         check_weights_finite(self.model, f"after step {done}", advice)
         extra = {MASTER_WEIGHTS: self.master.state_dict()} if self.master is not None else {}
-        return save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer, self._trainer_state(),
-                               keep=self.config.keep_checkpoints, extra=extra)
+        return save_checkpoint(
+            self.out,
+            done,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self._trainer_state(),
+            keep=self.config.keep_checkpoints,
+            extra=extra,
+        )
 
     def _stop_on_signal(self, signum: int, done: int) -> None:
         latest = latest_checkpoint(self.out)
         if latest is None or load_trainer_state(latest)["step"] != done:
             latest = self.save(done)
         name = signal.Signals(signum).name
-        raise TrainingInterrupted(f"{name}: stopped after step {done} of {self.config.max_steps}; checkpoint "
-                                  f"{latest}; continue with the same options plus --resume", signum)
+        raise TrainingInterrupted(
+            f"{name}: stopped after step {done} of {self.config.max_steps}; checkpoint "
+            f"{latest}; continue with the same options plus --resume",
+            signum,
+        )
 
     def _write_summary(self, final_eval: float) -> dict:
         config = self.config
-        summary = {"algo": config.algo, "steps": config.max_steps, "initial_eval_accuracy": self.initial_eval,
-                   "final_eval_accuracy": final_eval, "improvement": final_eval - self.initial_eval,
-                   "wall_time_s": self.elapsed_before + time.perf_counter() - self.started, **self.counters,
-                   "model": config.model or "embedded tiny (treerpo/models/tiny_chain)", "dataset": config.dataset,
-                   "tree": {"branching": list(self.spec.branching), "segment_tokens": self.spec.segment_tokens}}
+        summary = {
+            "algo": config.algo,
+            "steps": config.max_steps,
+            "initial_eval_accuracy": self.initial_eval,
+            "final_eval_accuracy": final_eval,
+            "improvement": final_eval - self.initial_eval,
+            "wall_time_s": self.elapsed_before + time.perf_counter() - self.started,
+            **self.counters,
+            "model": config.model or "embedded tiny (treerpo/models/tiny_chain)",
+            "dataset": config.dataset,
+            "tree": {"branching": list(self.spec.branching), "segment_tokens": self.spec.segment_tokens},
+        }
         if self.world.initialized:
             summary["world_size"], summary["parallel"] = self.world.size, config.parallel
         if self.world.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-            plot_metrics(self.metrics.records, self.out / "training.png",
-                         f"{config.algo} on {self.task.name}: held-out {self.initial_eval:.2f} -> {final_eval:.2f}",
-                         self.initial_eval)
+            plot_metrics(
+                self.metrics.records,
+                self.out / "training.png",
+                f"{config.algo} on {self.task.name}: held-out {self.initial_eval:.2f} -> {final_eval:.2f}",
+                self.initial_eval,
+            )
         self.world.barrier()
         return summary
 

@@ -12,6 +12,7 @@ and ``loss_tokens`` (the number of distinct loss tokens) is the normaliser of tr
 PPO clipping commutes with the positive weight, so ``-min(ratio * A, clip(ratio) * A)`` with
 ``A = token_advantages`` is the packed loss too; a KL term needs ``token_weights`` as its own weight.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class FlatCompletions:
         width = max((len(v) for v in values), default=0) if width is None else width
         out = torch.zeros(len(values), width, dtype=dtype)
         for r, v in enumerate(values):
-            out[r, :len(v)] = torch.as_tensor(v[:width], dtype=dtype)
+            out[r, : len(v)] = torch.as_tensor(v[:width], dtype=dtype)
         return out
 
 
@@ -56,8 +57,11 @@ def leaves_below(tree: Tree) -> np.ndarray:
 
 def _path_values(tree: Tree, leaf: int, per_node: np.ndarray) -> np.ndarray:
     nodes = tree.path(leaf)[1:]
-    return np.concatenate([np.full(tree.offsets[n + 1] - tree.offsets[n], per_node[n]) for n in nodes]) \
-        if nodes else np.zeros(0)
+    return (
+        np.concatenate([np.full(tree.offsets[n + 1] - tree.offsets[n], per_node[n]) for n in nodes])
+        if nodes
+        else np.zeros(0)
+    )
 
 
 def flatten_trees(trees: Sequence[Tree]) -> FlatCompletions:
@@ -72,10 +76,20 @@ def flatten_trees(trees: Sequence[Tree]) -> FlatCompletions:
             prompts.append(tree.prompt_ids.tolist())
             completions.append(tree.path_token_ids(int(leaf), include_prompt=False).tolist())
             if tree.token_logprobs is not None:
-                logprobs.append(np.concatenate([tree.token_logprobs[tree.offsets[n]:tree.offsets[n + 1]]
-                                                for n in tree.path(int(leaf))[1:]]).tolist())
+                logprobs.append(
+                    np.concatenate(
+                        [tree.token_logprobs[tree.offsets[n] : tree.offsets[n + 1]] for n in tree.path(int(leaf))[1:]]
+                    ).tolist()
+                )
             weights.append(_path_values(tree, int(leaf), weight_of_node))
             advantages.append(_path_values(tree, int(leaf), weight_of_node * tree.advantage))
     have_logprobs = all(t.token_logprobs is not None for t in trees)
-    return FlatCompletions(rows, prompts, completions, logprobs if have_logprobs else None, weights, advantages,
-                           sum(loss_token_count(t) for t in trees))
+    return FlatCompletions(
+        rows,
+        prompts,
+        completions,
+        logprobs if have_logprobs else None,
+        weights,
+        advantages,
+        sum(loss_token_count(t) for t in trees),
+    )

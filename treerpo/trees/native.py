@@ -5,6 +5,7 @@ Python implementations run instead, and the first fallback logs one warning. ``T
 in the environment selects the Python implementations without a warning. Every dispatching function
 takes ``backend``: "auto" (the default), "native" (``_C`` or an error) or "python" (the reference).
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,6 +19,7 @@ from treerpo.tree import Tree
 
 try:
     from treerpo import _C
+
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # not built: the Python reference implementations take over
     _C = None
@@ -46,9 +48,12 @@ def _warn_fallback():
     global _warned
     if not _warned:
         _warned = True
-        logger.warning("treerpo._C (the C++ tree bookkeeping) is not built: using the slower Python "
-                       "implementations of advantages and packing. Build it with `pip install -e .` "
-                       "(needs a C++ compiler). Import error: %s", _IMPORT_ERROR)
+        logger.warning(
+            "treerpo._C (the C++ tree bookkeeping) is not built: using the slower Python "
+            "implementations of advantages and packing. Build it with `pip install -e .` "
+            "(needs a C++ compiler). Import error: %s",
+            _IMPORT_ERROR,
+        )
 
 
 @dataclass
@@ -68,8 +73,13 @@ class FlatTrees:
     def from_trees(cls, trees: Sequence[Tree], with_tokens: bool = False) -> "FlatTrees":
         sizes = np.fromiter((t.num_nodes for t in trees), dtype=np.int64, count=len(trees))
         node_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        flat = cls(node_offsets, _cat([t.parent for t in trees], np.int64), _cat([t.reward for t in trees], np.float64),
-                   _cat([t.kept for t in trees], bool), _cat([t.advantage for t in trees], np.float64))
+        flat = cls(
+            node_offsets,
+            _cat([t.parent for t in trees], np.int64),
+            _cat([t.reward for t in trees], np.float64),
+            _cat([t.kept for t in trees], bool),
+            _cat([t.advantage for t in trees], np.float64),
+        )
         if with_tokens:
             flat.token_offsets = _token_offsets(trees, node_offsets)
             flat.token_ids = _cat([t.token_ids for t in trees], np.int64)
@@ -77,7 +87,7 @@ class FlatTrees:
 
     def split(self, values: np.ndarray) -> list[np.ndarray]:
         """Per-node batch array -> one array (a view) per tree."""
-        return np.split(values, self.node_offsets[1:-1])
+        return np.split(values, self.node_offsets[1:-1]) if len(self.node_offsets) > 1 else []
 
 
 def _cat(arrays: list[np.ndarray], dtype) -> np.ndarray:

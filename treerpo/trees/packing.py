@@ -9,6 +9,7 @@ the same segment, or the parent's last token for a segment's first token.
 ``pack_trees`` runs in C++ (``treerpo._C``, the whole batch at once) when it is built;
 ``backend="python"`` runs the implementation below, the reference the C++ is tested against.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -73,14 +74,16 @@ def pack_trees(trees: Sequence[Tree], prune_unkept: bool = False, backend: str =
     if native is None:
         return _pack_trees_python(trees, prune_unkept)
     flat = FlatTrees.from_trees(trees, with_tokens=True)
-    cols = native.pack(flat.node_offsets, flat.parent, flat.token_offsets, flat.token_ids, flat.kept,
-                       flat.advantage, prune_unkept)
+    cols = native.pack(
+        flat.node_offsets, flat.parent, flat.token_offsets, flat.token_ids, flat.kept, flat.advantage, prune_unkept
+    )
     return PackedBatch(**{name: torch.from_numpy(col) for name, col in cols.items()})
 
 
 def _pack_trees_python(trees: Sequence[Tree], prune_unkept: bool) -> PackedBatch:
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in
-                                         ("ids", "pos", "tin", "tout", "prev", "mask", "adv", "tree", "node")}
+    cols: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("ids", "pos", "tin", "tout", "prev", "mask", "adv", "tree", "node")
+    }
     base = 0
     for t_idx, tree in enumerate(trees):
         include = nodes_to_pack(tree, prune_unkept)

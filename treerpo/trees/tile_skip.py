@@ -7,6 +7,7 @@ query tile i are ``key_tiles[offsets[i]:offsets[i + 1]]``, ascending. ``tile_ski
 (``treerpo._C``) when it is built; ``tile_skip_vectorized`` is the torch version (any size),
 ``tile_skip_dense`` the brute force from the dense mask that both are tested against.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """How much each generated token of a tree counts in the loss (``token_weight``), and the normalizer it gives."""
+
 from __future__ import annotations
 
 import numpy as np
