@@ -62,13 +62,13 @@ def varied_reward(seen: list):
     return reward
 
 
-def grpo_run(rollout_func, rows, generation_kwargs=None, seed=0, **overrides):
+def grpo_run(rollout_func, rows, generation_kwargs=None, seed=0, max_steps=1, **overrides):
     torch.manual_seed(seed)
     model, tokenizer = tiny()
     seen = []
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(),
-        max_steps=1,
+        max_steps=max_steps,
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=40,
@@ -134,6 +134,43 @@ def test_sampled_rollout_returns_groups_with_the_models_logprobs(monkeypatch):
     # the last two rows are one prompt repeated: one group of 8 sampled completions in the same engine call
     assert len({tuple(c) for c in out["completion_ids"][8:]}) > 1
     assert calls == [((4,), 2), ((8,), 1)]
+
+
+@pytest.mark.parametrize("optim", [None, "adamw_torch"], ids=["trl_default", "adamw_torch"])
+def test_rollout_logprobs_follow_the_weights_under_trls_optimizer(optim):
+    """TRL's default optimizer is fused AdamW, whose step bumps no ``param._version``: after steps on the same
+    prompts (their K/V cached by the engine), the rollout's log-probs still equal a forward of the current weights."""
+    _, tokenizer = tiny()
+    rows = same_length_rows(tokenizer, 2) * 2  # the same prompts at every step
+    trainer, _ = grpo_run(treerpo_rollout(pool_tokens=4096), rows, max_steps=2, **({"optim": optim} if optim else {}))
+    if optim is None:
+        assert "fused" in getattr(trainer.args.optim, "value", trainer.args.optim)  # the case this test is for
+    trainer.train()
+    prompts = [r["prompt"] for r in rows for _ in range(4)]
+    out = trainer.rollout_func(prompts, trainer)
+    model = trainer.model.eval()
+    for prompt_ids, completion, logprobs in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"], strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + completion])).logits[0, len(prompt_ids) - 1 : -1].float()
+        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+        assert np.abs(np.asarray(logprobs) - expected.numpy()).max() < 1e-4
+
+
+def test_resume_under_trls_defaults_equals_the_uninterrupted_run():
+    """TRL's save and resume_from_checkpoint with its default (fused) optimizer: the resumed run's engine starts with
+    an empty cache, the uninterrupted one must not keep K/V of the weights before the last step."""
+    _, tokenizer = tiny()
+    rows = same_length_rows(tokenizer, 2) * 3
+    saving = dict(save_strategy="steps", save_steps=1)
+    straight, _ = grpo_run(treerpo_rollout(pool_tokens=4096), rows, max_steps=3, **saving)
+    straight.train()
+    first, _ = grpo_run(treerpo_rollout(pool_tokens=4096), rows, max_steps=3, **saving)
+    first.args.max_steps = 1
+    first.train()
+    resumed, _ = grpo_run(treerpo_rollout(pool_tokens=4096), rows, max_steps=3, **saving)
+    resumed.train(resume_from_checkpoint=os.path.join(first.args.output_dir, "checkpoint-1"))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
 # ---- TreeRPOTrainer ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from treerpo.engine.scheduler import Scheduler, worst_case_tokens
 from treerpo.engine.sequence import ROOT, Branches, NodeRecords, children_of, roots
 from treerpo.engine.step_builder import HostStaging, decode_inputs, repeated_path_keys, sequence_inputs
 from treerpo.engine.step_draw import DEFAULT_DRAW_MEMORY_BYTES, draw_step
+from treerpo.engine.weights_watch import WeightsWatch
 from treerpo.sampling.generation import eos_token_ids
 from treerpo.sampling.prompt_rules import check_prompt_lengths
 from treerpo.tree import Tree, TreeSpec
@@ -88,24 +89,23 @@ class TreeSampler:
         self._model_seconds = 0.0
         self.share_prefixes = share_prefixes
         self.cascade = cascade
-        self._weights_version = self._current_weights_version()
+        self.weights = WeightsWatch(model)
+        self.weights.changed()  # the weights the cache starts with
 
     def on_weights_updated(self) -> None:
-        """Call after every optimizer step: KV computed with the old weights is never reused."""
+        """Announce new weights (``follow_optimizer`` does it after every step of an optimizer): K/V computed with
+        the old weights is never reused. A change nobody announces is still found before the next rollout."""
         self.cache.bump_version()
-        self._weights_version = self._current_weights_version()
+        self.weights.forget()
 
-    def _current_weights_version(self) -> tuple[int, ...]:
-        """In-place changes (``optimizer.step``, ``load_state_dict``, ``copy_``) bump a parameter's version, new
-        storage moves its pointer; writes through ``.data`` do neither: announce those with on_weights_updated."""
-        return tuple((p._version, p.data_ptr()) for p in self.model.parameters())
+    def follow_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Retire the cached K/V after every step of ``optimizer`` (fused steps included, which bump no version)."""
+        self.weights.follow(optimizer, self.on_weights_updated)
 
     def _forget_stale_kv(self) -> None:
-        """A weight change nobody announced with ``on_weights_updated`` still retires the cached K/V."""
-        version = self._current_weights_version()
-        if version != self._weights_version:
+        """Weights changed since the last rollout, announced or not (``WeightsWatch``): the cached K/V retires."""
+        if self.weights.changed():
             self.cache.bump_version()
-            self._weights_version = version
 
     # ---- public ------------------------------------------------------------------------------------
     @torch.no_grad()

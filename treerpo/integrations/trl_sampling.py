@@ -85,6 +85,8 @@ def engine_for(trainer, sampling: EngineSampling, pool_tokens: int | None = None
         engine = trainer._treerpo_engine = TreeSampler(
             model, trainer._tokenizer, pool_tokens=pool_tokens, memory_bytes=memory_bytes, eos_ids=sampling.eos_ids
         )
+    if getattr(trainer, "optimizer", None) is not None:  # TRL builds it when training starts
+        engine.follow_optimizer(trainer.optimizer)
     return engine
 
 
