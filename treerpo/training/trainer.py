@@ -6,7 +6,6 @@ import contextlib
 import copy
 import json
 import math
-import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,24 +35,22 @@ from treerpo.policy.logprobs import packed_logprobs
 from treerpo.policy.parallel import (
     PolicyLogprobs,
     gradient_sync,
-    local_tensor,
-    reshard_all,
     run_with_full_weights,
     wrap_policy,
 )
 from treerpo.policy.precision import MasterWeights, resolve_dtype
 from treerpo.rewards.scoring import score_trees
-from treerpo.runtime.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from treerpo.runtime.checkpoint import latest_checkpoint
 from treerpo.runtime.distributed import World, close_world, init_world
-from treerpo.runtime.finite_guard import NonFiniteError, all_finite, check_weights_finite, restart_advice
-from treerpo.runtime.graceful_stop import GracefulStop, TrainingInterrupted
-from treerpo.runtime.resume import ResumeMismatchError, check_resumable, comparable_config
+from treerpo.runtime.finite_guard import all_finite
+from treerpo.runtime.graceful_stop import GracefulStop
 from treerpo.runtime.run_lock import RunLock
 from treerpo.sampling.evaluation import pass_at_1
 from treerpo.sampling.generation import encode_prompts
 from treerpo.sampling.prompt_rules import check_prompts
 from treerpo.sampling.reference_sampler import ReferenceTreeSampler
 from treerpo.training.batch import Minibatch, prepare_batch
+from treerpo.training.checkpointing import Checkpointing
 from treerpo.training.metrics import MetricsLog, plot_metrics
 from treerpo.training.minibatch_plan import filler_tree, micro_batches, minibatch_indices
 from treerpo.training.seeding import seed_everything, step_seed, tree_seed
@@ -77,9 +74,6 @@ def tree_spec(config: TrainConfig) -> TreeSpec:
     )
 
 
-MASTER_WEIGHTS = "master_weights.pt"  # fp32 master weights of a half-precision run
-
-
 def make_sampler(config: TrainConfig, model, tokenizer):
     if config.sampler == "reference":
         return ReferenceTreeSampler(model, tokenizer, config.sampler_batch_size, config.truncate_prompts)
@@ -88,7 +82,9 @@ def make_sampler(config: TrainConfig, model, tokenizer):
     return TreeSampler(model, tokenizer, pool_tokens=config.kv_pool_tokens, truncate_prompts=config.truncate_prompts)
 
 
-class Trainer:
+class Trainer(Checkpointing):
+    """The loop: sample, score, prepare, update, evaluate, save (resume, checkpoints and stops: ``Checkpointing``)."""
+
     def __init__(self, config: TrainConfig, log=print):
         self.config = config.validate()
         hf_logging.disable_progress_bar()
@@ -225,47 +221,6 @@ class Trainer:
         for p in ref.parameters():
             p.requires_grad_(False)
         return ref
-
-    def _resume(self) -> None:
-        checkpoint = latest_checkpoint(self.out)
-        if checkpoint is None:
-            self.log(f"resume: no checkpoint in {self.out}, starting from step 0")
-            return
-        state = load_trainer_state(checkpoint)
-        check_resumable(comparable_config(self.config), state["config"], checkpoint)
-        if state.get("dtype", "torch.float32") != str(self.dtype):
-            raise ResumeMismatchError(
-                f"resume: {checkpoint} was trained in {state.get('dtype', 'torch.float32')} "
-                f"but this run resolves --dtype to {self.dtype}; pass --dtype "
-                f"{state.get('dtype', 'torch.float32').removeprefix('torch.')}"
-            )
-        if self.policy is not None:
-            self._resume_distributed(checkpoint, state)
-        else:
-            loaded, _ = load_model_and_tokenizer(checkpoint)
-            self.model.load_state_dict(loaded.state_dict())
-            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-            if self.master is not None:
-                self.master.load_state_dict(torch.load(checkpoint / MASTER_WEIGHTS, weights_only=True))
-        self.start_step = state["step"]
-        self.elapsed_before = state["wall_time_s"]
-        self.initial_eval = state["initial_eval_accuracy"]
-        self.counters = state["counters"]
-        self.nonfinite_streak = state.get("nonfinite_streak", 0)
-        self.sampler.on_weights_updated()
-        self.log(f"resumed from {checkpoint} at step {self.start_step}")
-
-    def _resume_distributed(self, checkpoint: Path, state: dict) -> None:
-        from treerpo.runtime.distributed_checkpoint import load_distributed_state
-
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.world.size:
-            self.log(
-                f"resume: {checkpoint} was written by {saved_world} ranks and this run has {self.world.size}; "
-                "the weights and optimizer state are resharded exactly, but the steps from here on are not "
-                "bit-identical to a run that kept the old world size (reductions add in another order)"
-            )
-        load_distributed_state(checkpoint, self.policy, self.optimizer, self.world)
 
     # ---- one step ---------------------------------------------------------------------------------
     def rollout(self, step: int) -> list[Tree]:
@@ -568,72 +523,6 @@ class Trainer:
     def _track_nonfinite(self, record: dict) -> None:
         record["nonfinite"] = record.get("skipped_updates", 0) > 0
         self.nonfinite_streak = self.nonfinite_streak + 1 if record["nonfinite"] else 0
-
-    def _raise_if_diverged(self, done: int) -> None:
-        if self.nonfinite_streak >= self.config.max_nonfinite_steps:
-            latest = latest_checkpoint(self.out)
-            raise NonFiniteError(
-                f"steps {done - self.nonfinite_streak + 1}-{done}: the loss or gradient norm was not finite "
-                f"{self.nonfinite_streak} steps in a row (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
-                f"their updates were not applied. {restart_advice(self.config, latest)}"
-            )
-
-    def _trainer_state(self) -> dict:
-        wall = self.elapsed_before + time.perf_counter() - self.started
-        return {
-            "config": comparable_config(self.config),
-            "wall_time_s": wall,
-            "counters": self.counters,
-            "initial_eval_accuracy": self.initial_eval,
-            "nonfinite_streak": self.nonfinite_streak,
-            "dtype": str(self.dtype),
-            "world_size": self.world.size,
-        }
-
-    def save(self, done: int) -> Path:
-        advice = restart_advice(self.config, latest_checkpoint(self.out))
-        if self.policy is not None:
-            from treerpo.runtime.distributed_checkpoint import save_distributed_checkpoint
-
-            reshard_all(self.policy)
-            if self.world.min([all_finite(local_tensor(p.detach()) for p in self.policy.parameters())])[0] == 0:
-                raise NonFiniteError(
-                    f"the model's weights are not finite after step {done}; no checkpoint was written. {advice}"
-                )
-            return save_distributed_checkpoint(
-                self.world,
-                self.out,
-                done,
-                self.policy,
-                self.optimizer,
-                self.model,
-                self.tokenizer,
-                self._trainer_state(),
-                keep=self.config.keep_checkpoints,
-            )
-        check_weights_finite(self.model, f"after step {done}", advice)
-        extra = {MASTER_WEIGHTS: self.master.state_dict()} if self.master is not None else {}
-        return save_checkpoint(
-            self.out,
-            done,
-            self.model,
-            self.tokenizer,
-            self.optimizer,
-            self._trainer_state(),
-            keep=self.config.keep_checkpoints,
-            extra=extra,
-        )
-
-    def _stop_on_signal(self, signum: int, done: int) -> None:
-        latest = latest_checkpoint(self.out)
-        if latest is None or load_trainer_state(latest)["step"] != done:
-            latest = self.save(done)
-        name = signal.Signals(signum).name
-        raise TrainingInterrupted(
-            f"{name}: stopped after step {done} of {self.config.max_steps}; checkpoint "
-            f"{latest}; continue with the same options plus --resume",
-            signum,
-        )
 
     def _write_summary(self, final_eval: float) -> dict:
         config = self.config
