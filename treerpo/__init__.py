@@ -33,6 +33,7 @@ _EXPORTS = {
     "TreeRPOConfig": ".integrations.trl",
     "TreeRPOTrainer": ".integrations.trl",
     "treerpo_rollout": ".integrations.trl",
+    "UnsupportedTRLOption": ".integrations.trl",
     "tree_attention": ".attention",
     "TreeSampler": ".engine",
     "packed_logprobs": ".policy.logprobs",
@@ -47,6 +48,7 @@ _EXPORTS = {
 }
 
 __version__ = "0.1.0"
+_TRL_EXTRA = {"trl", "accelerate", "datasets"}  # what `pip install treerpo[trl]` brings
 
 __all__ = sorted(_EXPORTS)
 
@@ -54,10 +56,18 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         try:
-            return importlib.import_module(f".{name}", __name__)  # treerpo.trees.packing etc. without importing them
+            return importlib.import_module(f".{name}", __name__)  # treerpo.trees etc. without importing them
         except ModuleNotFoundError:
             raise AttributeError(f"module 'treerpo' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    try:
+        module = importlib.import_module(_EXPORTS[name], __name__)
+    except ModuleNotFoundError as err:
+        if _EXPORTS[name] == ".integrations.trl" and err.name and err.name.split(".")[0] in _TRL_EXTRA:
+            raise ImportError(
+                f"treerpo.{name} needs TRL, which is not installed (no module {err.name!r}): pip install treerpo[trl]"
+            ) from err
+        raise
+    value = getattr(module, name)
     globals()[name] = value
     return value
 
