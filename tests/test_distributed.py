@@ -124,13 +124,15 @@ def one_process_run(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "mode, extra",
-    [("ddp", {}), ("fsdp", {}), ("ddp", {"gradient_checkpointing": True})],
-    ids=["ddp", "fsdp", "ddp-checkpointing"],
+    [("auto", {}), ("fsdp", {}), ("ddp", {"gradient_checkpointing": True})],
+    ids=["torchrun-default-ddp", "fsdp", "ddp-checkpointing"],
 )
 def test_two_ranks_equal_one_process(tmp_path, one_process_run, mode, extra):
     """Same global batch: the same trees, minibatches, counts and metrics; the weights within 1e-5."""
     out = tmp_path / mode
-    train(out, 2, max_steps=2, parallel=mode, **extra)
+    train(out, 2, max_steps=2, **({} if mode == "auto" else {"parallel": mode}), **extra)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["world_size"], summary["parallel"]) == (2, "ddp" if mode == "auto" else mode)
     one, two = records(one_process_run), records(out)
     assert sum(r["tokens_trained"] for r in one) > 0 and sum(r["optimizer_steps"] for r in one) >= 3
     assert_same_metrics(one, two)
@@ -257,6 +259,22 @@ def test_resume_at_another_world_size_says_steps_are_not_bit_identical(tmp_path)
     done = train(out, 1, max_steps=2, parallel="fsdp", resume=True)
     assert "written by 2 ranks and this run has 1" in done.stdout + done.stderr
     assert [r["step"] for r in records(out)] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "env, resolved",
+    [
+        ({}, "none"),
+        ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "none"),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "ddp"),
+    ],
+    ids=["one-process", "torchrun-1", "torchrun-2"],
+)
+def test_parallel_left_out_follows_the_launch(env, resolved):
+    """torchrun users get data parallelism without a flag, as TRL/accelerate and verl give it."""
+    config = make_config({})
+    assert config.parallel == "auto"
+    assert config.validate_launch(environ=env).parallel == resolved
 
 
 @pytest.mark.parametrize(

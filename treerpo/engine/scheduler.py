@@ -16,17 +16,21 @@ from treerpo.engine.block_manager import BlockManager
 from treerpo.engine.kv_pool import RequestTooLarge
 
 
-def worst_case_tokens(prompt_lengths, max_generated_tokens: int, capacity_tokens: int) -> np.ndarray:
+def worst_case_tokens(
+    prompt_lengths,
+    max_generated_tokens: int,
+    capacity_tokens: int,
+    knob: str = "TreeSampler's pool_tokens / memory_bytes",
+) -> np.ndarray:
     """The KV slots each tree may take (its prompt and every token it may generate); refuses, before any work,
     a tree that could never fit in a pool of ``capacity_tokens``."""
     worst = np.asarray(prompt_lengths, dtype=np.int64) + max_generated_tokens
     if len(worst) and worst.max() > capacity_tokens:
         i = int(worst.argmax())
         raise RequestTooLarge(
-            f"one tree may need {worst[i]} KV slots (prompt {worst[i] - max_generated_tokens} + up to "
-            f"{max_generated_tokens} generated) but the KV pool holds {capacity_tokens} tokens: kv_pool_tokens="
-            f"{capacity_tokens}; give the sampler a larger pool (kv_pool_tokens, or TreeSampler's pool_tokens / "
-            "memory_bytes) or make the tree smaller"
+            f"one tree may need {worst[i]} KV slots (tree {i}: prompt {worst[i] - max_generated_tokens} + up to "
+            f"{max_generated_tokens} generated) but the KV pool holds {capacity_tokens} tokens, set by {knob}; give "
+            "the sampler a larger pool or make the tree smaller"
         )
     return worst
 

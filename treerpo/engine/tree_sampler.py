@@ -29,7 +29,7 @@ from treerpo.engine.step_builder import HostStaging, decode_inputs, repeated_pat
 from treerpo.engine.step_draw import DEFAULT_DRAW_MEMORY_BYTES, draw_step
 from treerpo.engine.weights_watch import WeightsWatch
 from treerpo.sampling.generation import eos_token_ids
-from treerpo.sampling.prompt_rules import check_prompt_lengths
+from treerpo.sampling.prompt_rules import check_prompt_lengths, infos_for
 from treerpo.tree import Tree, TreeSpec
 
 
@@ -120,7 +120,7 @@ class TreeSampler:
         tree, whatever else is in the batch); without, from torch's global RNG."""
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
         prompts = check_prompt_lengths(prompts, spec, max_positions, self.truncate_prompts)
-        infos = list(infos) if infos is not None else [{} for _ in prompts]
+        infos = infos_for(prompts, infos)
         worst = worst_case_tokens(list(map(len, prompts)), spec.max_generated_tokens, self.pool.capacity_tokens)
         self._forget_stale_kv()
         batch = _Batch(

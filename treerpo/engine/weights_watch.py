@@ -28,8 +28,10 @@ class WeightsWatch:
     def fingerprint(self) -> tuple:
         params = [_local(p.detach()) for p in self.model.parameters()]
         layout = tuple((p._version, p.data_ptr()) for p in params)
-        sums = torch.stack([p.sum(dtype=torch.float64) for p in params]) if params else torch.zeros(0)
-        return layout, sums
+        if not params:
+            return layout, torch.zeros(0)
+        device = params[0].device  # a model spread over several devices: its sums gathered on one
+        return layout, torch.stack([p.sum(dtype=torch.float64).to(device) for p in params])
 
     def changed(self) -> bool:
         """Whether the weights differ from those seen at the last call (or at ``forget``), one host sync."""
@@ -43,10 +45,12 @@ class WeightsWatch:
 
     def follow(self, optimizer: torch.optim.Optimizer, on_step: Callable[[], None]) -> None:
         """Call ``on_step`` after every step of ``optimizer`` (fused, foreach or for-loop alike), once however often
-        it is asked; a wrapper (accelerate's ``AcceleratedOptimizer``) is followed to the optimizer it steps."""
-        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        it is asked; a wrapper (accelerate's ``AcceleratedOptimizer``) is followed to the optimizer it steps. An
+        optimizer without torch's step hooks (DeepSpeed's, which steps inside ``backward``) is left to the
+        fingerprint."""
+        while getattr(optimizer, "optimizer", None) is not None:
             optimizer = optimizer.optimizer
-        if optimizer in self._followed:
+        if not hasattr(optimizer, "_optimizer_step_post_hooks") or optimizer in self._followed:
             return
         self._followed.add(optimizer)
         method = weakref.WeakMethod(on_step)  # the optimizer must not keep a discarded engine's pool alive

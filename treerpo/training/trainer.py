@@ -211,7 +211,12 @@ class Trainer(Checkpointing):
             )
         if self.config.sampler == "engine":
             try:
-                worst_case_tokens([longest], self.spec.max_generated_tokens, self.config.kv_pool_tokens)
+                worst_case_tokens(
+                    [longest],
+                    self.spec.max_generated_tokens,
+                    self.config.kv_pool_tokens,
+                    f"kv_pool_tokens={self.config.kv_pool_tokens}",
+                )
             except RequestTooLarge as err:
                 raise ConfigError(str(err)) from None
 
