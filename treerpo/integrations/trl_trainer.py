@@ -23,6 +23,7 @@ from treerpo.algorithms.advantages import NORMALIZATIONS, VALUE_MODES, compute_a
 from treerpo.algorithms.loss import policy_loss
 from treerpo.attention import enable_tree_attention
 from treerpo.engine.kv_pool import RequestTooLarge
+from treerpo.integrations.trl_metrics import rollout_metrics, row_tokens
 from treerpo.integrations.trl_sampling import UnsupportedTRLOption, engine_for, engine_sampling
 from treerpo.policy.logprobs import packed_logprobs
 from treerpo.rewards.scoring import leaf_completions
@@ -254,21 +255,16 @@ class TreeRPOTrainer(GRPOTrainer):
         stats = compute_advantages(
             trees, self.args.value_mode, self.args.advantage_norm, self.args.tau, global_weight=self.args.global_weight
         )
-        self._log_rollout(trees, rewards, per_func, stats)
+        self._log_rollout(trees, keys, rewards, per_func, stats)
 
-    def _log_rollout(self, trees, rewards, per_func, stats) -> None:
+    def _log_rollout(self, trees, keys, rewards, per_func, stats) -> None:
         metrics = self._metrics["train"]
-        for i, name in enumerate(self.reward_func_names):
-            metrics[f"rewards/{name}/mean"].append(float(torch.nanmean(per_func[:, i])))
-        metrics["reward"].append(float(np.mean(rewards)))
-        metrics["reward_std"].append(float(np.std(rewards)))
-        lengths = np.concatenate([t.completion_lengths() for t in trees])
-        metrics["completions/mean_length"].append(float(lengths.mean()))
-        metrics["tree/leaves"].append(float(len(rewards)))
+        leaf_tree = np.array([t for t, _ in keys], dtype=np.int64)
+        values = rollout_metrics(trees, leaf_tree, rewards, per_func.cpu().numpy(), self.reward_func_names)
+        for name, value in values.items():
+            metrics[name].append(value)
         metrics["tree/kept_group_fraction"].append(stats["kept_groups"] / max(stats["groups"], 1))
-        generated = sum(t.generated_tokens for t in trees)
-        metrics["tokens/generated"].append(float(generated))
-        self.state.num_input_tokens_seen += sum(t.num_tokens for t in trees)
+        self.state.num_input_tokens_seen += row_tokens(trees)
         metrics["num_tokens"] = [self.state.num_input_tokens_seen]
 
     def prepare_chunks(self, trees: list[Tree]) -> list[TreeChunk]:
