@@ -372,6 +372,19 @@ def test_treerpo_trainer_trains_saves_and_reloads(tmp_path):
         assert torch.equal(value, after[name]), name
 
 
+def test_a_generation_with_no_kept_group_steps_as_plain_trl():
+    """tau drops every group: as TRL does when all rewards of every group are equal, the optimizer still steps (zero
+    policy gradient, the KL term with beta > 0) and the step logs its kl."""
+    trainer = treerpo_trl(chain_rows(8), max_steps=1, beta=0.04, tau=1e9)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "tree/leaves" in entry]
+    assert logged[0]["tree/kept_group_fraction"] == 0.0 and "kl" in logged[0]
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    stepped = [p for group in optimizer.param_groups for p in group["params"] if optimizer.state.get(p)]
+    assert stepped and all(int(optimizer.state[p]["step"]) == 1 for p in stepped)
+    assert len(stepped) == sum(1 for p in trainer.model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize(
     "option, message",
     [

@@ -149,6 +149,16 @@ class TreeChunk:
     normalizer: int  # loss tokens of the whole optimizer step this chunk belongs to
 
 
+def train_at_zero_advantage(trees: list[Tree]) -> list[Tree]:
+    """A generation with no kept group trains as plain TRL's does when every group's rewards are equal: every
+    generated token in the loss at advantage 0, so the optimizer still steps (zero policy gradient; the KL term
+    with ``beta > 0``) and the step logs its loss statistics."""
+    for tree in trees:
+        tree.kept[1:] = True
+        tree.advantage = np.zeros(tree.num_nodes)
+    return [t for t in trees if loss_token_count(t) > 0]
+
+
 class TreeRPOTrainer(GRPOTrainer):
     """GRPOTrainer's arguments (``args`` a TreeRPOConfig); trains TreeRPO on trees from treerpo's engine."""
 
@@ -271,7 +281,7 @@ class TreeRPOTrainer(GRPOTrainer):
         """The trees with loss tokens split, whole, into ``steps_per_generation`` chunks (one per TRL step),
         each packed into micro-batches; every chunk knows the loss tokens of its optimizer step."""
         steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
-        trainable = [t for t in trees if loss_token_count(t) > 0]
+        trainable = [t for t in trees if loss_token_count(t) > 0] or train_at_zero_advantage(trees)
         groups = [[trainable[i] for i in idx] for idx in np.array_split(np.arange(len(trainable)), steps)]
         off_policy = self.num_iterations > 1 or accumulation % (steps * self.num_iterations) != 0
         chunks = []
