@@ -50,14 +50,13 @@ def prepare_batch(
     """``trees`` packed (unkept nodes pruned) on ``device`` with their loss rows; the policy's log-probs of those rows
     now, when they will be used after the weights change (``old_logprobs``), and the reference policy's."""
     packed = pack_trees(trees, prune_unkept=True)
+    rows = packed.loss_mask.nonzero().squeeze(1)
     weights = None
     if token_weight != "node":  # None: every token once, the plain token mean
-        loss_rows = packed.loss_mask.nonzero().squeeze(1)
         weights = torch.from_numpy(
-            row_weights(trees, packed.tree_index[loss_rows].numpy(), packed.node_index[loss_rows].numpy(), token_weight)
+            row_weights(trees, packed.tree_index[rows].numpy(), packed.node_index[rows].numpy(), token_weight)
         ).to(device)
-    packed = packed.to(device)
-    rows = torch.nonzero(packed.loss_mask).squeeze(1)
+    packed, rows = packed.to(device), rows.to(device)
     old = policy_logprobs(packed, rows) if old_logprobs else None
     ref = reference_logprobs(packed, rows) if reference_logprobs is not None else None
     return PreparedBatch(packed, rows, old, ref, weights, filler=filler)
