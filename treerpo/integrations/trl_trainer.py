@@ -20,14 +20,13 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
 
 from treerpo.algorithms.advantages import NORMALIZATIONS, VALUE_MODES, compute_advantages
-from treerpo.algorithms.loss import policy_loss
 from treerpo.attention import enable_tree_attention
 from treerpo.engine.kv_pool import RequestTooLarge
 from treerpo.integrations.trl_metrics import rollout_metrics, row_tokens
 from treerpo.integrations.trl_sampling import UnsupportedTRLOption, engine_for, engine_sampling
 from treerpo.policy.logprobs import packed_logprobs
 from treerpo.rewards.scoring import leaf_completions
-from treerpo.training.batch import PreparedBatch, prepare_batch
+from treerpo.training.batch import PreparedBatch, batch_loss, prepare_batch
 from treerpo.training.minibatch_plan import micro_batches
 from treerpo.tree import Tree, TreeSpec
 from treerpo.trees.token_weights import loss_token_count
@@ -315,14 +314,11 @@ class TreeRPOTrainer(GRPOTrainer):
     # ---- the loss -----------------------------------------------------------------------------------
     def micro_batch_loss(self, batch: PreparedBatch, normalizer: int) -> torch.Tensor:
         logp = self._logprobs(self._policy(), batch.packed, batch.rows)
-        old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
-        loss, stats = policy_loss(
+        loss, stats = batch_loss(
+            batch,
             logp,
-            old,
-            batch.packed.advantages[batch.rows],
             clip_low=self.epsilon_low,
             clip_high=self.epsilon_high,
-            ref_logprobs=batch.ref_logprobs,
             kl_coef=self.beta,
             normalizer=normalizer,
             kl_times_ratio=self.args.use_bias_correction_kl,

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from treerpo.algorithms.loss import policy_loss
 from treerpo.tree import Tree
 from treerpo.trees.packing import PackedBatch, pack_trees
 from treerpo.trees.token_weights import row_weights
@@ -34,6 +35,16 @@ class Minibatch:
     normalizer: int
     batches: list[PreparedBatch]
     tokens: int
+
+
+def batch_loss(batch: PreparedBatch, logprobs: torch.Tensor, **loss_options) -> tuple[torch.Tensor, dict]:
+    """``policy_loss`` of a prepared batch: its advantages, token weights and reference log-probs; the old log-probs
+    taken at preparation, or (on-policy) the new ones detached. ``loss_options``: clipping, KL, normalizer."""
+    old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
+    advantages = batch.packed.advantages[batch.rows]
+    return policy_loss(
+        logprobs, old, advantages, weights=batch.weights, ref_logprobs=batch.ref_logprobs, **loss_options
+    )
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ from transformers.utils import logging as hf_logging
 
 from treerpo.algorithms.advantages import compute_advantages
 from treerpo.algorithms.grpo import grpo_spec
-from treerpo.algorithms.loss import policy_loss
 from treerpo.attention import enable_tree_attention
 from treerpo.attention.hf_integration import smallest_sliding_window
 from treerpo.attention.kernel_check import set_kernel_verification
@@ -49,7 +48,7 @@ from treerpo.sampling.evaluation import pass_at_1
 from treerpo.sampling.generation import encode_prompts
 from treerpo.sampling.prompt_rules import check_prompts
 from treerpo.sampling.reference_sampler import ReferenceTreeSampler
-from treerpo.training.batch import Minibatch, prepare_batch
+from treerpo.training.batch import Minibatch, batch_loss, prepare_batch
 from treerpo.training.checkpointing import Checkpointing
 from treerpo.training.metrics import MetricsLog, plot_metrics
 from treerpo.training.minibatch_plan import filler_tree, micro_batches, minibatch_indices
@@ -368,15 +367,11 @@ class Trainer(Checkpointing):
             with sync:
                 with recomputing_layers(self.checkpointed):
                     logp = self._train_logprobs(b.packed, b.rows)
-                old = b.old_logprobs if b.old_logprobs is not None else logp.detach()
-                loss, s = policy_loss(
+                loss, s = batch_loss(
+                    b,
                     logp,
-                    old,
-                    b.packed.advantages[b.rows],
-                    weights=b.weights,
                     clip_low=self.config.clip_low,
                     clip_high=self.config.clip_high,
-                    ref_logprobs=b.ref_logprobs,
                     kl_coef=self.config.kl_coef,
                     normalizer=normalizer,
                 )
