@@ -88,3 +88,22 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and "needs a CUDA GPU" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_fingerprint_benchmark_writes_ratios(tmp_path):
+    result = run_benchmark(
+        "weights_fingerprint.py",
+        "--model",
+        "tiny",
+        "--prompts",
+        "1",
+        "--branching",
+        "2",
+        "--segment-tokens",
+        "4",
+        "--repeats",
+        "1",
+        tmp_path=tmp_path,
+    )
+    assert result["parameters"] > 0 and result["fingerprint_s"] > 0 and result["rollout_s"] > 0
+    assert result["ratios"]["fingerprint_over_rollout"] == result["fingerprint_s"] / result["rollout_s"]

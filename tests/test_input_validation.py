@@ -110,3 +110,29 @@ def test_over_long_prompt_and_tree_too_big_for_the_pool_before_evaluation(tmp_pa
         trainer(tmp_path, segment_tokens=64, branching=[2, 2])
     with pytest.raises(ConfigError, match=r"one tree may need \d+ KV slots .* kv_pool_tokens=100"):
         trainer(tmp_path, kv_pool_tokens=100)
+
+
+@pytest.mark.parametrize("sampler_name", ["engine", "reference"])
+def test_infos_of_another_length_are_refused_before_sampling(sampler_name, monkeypatch):
+    from treerpo.engine.tree_sampler import TreeSampler
+    from treerpo.models.tiny import load_model_and_tokenizer
+    from treerpo.sampling import reference_sampler
+    from treerpo.tree import TreeSpec
+
+    model, tok = load_model_and_tokenizer()
+    forwards = []  # any forward or generation would be recorded
+    if sampler_name == "engine":
+        sampler = TreeSampler(model, tok, pool_tokens=1024)
+        monkeypatch.setattr(sampler.runner, "run", lambda *a, **k: forwards.append(1))
+    else:
+        sampler = reference_sampler.ReferenceTreeSampler(model, tok)
+        monkeypatch.setattr(reference_sampler, "continue_sequences", lambda *a, **k: forwards.append(1))
+    with pytest.raises(ValueError, match=r"1 infos for 2 prompts; give one dict per prompt"):
+        sampler.sample([tok("1+2=")["input_ids"]] * 2, TreeSpec((2,), 4), infos=[{}])
+    assert not forwards
+
+
+def test_a_mode_chosen_from_the_launch_says_so():
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    with pytest.raises(ConfigError, match=r"--parallel ddp \(chosen for the torchrun launch of 2 processes\) needs"):
+        make_config({"sampler": "reference"}).validate_launch(environ=torchrun)
