@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import treerpo.training.trainer as trainer_module
+import treerpo.training.batch as batch_module
 from helpers import char_model_folder
 from treerpo.config import make_config
 from treerpo.runtime.finite_guard import NonFiniteError
@@ -56,13 +56,13 @@ def test_nonfinite_step_is_not_applied_and_the_run_stops_after_n_in_a_row(tmp_pa
         t.train_step(0)  # one good step so AdamW has state to protect
         before = {k: v.clone() for k, v in t.model.state_dict().items()}
         opt_before = [s["exp_avg"].clone() for s in t.optimizer.state.values()]
-        real_loss = trainer_module.policy_loss
+        real_loss = batch_module.policy_loss  # the Trainer computes its loss through batch_loss
 
         def nan_loss(*args, **kwargs):
             loss, stats = real_loss(*args, **kwargs)
             return loss * float("nan"), stats
 
-        monkeypatch.setattr(trainer_module, "policy_loss", nan_loss)
+        monkeypatch.setattr(batch_module, "policy_loss", nan_loss)
         record = t.train_step(1)
         assert record["skipped_updates"] == 1 and record["optimizer_steps"] == 0
         assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items()), "weights changed"
