@@ -311,24 +311,7 @@ class TrainConfig:
                 f"--parallel {mode}{self._parallel_source} needs --sampler engine: the reference sampler draws "
                 "from the global RNG, so its trees would depend on the number of ranks"
             )
-        if self.dtype in ("bfloat16", "float16"):
-            self.check_parallel_dtype(self.dtype)
-        if mode == "fsdp" and self.gradient_checkpointing:
-            raise ConfigError(
-                "--parallel fsdp with --gradient-checkpointing is not supported yet (not validated); "
-                "use --parallel ddp with checkpointing, or fsdp without it"
-            )
         return self
-
-    def check_parallel_dtype(self, dtype) -> None:
-        """Data-parallel training is float32 only for now; ``dtype`` as given, or as the model resolved it."""
-        name = str(dtype).removeprefix("torch.")
-        if self.parallel != "none" and name != "float32":
-            raise ConfigError(
-                f"--parallel {self.parallel}{self._parallel_source} trains in float32 only for now (the model is "
-                f"{name}; fp32 master weights are not combined with DDP/FSDP2 yet); pass --dtype float32 or train "
-                "in one process"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

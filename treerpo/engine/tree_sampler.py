@@ -49,6 +49,7 @@ class TreeSampler:
         cascade: bool = True,
         eos_ids: Sequence[int] | None = None,
         draw_memory_bytes: int = DEFAULT_DRAW_MEMORY_BYTES,
+        kv_dtype: torch.dtype | None = None,
     ):
         """``share_prefixes=False`` prefills every tree's prompt on its own and skips the radix cache (the
         baseline of benchmarks); ``ignore_eos`` generates full segments whatever is sampled (throughput runs);
@@ -56,7 +57,9 @@ class TreeSampler:
         share once per sibling group where ``ModelRunner.cascade_spares_enough`` (same tokens, for comparisons).
         ``eos_ids`` end a segment (default: the model's generation config's and the tokenizer's EOS).
         ``draw_memory_bytes`` bounds a step's logits and draw buffers: the LM head and the draw run on chunks of
-        that many bytes' worth of rows (``step_draw``), so a step's memory does not grow with its branches."""
+        that many bytes' worth of rows (``step_draw``), so a step's memory does not grow with its branches.
+        ``kv_dtype``: the dtype the model computes in, default its parameters' (under FSDP2 mixed precision the
+        parameters are fp32 masters and the forward runs in bf16/fp16)."""
         if int(draw_memory_bytes) != draw_memory_bytes or draw_memory_bytes < 1:
             raise ValueError(f"draw_memory_bytes must be a positive number of bytes, got {draw_memory_bytes!r}")
         self.draw_memory_bytes = int(draw_memory_bytes)
@@ -72,7 +75,7 @@ class TreeSampler:
             layers,
             kv_heads,
             head_dim,
-            next(model.parameters()).dtype,
+            kv_dtype or next(model.parameters()).dtype,
             device,
             page_size=1,
             num_pages=pool_tokens,

@@ -8,6 +8,13 @@ skip DDP's synchronisation, and under FSDP2 would mix sharded and full tensors.
 
 Sampling and evaluation run through ``with_full_weights``: under FSDP2 every layer is gathered once for the whole
 call (no collective a decode step, so ranks may decode for different numbers of steps), then sharded again.
+
+Half precision (bfloat16, float16) at scale keeps what the one-process path keeps (``precision.MasterWeights``):
+fp32 master weights and optimizer state, half-precision compute. Both modes then use FSDP2 with a
+``MixedPrecisionPolicy``: the parameters are stored in fp32 (the masters, upcast exactly from the loaded
+half-precision weights), each unit's forward gathers them cast to the compute dtype, and gradients are reduced in
+fp32. "fsdp" shards them over the ranks; "ddp" replicates them (a 2-D mesh whose shard dimension has size 1: a
+full replica a rank, gradients all-reduced, as DDP), since torch's DDP would all-reduce half-precision gradients.
 """
 
 from __future__ import annotations
@@ -64,27 +71,62 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def wrap_policy(model: nn.Module, mode: str, device: torch.device, temperature: float, backend: str | None):
-    """``model`` wrapped for ``mode`` ("ddp" or "fsdp"). Build the optimizer from the result's ``parameters()``
-    right away: after FSDP2's first root forward the root's parameters are its gathered copies, and an optimizer
-    built then would silently never update them."""
+def wrap_policy(
+    model: nn.Module, mode: str, device: torch.device, temperature: float, backend: str | None, trainable: bool = True
+):
+    """``model`` wrapped for ``mode`` ("ddp" or "fsdp"), computing in the dtype of its parameters (a trainable
+    half-precision model gets fp32 master parameters: see the module docstring; a frozen one, the reference, is
+    sharded as it is). Build the optimizer from the result's
+    ``parameters()`` right away: after FSDP2's first root forward the root's parameters are its gathered copies, and
+    an optimizer built then would silently never update them."""
+    if mode not in PARALLEL_MODES[1:]:
+        raise ValueError(f"parallel mode {mode!r}: choose one of {PARALLEL_MODES[1:]}")
+    compute_dtype = next(model.parameters()).dtype
     policy = PolicyLogprobs(model, temperature, backend)
-    if mode == "ddp":
+    if mode == "ddp" and compute_dtype == torch.float32:
         from torch.nn.parallel import DistributedDataParallel
 
         # buffers (rotary frequencies) are equal everywhere: synced once at construction, not every forward
         return DistributedDataParallel(
             policy, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
         )
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    return _fully_shard(policy, model, mode, device, compute_dtype if trainable else None)
 
-        for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(policy)
-        register_fsdp_forward_method(policy, "with_full_weights")
-        return policy
-    raise ValueError(f"parallel mode {mode!r}: choose one of {PARALLEL_MODES[1:]}")
+
+def _fully_shard(policy: PolicyLogprobs, model: nn.Module, mode: str, device: torch.device, compute_dtype):
+    """``compute_dtype`` half precision: fp32 masters cast to it in each forward; None or fp32: parameters as they
+    are."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    world_size = torch.distributed.get_world_size()
+    if mode == "ddp":
+        mesh = init_device_mesh(device.type, (world_size, 1), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    mixed = {}
+    if compute_dtype not in (None, torch.float32):
+        for p in model.parameters():  # the masters: an exact upcast of the loaded half-precision weights
+            p.data = p.data.float()
+        # inputs are left as the one-process path passes them (tree metadata included), not cast
+        mixed["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+    units = decoder_layers(model) + [policy]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, **mixed)
+        unit.set_gradient_divide_factor(1.0)  # summed (a plain SUM, which every backend has): ``loss_multiplier``
+        unit.set_force_sum_reduction_for_comms(True)
+    register_fsdp_forward_method(policy, "with_full_weights")
+    return policy
+
+
+def loss_multiplier(wrapped: nn.Module | None, world_size: int) -> int:
+    """What each rank's loss (its share of the global token sum) is multiplied by before backward. torch's DDP
+    averages gradients over ranks, so by the world size; the FSDP2 units here sum them, so by 1: a half-precision
+    gradient is then computed at the one-process scale (an fp16 gradient scaled by the world size would underflow
+    and round elsewhere than one process's)."""
+    return world_size if wrapped is not None and not is_sharded(wrapped) else 1
 
 
 def unwrap(wrapped: nn.Module) -> PolicyLogprobs:

@@ -36,9 +36,20 @@ def rng_file(rank: int) -> str:
 
 
 def save_distributed_checkpoint(
-    world: World, output_dir: Path, step: int, policy, optimizer, hf_model, tokenizer, state: dict, keep: int = 2
+    world: World,
+    output_dir: Path,
+    step: int,
+    policy,
+    optimizer,
+    hf_model,
+    tokenizer,
+    state: dict,
+    keep: int = 2,
+    export_dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Collective: every rank calls it. ``policy`` is the DDP- or FSDP2-wrapped ``PolicyLogprobs``."""
+    """Collective: every rank calls it. ``policy`` is the DDP- or FSDP2-wrapped ``PolicyLogprobs``; the Hugging Face
+    export is in ``export_dtype`` (the compute dtype: a half-precision run's fp32 masters rounded, as one process
+    rounds them into its model)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
@@ -51,7 +62,7 @@ def save_distributed_checkpoint(
     torch.save(rng_state(), tmp / rng_file(world.rank))
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.is_main:
-        export_hf(hf_model, tokenizer, full, tmp)
+        export_hf(hf_model, tokenizer, full, tmp, export_dtype)
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     world.barrier()
     if world.is_main:
@@ -65,13 +76,23 @@ def save_distributed_checkpoint(
     return final
 
 
-def export_hf(hf_model, tokenizer, policy_state: dict, folder: Path) -> None:
-    """The gathered full weights in Hugging Face format (safetensors, config, tokenizer)."""
-    weights = {name.removeprefix(POLICY_PREFIX): tensor for name, tensor in policy_state.items()}
+def export_hf(hf_model, tokenizer, policy_state: dict, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+    """The gathered full weights in Hugging Face format (safetensors, config, tokenizer), floats in ``dtype``."""
+    weights = {
+        name.removeprefix(POLICY_PREFIX): tensor.to(dtype) if tensor.is_floating_point() else tensor
+        for name, tensor in policy_state.items()
+    }
     for name in tied_output_names(hf_model):  # saved once, as the input embedding (what save_pretrained does)
         weights.pop(name, None)
     hf_model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+    _set_config_dtype(folder / "config.json", dtype)  # save_pretrained wrote the fp32 masters' dtype
     tokenizer.save_pretrained(folder)
+
+
+def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def tied_output_names(hf_model) -> list[str]:

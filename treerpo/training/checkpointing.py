@@ -105,6 +105,7 @@ class Checkpointing:
                 self.tokenizer,
                 self._trainer_state(),
                 keep=self.config.keep_checkpoints,
+                export_dtype=self.dtype,
             )
         check_weights_finite(self.model, f"after step {done}", advice)
         extra = {MASTER_WEIGHTS: self.master.state_dict()} if self.master is not None else {}

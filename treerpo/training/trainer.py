@@ -35,6 +35,7 @@ from treerpo.policy.parallel import (
     PolicyLogprobs,
     gradient_sync,
     run_with_full_weights,
+    loss_multiplier,
     wrap_policy,
 )
 from treerpo.policy.precision import MasterWeights, resolve_dtype
@@ -73,12 +74,18 @@ def tree_spec(config: TrainConfig) -> TreeSpec:
     )
 
 
-def make_sampler(config: TrainConfig, model, tokenizer):
+def make_sampler(config: TrainConfig, model, tokenizer, compute_dtype: torch.dtype | None = None):
     if config.sampler == "reference":
         return ReferenceTreeSampler(model, tokenizer, config.sampler_batch_size, config.truncate_prompts)
     from treerpo.engine.tree_sampler import TreeSampler
 
-    return TreeSampler(model, tokenizer, pool_tokens=config.kv_pool_tokens, truncate_prompts=config.truncate_prompts)
+    return TreeSampler(
+        model,
+        tokenizer,
+        pool_tokens=config.kv_pool_tokens,
+        truncate_prompts=config.truncate_prompts,
+        kv_dtype=compute_dtype,
+    )
 
 
 class Trainer(Checkpointing):
@@ -133,12 +140,13 @@ class Trainer(Checkpointing):
             config.model, dtype=load_dtype, allow_download=config.allow_download
         )
         self.dtype = next(self.model.parameters()).dtype  # "auto" (CUDA default): the checkpoint's own
-        config.check_parallel_dtype(self.dtype)  # "auto": the checkpoint's own dtype, known once loaded
         self.task = load_task(config.dataset, config.eval_dataset, config.eval_size, self.tokenizer)
         self.spec = tree_spec(config)
         self._check_inputs()
         self.model = enable_tree_attention(self.model).to(self.device)  # loaded in its dtype: RoPE buffers stay fp32
-        self.master = MasterWeights(self.model) if self.dtype != torch.float32 else None
+        # one process keeps fp32 masters here; DDP/FSDP2 keep them as their (sharded) parameters (policy.parallel)
+        half = self.dtype != torch.float32
+        self.master = MasterWeights(self.model) if half and config.parallel == "none" else None
         if use_activation_checkpointing(config.gradient_checkpointing, self.model):
             enable_activation_checkpointing(self.model)
         self.checkpointed = checkpointed_layers(self.model)  # found once, not on every training forward
@@ -148,7 +156,7 @@ class Trainer(Checkpointing):
             self._wrap_for_parallel()
         trained = self.master.params if self.master is not None else (self.policy or self.model).parameters()
         self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
-        self.sampler = make_sampler(config, self.model, self.tokenizer)
+        self.sampler = make_sampler(config, self.model, self.tokenizer, self.dtype)
         self.start_step, self.elapsed_before = 0, 0.0
         self.initial_eval = None
         self.counters = {"tokens_generated": 0, "tokens_trained": 0}
@@ -174,7 +182,7 @@ class Trainer(Checkpointing):
         self.policy = wrap_policy(self.model, self.config.parallel, self.device, temperature, backend)
         if self.reference is not None:
             self.reference_policy = (
-                wrap_policy(self.reference, "fsdp", self.device, temperature, backend)
+                wrap_policy(self.reference, "fsdp", self.device, temperature, backend, trainable=False)
                 if self.config.parallel == "fsdp"
                 else PolicyLogprobs(self.reference, temperature, backend)
             )
@@ -354,8 +362,7 @@ class Trainer(Checkpointing):
         """One gradient step over a minibatch (all ranks' shares); not applied (optimizer state untouched) when the
         loss or the gradient norm is not finite on any rank. Statistics are token means over the minibatch."""
         normalizer, batches = minibatch.normalizer, minibatch.batches
-        # DDP and FSDP2 average gradients over ranks; each rank's loss is its share of the global token sum
-        scale = self.world.size if self.policy is not None else 1
+        scale = loss_multiplier(self.policy, self.world.size)
         self.optimizer.zero_grad(set_to_none=True)
         sums = dict.fromkeys(["loss", "clip_fraction", "ratio_mean", "kl", "nonfinite"], 0.0)
         for i, b in enumerate(batches):
