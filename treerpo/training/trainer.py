@@ -34,8 +34,8 @@ from treerpo.policy.logprobs import packed_logprobs
 from treerpo.policy.parallel import (
     PolicyLogprobs,
     gradient_sync,
-    run_with_full_weights,
     loss_multiplier,
+    run_with_full_weights,
     wrap_policy,
 )
 from treerpo.policy.precision import MasterWeights, resolve_dtype
