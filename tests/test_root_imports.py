@@ -56,7 +56,7 @@ def test_import_kernels_from_the_root_gives_the_installed_package(pythonpath):
     assert_ok(run_from_root("-c", script, str(ROOT.resolve()), env=env))
 
 
-@pytest.mark.parametrize("module", ["treerpo.train", "treerpo.evaluate"])
+@pytest.mark.parametrize("module", ["treerpo.train", "treerpo.evaluate", "treerpo.plan"])
 def test_the_main_jobs_start_from_the_root(module):
     run = run_from_root("-m", module, "--help")
     assert_ok(run)

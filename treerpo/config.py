@@ -435,8 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace, other: tuple[str, ...] = ()) -> TrainConfig:
+    """The TrainConfig of parsed flags (over ``--config``'s file), leaving out the ``other`` flags a command added."""
     values = load_config_file(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    skip = {"config", *other}
+    values.update({k: v for k, v in vars(args).items() if k not in skip and v is not None})
     return make_config(values)
