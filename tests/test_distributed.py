@@ -130,7 +130,9 @@ def one_process_run(tmp_path_factory):
 def test_two_ranks_equal_one_process(tmp_path, one_process_run, mode, extra):
     """Same global batch: the same trees, minibatches, counts and metrics; the weights within 1e-5."""
     out = tmp_path / "run"
-    train(out, 2, max_steps=2, **({} if mode == "auto" else {"parallel": mode}), **extra)
+    done = train(out, 2, max_steps=2, **({} if mode == "auto" else {"parallel": mode}), **extra)
+    source = " (chosen for the torchrun launch of 2 processes)" if mode == "auto" else ""
+    assert done.stdout.startswith(f"data parallel: {'ddp' if mode == 'auto' else mode} on 2 ranks{source}\n")
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["world_size"], summary["parallel"]) == (2, "ddp" if mode == "auto" else mode)
     one, two = records(one_process_run), records(out)

@@ -103,6 +103,10 @@ class Trainer(Checkpointing):
                 self.config.device if self.config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
             )
             self.log = log if self.world.is_main else (lambda *a, **k: None)
+            if self.world.initialized:
+                self.log(
+                    f"data parallel: {self.config.parallel} on {self.world.size} ranks{self.config._parallel_source}"
+                )
             if self.world.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.lock = RunLock(self.out).acquire()
