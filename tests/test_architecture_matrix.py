@@ -1,11 +1,11 @@
-"""Every decoder family: exact or refused.
+"""Every decoder family exact.
 
 Each row builds a tiny random model of a Hugging Face family from its config (windows shorter than
-the paths and soft-caps small enough to matter where the family has them) and either passes all of:
+the paths, soft-caps small enough to matter and sinks where the family has them) and passes all of:
 packed log-probs on the CPU tree backends equal per-path forwards of an untouched copy of the model;
 engine greedy trees equal the generate-based reference sampler's; the engine's sampled-token log-probs
 equal a plain forward; a training step's gradients equal those of a per-path loss; the tree-enabled
-model's plain forward equals the untouched model's; or it is refused with the documented error.
+model's plain forward equals the untouched model's.
 """
 
 import numpy as np
@@ -15,7 +15,6 @@ import transformers as hf
 
 from helpers import assert_close_normwise, random_tree
 from treerpo.attention import available_tree_backends, enable_tree_attention
-from treerpo.attention.hf_integration import UnsupportedModelError
 from treerpo.engine import TreeSampler
 from treerpo.policy.logprobs import packed_logprobs
 from treerpo.sampling.reference_sampler import ReferenceTreeSampler
@@ -38,71 +37,78 @@ COMMON = dict(
 LONG_WINDOW = 4096  # longer than every path here
 SHORT_WINDOW = 6  # shorter than the paths
 
-FAMILIES = {  # name: (config class, model class, config overrides, None = exact | regex of the refusal)
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, None),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, None),
+FAMILIES = {  # name: (config class, model class, config overrides)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen2-window-long": (
         "Qwen2Config",
         "Qwen2ForCausalLM",
         dict(use_sliding_window=True, sliding_window=LONG_WINDOW, max_window_layers=0),
-        None,
     ),
     "qwen2-window-short": (
         "Qwen2Config",
         "Qwen2ForCausalLM",
         dict(use_sliding_window=True, sliding_window=SHORT_WINDOW, max_window_layers=0),
-        "sliding window of 6 positions is shorter than this batch's paths",
     ),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8), None),
-    "mistral-window-long": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=LONG_WINDOW), None),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
+    "mistral-window-long": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=LONG_WINDOW)),
     "mistral-window-short": (
         "MistralConfig",
         "MistralForCausalLM",
         dict(sliding_window=SHORT_WINDOW),
-        "sliding window of 6 positions is shorter",
     ),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8), None),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8)),
     "gemma2": (
         "Gemma2Config",
         "Gemma2ForCausalLM",
-        dict(head_dim=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window=LONG_WINDOW),
-        "attention logit soft-capping",
+        dict(head_dim=8, attn_logit_softcapping=0.01, final_logit_softcapping=3.0, sliding_window=LONG_WINDOW),
+    ),
+    "gemma2-window-short": (  # soft-capping on every layer, a short window on every other one
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(head_dim=8, attn_logit_softcapping=0.01, sliding_window=SHORT_WINDOW),
     ),
     "gemma3-long": (
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
         dict(head_dim=8, sliding_window=LONG_WINDOW, final_logit_softcapping=3.0),
-        None,
     ),
     "gemma3-window-short": (
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
         dict(head_dim=8, sliding_window=SHORT_WINDOW),
-        "sliding window of 6 positions is shorter",
     ),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, None),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, None),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
     "granite": (
         "GraniteConfig",
         "GraniteForCausalLM",
         dict(logits_scaling=4.0, attention_multiplier=0.3, embedding_multiplier=2.0, residual_multiplier=0.5),
-        None,
     ),
     "gpt-oss": (
         "GptOssConfig",
         "GptOssForCausalLM",
         dict(head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=LONG_WINDOW),
-        "attention sinks",
     ),
-    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5), None),
-    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=LONG_WINDOW), None),
-    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}, None),
-    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=8), None),
+    "gpt-oss-window-short": (  # sinks on every layer, a short window on every other one
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=SHORT_WINDOW),
+    ),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=LONG_WINDOW)),
+    "starcoder2-window-short": (
+        "Starcoder2Config",
+        "Starcoder2ForCausalLM",
+        dict(sliding_window=SHORT_WINDOW),
+    ),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=8)),
 }
 
 
 def build(family: str, seed: int = 0):
-    config_cls, model_cls, overrides, _ = FAMILIES[family]
+    config_cls, model_cls, overrides = FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(hf, config_cls)(**{**COMMON, **overrides})
     return getattr(hf, model_cls)(config).eval()
@@ -139,28 +145,15 @@ def per_path_reference(plain, trees, batch, rows):
 CPU_BACKENDS = [b for b in ("paths", "sdpa", "flex") if b in available_tree_backends()]  # flex: forward only
 
 
-def exact(family):
-    return FAMILIES[family][3] is None
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_packed_logprobs_and_gradients(family):
     plain, tree_model = twins(family)
-    if not exact(family) and FAMILIES[family][2].get("attn_logit_softcapping") or family == "gpt-oss":
-        with pytest.raises(UnsupportedModelError, match=FAMILIES[family][3]):
-            enable_tree_attention(tree_model)
-        assert tree_model.config._attn_implementation != "tree", "a refused model is left as it was"
-        return
     enable_tree_attention(tree_model)
     assert plain.config._attn_implementation != "tree", "only the model given changes"
     rng = np.random.default_rng(0)
     trees = trees_for(rng)
     batch = pack_trees(trees)
     rows = torch.nonzero(batch.loss_mask).squeeze(1)
-    if not exact(family):
-        with pytest.raises(UnsupportedModelError, match=FAMILIES[family][3]):
-            packed_logprobs(tree_model, batch, rows, backend="paths")
-        return
     with torch.no_grad():
         expected = per_path_reference(plain, trees, batch, rows)
         for backend in CPU_BACKENDS:
@@ -189,7 +182,7 @@ class IdTokenizer:
         return " ".join(map(str, ids))
 
 
-@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if exact(f) or "window" in f))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_engine_trees_and_sampled_logprobs(family):
     plain, tree_model = twins(family)
     enable_tree_attention(tree_model)
@@ -197,11 +190,6 @@ def test_engine_trees_and_sampled_logprobs(family):
     prompts = [[5, 9, 14, 3], [7, 7, 20], [5, 9, 14, 3]]
     spec = TreeSpec((2, 2), segment_tokens=4, temperature=0.0)
     sampler = TreeSampler(tree_model, tok, pool_tokens=1024, ignore_eos=True)
-    if not exact(family):
-        with pytest.raises(UnsupportedModelError, match=FAMILIES[family][3]):
-            sampler.sample(prompts, spec)
-        assert sampler.pool.free_tokens + sampler.cache.total_cached_tokens == sampler.pool.capacity_tokens
-        return
     greedy = sampler.sample(prompts, spec)
     reference = ReferenceTreeSampler(plain, tok).sample(prompts, spec)
     for a, b in zip(greedy, reference, strict=True):
@@ -222,16 +210,31 @@ def test_engine_trees_and_sampled_logprobs(family):
                 )
 
 
-def test_trainer_refuses_a_window_shorter_than_its_paths_before_any_work(tmp_path):
-    from treerpo.config import ConfigError, make_config
-    from treerpo.models.tiny import load_model_and_tokenizer
-    from treerpo.training.trainer import Trainer
+@pytest.mark.parametrize("family, skipped", [("qwen2-window-short", True), ("qwen2-window-long", False)])
+def test_a_backend_without_the_features_is_skipped_where_a_layer_needs_them(family, skipped):
+    """A selected backend that implements neither windows, soft-capping nor sinks (as the Triton kernels and
+    FlexAttention) runs only where a layer needs none of them: a window shorter than the paths goes to ``paths``
+    and stays exact; a window longer than every path changes nothing, so the selected backend runs."""
+    from treerpo.attention.registry import _backends, register_tree_backend
+    from treerpo.attention.sdpa_backend import sdpa_tree_attention
 
-    model, tok = load_model_and_tokenizer()
-    model.config.use_sliding_window, model.config.sliding_window = True, 24
-    for layer in model.model.layers:
-        layer.self_attn.sliding_window = 24
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    with pytest.raises(ConfigError, match=r"sliding window \(24 positions\) is shorter than a path"):
-        Trainer(make_config({"model": str(tmp_path / "m"), "output_dir": str(tmp_path / "out")}))
+    calls = []
+
+    def plain_only(query, key, value, tin, tout, scale=None, cache=None):
+        calls.append(1)
+        return sdpa_tree_attention(query, key, value, tin, tout, scale=scale, cache=cache)
+
+    register_tree_backend("plain_only", plain_only)
+    try:
+        plain, tree_model = twins(family)
+        enable_tree_attention(tree_model)
+        trees = trees_for(np.random.default_rng(0))
+        batch = pack_trees(trees)
+        rows = torch.nonzero(batch.loss_mask).squeeze(1)
+        with torch.no_grad():
+            got = packed_logprobs(tree_model, batch, rows, backend="plain_only")
+            expected = per_path_reference(plain, trees, batch, rows)
+    finally:
+        _backends("tree").pop("plain_only")
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert len(calls) == (0 if skipped else tree_model.config.num_hidden_layers)

@@ -10,7 +10,7 @@ engine's sampled-token log-probs are checked the same way against a plain bf16 f
 import numpy as np
 import pytest
 import torch
-from test_architecture_matrix import FAMILIES, IdTokenizer, exact, trees_for, twins
+from test_architecture_matrix import FAMILIES, IdTokenizer, trees_for, twins
 
 from treerpo.attention import enable_tree_attention
 from treerpo.engine import TreeSampler
@@ -20,7 +20,7 @@ from treerpo.trees.packing import pack_trees
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["triton", "sdpa"] if DEVICE == "cuda" else ["paths", "sdpa"]
-EXACT = sorted(f for f in FAMILIES if exact(f))
+EXACT = sorted(FAMILIES)
 MARGIN = 4.0  # x the plain bf16 forward's own error against fp32 (about 1.5e-3 here), plus an absolute floor
 FLOOR = 4e-3  # well under what a wrong context changes (0.1 to 0.3 here)
 

@@ -5,9 +5,10 @@ attention (SDPA, or the family's eager function with its soft-capping or sinks),
 model generates exactly as before. Inside a tree block it runs the selected tree backend on the
 intervals of the packed batch; inside a paged block (the engine) it reads and writes the KV
 pool; its mask function then returns no mask, which also keeps transformers from reading the
-depth position ids as packed-sequence boundaries. What the tree and paged paths do not implement
-(attention soft-capping, sinks, dropout, a sliding window shorter than a path) is refused with
-an error naming it, never computed differently.
+depth position ids as packed-sequence boundaries. A layer's sliding window, soft-capping and sinks
+(``features.py``) run in the backends that implement them (tree: ``paths`` and ``sdpa``; paged: ``torch``):
+a selected backend that does not (Triton, FlexAttention) is skipped for that layer in favour of one that does.
+Attention dropout is refused with an error naming it, never computed differently.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from treerpo.attention.context import METADATA_KWARG, current_tree_metadata
+from treerpo.attention.features import attention_features
 from treerpo.attention.kernel_check import checked_backend
 from treerpo.attention.paged import PagedAttentionMetadata
 from treerpo.attention.registry import get_paged_backend, get_tree_backend
 
 ATTENTION_NAME = "tree"
+FEATURE_BACKENDS = {"tree": ("paths", "sdpa"), "paged": ("torch",)}  # the first: what the others fall back on
 DEFAULT_ATTENTION = "treerpo_default_attention"  # config attribute: the implementation used outside a block
 
 
@@ -43,14 +46,20 @@ def tree_attention_forward(
         return default_attention(module)(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    check_supported_call(module, meta, dropout, kwargs)
+    check_supported_call(module, dropout)
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch is one row; got batch size {query.shape[0]}")
-    if isinstance(meta, PagedAttentionMetadata):
-        backend = checked_backend("paged", meta.backend, query.device, query.dtype, heads_of(query, key))
-        return get_paged_backend(backend)(module, query, key, value, meta, scaling), None
-    backend = checked_backend("tree", meta.backend, query.device, query.dtype, heads_of(query, key))
-    out = get_tree_backend(backend)(query, key, value, meta.tin, meta.tout, scale=scaling, cache=meta.cache)
+    kind = "paged" if isinstance(meta, PagedAttentionMetadata) else "tree"
+    features = attention_features(module, kwargs)
+    if features.changes_scores or features.cuts(meta.max_positions):
+        backend = meta.backend if meta.backend in FEATURE_BACKENDS[kind] else FEATURE_BACKENDS[kind][0]
+        extra = {"features": features}
+    else:
+        backend = checked_backend(kind, meta.backend, query.device, query.dtype, heads_of(query, key))
+        extra = {}
+    if kind == "paged":
+        return get_paged_backend(backend)(module, query, key, value, meta, scaling, **extra), None
+    out = get_tree_backend(backend)(query, key, value, meta.tin, meta.tout, scale=scaling, cache=meta.cache, **extra)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -72,32 +81,12 @@ def default_attention(module):
     return sdpa_attention_forward
 
 
-def check_supported_call(module, meta, dropout: float, kwargs: dict) -> None:
-    if kwargs.get("softcap"):
-        raise UnsupportedModelError(unsupported("attention logit soft-capping", type(module).__name__))
-    if getattr(module, "sinks", None) is not None:
-        raise UnsupportedModelError(unsupported("attention sinks", type(module).__name__))
+def check_supported_call(module, dropout: float) -> None:
     if dropout:
         raise UnsupportedModelError(
             f"{type(module).__name__}: attention dropout {dropout} in a tree forward is "
             "not implemented; set config.attention_dropout = 0 for RL training"
         )
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    longest = getattr(meta, "max_positions", None)
-    if window and longest is not None and longest > window:
-        raise UnsupportedModelError(
-            f"{type(module).__name__}: a sliding window of {window} positions is shorter than this batch's paths "
-            f"(up to {longest} positions), and the tree and paged attention do not implement sliding windows; keep "
-            f"prompt + depth x segment_tokens within {window} tokens"
-        )
-
-
-def unsupported(feature: str, where: str) -> str:
-    return (
-        f"{where} uses {feature}, which the tree and paged attention do not implement (its results would "
-        "differ from the model's own); use another model family, or train this one without treerpo's tree "
-        "attention"
-    )
 
 
 def tree_mask(*args, **kwargs):
@@ -115,37 +104,15 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, tree_mask)
 
 
-def check_supported_model(model) -> None:
-    """Refuse, before any work, what a family defines and the tree attention would compute differently."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    name = type(model).__name__
-    if getattr(config, "attn_logit_softcapping", None):
-        raise UnsupportedModelError(
-            unsupported(f"attention logit soft-capping ({config.attn_logit_softcapping})", name)
-        )
-    if any(getattr(m, "sinks", None) is not None for m in model.modules()):
-        raise UnsupportedModelError(unsupported("attention sinks", name))
-
-
-def smallest_sliding_window(model) -> int | None:
-    """The shortest sliding window of the model's attention layers (layer attribute, else the config's)."""
-    layers = [m.sliding_window for m in model.modules() if getattr(m, "sliding_window", None)]
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if not layers and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        layers = [config.sliding_window]
-    return min(layers, default=None)
-
-
 def enable_tree_attention(model):
     """Switch a loaded model to the ``tree`` attention (it still generates as before).
 
     Only this model changes: it gets its own copy of its config (models built from one config
-    object share it). Raises UnsupportedModelError for features the tree attention lacks.
+    object share it).
     """
     register()
     if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
         return model
-    check_supported_model(model)
     own_config(model)
     for config in {id(c): c for c in configs_of(model)}.values():
         setattr(config, DEFAULT_ATTENTION, getattr(config, "_attn_implementation", None) or "sdpa")

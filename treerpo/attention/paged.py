@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from treerpo.attention.features import NONE, AttentionFeatures, attend
+
 
 @dataclass
 class CascadeGroups:
@@ -156,11 +158,17 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots.reshape(-1)).view(b, k, *cache.shape[1:]).permute(0, 2, 1, 3)
 
 
-def paged_attention_torch(module, query, key, value, meta: PagedAttentionMetadata, scale: float | None):
-    """query [1, Hq, N, D]; key/value [1, Hkv, N, D] of the new tokens -> [1, N, Hq, D]."""
+def paged_attention_torch(
+    module, query, key, value, meta: PagedAttentionMetadata, scale: float | None, features: AttentionFeatures = NONE
+):
+    """query [1, Hq, N, D]; key/value [1, Hkv, N, D] of the new tokens -> [1, N, Hq, D]. ``features``: a window
+    (key j of a sequence's path is at position j), soft-capping and sinks (``features.attend``); the engine does not
+    group sequences (the cascade) for a model that has them."""
     layer = module.layer_idx
     meta.pool.write(layer, meta.write_slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
     if meta.groups is not None:
+        if features is not NONE:
+            raise ValueError("the cascade decode does not implement windows, soft-capping or sinks")
         return _cascade_decode_torch(query, meta, layer, scale)
     keys = _gather(meta.pool.k[layer], meta.kv_slots)  # [B, Hkv, K, D]
     values = _gather(meta.pool.v[layer], meta.kv_slots)
@@ -169,10 +177,17 @@ def paged_attention_torch(module, query, key, value, meta: PagedAttentionMetadat
     rows = meta.query_rows.clamp(min=0)
     q = query[0].transpose(0, 1)[:, :, None] if one_token_each else query[0].transpose(0, 1)[rows].permute(0, 2, 1, 3)
     key_index = torch.arange(keys.shape[2], device=query.device)
-    visible = key_index[None, None, :] <= meta.query_key_pos.clamp(min=0)[:, :, None]  # [B, Q, K]
-    out = F.scaled_dot_product_attention(
-        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=scale, enable_gqa=hq != keys.shape[1]
-    )  # [B, Hq, Q, D]
+    query_pos = meta.query_key_pos.clamp(min=0)[:, :, None]
+    visible = key_index[None, None, :] <= query_pos  # [B, Q, K]
+    if features.window:
+        visible &= key_index[None, None, :] > query_pos - features.window
+    if features.changes_scores:
+        out = attend(q, keys, values, visible[:, None], scale, features)
+    else:
+        gqa = hq != keys.shape[1]
+        out = F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=scale, enable_gqa=gqa
+        )  # [B, Hq, Q, D]
     if one_token_each:
         return out[:, :, 0][None]
     out = out.permute(0, 2, 1, 3)  # [B, Q, Hq, D]

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from treerpo.attention.features import NONE, AttentionFeatures, attend
+
 DEFAULT_CHUNK = 16
 
 
@@ -83,8 +85,10 @@ def paths_tree_attention(
     scale: float | None = None,
     cache: dict | None = None,
     chunk: int = DEFAULT_CHUNK,
+    features: AttentionFeatures = NONE,
 ) -> torch.Tensor:
-    """query [1, Hq, N, D], key/value [1, Hkv, N, D] -> [1, Hq, N, D]."""
+    """query [1, Hq, N, D], key/value [1, Hkv, N, D] -> [1, Hq, N, D]. ``features``: a window (key j of a chunk's
+    path is at position j), soft-capping and sinks (``features.attend``)."""
     if query.shape[0] != 1:
         raise ValueError(f"the paths backend takes one packed row; got batch size {query.shape[0]}")
     if query.shape[2] == 0:
@@ -99,9 +103,14 @@ def paths_tree_attention(
     v = _gather_rows(value[0], chunks.key_index)
     key_pos = torch.arange(k.shape[2], device=query.device)
     visible = key_pos[None, None, :] <= chunks.query_key_pos[:, :, None]  # [R, C, K]
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=visible[:, None], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )  # [R, Hq, C, D]
+    if features.window:
+        visible &= key_pos[None, None, :] > chunks.query_key_pos[:, :, None] - features.window
+    if features.changes_scores:
+        out = attend(q, k, v, visible[:, None], scale, features)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible[:, None], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )  # [R, Hq, C, D]
     hq, d = out.shape[1], out.shape[3]
     flat = out.transpose(0, 1).reshape(hq, -1, d)  # [Hq, R*C, D]
     return flat.index_select(1, chunks.order)[None]

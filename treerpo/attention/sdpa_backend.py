@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from treerpo.attention.features import NONE, AttentionFeatures, attend, window_mask
+
 
 def interval_mask(tin: torch.Tensor, tout: torch.Tensor) -> torch.Tensor:
     """[N, N] bool: query row q sees key column k iff tin[k] <= tin[q] < tout[k]."""
@@ -40,18 +42,24 @@ def sdpa_tree_attention(
     tout: torch.Tensor,
     scale: float | None = None,
     cache: dict | None = None,
+    features: AttentionFeatures = NONE,
 ) -> torch.Tensor:
-    """query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, Hq, N, D]."""
+    """query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, Hq, N, D]. ``features``: a window (a key's position is
+    its ancestor count, the mask's row sum), soft-capping and sinks (``features.attend``)."""
     blocks = cache.get("sdpa_blocks") if cache is not None else None
     if blocks is None:
         blocks = _block_masks(tin.to(query.device), tout.to(query.device))
         if cache is not None:
             cache["sdpa_blocks"] = blocks
     gqa = query.shape[1] != key.shape[1]
-    outs = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask, scale=scale, enable_gqa=gqa
-        )
-        for s, e, mask in blocks
-    ]
+    outs = []
+    for s, e, mask in blocks:
+        positions = mask.sum(-1) - 1
+        window = window_mask(positions, positions, features.window)
+        visible = mask if window is None else mask & window
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        if features.changes_scores:
+            outs.append(attend(q, k, v, visible, scale, features))
+        else:
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

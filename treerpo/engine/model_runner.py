@@ -14,6 +14,7 @@ import torch
 
 from treerpo.attention import enable_tree_attention
 from treerpo.attention.context import attention_metadata
+from treerpo.attention.features import model_has_features
 from treerpo.attention.registry import default_paged_backend  # looked up here by ModelRunner (tests patch it)
 from treerpo.engine.step_builder import StepInputs
 from treerpo.policy.lm_head import LMHead
@@ -38,6 +39,7 @@ class ModelRunner:
         self.forward_tokens = 0  # tokens pushed through the model, for benchmarks
         self.paged_backend = default_paged_backend(self.device)  # attention/paged.py backend of every forward
         self.cascade_min_saved_bytes = CASCADE_MIN_SAVED_BYTES  # see cascade_spares_enough
+        self.cascade_capable = not model_has_features(model)  # windows, soft-capping, sinks: not in the cascade
 
     @torch.no_grad()
     def run(self, inputs: StepInputs) -> torch.Tensor:
@@ -55,5 +57,6 @@ class ModelRunner:
     def cascade_spares_enough(self, repeated_keys: int) -> bool:
         """Whether reading each group's prefix once spares at least ``cascade_min_saved_bytes`` of K/V per layer, given
         the prefix keys a step without the cascade would read again: below that the cascade's extra operations cost
-        more than the bytes they save (measured on CPU)."""
-        return repeated_keys * self.pool.bytes_per_token // self.pool.num_layers >= self.cascade_min_saved_bytes
+        more than the bytes they save (measured on CPU). Never for a model with windows, soft-capping or sinks."""
+        saved = repeated_keys * self.pool.bytes_per_token // self.pool.num_layers
+        return self.cascade_capable and saved >= self.cascade_min_saved_bytes

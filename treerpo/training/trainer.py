@@ -17,7 +17,6 @@ from transformers.utils import logging as hf_logging
 from treerpo.algorithms.advantages import compute_advantages
 from treerpo.algorithms.grpo import grpo_spec
 from treerpo.attention import enable_tree_attention
-from treerpo.attention.hf_integration import smallest_sliding_window
 from treerpo.attention.kernel_check import set_kernel_verification
 from treerpo.config import ConfigError, TrainConfig
 from treerpo.data.tasks import load_task, make_reward
@@ -213,13 +212,6 @@ class Trainer(Checkpointing):
             False,
             f"held-out set of {self.config.eval_dataset or self.config.dataset!r} (evaluation never truncates)",
         )
-        window = smallest_sliding_window(self.model)
-        if window is not None and longest + self.spec.max_new_tokens > window:
-            raise ConfigError(
-                f"the model's sliding window ({window} positions) is shorter than a path (prompt up to "
-                f"{longest} + {self.spec.max_new_tokens} generated tokens), and tree attention does "
-                "not implement sliding windows; shorten the tree or the prompts"
-            )
         if self.config.sampler == "engine":
             try:
                 worst_case_tokens(
