@@ -3,7 +3,9 @@
 TRL repeats each prompt G times in a row; each run of identical prompts becomes one depth-1 tree, so the
 prompt is prefilled once for its G completions (and served from the radix cache while the weights are
 unchanged). The engine runs on the very model TRL trains: no weight copy, and an optimizer step retires the
-cached K/V by itself (the engine watches the parameters' versions).
+cached K/V by itself (the engine follows TRL's optimizer). Each run of identical prompts is seeded from
+(seed, step, global index of its first row), so with several processes (DDP) a process's completions do not depend
+on how many there are, as long as no run is split between processes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable
 from treerpo.algorithms.grpo import grpo_spec
 from treerpo.engine.kv_pool import RequestTooLarge
 from treerpo.integrations.trl_sampling import UnsupportedTRLOption, engine_for, engine_sampling
+from treerpo.training.seeding import tree_seed
 
 FEATURE = "treerpo_rollout"
 
@@ -43,8 +46,10 @@ def treerpo_rollout(pool_tokens: int | None = None, memory_bytes: int | None = N
                 sampling.temperature,
                 sampling.top_p,
             )
+            first = trainer.accelerator.process_index * len(prompt_ids)  # processes hold consecutive slices
+            seeds = [tree_seed(trainer.args.seed, trainer.state.global_step, first + g[0]) for g in same_size]
             try:
-                trees = sampler.sample([list(prompt_ids[g[0]]) for g in same_size], spec)
+                trees = sampler.sample([list(prompt_ids[g[0]]) for g in same_size], spec, seeds=seeds)
             except RequestTooLarge as error:
                 raise RequestTooLarge(f"{error} (here: treerpo_rollout(pool_tokens=...))") from None
             for group, tree in zip(same_size, trees, strict=True):

@@ -7,6 +7,12 @@ functions; treerpo computes node values and sibling-group advantages; and the lo
 (each shared token forwarded once) instead of TRL's padded root-to-leaf rows. The loss is treerpo's: PPO-clip
 with TRL's ``epsilon`` / ``epsilon_high``, k3 KL with ``beta``, divided by the number of loss tokens of the
 optimizer step (TRL's ``dapo`` normalisation). Options that would change that meaning are refused.
+
+Several processes (``accelerate launch`` / torchrun, DDP): each samples the trees of its own prompts (whole trees:
+its generation batch holds whole groups of ``num_generations`` rows), each tree from its own seed (seed, step,
+global prompt index), so the trees do not depend on the number of processes; the loss normalizer, the choice to
+train at zero advantage and the logged metrics are global, and the gradients are averaged over processes in fp32
+once per optimizer step (the packed forward bypasses DDP's own hooks).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
 
@@ -28,6 +35,7 @@ from treerpo.policy.logprobs import packed_logprobs
 from treerpo.rewards.scoring import leaf_completions
 from treerpo.training.batch import PreparedBatch, batch_loss, prepare_batch
 from treerpo.training.minibatch_plan import micro_batches
+from treerpo.training.seeding import tree_seed
 from treerpo.tree import Tree, TreeSpec
 from treerpo.trees.token_weights import loss_token_count
 
@@ -145,7 +153,7 @@ class TreeChunk:
     """What one TRL training step (one micro-step of gradient accumulation) trains on."""
 
     batches: list[PreparedBatch]
-    normalizer: int  # loss tokens of the whole optimizer step this chunk belongs to
+    normalizer: float  # loss tokens of the optimizer step this chunk belongs to, over the number of processes
 
 
 def train_at_zero_advantage(trees: list[Tree]) -> list[Tree]:
@@ -173,10 +181,23 @@ class TreeRPOTrainer(GRPOTrainer):
                     f"{FEATURE} does not support {name}: trees are sampled by treerpo's engine on the full model"
                 )
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
-        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise UnsupportedTRLOption(
-                f"{FEATURE} runs in one process (no DeepSpeed/FSDP): a tree must not span "
-                "processes; for several GPUs use treerpo's own trainer"
+                f"{FEATURE} runs with DDP (several processes) or in one process, not DeepSpeed/FSDP: the engine "
+                "samples on the whole model; for sharded training use treerpo's own trainer (--parallel fsdp)"
+            )
+        local_rows = args.per_device_train_batch_size * args.steps_per_generation
+        if local_rows % self.num_generations:
+            raise UnsupportedTRLOption(
+                f"{FEATURE}: a process's generation batch (per_device_train_batch_size x steps_per_generation = "
+                f"{local_rows} rows) must hold whole trees of num_generations={self.num_generations} leaves; make "
+                f"it a multiple of {self.num_generations}"
+            )
+        if self.accelerator.num_processes > 1 and args.advantage_norm == "batch_std":
+            raise UnsupportedTRLOption(
+                f"{FEATURE} with {self.accelerator.num_processes} processes does not support "
+                "advantage_norm='batch_std' (each process would divide by its own trees' std); use group_std or "
+                "mean_only"
             )
         if self.aux_loss_enabled:
             raise UnsupportedTRLOption(
@@ -227,10 +248,12 @@ class TreeRPOTrainer(GRPOTrainer):
             raise UnsupportedTRLOption(f"{FEATURE} does not support images")
         spec = replace(self.spec, max_prompt_tokens=max(max(len(p) for p in prompt_ids), 1))
         infos = [{"prompt": p, "row": i * leaves} for i, p in enumerate(prompts)]
+        first = self.accelerator.process_index * len(prompts)  # processes hold consecutive slices of the batch
+        seeds = [tree_seed(self.args.seed, self._step, first + i) for i in range(len(prompts))]
         engine = engine_for(self, self.sampling, self.args.kv_pool_tokens)
         started = time.perf_counter()
         try:
-            trees = engine.sample([list(p) for p in prompt_ids], spec, infos)
+            trees = engine.sample([list(p) for p in prompt_ids], spec, infos, seeds)
         except RequestTooLarge as error:
             raise RequestTooLarge(f"{error} (here: TreeRPOConfig.kv_pool_tokens)") from None
         self._metrics["train"]["timing/rollout_s"].append(time.perf_counter() - started)
@@ -251,7 +274,7 @@ class TreeRPOTrainer(GRPOTrainer):
             else texts
         )
         completion_ids = [trees[t].path_token_ids(leaf, include_prompt=False).tolist() for t, leaf in keys]
-        per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)
+        per_func = self._local_rewards(inputs, prompts, completions, completion_ids)
         unscorable = torch.isnan(per_func).all(dim=1).nonzero().flatten().tolist()
         if unscorable:
             raise ValueError(
@@ -266,13 +289,39 @@ class TreeRPOTrainer(GRPOTrainer):
         )
         self._log_rollout(trees, keys, rewards, per_func, stats)
 
+    def _local_rewards(self, inputs, prompts, completions, completion_ids) -> torch.Tensor:
+        """TRL's ``_calculate_rewards`` for this process's leaves. It gathers every process's rows, which needs as
+        many rows on each: a process with fewer leaves (early EOS) pads with copies of its last leaf, whose
+        rewards are dropped here."""
+        count = len(prompts)
+        width = int(self._gather_floats([count]).max())
+        if width > count:
+            pad = lambda items: items + [items[-1]] * (width - count)  # noqa: E731
+            inputs, prompts, completions, completion_ids = map(pad, (inputs, prompts, completions, completion_ids))
+        per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)
+        start = self.accelerator.process_index * width if len(per_func) > width else 0
+        return per_func[start : start + count]
+
     def _log_rollout(self, trees, keys, rewards, per_func, stats) -> None:
+        """TRL's rollout metrics over every process's trees (as TRL gathers its completions)."""
         metrics = self._metrics["train"]
         leaf_tree = np.array([t for t, _ in keys], dtype=np.int64)
-        values = rollout_metrics(trees, leaf_tree, rewards, per_func.cpu().numpy(), self.reward_func_names)
+        local = (trees, leaf_tree, rewards, per_func.cpu().numpy(), stats["kept_groups"], stats["groups"])
+        parts = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
+        offsets = np.cumsum([0] + [len(part[0]) for part in parts])
+        trees = [t for part in parts for t in part[0]]
+        leaf_tree = np.concatenate([part[1] + offset for part, offset in zip(parts, offsets, strict=False)])
+        values = rollout_metrics(
+            trees,
+            leaf_tree,
+            np.concatenate([part[2] for part in parts]),
+            np.concatenate([part[3] for part in parts]),
+            self.reward_func_names,
+        )
         for name, value in values.items():
             metrics[name].append(value)
-        metrics["tree/kept_group_fraction"].append(stats["kept_groups"] / max(stats["groups"], 1))
+        kept, groups = sum(part[4] for part in parts), sum(part[5] for part in parts)
+        metrics["tree/kept_group_fraction"].append(kept / max(groups, 1))
         self.state.num_input_tokens_seen += row_tokens(trees)
         metrics["num_tokens"] = [self.state.num_input_tokens_seen]
 
@@ -280,13 +329,18 @@ class TreeRPOTrainer(GRPOTrainer):
         """The trees with loss tokens split, whole, into ``steps_per_generation`` chunks (one per TRL step),
         each packed into micro-batches; every chunk knows the loss tokens of its optimizer step."""
         steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
-        trainable = [t for t in trees if loss_token_count(t) > 0] or train_at_zero_advantage(trees)
+        trainable = [t for t in trees if loss_token_count(t) > 0]
+        if not self._sum_over_processes([len(trainable)])[0]:  # no kept group on any process
+            trainable = train_at_zero_advantage(trees)
         groups = [[trainable[i] for i in idx] for idx in np.array_split(np.arange(len(trainable)), steps)]
+        tokens = self._sum_over_processes([sum(loss_token_count(t) for t in group) for group in groups])
         off_policy = self.num_iterations > 1 or accumulation % (steps * self.num_iterations) != 0
         chunks = []
         for g, group in enumerate(groups):
-            window = groups[g - g % accumulation : g - g % accumulation + accumulation]
-            normalizer = sum(loss_token_count(t) for members in window for t in members)
+            start = g - g % accumulation
+            # the optimizer step's loss tokens on every process, per process: the processes' gradients are averaged
+            # (as DDP's), and TRL logs the mean of their losses, the step's token-mean loss
+            normalizer = sum(tokens[start : start + accumulation]) / self.accelerator.num_processes
             chunks.append(
                 TreeChunk(
                     [self._prepare(micro, off_policy) for micro in micro_batches(group, self.args.micro_batch_tokens)],
@@ -323,9 +377,47 @@ class TreeRPOTrainer(GRPOTrainer):
             normalizer=normalizer,
             kl_times_ratio=self.args.use_bias_correction_kl,
         )
-        for name, value in stats.items():
-            self._metrics["train"][name].append(value)
+        stats.update(self._clip_regions(batch, logp.detach()))
+        tokens = len(batch.rows) if batch.weights is None else float(batch.weights.sum())
+        sums = self.__dict__.setdefault("_step_sums", {})
+        for name, value in {**stats, "tokens": 1.0}.items():
+            sums[name] = sums.get(name, 0.0) + value * tokens
         return loss
+
+    def _clip_regions(self, batch: PreparedBatch, logp: torch.Tensor) -> dict[str, float]:
+        """TRL's clipped-token fractions: a ratio below 1 - epsilon with a negative advantage (low), above
+        1 + epsilon_high with a positive one (high), either (region); token means like the loss's."""
+        old = batch.old_logprobs if batch.old_logprobs is not None else logp
+        ratio, advantages = torch.exp(logp - old), batch.packed.advantages[batch.rows]
+        low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
+        high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
+        weights = torch.ones_like(ratio) if batch.weights is None else batch.weights.to(ratio.dtype)
+        total = max(float(weights.sum()), 1e-12)
+        return {
+            name: float((mask.to(weights.dtype) * weights).sum()) / total
+            for name, mask in (("clip_low", low), ("clip_high", high), ("clip_region", low | high))
+        }
+
+    def _log_step_statistics(self) -> None:
+        """The optimizer step's loss statistics as token means over every process's tokens; TRL's
+        ``clip_ratio/low_min`` and ``high_max`` over the processes' own means, as TRL gathers them."""
+        sums = self.__dict__.pop("_step_sums", {})
+        names = ["kl", "clip_fraction", "ratio_mean", "clip_low", "clip_high", "clip_region", "tokens"]  # every process
+        local = [sums.get(n, 0.0) for n in names]
+        totals = dict(zip(names, self._sum_over_processes(local), strict=True))
+        if totals["tokens"] == 0:
+            return
+        means = {n: totals[n] / totals["tokens"] for n in names if n != "tokens"}
+        metrics = self._metrics["train"]
+        for name in ("kl", "clip_fraction", "ratio_mean") if self.beta != 0.0 else ("clip_fraction", "ratio_mean"):
+            metrics[name].append(means[name])
+        own = {n: sums.get(n, 0.0) / sums["tokens"] for n in ("clip_low", "clip_high")} if sums.get("tokens") else {}
+        gathered = self._gather_floats([own.get("clip_low", float("nan")), own.get("clip_high", float("nan"))])
+        metrics["clip_ratio/low_mean"].append(means["clip_low"])
+        metrics["clip_ratio/low_min"].append(float(np.nanmin(gathered[:, 0])))
+        metrics["clip_ratio/high_mean"].append(means["clip_high"])
+        metrics["clip_ratio/high_max"].append(float(np.nanmax(gathered[:, 1])))
+        metrics["clip_ratio/region_mean"].append(means["clip_region"])
 
     def compute_loss(self, model, inputs: TreeChunk, return_outputs=False, num_items_in_batch=None):
         """The chunk's loss (its share of the optimizer step's token-mean loss), all micro-batches at once."""
@@ -347,12 +439,44 @@ class TreeRPOTrainer(GRPOTrainer):
                 loss = self.micro_batch_loss(batch, chunk.normalizer)
             self.accelerator.backward(loss)
             total = total + loss.detach()
+        if self.accelerator.sync_gradients:
+            if self.accelerator.num_processes > 1:
+                self._average_gradients_over_processes()
+            self._log_step_statistics()
         self._step += 1
         self._current_train_step_time += time.perf_counter() - started
         if self._step % self.current_gradient_accumulation_steps == 0:
             self._metrics["train"]["step_time"].append(self._current_train_step_time)
             self._current_train_step_time = 0.0
         return total
+
+    def _sum_over_processes(self, values: list[float]) -> list[float]:
+        if self.accelerator.num_processes == 1:
+            return values
+        total = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        torch.distributed.all_reduce(total)
+        return total.tolist()
+
+    def _gather_floats(self, values: list[float]) -> np.ndarray:
+        """[processes, len(values)]."""
+        if self.accelerator.num_processes == 1:
+            return np.asarray([values], dtype=np.float64)
+        local = torch.tensor([values], dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.gather(local).cpu().numpy()
+
+    def _average_gradients_over_processes(self) -> None:
+        """Each process's loss is its tokens' loss over the step's global token count per process, so the step's
+        gradient is the processes' average (fp32, one flat buffer a dtype); a parameter without a gradient on a
+        process adds zeros there."""
+        params = [p for p in self._policy().parameters() if p.requires_grad]
+        for dtype in {p.dtype for p in params}:
+            group = [p for p in params if p.dtype == dtype]
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+            flat = flat.float()
+            torch.distributed.all_reduce(flat)
+            flat /= self.accelerator.num_processes
+            for p, part in zip(group, flat.split([p.numel() for p in group]), strict=True):
+                p.grad = part.view_as(p).to(dtype)
 
     def _zero_loss(self) -> torch.Tensor:
         return torch.zeros((), device=self.accelerator.device, requires_grad=False)
