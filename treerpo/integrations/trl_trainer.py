@@ -4,7 +4,9 @@ TRL keeps its Trainer: accelerate, callbacks, logging, checkpoints, ``push_to_hu
 signature. What changes is a generation batch: each prompt (repeated ``num_generations`` = leaves-per-tree
 times by TRL's sampler) becomes one tree sampled by treerpo's engine; the leaves are scored by TRL's reward
 functions; treerpo computes node values and sibling-group advantages; and the loss runs on packed trees
-(each shared token forwarded once) instead of TRL's padded root-to-leaf rows. The loss is treerpo's: PPO-clip
+(each shared token forwarded once) instead of TRL's padded root-to-leaf rows. Under ``peft_config`` the engine
+and the packed forwards run the model with its adapter applied, and the reference is the model with the adapter
+disabled (or TRL's "ref" copy of a pretrained adapter active), as TRL computes it. The loss is treerpo's: PPO-clip
 with TRL's ``epsilon`` / ``epsilon_high``, k3 KL with ``beta``, divided by the number of loss tokens of the
 optimizer step (TRL's ``dapo`` normalisation). Options that would change that meaning are refused.
 
@@ -25,12 +27,14 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
+from trl.trainer.utils import use_adapter
 
 from treerpo.algorithms.advantages import NORMALIZATIONS, VALUE_MODES, compute_advantages
 from treerpo.attention import enable_tree_attention
 from treerpo.engine.kv_pool import RequestTooLarge
 from treerpo.integrations.trl_metrics import rollout_metrics, row_tokens
 from treerpo.integrations.trl_sampling import UnsupportedTRLOption, engine_for, engine_sampling
+from treerpo.policy.adapters import base_of, is_peft_model
 from treerpo.policy.logprobs import packed_logprobs
 from treerpo.rewards.scoring import leaf_completions
 from treerpo.training.batch import PreparedBatch, batch_loss, prepare_batch
@@ -175,7 +179,7 @@ class TreeRPOTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs, args: TreeRPOConfig, *positional, **kwargs):
         if not isinstance(args, TreeRPOConfig):
             raise UnsupportedTRLOption(f"{FEATURE} needs args=TreeRPOConfig(...), got {type(args).__name__}")
-        for name in ("rollout_func", "tools", "environment_factory", "peft_config"):
+        for name in ("rollout_func", "tools", "environment_factory"):
             if kwargs.get(name) is not None:
                 raise UnsupportedTRLOption(
                     f"{FEATURE} does not support {name}: trees are sampled by treerpo's engine on the full model"
@@ -223,7 +227,9 @@ class TreeRPOTrainer(GRPOTrainer):
             enable_tree_attention(self.accelerator.unwrap_model(self.ref_model))
 
     def _policy(self):
-        return self.accelerator.unwrap_model(self.model)
+        """The Hugging Face model TRL trains; under ``peft_config`` the one inside the PeftModel, whose forward
+        applies the adapter."""
+        return base_of(self.accelerator.unwrap_model(self.model))
 
     # ---- a generation batch: rows -> trees -> scored trees -> chunks ----------------------------------
     def _prepare_inputs(self, generation_batch) -> TreeChunk:
@@ -350,14 +356,24 @@ class TreeRPOTrainer(GRPOTrainer):
         return chunks
 
     def _prepare(self, trees: list[Tree], off_policy: bool) -> PreparedBatch:
-        reference = self.accelerator.unwrap_model(self.ref_model) if self.beta != 0.0 else None
         return prepare_batch(
             trees,
             self.accelerator.device,
             lambda packed, rows: self._logprobs(self._policy(), packed, rows),
-            None if reference is None else lambda packed, rows: self._logprobs(reference, packed, rows),
+            self._reference_logprobs if self.beta != 0.0 else None,
             old_logprobs=off_policy,
         )
+
+    def _reference_logprobs(self, packed, rows):
+        """TRL's reference model; with a PEFT model (TRL keeps none) the policy with its adapters disabled, or
+        with TRL's "ref" copy of a pretrained adapter active, as TRL computes it."""
+        if self.ref_model is not None:
+            return self._logprobs(self.accelerator.unwrap_model(self.ref_model), packed, rows)
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if not is_peft_model(peft_model):
+            raise RuntimeError(f"{FEATURE}: beta > 0 but TRL built no reference model")
+        with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
+            return self._logprobs(self._policy(), packed, rows)
 
     def _logprobs(self, model, packed, rows):
         """Under TRL's mixed precision (accelerate patches ``model.forward`` with autocast; the packed forward

@@ -29,11 +29,20 @@ def looks_like_path(name: str) -> bool:
     )
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA adapter saved by PEFT (a treerpo --lora-rank checkpoint)
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
 def check_local_folder(path: Path) -> None:
     if not path.is_dir():
         raise ModelSourceError(
             f"model {path} is a file; give the folder that holds config.json, the weights and the tokenizer"
         )
+    if is_adapter_folder(path):
+        return
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")

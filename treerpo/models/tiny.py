@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 # The checkpoint made by `python -m treerpo.models.warmup` and shipped with the package.
 DEFAULT_MODEL_DIR = Path(__file__).parent / "tiny_chain"
+ADAPTER_CONFIG = "adapter_config.json"  # models.source: a LoRA adapter saved by PEFT
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 CHARACTERS = list("0123456789+-*=;# ")
@@ -63,7 +64,7 @@ def load_model_and_tokenizer(
 
     ``None`` means the embedded default checkpoint.
     """
-    from treerpo.models.source import resolve_model_source
+    from treerpo.models.source import is_adapter_folder, resolve_model_source
 
     if name_or_path is None:
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
@@ -74,6 +75,8 @@ def load_model_and_tokenizer(
         source, local_only = str(DEFAULT_MODEL_DIR), True
     else:
         source, local_only = resolve_model_source(str(name_or_path), allow_download)
+        if is_adapter_folder(Path(source)):
+            return load_adapter_checkpoint(Path(source), dtype, allow_download)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
@@ -84,7 +87,28 @@ def load_model_and_tokenizer(
             f"model {name_or_path}: could not be loaded ({err}); check the folder, or pass "
             "--allow-download to fetch what is missing from the hub"
         ) from None
+    return model, _padded_left(tokenizer)
+
+
+def _padded_left(tokenizer):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def load_adapter_checkpoint(folder: Path, dtype: torch.dtype, allow_download: bool = False):
+    """A LoRA checkpoint: its base model (``base_model_name_or_path`` of adapter_config.json) with the adapter
+    merged into the weights, and the checkpoint's tokenizer."""
+    import json
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ImportError(f"{folder} is a LoRA adapter; loading it needs PEFT: pip install treerpo[peft]") from None
+    base_name = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise FileNotFoundError(f"{folder / ADAPTER_CONFIG} names no base_model_name_or_path to apply it to")
+    base, _ = load_model_and_tokenizer(base_name, dtype=dtype, allow_download=allow_download)
+    model = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    return model, _padded_left(AutoTokenizer.from_pretrained(folder, local_files_only=True))

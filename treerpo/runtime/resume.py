@@ -53,7 +53,8 @@ def _defaults_of_newer_options() -> dict:
         name: getattr(TrainConfig, name)
         for name in ("global_weight", "fork_entropy", "min_segment_tokens", "token_weight")
     }
-    return {**defaults, "parallel": "none"}  # a checkpoint from before data parallelism was one process's
+    lora = {"lora_rank": 0, "lora_alpha": None, "lora_targets": ["all-linear"]}  # before LoRA: every weight
+    return {**defaults, **lora, "parallel": "none"}  # a checkpoint from before data parallelism was one process's
 
 
 def check_resumable(current: dict, saved: dict, checkpoint: Path) -> None:

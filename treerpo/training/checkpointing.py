@@ -17,6 +17,7 @@ from treerpo.runtime.graceful_stop import TrainingInterrupted
 from treerpo.runtime.resume import ResumeMismatchError, check_resumable, comparable_config
 
 MASTER_WEIGHTS = "master_weights.pt"  # fp32 master weights of a half-precision run
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PeftModel.save_pretrained writes
 
 
 class Checkpointing:
@@ -39,8 +40,7 @@ class Checkpointing:
         if self.policy is not None:
             self._resume_distributed(checkpoint, state)
         else:
-            loaded, _ = load_model_and_tokenizer(checkpoint)
-            self.model.load_state_dict(loaded.state_dict())
+            self._load_weights(checkpoint)
             self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
             if self.master is not None:
                 self.master.load_state_dict(torch.load(checkpoint / MASTER_WEIGHTS, weights_only=True))
@@ -51,6 +51,17 @@ class Checkpointing:
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.sampler.on_weights_updated()
         self.log(f"resumed from {checkpoint} at step {self.start_step}")
+
+    def _load_weights(self, checkpoint: Path) -> None:
+        """The model's weights, or with a LoRA adapter the adapter's (the base weights never change)."""
+        if self.adapter is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.adapter, load_file(checkpoint / ADAPTER_WEIGHTS))
+            return
+        loaded, _ = load_model_and_tokenizer(checkpoint)
+        self.model.load_state_dict(loaded.state_dict())
 
     def _resume_distributed(self, checkpoint: Path, state: dict) -> None:
         from treerpo.runtime.distributed_checkpoint import load_distributed_state
@@ -112,7 +123,7 @@ class Checkpointing:
         return save_checkpoint(
             self.out,
             done,
-            self.model,
+            self.adapter if self.adapter is not None else self.model,  # a PeftModel saves its adapter only
             self.tokenizer,
             self.optimizer,
             self._trainer_state(),

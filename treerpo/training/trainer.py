@@ -29,6 +29,7 @@ from treerpo.policy.activation_checkpointing import (
     recomputing_layers,
     use_activation_checkpointing,
 )
+from treerpo.policy.adapters import adapter_disabled, add_lora
 from treerpo.policy.logprobs import packed_logprobs
 from treerpo.policy.parallel import (
     PolicyLogprobs,
@@ -147,17 +148,28 @@ class Trainer(Checkpointing):
         self.spec = tree_spec(config)
         self._check_inputs()
         self.model = enable_tree_attention(self.model).to(self.device)  # loaded in its dtype: RoPE buffers stay fp32
+        self.adapter = None  # the PeftModel around self.model when a LoRA adapter is trained (policy.adapters)
+        if config.lora_rank:
+            alpha = config.lora_alpha or 2 * config.lora_rank
+            with torch.random.fork_rng(devices=[]):  # the adapter's initial weights follow --seed alone
+                torch.manual_seed(config.seed)
+                self.adapter = add_lora(self.model, config.lora_rank, alpha, config.lora_targets)
         # one process keeps fp32 masters here; DDP/FSDP2 keep them as their (sharded) parameters (policy.parallel)
         half = self.dtype != torch.float32
         self.master = MasterWeights(self.model) if half and config.parallel == "none" else None
         if use_activation_checkpointing(config.gradient_checkpointing, self.model):
             enable_activation_checkpointing(self.model)
         self.checkpointed = checkpointed_layers(self.model)  # found once, not on every training forward
-        self.reference = self._frozen_copy(self.model) if config.kl_coef > 0 else None
+        # the reference: a frozen copy, or with an adapter the same model with the adapter disabled
+        self.reference = self._frozen_copy(self.model) if config.kl_coef > 0 and self.adapter is None else None
         self.policy = self.reference_policy = None  # DDP / FSDP2 wrappers of the log-prob forward
         if config.parallel != "none":
             self._wrap_for_parallel()
-        trained = self.master.params if self.master is not None else (self.policy or self.model).parameters()
+        trained = (
+            self.master.params
+            if self.master is not None
+            else [p for p in (self.policy or self.model).parameters() if p.requires_grad]
+        )
         self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = make_sampler(config, self.model, self.tokenizer, self.dtype)
         self.start_step, self.elapsed_before = 0, 0.0
@@ -307,7 +319,7 @@ class Trainer(Checkpointing):
                         micro[i] if real else [filler],
                         self.device,
                         self._train_logprobs,
-                        self._reference_logprobs if self.reference is not None else None,
+                        self._reference_logprobs if self.config.kl_coef > 0 else None,
                         token_weight,
                         old_logprobs=multiple_updates,
                         filler=not real,
@@ -327,6 +339,9 @@ class Trainer(Checkpointing):
     def _reference_logprobs(self, packed, rows):
         if self.reference_policy is not None:
             return self.reference_policy(packed, rows)
+        if self.adapter is not None:
+            with adapter_disabled(self.adapter):
+                return self._logprobs(self.model, packed, rows)
         return self._logprobs(self.reference, packed, rows)
 
     def update(self, trees: list[Tree]) -> dict[str, float]:
@@ -392,9 +407,7 @@ class Trainer(Checkpointing):
             for k in ("clip_fraction", "ratio_mean", "kl"):
                 sums[k] += s.get(k, 0.0) * tokens
         reduced = dict(zip(sums, self.world.sum(list(sums.values())), strict=True))
-        for k in ("clip_fraction", "ratio_mean") + (
-            ("kl",) if self.reference is not None and self.config.kl_coef > 0 else ()
-        ):
+        for k in ("clip_fraction", "ratio_mean") + (("kl",) if self.config.kl_coef > 0 else ()):
             stats.setdefault(k, []).append(reduced[k] / normalizer)
         stats.setdefault("loss", []).append(reduced["loss"])
         trained = [p for group in self.optimizer.param_groups for p in group["params"]]
