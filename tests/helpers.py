@@ -177,3 +177,19 @@ def dense_visibility(batch) -> torch.Tensor:
     """[N, N] bool, True where query row may see key column (the reference mask of a packed batch)."""
     q = batch.tin[:, None]
     return (batch.tin[None, :] <= q) & (q < batch.tout[None, :])
+
+
+def assert_sampled_logprobs_match(trees: list[Tree], model, tol: float = 1e-4) -> None:
+    """Every leaf's sampled-token log-probs (``Tree.token_logprobs`` along its path) equal a plain forward of the
+    whole path through ``model``."""
+    with torch.no_grad():
+        for tree in trees:
+            for leaf in tree.leaves():
+                ids = torch.as_tensor(tree.path_token_ids(int(leaf)))
+                logits = model(input_ids=ids[None]).logits[0].float()
+                expected = torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None]).squeeze(1)
+                nodes = tree.path(int(leaf))[1:]
+                got = np.concatenate([tree.token_logprobs[tree.offsets[n] : tree.offsets[n + 1]] for n in nodes])
+                torch.testing.assert_close(
+                    torch.as_tensor(got, dtype=torch.float32), expected[len(tree.prompt_ids) - 1 :], rtol=tol, atol=tol
+                )

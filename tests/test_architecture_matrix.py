@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as hf
 
-from helpers import assert_close_normwise, random_tree
+from helpers import assert_close_normwise, assert_sampled_logprobs_match, random_tree
 from treerpo.attention import available_tree_backends, enable_tree_attention
 from treerpo.engine import TreeSampler
 from treerpo.policy.logprobs import packed_logprobs
@@ -195,19 +195,7 @@ def test_engine_trees_and_sampled_logprobs(family):
     for a, b in zip(greedy, reference, strict=True):
         assert a.token_ids.tolist() == b.token_ids.tolist(), family
     sampled = sampler.sample(prompts, TreeSpec((2, 2), segment_tokens=4, temperature=1.0), seeds=[0, 1, 2])
-    with torch.no_grad():
-        for tree in sampled:
-            for leaf in tree.leaves():
-                ids = tree.path_token_ids(int(leaf))
-                expected = path_logprobs(plain, ids)
-                nodes = tree.path(int(leaf))[1:]
-                got = np.concatenate([tree.token_logprobs[tree.offsets[n] : tree.offsets[n + 1]] for n in nodes])
-                torch.testing.assert_close(
-                    torch.as_tensor(got, dtype=torch.float32),
-                    expected[len(tree.prompt_ids) - 1 :],
-                    rtol=1e-4,
-                    atol=1e-4,
-                )
+    assert_sampled_logprobs_match(sampled, plain)
 
 
 @pytest.mark.parametrize("family, skipped", [("qwen2-window-short", True), ("qwen2-window-long", False)])

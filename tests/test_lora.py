@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 
 from safetensors.torch import load_file
 
-from helpers import assert_close_normwise, random_tree
+from helpers import assert_close_normwise, assert_sampled_logprobs_match, random_tree
 from treerpo.attention import enable_tree_attention
 from treerpo.config import make_config
 from treerpo.engine import TreeSampler
@@ -106,20 +106,7 @@ def test_engine_samples_the_adapted_model():
     reference = ReferenceTreeSampler(merged, IdTokenizer()).sample(prompts, TreeSpec((2, 2), 4, temperature=0.0))
     assert [t.token_ids.tolist() for t in greedy] == [t.token_ids.tolist() for t in reference]
     sampled = sampler.sample(prompts, TreeSpec((2, 2), segment_tokens=4, temperature=1.0), seeds=[0, 1])
-    with torch.no_grad():
-        for tree in sampled:
-            for leaf in tree.leaves():
-                ids = torch.as_tensor(tree.path_token_ids(int(leaf)))
-                logits = merged(input_ids=ids[None]).logits[0].float()
-                expected = torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None]).squeeze(1)
-                nodes = tree.path(int(leaf))[1:]
-                got = np.concatenate([tree.token_logprobs[tree.offsets[n] : tree.offsets[n + 1]] for n in nodes])
-                torch.testing.assert_close(
-                    torch.as_tensor(got, dtype=torch.float32),
-                    expected[len(tree.prompt_ids) - 1 :],
-                    rtol=1e-4,
-                    atol=1e-4,
-                )
+    assert_sampled_logprobs_match(sampled, merged)
 
 
 def lora_trainer(out, **options) -> Trainer:
