@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import time
@@ -573,7 +574,18 @@ class Trainer(Checkpointing):
             close()
         if self.lock is not None:
             self.lock.release()
+        self._release_distributed_state()
         close_world(self.world)
+
+    def _release_distributed_state(self) -> None:
+        """The DDP/FSDP2 wrappers, the optimizer and the sampler, freed while the interpreter is alive and before
+        the process group goes: left to interpreter exit, work objects gloo still holds can abort the process."""
+        if not self.world.initialized:
+            return
+        for name in ("policy", "reference_policy", "optimizer", "sampler"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        gc.collect()
 
     def __enter__(self) -> "Trainer":
         return self
