@@ -36,36 +36,19 @@ from common import machine, print_table, write_json
 from treerpo.attention.optional_kernels import available_dense_kernels, causal_prefix_attention
 from treerpo.attention.registry import _register_triton, available_tree_backends, get_tree_backend
 from treerpo.attention.sdpa_backend import sdpa_tree_attention
-from treerpo.tree import Tree
+from treerpo.memory.workload import full_tree
+from treerpo.tree import TreeSpec
 from treerpo.trees.packing import pack_trees
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def full_tree(rng: np.random.Generator, branching, segment_tokens: int, prompt_tokens: int, vocab: int = 1000) -> Tree:
-    """A full tree (every node has ``branching[level]`` children), random token ids, nodes level by level."""
-    parents, level = [], [0]
-    for b in branching:
-        nxt = []
-        for p in level:
-            for _ in range(b):
-                parents.append(p)
-                nxt.append(len(parents))
-        level = nxt
-    segments = [rng.integers(3, vocab, size=segment_tokens) for _ in parents]
-    tree = Tree.from_segments(
-        rng.integers(3, vocab, size=prompt_tokens), parents, segments, finished=[False] * len(parents)
-    )
-    tree.kept = np.ones(tree.num_nodes, dtype=bool)
-    tree.kept[0] = False
-    return tree
 
 
 def build_batch(size: int, branching, segment_tokens: int, prompt_tokens: int, seed: int = 0):
     """Packed trees reaching ``size`` tokens, and the token index of every root-to-leaf row [rows, row_len]."""
     rng = np.random.default_rng(seed)
     per_tree = prompt_tokens + segment_tokens * int(np.sum(np.cumprod(branching)))
-    trees = [full_tree(rng, branching, segment_tokens, prompt_tokens) for _ in range(max(1, round(size / per_tree)))]
+    spec = TreeSpec(tuple(branching), segment_tokens)
+    trees = [full_tree(spec, prompt_tokens, rng, vocab=1000) for _ in range(max(1, round(size / per_tree)))]
     batch = pack_trees(trees)
     tin, tout = batch.tin.long(), batch.tout.long()
     leaf_last = torch.nonzero(tout - tin == 1).flatten()  # tokens whose subtree is themselves: a leaf's last token

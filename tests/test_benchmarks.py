@@ -107,3 +107,16 @@ def test_weights_fingerprint_benchmark_writes_ratios(tmp_path):
     )
     assert result["parameters"] > 0 and result["fingerprint_s"] > 0 and result["rollout_s"] > 0
     assert result["ratios"]["fingerprint_over_rollout"] == result["fingerprint_s"] / result["rollout_s"]
+
+
+@pytest.mark.slow
+def test_memory_plan_benchmark_matches_the_measured_peak_of_a_training_update(tmp_path):
+    """The memory plan's benchmark at its smallest: the tiny model in fp32 and in bf16 with checkpointing, the plan
+    within 15% of the measured peak."""
+    result = run_benchmark(
+        "memory_plan.py", "--settings", "tiny-fp32", "tiny-bf16-checkpointing", "--threads", "1", tmp_path=tmp_path
+    )
+    ratios = result["ratios"]
+    assert set(ratios) == {"worst_planned_over_measured", "tiny-fp32", "tiny-bf16-checkpointing"}
+    for name, ratio in ratios.items():
+        assert 1 / 1.15 <= ratio <= 1.15, (name, ratio)

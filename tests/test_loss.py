@@ -61,3 +61,15 @@ def test_gradient_step_raises_positive_advantage_tokens():
     # a first-order step along the advantage-weighted gradient: the change correlates with the advantage
     assert torch.corrcoef(torch.stack([change, adv]))[0, 1] > 0.3
     assert (change * adv).sum() > 0
+
+
+def test_clip_regions_count_tokens_clipped_as_trl_does():
+    """TRL's clip_ratio/*: low = ratio below 1 - clip_low with a negative advantage, high = above 1 + clip_high with
+    a positive one, as token means (hand-computed on four tokens, one of them counted twice by its weight)."""
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([0.5, 0.5, 1.5, 1.5]))  # ratios 0.5, 0.5, 1.5, 1.5
+    adv = torch.tensor([-1.0, 1.0, 1.0, -1.0])  # low clipped: token 0; high clipped: token 2
+    _, stats = policy_loss(logp, old, adv, clip_low=0.2, clip_high=0.28, weights=torch.tensor([2.0, 1.0, 1.0, 1.0]))
+    assert stats["clip_low"] == pytest.approx(2 / 5)
+    assert stats["clip_high"] == pytest.approx(1 / 5)
+    assert stats["clip_region"] == pytest.approx(3 / 5)

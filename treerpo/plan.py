@@ -15,13 +15,13 @@ import sys
 from dataclasses import asdict, replace
 
 from treerpo.config import ConfigError, TrainConfig, build_parser, config_from_args
-from treerpo.memory.model_shape import ModelShape, load_config, model_shape
+from treerpo.memory.model_shape import ModelShape, model_shape
 from treerpo.memory.plan import MemoryPlan, RunShape, plan_memory
 from treerpo.memory.workload import packed_shape, worst_case_micro_batch
+from treerpo.policy.activation_checkpointing import CHECKPOINTING_ABOVE_PARAMETERS
 
 GIB = 1 << 30
 PLAN_FLAGS = ("world_size", "device_memory_gib", "json")
-CHECKPOINTING_ABOVE_PARAMETERS = 1_000_000_000  # policy.activation_checkpointing's default
 
 
 def build_plan_parser():
@@ -47,13 +47,10 @@ def run_shape(config: TrainConfig, shape: ModelShape, world_size: int, device: s
     if config.prompts_per_step < world_size:
         raise ConfigError(f"prompts_per_step={config.prompts_per_step} is smaller than --world-size {world_size}")
     spec = tree_spec(config)
-    tree_tokens = spec.max_prompt_tokens + spec.segment_tokens * _generated_nodes(spec.branching)
-    trees_per_rank = math.ceil(config.prompts_per_step / world_size)
-    per_minibatch = math.ceil(trees_per_rank / config.minibatches)
-    per_micro_batch = max(1, config.micro_batch_tokens // tree_tokens)
+    per_micro_batch = max(1, config.micro_batch_tokens // (spec.max_prompt_tokens + spec.max_generated_tokens))
     checkpointing = config.gradient_checkpointing
     return RunShape(
-        dtype=config.dtype or (_checkpoint_dtype(config.model) if device == "cuda" else "float32"),
+        dtype=config.dtype or (shape.dtype if device == "cuda" else "float32"),
         parallel=parallel,
         world_size=world_size,
         checkpointing=checkpointing if checkpointing is not None else shape.parameters > CHECKPOINTING_ABOVE_PARAMETERS,
@@ -61,25 +58,15 @@ def run_shape(config: TrainConfig, shape: ModelShape, world_size: int, device: s
         device=device,
         reference=config.kl_coef > 0,
         kv_pool_tokens=config.kv_pool_tokens,
-        micro_batches=math.ceil(per_minibatch / per_micro_batch),
-        rollout_rows=trees_per_rank * spec.max_leaves,
+        micro_batches=math.ceil(_trees_per_minibatch(config, world_size) / per_micro_batch),
+        rollout_rows=math.ceil(config.prompts_per_step / world_size) * spec.max_leaves,
         draw_memory_bytes=DEFAULT_DRAW_MEMORY_BYTES,
     )
 
 
-def _generated_nodes(branching) -> int:
-    total, width = 0, 1
-    for b in branching:
-        width *= b
-        total += width
-    return total
-
-
-def _checkpoint_dtype(model: str | None) -> str:
-    """What ``--dtype`` left out loads on CUDA: the checkpoint's own."""
-    config = load_config(model)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    return str(dtype).removeprefix("torch.")
+def _trees_per_minibatch(config: TrainConfig, world_size: int) -> int:
+    """A rank's trees in one minibatch: its share of the step's prompts, split into ``minibatches``."""
+    return math.ceil(math.ceil(config.prompts_per_step / world_size) / config.minibatches)
 
 
 def make_plan(config: TrainConfig, world_size: int = 1, device: str = "cuda", shape: ModelShape | None = None):
@@ -87,9 +74,12 @@ def make_plan(config: TrainConfig, world_size: int = 1, device: str = "cuda", sh
 
     shape = shape or model_shape(config.model)
     run = run_shape(config, shape, world_size, device)
-    per_minibatch = math.ceil(math.ceil(config.prompts_per_step / world_size) / config.minibatches)
     trees = worst_case_micro_batch(
-        tree_spec(config), config.micro_batch_tokens, shape.vocab, config.seed, max_trees=per_minibatch
+        tree_spec(config),
+        config.micro_batch_tokens,
+        shape.vocab,
+        config.seed,
+        max_trees=_trees_per_minibatch(config, world_size),
     )
     return plan_memory(shape, run, packed_shape(trees))
 

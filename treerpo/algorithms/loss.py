@@ -49,4 +49,10 @@ def policy_loss(
             (((ratio - 1.0).abs() > 1e-12) & (unclipped != clipped)).to(mask.dtype).mul(mask).sum() / n
         )
         stats["ratio_mean"] = float((ratio * mask).sum() / n)
+        # TRL's clipped-token fractions: below 1 - clip_low with a negative advantage, above 1 + clip_high with a
+        # positive one, either
+        low = (ratio < 1.0 - clip_low) & (advantages < 0)
+        high = (ratio > 1.0 + clip_high) & (advantages > 0)
+        for name, region in (("clip_low", low), ("clip_high", high), ("clip_region", low | high)):
+            stats[name] = float(region.to(mask.dtype).mul(mask).sum() / n)
     return loss, stats

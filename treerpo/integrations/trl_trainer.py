@@ -207,6 +207,7 @@ class TreeRPOTrainer(GRPOTrainer):
             raise UnsupportedTRLOption(
                 f"{FEATURE} does not add the MoE router auxiliary loss: set router_aux_loss_coef=0"
             )
+        self._step_sums: dict[str, float] = {}  # token-weighted loss statistics of the optimizer step so far
         self.sampling = engine_sampling(self, FEATURE)
         if self.sampling.temperature == 0:
             raise UnsupportedTRLOption(
@@ -393,31 +394,15 @@ class TreeRPOTrainer(GRPOTrainer):
             normalizer=normalizer,
             kl_times_ratio=self.args.use_bias_correction_kl,
         )
-        stats.update(self._clip_regions(batch, logp.detach()))
         tokens = len(batch.rows) if batch.weights is None else float(batch.weights.sum())
-        sums = self.__dict__.setdefault("_step_sums", {})
         for name, value in {**stats, "tokens": 1.0}.items():
-            sums[name] = sums.get(name, 0.0) + value * tokens
+            self._step_sums[name] = self._step_sums.get(name, 0.0) + value * tokens
         return loss
-
-    def _clip_regions(self, batch: PreparedBatch, logp: torch.Tensor) -> dict[str, float]:
-        """TRL's clipped-token fractions: a ratio below 1 - epsilon with a negative advantage (low), above
-        1 + epsilon_high with a positive one (high), either (region); token means like the loss's."""
-        old = batch.old_logprobs if batch.old_logprobs is not None else logp
-        ratio, advantages = torch.exp(logp - old), batch.packed.advantages[batch.rows]
-        low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
-        high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
-        weights = torch.ones_like(ratio) if batch.weights is None else batch.weights.to(ratio.dtype)
-        total = max(float(weights.sum()), 1e-12)
-        return {
-            name: float((mask.to(weights.dtype) * weights).sum()) / total
-            for name, mask in (("clip_low", low), ("clip_high", high), ("clip_region", low | high))
-        }
 
     def _log_step_statistics(self) -> None:
         """The optimizer step's loss statistics as token means over every process's tokens; TRL's
         ``clip_ratio/low_min`` and ``high_max`` over the processes' own means, as TRL gathers them."""
-        sums = self.__dict__.pop("_step_sums", {})
+        sums, self._step_sums = self._step_sums, {}
         names = ["kl", "clip_fraction", "ratio_mean", "clip_low", "clip_high", "clip_region", "tokens"]  # every process
         local = [sums.get(n, 0.0) for n in names]
         totals = dict(zip(names, self._sum_over_processes(local), strict=True))

@@ -24,6 +24,7 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied_embeddings: bool
+    dtype: str  # the checkpoint's own (what --dtype left out loads on CUDA)
 
 
 def load_config(model: str | None):
@@ -77,4 +78,7 @@ def model_shape(model: str | None) -> ModelShape:
         vocab=text.vocab_size,
         tied_embeddings=meta.get_output_embeddings() is None
         or meta.get_output_embeddings().weight is meta.get_input_embeddings().weight,
+        dtype=str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix(
+            "torch."
+        ),
     )
