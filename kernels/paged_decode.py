@@ -30,17 +30,20 @@ fp32 for bf16 under ``TRITON_INTERPRET=1`` (the interpreter computes bf16 wrongl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_modes, interpreting
+from ._common import dot_modes, head_dim_mask, interpreting
 
 __all__ = [
     "paged_decode_attention",
     "cascade_decode_attention",
     "cascade_decode_grouped",
     "merge_attention_states",
+    "merge_partials",
     "merge_two",
 ]
 
@@ -48,6 +51,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(-inf - _NEG) = 0, never NaN
 EMPTY_LSE = -1.0e30 * LN2  # natural-log LSE of a partial that saw no key (its weight in a merge is 0)
+_EMPTY_HALF = tl.constexpr(-0.5e30 * LN2)  # any LSE below it is an empty partial
 
 
 @triton.jit
@@ -92,14 +96,19 @@ def _paged_attn_fwd(
     q_tile = pid1 % num_q_tiles
     q_lo = tl.load(QSTART + lst)
     n_rows = tl.load(QSTART + lst + 1) - q_lo
-    if q_tile * BLOCK_M < n_rows * GROUP:
+    k_hi = tl.load(KEND + lst)
+    lo = tl.load(KSTART + lst) + split * chunk
+    hi = tl.minimum(k_hi, lo + chunk)
+    # a split past this list's own keys (split-K is sized for the longest list) stores nothing: its
+    # partial stays the caller's empty one (weight 0 in the merge)
+    if (q_tile * BLOCK_M < n_rows * GROUP) & (lo < hi):
         offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         j = offs_m // GROUP
         head = kv_h * GROUP + offs_m % GROUP
         m_valid = j < n_rows
         row = tl.load(QIDX + q_lo + j, mask=m_valid, other=0).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
-        d_valid = offs_d < HEAD_DIM
+        d_valid = head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
         q_mask = m_valid[:, None] & d_valid[None, :]
         q = tl.load(
             Q + row[:, None] * stride_qr + head[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
@@ -109,10 +118,6 @@ def _paged_attn_fwd(
         if DOT_FP32:
             q = q.to(tl.float32)
 
-        k_lo = tl.load(KSTART + lst)
-        k_hi = tl.load(KEND + lst)
-        lo = k_lo + split * chunk
-        hi = tl.minimum(k_hi, lo + chunk)
         slot_base = SLOTS + lst.to(tl.int64) * stride_sl
         k_base = K + kv_h.to(tl.int64) * stride_kh
         v_base = V + kv_h.to(tl.int64) * stride_vh
@@ -151,6 +156,47 @@ def _paged_attn_fwd(
         tl.store(lse_ptr, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=m_valid)
 
 
+@triton.jit
+def _merge_states(
+    OUTS,
+    LSES,
+    OUT,
+    LSE_OUT,
+    S,
+    RH,
+    stride_os,
+    stride_ls,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The exact merge of ``S`` partial attentions for ``BLOCK`` (row, head) pairs: running maximum of the
+    natural-log LSEs, partials weighted by ``exp(lse - max)``; an empty partial (LSE at ``EMPTY_LSE`` or
+    -inf) has weight 0 and its output, which may be unwritten, is not read."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < RH
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = valid[:, None] & head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
+    o_off = offs[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+    m = tl.zeros([BLOCK], dtype=tl.float32) + _NEG
+    w = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for s in range(S):
+        lse = tl.load(LSES + s * stride_ls + offs, mask=valid, other=float("-inf"))
+        filled = lse > _EMPTY_HALF
+        o = tl.load(OUTS + s * stride_os + o_off, mask=mask & filled[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        scale = tl.exp(m - m_new)
+        weight = tl.where(filled, tl.exp(lse - m_new), 0.0)
+        acc = acc * scale[:, None] + weight[:, None] * o
+        w = w * scale + weight
+        m = m_new
+    w_safe = tl.where(w > 0, w, 1.0)
+    tl.store(OUT + o_off, (acc / w_safe[:, None]).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(LSE_OUT + offs, m + tl.log(w_safe), mask=valid)
+
+
 # ------------------------------------------------------------------------------------------- host side
 def merge_attention_states(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of partial attentions over disjoint key sets along dim 0.
@@ -173,42 +219,82 @@ def merge_two(o1, lse1, o2, lse2):
     return merge_attention_states(torch.stack((o1.float(), o2.float())), torch.stack((lse1.float(), lse2.float())))
 
 
-def _configs(head_dim: int):
-    """(BLOCK_N, num_warps)."""
-    if interpreting():
-        return 16, 4
-    return (64 if head_dim <= 128 else 32), 4
+@dataclass(frozen=True)
+class PagedConfig:
+    block_m: int  # query lanes: (query row, grouped head) pairs a tile
+    block_n: int  # keys a tile
+    block_d: int
+    num_warps: int
+    num_stages: int
 
 
-def _num_splits(max_keys: int, programs: int, block_n: int, splits: int | None) -> int:
+def launch_config(head_dim: int, max_rows: int, group: int, interpreted: bool | None = None) -> PagedConfig:
+    """The tile of a key list whose query rows number at most ``max_rows`` (1 for plain decode, a sibling
+    group's size for a cascade prefix): lanes for all of them times the group's heads (16 to 64; a 64-lane
+    tile takes Hopper's wgmma with one warp group of 4 warps), 64 keys a tile (32 for a 64-lane tile above
+    head dim 64, which spills on 64 keys), 2 stages so the next tile's indirect loads overlap this tile's dots."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = max(16, min(64, triton.next_power_of_2(max(1, max_rows * group))))
+    if interpreting() if interpreted is None else interpreted:
+        return PagedConfig(block_m, 16, block_d, 4, 1)
+    wide = head_dim > 128 or (head_dim > 64 and block_m == 64)
+    return PagedConfig(block_m, 32 if wide else 64, block_d, 4, 2)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    block: int  # (row, head) pairs a program
+    block_d: int
+    num_warps: int
+
+
+def merge_config(head_dim: int) -> MergeConfig:
+    return MergeConfig(32, max(16, triton.next_power_of_2(head_dim)), 4)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(max_keys: int, programs: int, block_n: int, splits: int | None, device: torch.device) -> int:
     if splits is not None:
         return max(1, int(splits))
     if interpreting():
         return 1
-    # enough programs to fill the GPU (~2 waves of 132 SMs), at least 256 keys per split
-    want = max(1, (2 * 132) // max(1, programs))
+    # enough programs for about two waves of the device's multiprocessors, at least 256 keys a split; splits
+    # past a list's own length exit at once (the kernel checks each list's real range)
+    want = max(1, (2 * _multiprocessors(device)) // max(1, programs))
     return max(1, min(want, triton.cdiv(max_keys, 256)))
 
 
-def _partial_attention(
-    q, k_cache, v_cache, slots, kstart, kend, qstart, qidx, max_rows, scale, splits, max_keys, out=None, lse=None
-):
-    """Run ``_paged_attn_fwd``: partial outputs fp32 [S, R, Hq, D] and natural LSE [S, R, Hq]."""
-    r, hq, d = q.shape
+def _empty_partials(splits: int, r: int, hq: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial outputs (unwritten: never read where the LSE says empty) and their LSEs, all empty."""
+    out = torch.empty(splits, r, hq, d, dtype=torch.float32, device=device)
+    return out, torch.full((splits, r, hq), EMPTY_LSE, dtype=torch.float32, device=device)
+
+
+def _split_plan(q, k_cache, slots, max_rows, splits, max_keys) -> tuple[PagedConfig, int, int, int]:
+    """(config, query tiles, splits, keys a split) of one ``_partial_attention`` call."""
+    hq, d = q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
     group = hq // hkv
-    block_n, num_warps = _configs(d)
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m = max(16, min(64, triton.next_power_of_2(max(1, max_rows * group))))
-    num_q_tiles = max(1, triton.cdiv(max_rows * group, block_m))
+    cfg = launch_config(d, max_rows, group)
+    num_q_tiles = max(1, triton.cdiv(max_rows * group, cfg.block_m))
+    splits = _num_splits(max_keys, slots.shape[0] * hkv * num_q_tiles, cfg.block_n, splits, q.device)
+    chunk = triton.cdiv(triton.cdiv(max(1, max_keys), splits), cfg.block_n) * cfg.block_n
+    return cfg, num_q_tiles, splits, chunk
+
+
+def _partial_attention(q, k_cache, v_cache, slots, kstart, kend, qstart, qidx, plan, scale, out, lse):
+    """Run ``_paged_attn_fwd`` with ``plan`` (``_split_plan``), writing the partial outputs fp32 [S, R, Hq, D]
+    and natural-log LSEs [S, R, Hq] into ``out``/``lse`` (prepared empty)."""
+    cfg, num_q_tiles, splits, chunk = plan
     n_lists = slots.shape[0]
-    splits = _num_splits(max_keys, n_lists * hkv * num_q_tiles, block_n, splits)
-    chunk = triton.cdiv(triton.cdiv(max(1, max_keys), splits), block_n) * block_n
-    if out is None:
-        out = torch.zeros(splits, r, hq, d, dtype=torch.float32, device=q.device)
-        lse = torch.full((splits, r, hq), EMPTY_LSE, dtype=torch.float32, device=q.device)
     if n_lists == 0:
-        return out, lse
+        return
+    hkv = k_cache.shape[1]
     dot_fp32, precision = dot_modes(q.dtype)
     grid = (n_lists, hkv * num_q_tiles, splits)
     _paged_attn_fwd[grid](
@@ -222,7 +308,7 @@ def _partial_attention(
         qidx,
         out,
         lse,
-        group,
+        q.shape[1] // hkv,
         chunk,
         num_q_tiles,
         scale * LOG2E,
@@ -238,14 +324,30 @@ def _partial_attention(
         out.stride(2),
         lse.stride(0),
         lse.stride(1),
-        HEAD_DIM=d,
-        BLOCK_D=block_d,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        HEAD_DIM=q.shape[2],
+        BLOCK_D=cfg.block_d,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
         DOT_FP32=dot_fp32,
         PRECISION=precision,
-        num_warps=num_warps,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge_attention_states`` in one kernel: ``outs`` [S, R, H, D] fp32 (each split contiguous), ``lses``
+    [S, R, H] -> (out [R, H, D] in ``dtype``, natural-log LSE [R, H] fp32), each written once."""
+    s, r, h, d = outs.shape
+    out = torch.empty(r, h, d, dtype=dtype, device=outs.device)
+    lse = torch.empty(r, h, dtype=torch.float32, device=outs.device)
+    if r * h == 0:
+        return out, lse
+    cfg = merge_config(d)
+    _merge_states[(triton.cdiv(r * h, cfg.block),)](
+        outs, lses, out, lse, s, r * h, outs.stride(0), lses.stride(0),
+        HEAD_DIM=d, BLOCK_D=cfg.block_d, BLOCK=cfg.block, num_warps=cfg.num_warps,
+    )  # fmt: skip
     return out, lse
 
 
@@ -281,32 +383,12 @@ def paged_decode_attention(
 
     ``splits`` forces the number of split-K chunks (default: a heuristic, 1 under the interpreter)."""
     _check(q, k_cache, v_cache, kv_slots)
-    b, hq, d = q.shape
-    scale = d**-0.5 if scale is None else float(scale)
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     q = q if q.stride(2) == 1 else q.contiguous()
     kv_slots = kv_slots.to(torch.int64).contiguous()
     kv_len = kv_len.to(device=q.device, dtype=torch.int64).contiguous()
-    ar = torch.arange(b + 1, device=q.device, dtype=torch.int64)
-    out, lse = _partial_attention(
-        q,
-        k_cache,
-        v_cache,
-        kv_slots,
-        torch.zeros_like(kv_len),
-        kv_len,
-        ar,
-        ar[:-1].contiguous(),
-        1,
-        scale,
-        splits,
-        kv_slots.shape[1],
-    )
-    if out.shape[0] == 1:
-        o, l = out[0], lse[0]
-    else:
-        o, l = merge_attention_states(out, lse)
-    o = o.to(q.dtype)
-    return (o, l) if return_lse else o
+    o, lse = _cascade(q, k_cache, v_cache, kv_slots, kv_len, None, scale, splits)
+    return (o, lse) if return_lse else o
 
 
 def cascade_decode_attention(
@@ -331,9 +413,8 @@ def cascade_decode_attention(
     (``kv_slots[b, prefix_len:kv_len]``) are merged with their log-sum-exps. Same output as
     ``paged_decode_attention``."""
     _check(q, k_cache, v_cache, kv_slots)
-    b, hq, d = q.shape
     dev = q.device
-    scale = d**-0.5 if scale is None else float(scale)
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     q = q if q.stride(2) == 1 else q.contiguous()
     kv_slots = kv_slots.to(torch.int64).contiguous()
     kv_len = kv_len.to(device=dev, dtype=torch.int64).contiguous()
@@ -342,62 +423,19 @@ def cascade_decode_attention(
     group_of_seq = group_of_seq.to(device=dev, dtype=torch.int64)
     n_groups = prefix_slots.shape[0]
     in_group = group_of_seq >= 0
-    # suffix: [prefix_len[g], kv_len) of every sequence (the whole path for ungrouped ones)
-    gsafe = group_of_seq.clamp(min=0)
-    kstart = torch.where(
-        in_group, prefix_len[gsafe] if n_groups else torch.zeros_like(kv_len), torch.zeros_like(kv_len)
-    ).contiguous()
-    ar = torch.arange(b + 1, device=dev, dtype=torch.int64)
-    suf_o, suf_l = _partial_attention(
-        q, k_cache, v_cache, kv_slots, kstart, kv_len, ar, ar[:-1].contiguous(), 1, scale, splits, kv_slots.shape[1]
-    )
     if n_groups == 0 or not bool(in_group.any()):
-        o, l = merge_attention_states(suf_o, suf_l) if suf_o.shape[0] > 1 else (suf_o[0], suf_l[0])
-        o = o.to(q.dtype)
-        return (o, l) if return_lse else o
+        o, lse = _cascade(q, k_cache, v_cache, kv_slots, kv_len, None, scale, splits)
+        return (o, lse) if return_lse else o
+    # suffix: [prefix_len[g], kv_len) of every sequence (the whole path for ungrouped ones)
+    kstart = torch.where(in_group, prefix_len[group_of_seq.clamp(min=0)], torch.zeros_like(kv_len)).contiguous()
     # prefix: one key list per group, its query rows the group's sequences
     grouped = torch.nonzero(in_group).flatten()
     order = grouped[torch.argsort(group_of_seq[grouped], stable=True)]
     counts = torch.bincount(group_of_seq[grouped], minlength=n_groups)
-    qstart = torch.cat((counts.new_zeros(1), torch.cumsum(counts, 0))).contiguous()
-    o, l = _merge_with_prefix(
-        q,
-        k_cache,
-        v_cache,
-        suf_o,
-        suf_l,
-        prefix_slots,
-        prefix_len,
-        order.contiguous(),
-        qstart,
-        int(counts.max()),
-        scale,
-        splits,
-    )
-    o = o.to(q.dtype)
-    return (o, l) if return_lse else o
-
-
-def _merge_with_prefix(
-    q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_len, members, member_start, max_members, scale, splits
-):
-    """The prefix partial (group g's query rows ``members[member_start[g]:member_start[g + 1]]`` against its
-    ``prefix_slots[g, :prefix_len[g]]``, each K/V tile read once for the group) merged with the suffix partials."""
-    pre_o, pre_l = _partial_attention(
-        q,
-        k_cache,
-        v_cache,
-        prefix_slots,
-        torch.zeros_like(prefix_len),
-        prefix_len,
-        member_start,
-        members,
-        max_members,
-        scale,
-        splits,
-        prefix_slots.shape[1],
-    )
-    return merge_attention_states(torch.cat((suf_o, pre_o)), torch.cat((suf_l, pre_l)))
+    member_start = torch.cat((counts.new_zeros(1), torch.cumsum(counts, 0))).contiguous()
+    prefix = (prefix_slots, prefix_len, order.contiguous(), member_start, int(counts.max()))
+    o, lse = _cascade(q, k_cache, v_cache, kv_slots, kv_len, prefix, scale, splits, kstart)
+    return (o, lse) if return_lse else o
 
 
 def cascade_decode_grouped(
@@ -421,24 +459,29 @@ def cascade_decode_grouped(
     _check(q, k_cache, v_cache, kv_slots)
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     q = q if q.stride(2) == 1 else q.contiguous()
-    b = q.shape[0]
+    prefix = (prefix_slots, prefix_len, members, member_start, max_members)
+    return _cascade(q, k_cache, v_cache, kv_slots, kv_len.contiguous(), prefix, scale, splits)[0]
+
+
+def _cascade(q, k_cache, v_cache, kv_slots, kv_len, prefix, scale, splits, kstart=None):
+    """Suffix partials (``kv_slots[b, kstart[b]:kv_len[b]]``, one key list a row), the prefix partials of
+    ``prefix`` = (slots, lengths, members, member_start, max_members) when given (one key list a group, its
+    members' query rows), written side by side into one buffer and merged by one kernel -> (out in q's dtype,
+    natural-log LSE)."""
+    b, hq, d = q.shape
     ar = torch.arange(b + 1, device=q.device, dtype=torch.int64)
-    kv_len = kv_len.contiguous()
-    suf_o, suf_l = _partial_attention(
-        q,
-        k_cache,
-        v_cache,
-        kv_slots,
-        torch.zeros_like(kv_len),
-        kv_len,
-        ar,
-        ar[:-1].contiguous(),
-        1,
-        scale,
-        splits=splits,
-        max_keys=kv_slots.shape[1],
+    kstart = torch.zeros_like(kv_len) if kstart is None else kstart
+    suffix_plan = _split_plan(q, k_cache, kv_slots, 1, splits, kv_slots.shape[1])
+    prefix_plan = None if prefix is None else _split_plan(q, k_cache, prefix[0], prefix[4], splits, prefix[0].shape[1])
+    s1 = suffix_plan[2]
+    outs, lses = _empty_partials(s1 + (prefix_plan[2] if prefix_plan else 0), b, hq, d, q.device)
+    _partial_attention(
+        q, k_cache, v_cache, kv_slots, kstart, kv_len, ar, ar[:-1], suffix_plan, scale, outs[:s1], lses[:s1]
     )
-    out, _ = _merge_with_prefix(
-        q, k_cache, v_cache, suf_o, suf_l, prefix_slots, prefix_len, members, member_start, max_members, scale, splits
-    )
-    return out.to(q.dtype)
+    if prefix is not None:
+        slots, lengths, members, member_start, _ = prefix
+        _partial_attention(
+            q, k_cache, v_cache, slots, torch.zeros_like(lengths), lengths, member_start, members, prefix_plan,
+            scale, outs[s1:], lses[s1:],
+        )  # fmt: skip
+    return merge_partials(outs, lses, q.dtype)

@@ -1,23 +1,25 @@
 """Tree attention in Triton: flash-style forward and backward over the key tiles of a skip list.
 
 Token q sees token k iff ``tin[k] <= tin[q] < tout[k]`` (k is an ancestor-or-self of q in a packed
-depth-first batch). Queries and keys are cut into tiles of ``block`` rows (``block_config``); the caller
-passes, as tensors, the skip list of those tiles: per query tile the key tiles holding at least one
-visible pair (a CSR ``offsets``/``key_tiles``) and its transpose, per key tile the query tiles that see
-it (``q_offsets``/``q_tiles``). This module knows nothing of trees beyond ``tin``/``tout``: the lists are
-computed (once per batch, shared by every head and layer) by the caller, ``treerpo.attention.triton_backends``.
-The kernels visit only those tiles:
+depth-first batch). This module knows nothing of trees beyond ``tin``/``tout``: the caller
+(``treerpo.attention.triton_backends``) passes, as tensors, the skip lists of the tiles
+(``treerpo.trees.tile_skip``, computed once per batch and shared by every head and layer), for the tile shapes
+of ``tile_configs.TreeTiles``.
 
-* forward: one program per (query tile, query head); online softmax in fp32 (base 2), the output and
-  the log-sum-exp (base 2, per row) are stored for the backward;
-* backward (FlashAttention-2): ``delta = rowsum(dO * O)``; one program per (key tile, query head)
-  walks the query tiles that see its key tile (the transposed skip list) and accumulates dK, dV in
-  fp32 per query head; the grouped-query heads are summed in torch. One program per (query tile,
-  query head) walks the key tiles of the CSR and accumulates dQ.
+Grouped-query packing: a query tile is ``block_m`` lanes holding ``rows = block_m // group`` query rows times
+the ``group`` query heads that read one KV head, so each program reads a K/V tile once for its whole group
+(and the dK/dV program sums the group's contributions in its fp32 accumulators, written once in the input
+dtype). The kernels visit only the listed tiles:
 
-Grouped-query attention: query head h reads KV head ``h // (Hq // Hkv)``. Dots run on the input dtype
-(fp16/bf16, fp32 accumulation) on a GPU, and on fp32 for fp32 inputs and under ``TRITON_INTERPRET=1``
-for bf16 (the interpreter computes bf16 wrongly).
+* forward: one program per (query tile, batch x KV head); online softmax in fp32 (base 2); the output and
+  the log-sum-exp (base 2, per row and head) are stored for the backward;
+* backward (FlashAttention-2): ``delta = rowsum(dO * O)`` (a small kernel); one program per (key tile,
+  batch x KV head) walks the query tiles that see its key tile (the transposed skip list) and accumulates
+  dK, dV; one program per (query tile, batch x KV head) walks the key tiles and accumulates dQ.
+
+Inputs are read through their strides (the last dim contiguous), so the transposed views a model produces
+are not copied. Dots run on the input dtype (fp16/bf16, fp32 accumulation) on a GPU, and on fp32 for fp32
+inputs and under ``TRITON_INTERPRET=1`` for bf16 (the interpreter computes bf16 wrongly).
 """
 
 from __future__ import annotations
@@ -26,26 +28,49 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_modes, interpreting
+from ._common import dot_modes, head_dim_mask
+from .tile_configs import TreeTiles
 
-__all__ = ["triton_tree_attention", "TreeAttentionFunction", "block_config"]
+__all__ = ["triton_tree_attention", "TreeAttentionFunction", "check_inputs", "tree_attention_forward"]
 
 LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(-inf - _NEG) = 0, never NaN
 
 
-# ----------------------------------------------------------------------------------------------- forward
+# ----------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _lanes(tile, ROWS, GROUP, N, BLOCK: tl.constexpr):
+    """Query tile ``tile`` as ``BLOCK`` lanes: (row, head within the group, valid), ``ROWS`` rows of
+    ``GROUP`` heads; lanes past ``ROWS * GROUP`` or past the last row are invalid."""
+    lane = tl.arange(0, BLOCK)
+    j = lane // GROUP
+    row = tile * ROWS + j
+    return row, lane % GROUP, (j < ROWS) & (row < N)
+
+
 @triton.jit
 def _key_tile(
-    k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr
+    k_base,
+    v_base,
+    TIN,
+    TOUT,
+    kt,
+    tin_q,
+    offs_d,
+    d_valid,
+    N,
+    stride_kn,
+    stride_vn,
+    BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
-    """K and V of key tile ``kt`` and which of its keys each query row (``tin_q``) sees: [BLOCK_M, BLOCK_N]."""
+    """K and V of key tile ``kt`` and which of its keys each query lane (``tin_q``) sees: [lanes, BLOCK_N]."""
     offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
-    kv_off = offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
     kv_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
+    rows = offs_n[:, None].to(tl.int64)
+    k = tl.load(k_base + rows * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + rows * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     if DOT_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -55,6 +80,7 @@ def _key_tile(
     return k, v, visible
 
 
+# ----------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _tree_attn_fwd(
     Q,
@@ -70,13 +96,20 @@ def _tree_attn_fwd(
     HQ,
     HKV,
     GROUP,
+    ROWS,
     qk_scale,
-    stride_qh,
-    stride_qn,
-    stride_kh,
-    stride_kn,
-    stride_oh,
-    stride_on,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    so_b,
+    so_h,
+    so_n,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -85,19 +118,22 @@ def _tree_attn_fwd(
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_h = tl.program_id(1)  # b * HQ + h
-    kv_h = (pid_h // HQ) * HKV + (pid_h % HQ) // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh = tl.program_id(1)  # b * HKV + kv head
+    b = (pid_bh // HKV).to(tl.int64)
+    kv_h = pid_bh % HKV
+    row, hh, m_valid = _lanes(pid_m, ROWS, GROUP, N, BLOCK_M)
+    head = (kv_h * GROUP + hh).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < N
-    d_valid = offs_d < HEAD_DIM
-    q_ptr = Q + pid_h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
-    q = tl.load(q_ptr, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    d_valid = head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
+    q_mask = m_valid[:, None] & d_valid[None, :]
+    row64 = row.to(tl.int64)
+    q_off = b * sq_b + head[:, None] * sq_h + row64[:, None] * sq_n + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    tin_q = tl.load(TIN + offs_m, mask=m_valid, other=-1)
-    k_base = K + kv_h.to(tl.int64) * stride_kh
-    v_base = V + kv_h.to(tl.int64) * stride_kh
+    tin_q = tl.load(TIN + row, mask=m_valid, other=-1)
+    k_base = K + b * sk_b + kv_h.to(tl.int64) * sk_h
+    v_base = V + b * sv_b + kv_h.to(tl.int64) * sv_h
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _NEG
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -107,7 +143,7 @@ def _tree_attn_fwd(
     for i in range(start, end):
         kt = tl.load(KEY_TILES + i)
         k, v, visible = _key_tile(
-            k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn, BLOCK_N, DOT_FP32
+            k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, sk_n, sv_n, BLOCK_N, DOT_FP32
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(visible, s, float("-inf"))
@@ -119,12 +155,32 @@ def _tree_attn_fwd(
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptr = O + pid_h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_on + offs_d[None, :]
-    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-    tl.store(LSE + pid_h.to(tl.int64) * N + offs_m, m_i + tl.log2(l_safe), mask=m_valid)
+    o_off = b * so_b + head[:, None] * so_h + row64[:, None] * so_n + offs_d[None, :]
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + (b * HQ + head) * N + row64, m_i + tl.log2(l_safe), mask=m_valid)
 
 
 # ---------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _tree_attn_bwd_delta(
+    O, DO, DELTA, N, HQ, so_b, so_h, so_n, sd_b, sd_h, sd_n,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """delta[b, h, n] = sum_d dO * O (fp32), for ``BLOCK`` rows of one (batch, query head)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)  # b * HQ + head
+    b = (pid_bh // HQ).to(tl.int64)
+    h = (pid_bh % HQ).to(tl.int64)
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    o = tl.load(O + b * so_b + h * so_h + r64 * so_n + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sd_b + h * sd_h + r64 * sd_n + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + rows, delta, mask=rows < N)
+
+
 @triton.jit
 def _tree_attn_bwd_dkdv(
     Q,
@@ -143,14 +199,21 @@ def _tree_attn_bwd_dkdv(
     HQ,
     HKV,
     GROUP,
+    ROWS,
     qk_scale,
     sm_scale,
-    stride_qh,
-    stride_qn,
-    stride_kh,
-    stride_kn,
-    stride_dh,
-    stride_dn,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    sdo_b,
+    sdo_h,
+    sdo_n,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -158,26 +221,36 @@ def _tree_attn_bwd_dkdv(
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dK, dV of one query head (fp32 [B*Hq, N, D]) for key tile program_id(0)."""
+    """dK, dV of key tile program_id(0) of one (batch, KV head), summed over the group's query heads."""
     pid_n = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    kv_h = (pid_h // HQ) * HKV + (pid_h % HQ) // GROUP
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    kv_h = (pid_bh % HKV).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < N
-    d_valid = offs_d < HEAD_DIM
-    kv_off = kv_h.to(tl.int64) * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+    d_valid = head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     kv_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    n64 = offs_n[:, None].to(tl.int64)
+    k = tl.load(K + b * sk_b + kv_h * sk_h + n64 * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * sv_b + kv_h * sv_h + n64 * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
     if DOT_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     tin_k = tl.load(TIN + offs_n, mask=n_valid, other=2147483647)
     tout_k = tl.load(TOUT + offs_n, mask=n_valid, other=-2147483647)
-    q_base = Q + pid_h.to(tl.int64) * stride_qh
-    do_base = DO + pid_h.to(tl.int64) * stride_qh
-    row_base = pid_h.to(tl.int64) * N
+    # a lane's place within a query tile as int32 offsets (one vector each, live through the loop; int64
+    # per-lane head offsets spill), the tile's own place as int64 scalars
+    lane = tl.arange(0, BLOCK_M)
+    j = lane // GROUP
+    hh = lane % GROUP
+    q_lane = hh * sq_h + j * sq_n
+    do_lane = hh * sdo_h + j * sdo_n
+    row_lane = hh * N + j
+    head0 = kv_h * GROUP
+    q_head = Q + b * sq_b + head0 * sq_h
+    do_head = DO + b * sdo_b + head0 * sdo_h
+    row_head = (b * HQ + head0) * N
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -185,19 +258,19 @@ def _tree_attn_bwd_dkdv(
     end = tl.load(Q_OFFSETS + pid_n + 1)
     for i in range(start, end):
         qt = tl.load(Q_TILES + i)
-        offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < N
-        q_off = offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+        row0 = (qt * ROWS).to(tl.int64)
+        row = qt * ROWS + j
+        m_valid = (j < ROWS) & (row < N)
         q_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(q_base + q_off, mask=q_mask, other=0.0)
-        do = tl.load(do_base + q_off, mask=q_mask, other=0.0)
+        q = tl.load(q_head + row0 * sq_n + q_lane[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_head + row0 * sdo_n + do_lane[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        lse = tl.load(LSE + row_base + offs_m, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
-        tin_q = tl.load(TIN + offs_m, mask=m_valid, other=-1)
-        # transposed scores [BLOCK_N, BLOCK_M]: key rows, query columns
+        lse = tl.load(LSE + row_head + row0 + row_lane, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + row_head + row0 + row_lane, mask=m_valid, other=0.0)
+        tin_q = tl.load(TIN + row, mask=m_valid, other=-1)
+        # transposed scores [BLOCK_N, BLOCK_M]: key rows, query lanes
         visible = (tin_k[:, None] <= tin_q[None, :]) & (tin_q[None, :] < tout_k[:, None])
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         pt = tl.where(visible, tl.exp2(st - lse[None, :]), 0.0)
@@ -205,9 +278,14 @@ def _tree_attn_bwd_dkdv(
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    d_off = pid_h.to(tl.int64) * stride_dh + offs_n[:, None].to(tl.int64) * stride_dn + offs_d[None, :]
-    tl.store(DK + d_off, dk * sm_scale, mask=kv_mask)
-    tl.store(DV + d_off, dv, mask=kv_mask)
+    # offsets and mask recomputed here, not kept from the loads: [BLOCK_N, BLOCK_D] tiles live through the
+    # loop spill
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n < N)[:, None] & head_dim_mask(tl.arange(0, BLOCK_D), HEAD_DIM, BLOCK_D)[None, :]
+    n64 = offs_n[:, None].to(tl.int64)
+    dk_ptr = DK + b * sk_b + kv_h * sk_h + n64 * sk_n + offs_d[None, :]
+    tl.store(dk_ptr, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * sv_b + kv_h * sv_h + n64 * sv_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -227,12 +305,21 @@ def _tree_attn_bwd_dq(
     HQ,
     HKV,
     GROUP,
+    ROWS,
     qk_scale,
     sm_scale,
-    stride_qh,
-    stride_qn,
-    stride_kh,
-    stride_kn,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    sdo_b,
+    sdo_h,
+    sdo_n,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -240,26 +327,29 @@ def _tree_attn_bwd_dq(
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """dQ of query tile program_id(0) of one (batch, KV head); ``DQ`` has ``Q``'s strides."""
     pid_m = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    kv_h = (pid_h // HQ) * HKV + (pid_h % HQ) // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    kv_h = pid_bh % HKV
+    row, hh, m_valid = _lanes(pid_m, ROWS, GROUP, N, BLOCK_M)
+    head = (kv_h * GROUP + hh).to(tl.int64)
+    row64 = row.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < N
-    d_valid = offs_d < HEAD_DIM
-    q_off = pid_h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+    d_valid = head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     q_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+    q = tl.load(Q + b * sq_b + head[:, None] * sq_h + row64[:, None] * sq_n + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(
+        DO + b * sdo_b + head[:, None] * sdo_h + row64[:, None] * sdo_n + offs_d[None, :], mask=q_mask, other=0.0
+    )
     if DOT_FP32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    row = pid_h.to(tl.int64) * N + offs_m
-    lse = tl.load(LSE + row, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + row, mask=m_valid, other=0.0)
-    tin_q = tl.load(TIN + offs_m, mask=m_valid, other=-1)
-    k_base = K + kv_h.to(tl.int64) * stride_kh
-    v_base = V + kv_h.to(tl.int64) * stride_kh
+    lse = tl.load(LSE + (b * HQ + head) * N + row64, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + (b * HQ + head) * N + row64, mask=m_valid, other=0.0)
+    tin_q = tl.load(TIN + row, mask=m_valid, other=-1)
+    k_base = K + b * sk_b + kv_h.to(tl.int64) * sk_h
+    v_base = V + b * sv_b + kv_h.to(tl.int64) * sv_h
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     start = tl.load(OFFSETS + pid_m)
@@ -267,155 +357,121 @@ def _tree_attn_bwd_dq(
     for i in range(start, end):
         kt = tl.load(KEY_TILES + i)
         k, v, visible = _key_tile(
-            k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, stride_kn, BLOCK_N, DOT_FP32
+            k_base, v_base, TIN, TOUT, kt, tin_q, offs_d, d_valid, N, sk_n, sv_n, BLOCK_N, DOT_FP32
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    dq_ptr = DQ + b * sq_b + head[:, None] * sq_h + row64[:, None] * sq_n + offs_d[None, :]  # recomputed: see dK/dV
+    tl.store(dq_ptr, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ------------------------------------------------------------------------------------------- host side
-def block_config(head_dim: int, n: int) -> tuple[int, int]:
-    """(block, num_warps): one tile size for queries and keys, so one skip list serves forward and backward."""
-    if interpreting():
-        return 16, 1
-    block = 64 if n > 64 else max(16, triton.next_power_of_2(n))
-    return block, (8 if head_dim > 64 else 4)
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(3) == 1 or x.shape[3] == 1 else x.contiguous()
+
+
+def _meta(query: torch.Tensor, key: torch.Tensor, tiles: TreeTiles):
+    b, hq, n, d = query.shape
+    hkv = key.shape[1]
+    group = hq // hkv
+    dot_fp32, precision = dot_modes(query.dtype)
+    consts = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_FP32=dot_fp32, PRECISION=precision)
+    return b, hq, hkv, n, d, group, consts
+
+
+def tree_attention_forward(query, key, value, tin, tout, skip, tiles: TreeTiles, scale: float):
+    """The forward kernel alone: (out with ``query``'s strides, lse fp32 [B, Hq, N] base 2).
+    ``skip``: (offsets, key_tiles) for query tiles of ``tiles.fwd.rows(group)`` rows."""
+    b, hq, hkv, n, d, group, consts = _meta(query, key, tiles)
+    cfg = tiles.fwd
+    rows = cfg.rows(group)
+    out = torch.empty_like(query)
+    lse = torch.empty(b, hq, n, dtype=torch.float32, device=query.device)
+    _tree_attn_fwd[(triton.cdiv(n, rows), b * hkv)](
+        query, key, value, out, lse, tin, tout, skip[0], skip[1],
+        n, hq, hkv, group, rows, scale * LOG2E,
+        *_strides(query), *_strides(key), *_strides(value), *_strides(out),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+    )  # fmt: skip
+    return out, lse
+
+
+def tree_attention_backward(query, key, value, out, lse, grad_out, tin, tout, dkdv_skip, dq_skip, tiles, scale):
+    """(dq, dk, dv) in the inputs' dtypes and layouts. ``dkdv_skip``: (q_offsets, q_tiles), the query tiles of
+    ``tiles.dkdv.rows(group)`` rows of each key tile of ``tiles.dkdv.block_n`` rows; ``dq_skip``: (offsets,
+    key_tiles) for ``tiles.dq``."""
+    b, hq, hkv, n, d, group, consts = _meta(query, key, tiles)
+    delta = torch.empty(b, hq, n, dtype=torch.float32, device=query.device)
+    rows_delta = 64
+    _tree_attn_bwd_delta[(triton.cdiv(n, rows_delta), b * hq)](
+        out, grad_out, delta, n, hq, *_strides(out), *_strides(grad_out),
+        HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], BLOCK=rows_delta, num_warps=4,
+    )  # fmt: skip
+    dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    shared = (n, hq, hkv, group)
+    strides = (*_strides(query), *_strides(key), *_strides(value), *_strides(grad_out))
+    kv_cfg, q_cfg = tiles.dkdv, tiles.dq
+    _tree_attn_bwd_dkdv[(triton.cdiv(n, kv_cfg.block_n), b * hkv)](
+        query, key, value, grad_out, lse, delta, dk, dv, tin, tout, dkdv_skip[0], dkdv_skip[1],
+        *shared, kv_cfg.rows(group), scale * LOG2E, scale, *strides,
+        BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n, num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
+        **consts,
+    )  # fmt: skip
+    q_rows = q_cfg.rows(group)
+    _tree_attn_bwd_dq[(triton.cdiv(n, q_rows), b * hkv)](
+        query, key, value, grad_out, lse, delta, dq, tin, tout, dq_skip[0], dq_skip[1],
+        *shared, q_rows, scale * LOG2E, scale, *strides,
+        BLOCK_M=q_cfg.block_m, BLOCK_N=q_cfg.block_n, num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
+        **consts,
+    )  # fmt: skip
+    return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------- autograd
 class TreeAttentionFunction(torch.autograd.Function):
-    """``skip``: (tin, tout, offsets, key_tiles, q_offsets, q_tiles) on the inputs' device (int32, int32,
-    int64, int32, int64, int32), kept on ``ctx`` (not saved tensors) for the backward."""
+    """``skips``: (tin, tout, fwd (offsets, key_tiles), dkdv (q_offsets, q_tiles), dq (offsets, key_tiles)) on
+    the inputs' device, kept on ``ctx`` (not saved tensors) for the backward."""
 
     @staticmethod
-    def forward(ctx, query, key, value, skip, scale, block, num_warps):
-        tin, tout, offsets, key_tiles = skip[:4]
-        b, hq, n, d = query.shape
-        hkv = key.shape[1]
-        q = query.reshape(b * hq, n, d).contiguous()
-        k = key.reshape(b * hkv, n, d).contiguous()
-        v = value.reshape(b * hkv, n, d).contiguous()
-        o = torch.empty_like(q)
-        lse = torch.empty(b * hq, n, dtype=torch.float32, device=q.device)
-        dot_fp32, precision = dot_modes(q.dtype)
-        block_d = max(16, triton.next_power_of_2(d))
-        grid = (triton.cdiv(n, block), b * hq)
-        _tree_attn_fwd[grid](
-            q,
-            k,
-            v,
-            o,
-            lse,
-            tin,
-            tout,
-            offsets,
-            key_tiles,
-            n,
-            hq,
-            hkv,
-            hq // hkv,
-            scale * LOG2E,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            o.stride(0),
-            o.stride(1),
-            HEAD_DIM=d,
-            BLOCK_D=block_d,
-            BLOCK_M=block,
-            BLOCK_N=block,
-            DOT_FP32=dot_fp32,
-            PRECISION=precision,
-            num_warps=num_warps,
-        )
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.skip, ctx.scale, ctx.block, ctx.num_warps = skip, scale, block, num_warps
-        ctx.shape = (b, hq, hkv, n, d)
-        return o.view(b, hq, n, d)
+    def forward(ctx, query, key, value, skips, tiles, scale):
+        tin, tout, fwd_skip = skips[:3]
+        query, key, value = (_last_dim_contiguous(x) for x in (query, key, value))
+        out, lse = tree_attention_forward(query, key, value, tin, tout, fwd_skip, tiles, scale)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.skips, ctx.tiles, ctx.scale = skips, tiles, scale
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, o, lse = ctx.saved_tensors
-        b, hq, hkv, n, d = ctx.shape
-        tin, tout, offsets, key_tiles, q_offsets, q_tiles = ctx.skip
-        block, scale = ctx.block, ctx.scale
-        do = grad_out.reshape(b * hq, n, d).contiguous()
-        delta = (do.float() * o.float()).sum(-1).contiguous()  # [B*Hq, N]
-        dot_fp32, precision = dot_modes(q.dtype)
-        block_d = max(16, triton.next_power_of_2(d))
-        group = hq // hkv
-        dk = torch.empty(b * hq, n, d, dtype=torch.float32, device=q.device)
-        dv = torch.empty_like(dk)
-        dq = torch.empty_like(q)
-        num_tiles = triton.cdiv(n, block)
-        common = dict(
-            HEAD_DIM=d,
-            BLOCK_D=block_d,
-            BLOCK_M=block,
-            BLOCK_N=block,
-            DOT_FP32=dot_fp32,
-            PRECISION=precision,
-            num_warps=ctx.num_warps,
-        )
-        _tree_attn_bwd_dkdv[(num_tiles, b * hq)](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dk,
-            dv,
-            tin,
-            tout,
-            q_offsets,
-            q_tiles,
-            n,
-            hq,
-            hkv,
-            group,
-            scale * LOG2E,
-            scale,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            dk.stride(0),
-            dk.stride(1),
-            **common,
-        )
-        _tree_attn_bwd_dq[(num_tiles, b * hq)](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dq,
-            tin,
-            tout,
-            offsets,
-            key_tiles,
-            n,
-            hq,
-            hkv,
-            group,
-            scale * LOG2E,
-            scale,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            **common,
-        )
-        dk = dk.view(b, hkv, group, n, d).sum(2).to(k.dtype)
-        dv = dv.view(b, hkv, group, n, d).sum(2).to(v.dtype)
-        return dq.view(b, hq, n, d), dk, dv, None, None, None, None
+        query, key, value, out, lse = ctx.saved_tensors
+        tin, tout, _, dkdv_skip, dq_skip = ctx.skips
+        grads = tree_attention_backward(
+            query, key, value, out, lse, _last_dim_contiguous(grad_out), tin, tout, dkdv_skip, dq_skip,
+            ctx.tiles, ctx.scale,
+        )  # fmt: skip
+        return (*grads, None, None, None)
+
+
+def _check_skip(name: str, offsets: torch.Tensor, tiles_needed: int) -> None:
+    if offsets.numel() != tiles_needed + 1:
+        raise ValueError(f"the {name} skip list has {offsets.numel() - 1} tiles where {tiles_needed} are needed")
+
+
+def check_inputs(query: torch.Tensor, key: torch.Tensor, tin: torch.Tensor, tout: torch.Tensor) -> None:
+    """Heads and intervals that fit the query, refused with what is wrong."""
+    hq, n = query.shape[1], query.shape[2]
+    hkv = key.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if tin.numel() != n or tout.numel() != n:
+        raise ValueError(f"tin/tout have {tin.numel()}/{tout.numel()} entries for {n} tokens")
 
 
 def triton_tree_attention(
@@ -424,43 +480,27 @@ def triton_tree_attention(
     value: torch.Tensor,
     tin: torch.Tensor,
     tout: torch.Tensor,
-    offsets: torch.Tensor,
-    key_tiles: torch.Tensor,
-    q_offsets: torch.Tensor,
-    q_tiles: torch.Tensor,
-    block: int,
+    fwd_skip: tuple[torch.Tensor, torch.Tensor],
+    dkdv_skip: tuple[torch.Tensor, torch.Tensor],
+    dq_skip: tuple[torch.Tensor, torch.Tensor],
+    tiles: TreeTiles,
     scale: float | None = None,
-    num_warps: int | None = None,
 ) -> torch.Tensor:
-    """query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, Hq, N, D]; the layout of ``sdpa_tree_attention``.
+    """query [B, Hq, N, D], key/value [B, Hkv, N, D] (any strides, last dim contiguous) -> [B, Hq, N, D] with
+    ``query``'s layout; the result of ``sdpa_tree_attention``.
 
-    ``tin``/``tout`` [N]: the tokens' intervals. The skip list of tiles of ``block`` rows (queries and keys
-    alike): ``offsets`` [ceil(N / block) + 1] and ``key_tiles``, the key tiles of query tile i being
-    ``key_tiles[offsets[i]:offsets[i + 1]]`` (every tile holding a visible pair, ascending); ``q_offsets`` and
-    ``q_tiles``, its transpose (the query tiles of each key tile, ascending), for the dK/dV backward.
-    ``num_warps`` defaults to ``block_config``'s."""
+    ``tin``/``tout`` [N] int32: the tokens' intervals. ``tiles`` (``tile_configs.tree_tiles``): the three
+    kernels' configurations, already widened for the group (``TreeTiles.for_group``). Skip lists (int64
+    offsets, int32 tiles), for query tiles of ``tiles.X.rows(group)`` rows and key tiles of ``tiles.X.block_n``:
+    ``fwd_skip`` and ``dq_skip`` by query tile (key tiles ascending), ``dkdv_skip`` by key tile (query tiles
+    ascending)."""
+    check_inputs(query, key, tin, tout)
     b, hq, n, d = query.shape
-    if key.shape[1] == 0 or hq % key.shape[1]:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({key.shape[1]})")
-    if tin.numel() != n or tout.numel() != n:
-        raise ValueError(f"tin/tout have {tin.numel()}/{tout.numel()} entries for {n} tokens")
     if n == 0:
         return query.new_empty(query.shape)
-    num_tiles = -(-n // block)
-    if offsets.numel() != num_tiles + 1 or q_offsets.numel() != num_tiles + 1:
-        raise ValueError(
-            f"skip lists of {offsets.numel() - 1}/{q_offsets.numel() - 1} tiles for {num_tiles} tiles of {block} rows"
-        )
-    if num_warps is None:
-        num_warps = block_config(d, n)[1]
+    group = hq // key.shape[1]
+    _check_skip("forward", fwd_skip[0], -(-n // tiles.fwd.rows(group)))
+    _check_skip("dQ", dq_skip[0], -(-n // tiles.dq.rows(group)))
+    _check_skip("dK/dV", dkdv_skip[0], -(-n // tiles.dkdv.block_n))
     scale = d**-0.5 if scale is None else float(scale)
-    dev = query.device
-    skip = (
-        tin.to(device=dev, dtype=torch.int32).contiguous(),
-        tout.to(device=dev, dtype=torch.int32).contiguous(),
-        offsets.to(device=dev, dtype=torch.int64).contiguous(),
-        key_tiles.to(device=dev, dtype=torch.int32).contiguous(),
-        q_offsets.to(device=dev, dtype=torch.int64).contiguous(),
-        q_tiles.to(device=dev, dtype=torch.int32).contiguous(),
-    )
-    return TreeAttentionFunction.apply(query, key, value, skip, scale, block, num_warps)
+    return TreeAttentionFunction.apply(query, key, value, (tin, tout, fwd_skip, dkdv_skip, dq_skip), tiles, scale)

@@ -25,11 +25,13 @@ from helpers import assert_close_normwise, random_tree  # noqa: E402
 from treerpo.attention import registry  # noqa: E402
 from treerpo.attention.sdpa_backend import interval_mask, sdpa_tree_attention  # noqa: E402
 from treerpo.attention.triton_backends import skip_lists, transpose_skip, triton_tree_backend  # noqa: E402
+from treerpo.kernels.tile_configs import TileConfig, TreeTiles  # noqa: E402
 from treerpo.trees.packing import pack_trees  # noqa: E402
 from treerpo.trees.tile_skip import tile_skip_dense  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
+TILES = TreeTiles(*[TileConfig(BLOCK, BLOCK, 4, 1)] * 3)  # 16 lanes: 16 // group query rows a tile
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 2e-2), torch.bfloat16: (3e-2, 5e-2)}
 
 
@@ -50,19 +52,24 @@ def _batch(case: str):
     return pack_trees(trees)
 
 
-def _run(batch, hq, hkv, d, dtype, seed=0, cache=None, scale=None):
+def _run(batch, hq, hkv, d, dtype, seed=0, cache=None, scale=None, tiles=TILES, layout="bhnd"):
+    """``layout`` "bnhd": the inputs are transposed views of [B, N, H, D] tensors (as a model's projections
+    give them), read through their strides."""
     n = batch.tin.numel()
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, h, n, d, generator=gen).to(DEVICE, dtype) for h in (hq, hkv, hkv))
+    if layout == "bnhd":
+        q, k, v = (torch.randn(1, n, h, d, generator=gen).to(DEVICE, dtype).transpose(1, 2) for h in (hq, hkv, hkv))
+    else:
+        q, k, v = (torch.randn(1, h, n, d, generator=gen).to(DEVICE, dtype) for h in (hq, hkv, hkv))
     grad = torch.randn(1, hq, n, d, generator=gen).to(DEVICE, dtype)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     out = triton_tree_backend(
         *leaves,
         batch.tin.to(DEVICE),
         batch.tout.to(DEVICE),
         scale=scale,
         cache={} if cache is None else cache,
-        block=BLOCK,
+        tiles=tiles,
     )
     grads = torch.autograd.grad(out, leaves, grad)
     ref_leaves = [x.float().clone().requires_grad_() for x in (q, k, v)]
@@ -99,9 +106,11 @@ def test_cases_have_ragged_lengths(case):
     assert n % BLOCK and n <= 110
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(2, 2, 16), (4, 1, 16), (2, 1, 24)])
+@pytest.mark.parametrize("hq,hkv,d", [(2, 2, 16), (4, 1, 16), (2, 1, 24), (12, 2, 16), (6, 2, 24), (20, 1, 16)])
 def test_head_layouts_and_dims(hq, hkv, d):
-    """Plain multi-head, every query head on one KV head, and a head dim that is not a power of two."""
+    """Plain multi-head, every query head on one KV head, a head dim that is not a power of two, and groups
+    that do not divide a tile's 16 lanes (6 and 3 heads: 2 and 5 rows a tile, lanes left idle) or exceed it
+    (20 heads: the tile widened to 32 lanes)."""
     batch = _batch("several")
     out, grads, ref, ref_grads = _run(batch, hq=hq, hkv=hkv, d=d, dtype=torch.float32, seed=1, scale=0.3)
     _check(out, grads, ref, ref_grads, torch.float32)
@@ -112,13 +121,15 @@ def test_kernel_visits_only_the_skip_list():
     cached list (one computation a batch), and dropping a needed tile from it changes the answer."""
     batch = _batch("several")
     n = batch.tin.numel()
-    num_tiles = -(-n // BLOCK)
+    rows = BLOCK // 2  # 4 query heads on 2 KV heads: 2 heads a row in a tile's 16 lanes
+    num_q_tiles, num_k_tiles = -(-n // rows), -(-n // BLOCK)
     cache = {}
     out, grads, ref, ref_grads = _run(batch, 4, 2, 16, torch.float32, cache=cache)
     _check(out, grads, ref, ref_grads, torch.float32)
-    (key,) = [k for k in cache if k[0] == "triton_skip"]
+    (key,) = [k for k in cache if k[0] == "triton_skip"]  # one tile shape for all three kernels: one list
+    assert key[1:3] == (rows, BLOCK)
     lists = cache[key]
-    assert len(lists["key_tiles"]) < num_tiles * num_tiles, "this batch should skip some tiles"
+    assert len(lists["key_tiles"]) < num_q_tiles * num_k_tiles, "this batch should skip some tiles"
     # the lists are reused, not recomputed, by a second call (another layer) with the same cache
     out2, *_ = _run(batch, 4, 2, 16, torch.float32, cache=cache)
     assert cache[key] is lists
@@ -126,14 +137,34 @@ def test_kernel_visits_only_the_skip_list():
     # drop the last query tile's first key tile (a needed one: the tree boundary tile): the answer changes
     broken = dict(lists)
     offsets, key_tiles = lists["offsets"].clone(), lists["key_tiles"].clone()
-    last = num_tiles - 1
+    last = num_q_tiles - 1
     drop = int(offsets[last])
     broken["key_tiles"] = torch.cat([key_tiles[:drop], key_tiles[drop + 1 :]])
     offsets[last + 1 :] -= 1
     broken["offsets"] = offsets
     bad, *_ = _run(batch, 4, 2, 16, torch.float32, cache={key: broken})
-    assert not torch.allclose(bad[:, :, last * BLOCK :], ref[:, :, last * BLOCK :], atol=1e-3)
-    torch.testing.assert_close(bad[:, :, : last * BLOCK], ref[:, :, : last * BLOCK], atol=1e-4, rtol=0)
+    assert not torch.allclose(bad[:, :, last * rows :], ref[:, :, last * rows :], atol=1e-3)
+    torch.testing.assert_close(bad[:, :, : last * rows], ref[:, :, : last * rows], atol=1e-4, rtol=0)
+
+
+def test_each_kernel_its_own_tile_shape():
+    """Forward, dK/dV and dQ on three different tile shapes (three skip lists) give the reference's answer."""
+    batch = _batch("several")
+    tiles = TreeTiles(TileConfig(16, 16, 4, 1), TileConfig(32, 8, 4, 1), TileConfig(8, 32, 4, 1))
+    cache = {}
+    out, grads, ref, ref_grads = _run(batch, 4, 2, 16, torch.float32, cache=cache, tiles=tiles)
+    _check(out, grads, ref, ref_grads, torch.float32)
+    assert {k[1:3] for k in cache if k[0] == "triton_skip"} == {(8, 16), (16, 8), (4, 32)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_strided_inputs_are_read_in_place(dtype):
+    """Query/key/value as transposed views of [B, N, H, D] tensors (a model's projections): read through
+    their strides, no copy, and the output and gradients keep the inputs' layouts."""
+    batch = _batch("fan")
+    out, grads, ref, ref_grads = _run(batch, 6, 2, 16, dtype, layout="bnhd")
+    _check(out, grads, ref, ref_grads, dtype)
+    assert out.transpose(1, 2).is_contiguous() and grads[0].transpose(1, 2).is_contiguous()
 
 
 @pytest.mark.parametrize("case", ["chain", "fan", "several"])
@@ -223,59 +254,3 @@ def test_registry_picks_triton_on_cuda_and_falls_back(monkeypatch, caplog):
         assert registry.default_tree_backend(torch.device("cuda", 0)) == "sdpa"
         assert registry.default_tree_backend("cuda") == "sdpa"
     assert len([r for r in caplog.records if "Triton tree attention unavailable" in r.message]) == 1
-
-
-_AOT_SCRIPT = r"""
-import sys
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.compiler.errors import CompilationError
-
-from treerpo.kernels import tree_attention as ta
-
-for dtype, head_dim in [("fp16", 64), ("bf16", 128), ("fp32", 64)]:
-    ptr, f32 = "*" + dtype, "*fp32"
-    tiles = ["*i32", "*i32", "*i64", "*i32"]  # tin, tout, CSR offsets, CSR tiles
-    kernels = {
-        ta._tree_attn_fwd: [ptr] * 4 + [f32] + tiles + ["i32"] * 4 + ["fp32"] + ["i32"] * 6,
-        ta._tree_attn_bwd_dkdv: [ptr] * 4 + [f32] * 4 + tiles + ["i32"] * 4 + ["fp32"] * 2 + ["i32"] * 6,
-        ta._tree_attn_bwd_dq: [ptr] * 4 + [f32] * 2 + [ptr] + tiles + ["i32"] * 4 + ["fp32"] * 2 + ["i32"] * 4,
-    }
-    fp32 = dtype == "fp32"
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=64, BLOCK_N=64, DOT_FP32=fp32,
-                  PRECISION="ieee" if fp32 else None)
-    for kernel, types in kernels.items():
-        arg_types = iter(types)
-        signature = {name: "constexpr" if name in consts else next(arg_types) for name in kernel.arg_names}
-        assert next(arg_types, None) is None, "signature out of date"
-        src = ASTSource(fn=kernel, signature=signature, constexprs=consts)
-        try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": 4 if head_dim <= 64 else 8})
-        except CompilationError:
-            raise
-        except Exception as exc:  # no CUDA backend / ptxas in this triton build
-            print(f"SKIP {type(exc).__name__}: {exc}")
-            sys.exit(0)
-        assert "cubin" in compiled.asm
-        assert compiled.metadata.shared <= 227 * 1024, (kernel.__name__, dtype, compiled.metadata.shared)
-        print("OK", kernel.__name__, dtype, head_dim, compiled.metadata.shared)
-"""
-
-
-def test_kernels_compile_for_h100(tmp_path):
-    """The interpreter accepts what the compiler refuses (e.g. non-constexpr globals): compile the three
-    kernels ahead of time for sm_90 (Triton IR -> PTX -> cubin, no GPU needed) with the GPU block sizes, in
-    a fresh process without TRITON_INTERPRET (the interpreter patches triton.language in this one)."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    if run.stdout.startswith("SKIP"):
-        pytest.skip(run.stdout.strip())
-    assert run.stdout.count("OK ") == 9, run.stdout

@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 
 from treerpo.attention.paged import PagedAttentionMetadata, paged_attention_torch
+from treerpo.attention.triton_autotune import autotune_tree_tiles
 from treerpo.kernels import paged_decode
-from treerpo.kernels.tree_attention import block_config, triton_tree_attention
+from treerpo.kernels.tile_configs import TreeTiles, autotune_enabled, length_bucket, tree_tiles
+from treerpo.kernels.tree_attention import check_inputs, triton_tree_attention
 from treerpo.trees.tile_skip import tile_skip
 
 SKIP_CACHE_KEY = "triton_skip"
@@ -40,16 +42,19 @@ def transpose_skip(offsets: torch.Tensor, key_tiles: torch.Tensor, num_k_tiles: 
     return q_offsets, q_of_pair[order].to(torch.int32)
 
 
-def skip_lists(tin: torch.Tensor, tout: torch.Tensor, block: int, device, cache: dict | None) -> dict:
-    """The kernel's tensors for tiles of ``block`` rows: ``tin``/``tout`` (int32), the skip list
-    (``offsets``, ``key_tiles``) and its transpose (``q_offsets``, ``q_tiles``), on ``device``; kept in
-    ``cache`` under ``(SKIP_CACHE_KEY, block, device)``."""
-    key = (SKIP_CACHE_KEY, block, str(device))
+def skip_lists(
+    tin: torch.Tensor, tout: torch.Tensor, block: int, device, cache: dict | None, block_k: int | None = None
+) -> dict:
+    """The kernels' tensors for query tiles of ``block`` rows and key tiles of ``block_k`` (default ``block``):
+    ``tin``/``tout`` (int32), the skip list (``offsets``, ``key_tiles``) and its transpose (``q_offsets``,
+    ``q_tiles``), on ``device``; kept in ``cache`` under ``(SKIP_CACHE_KEY, block, block_k, device)``."""
+    block_k = block_k or block
+    key = (SKIP_CACHE_KEY, block, block_k, str(device))
     if cache is not None and key in cache:
         return cache[key]
     n = tin.numel()
-    offsets, key_tiles = tile_skip(tin.cpu(), tout.cpu(), block, block)
-    q_offsets, q_tiles = transpose_skip(offsets, key_tiles, -(-n // block))
+    offsets, key_tiles = tile_skip(tin.cpu(), tout.cpu(), block, block_k)
+    q_offsets, q_tiles = transpose_skip(offsets, key_tiles, -(-n // block_k))
     lists = {
         "tin": tin.to(device=device, dtype=torch.int32).contiguous(),
         "tout": tout.to(device=device, dtype=torch.int32).contiguous(),
@@ -63,6 +68,18 @@ def skip_lists(tin: torch.Tensor, tout: torch.Tensor, block: int, device, cache:
     return lists
 
 
+def _skips(tin, tout, tiles: TreeTiles, group: int, device, cache: dict | None):
+    """The kernel's ``skips`` for ``tiles``: (tin, tout, forward CSR, dK/dV transposed CSR, dQ CSR)."""
+    fwd, dkdv, dq = (skip_lists(tin, tout, c.rows(group), device, cache, c.block_n) for c in tiles.as_tuple())
+    return (
+        fwd["tin"],
+        fwd["tout"],
+        (fwd["offsets"], fwd["key_tiles"]),
+        (dkdv["q_offsets"], dkdv["q_tiles"]),
+        (dq["offsets"], dq["key_tiles"]),
+    )
+
+
 def triton_tree_backend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -71,29 +88,50 @@ def triton_tree_backend(
     tout: torch.Tensor,
     scale: float | None = None,
     cache: dict | None = None,
-    block: int | None = None,
+    tiles: TreeTiles | None = None,
 ) -> torch.Tensor:
     """The "triton" tree backend: query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, Hq, N, D].
 
     ``cache`` (a dict shared by the layers of one forward) keeps the skip lists, so they are computed once
-    per batch. ``block`` overrides the tile size (queries and keys alike)."""
-    default_block, num_warps = block_config(query.shape[3], query.shape[2])
-    block = block or default_block
-    lists = skip_lists(tin, tout, block, query.device, cache)
-    return triton_tree_attention(
-        query,
-        key,
-        value,
-        lists["tin"],
-        lists["tout"],
-        lists["offsets"],
-        lists["key_tiles"],
-        lists["q_offsets"],
-        lists["q_tiles"],
-        block,
-        scale=scale,
-        num_warps=num_warps,
-    )
+    per batch. ``tiles`` overrides the kernels' configurations (``tile_configs.tree_tiles`` by default, or the
+    autotuned choice with ``TREERPO_TRITON_AUTOTUNE=1`` on a GPU)."""
+    check_inputs(query, key, tin, tout)
+    group = query.shape[1] // key.shape[1]
+    if tiles is None:
+        tiles = tuned_tiles(query, key, value, tin, tout, scale, cache)
+    tiles = tiles.for_group(group)
+    skips = _skips(tin, tout, tiles, group, query.device, cache)
+    return triton_tree_attention(query, key, value, *skips, tiles, scale=scale)
+
+
+def tuned_tiles(query, key, value, tin, tout, scale, cache) -> TreeTiles:
+    """``tree_tiles``'s configuration, or with autotuning on (a GPU, ``TREERPO_TRITON_AUTOTUNE=1``) the fastest of
+    ``candidates`` for this (head dim, dtype, group, length bucket), timed once per process."""
+    d, group = query.shape[3], query.shape[1] // key.shape[1]
+    base = tree_tiles(d, group, query.device)
+    if not autotune_enabled(query.device):
+        return base
+    tune_key = (d, query.dtype, group, length_bucket(query.shape[2]), str(query.device))
+    if tune_key not in _TUNED:
+        _TUNED[tune_key] = autotune_tree_tiles(
+            lambda tiles, backward: _trial(query, key, value, tin, tout, scale, cache, tiles, backward),
+            query,
+            key,
+            base,
+        )
+    return _TUNED[tune_key]
+
+
+@torch.enable_grad()
+def _trial(query, key, value, tin, tout, scale, cache, tiles: TreeTiles, backward: bool) -> None:
+    """One timed run of the attention on copies of the inputs (the caller's graph untouched)."""
+    leaves = [x.detach().requires_grad_(backward) for x in (query, key, value)]
+    out = triton_tree_backend(*leaves, tin, tout, scale=scale, cache=cache, tiles=tiles)
+    if backward:
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+
+_TUNED: dict[tuple, TreeTiles] = {}
 
 
 # ----------------------------------------------------------------------------------------- paged attention
