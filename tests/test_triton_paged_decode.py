@@ -306,3 +306,43 @@ def test_default_paged_backend_on_cuda_and_its_fallback(monkeypatch, caplog):
         assert model_runner.default_paged_backend(torch.device("cuda", 0)) == "torch"
         assert model_runner.default_paged_backend("cuda") == "torch"
     assert len([r for r in caplog.records if "Triton paged decode attention unavailable" in r.message]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_kernel_equals_the_torch_merge(dtype):
+    """``merge_partials`` (one kernel) against ``merge_attention_states``: splits that are empty (LSE at
+    ``EMPTY_LSE`` or -inf, their outputs never written: NaN here) have weight 0, a row with every split empty
+    stays empty, and the output comes in the asked dtype."""
+    from treerpo.kernels.paged_decode import merge_partials
+
+    gen = torch.Generator().manual_seed(3)
+    s, r, h, d = 4, 5, 3, 24
+    outs = torch.randn(s, r, h, d, generator=gen)
+    lses = torch.randn(s, r, h, generator=gen) * 3
+    lses[1, :2] = EMPTY_LSE
+    lses[2, 3] = float("-inf")
+    lses[:, 4, 0] = EMPTY_LSE  # (row 4, head 0): nothing seen at all
+    ref_out, ref_lse = merge_attention_states(outs, lses)
+    outs[lses < -1e29] = float("nan")  # unwritten partials must not be read
+    out, lse = merge_partials(outs.to(DEVICE), lses.to(DEVICE), dtype)
+    assert out.dtype == dtype and out.shape == (r, h, d)
+    seen = torch.ones(r, h, dtype=torch.bool)
+    seen[4, 0] = False
+    torch.testing.assert_close(out.float().cpu()[seen], ref_out[seen], atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(lse.cpu()[seen], ref_lse[seen], atol=1e-5, rtol=0)
+    assert lse[4, 0] < -1e29 and torch.equal(out[4, 0].float().cpu(), torch.zeros(d))  # nothing seen: 0, empty
+
+
+def test_split_k_longer_than_a_row_leaves_its_splits_empty():
+    """Split-K sized for the longest row: a short row's later splits hold no key, store nothing, and the
+    answer is still the reference's (every row, short and long)."""
+    gen = torch.Generator().manual_seed(5)
+    b, hq, d = 3, 4, 16
+    kc, vc = torch.randn(80, 2, d, generator=gen).to(DEVICE), torch.randn(80, 2, d, generator=gen).to(DEVICE)
+    q = torch.randn(b, hq, d, generator=gen).to(DEVICE)
+    slots = torch.randint(0, 80, (b, 64), generator=gen).to(DEVICE)
+    lens = torch.tensor([64, 3, 17], device=DEVICE)
+    out, lse = paged_decode_attention(q, kc, vc, slots, lens, splits=4, return_lse=True)
+    ref, ref_lse = reference(q, kc, vc, slots, lens)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)

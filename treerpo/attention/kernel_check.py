@@ -18,7 +18,9 @@ import torch
 from treerpo.attention.registry import reference_backend
 
 logger = logging.getLogger(__name__)
-TOLERANCE = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# norm-relative error allowed (||kernel - reference|| / ||reference||, each of the output and the gradients):
+# scale-free, so a dK summed over many grouped heads, or a larger head dim, is judged like any other
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 _verdicts: dict[tuple[str, str, str, str], bool] = {}
 _enabled = os.environ.get("TREERPO_VERIFY_KERNELS", "1") != "0"
 
@@ -50,7 +52,7 @@ def _verify(kind: str, device: torch.device, dtype: torch.dtype, heads: tuple[in
     except Exception as exc:  # a kernel that does not compile or launch here
         error, detail = float("inf"), f"{type(exc).__name__}: {exc}"
     else:
-        detail = f"max error {error:.3g} against the PyTorch reference"
+        detail = f"relative error {error:.3g} against the PyTorch reference"
     if error <= TOLERANCE.get(dtype, 6e-2):
         return True
     logger.warning(
@@ -63,6 +65,14 @@ def _verify(kind: str, device: torch.device, dtype: torch.dtype, heads: tuple[in
         reference_backend(kind),
     )
     return False
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (fp32), inf for non-finite values."""
+    actual, expected = actual.float(), expected.float()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected).clamp_min(1e-30))
 
 
 def _chain(parent: list[int], start: int, length: int) -> int:
@@ -116,7 +126,7 @@ def _tree_error(device, dtype, hq: int, hkv: int, d: int) -> float:
     for backend in ("triton", reference_backend("tree")):
         out = get_tree_backend(backend)(q, k, v, tin, tout, scale=None, cache={})
         results.append([out.detach().float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad_out))])
-    return max(float((a - b).abs().max()) for a, b in zip(*results, strict=True))
+    return max(relative_error(a, b) for a, b in zip(*results, strict=True))
 
 
 def _paged_error(device, dtype, hq: int, hkv: int, d: int) -> float:
@@ -136,7 +146,7 @@ def _paged_error(device, dtype, hq: int, hkv: int, d: int) -> float:
         get_paged_backend(name)(module, query, key, value, meta, None).float()
         for name in ("triton", reference_backend("paged"))
     ]
-    return float((outs[0] - outs[1]).abs().max())
+    return relative_error(outs[0], outs[1])
 
 
 class _PagedCache:
