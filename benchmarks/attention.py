@@ -15,24 +15,33 @@ Batches of full trees (branching 4 2 2, segments of L tokens, prompts of P token
                 is_causal=True (flash on a GPU; flash_attn / xformers when installed)
 Times are the median of ``--repeats`` runs after one warm-up (compile and BlockMask build excluded:
 they are paid once per batch and shared by every layer). Useful TFLOP/s count visible query-key pairs
-only: 4 * pairs * head_dim * heads for the forward, 2.5x that for forward+backward.
+only: 4 * pairs * head_dim * heads for the forward, 3.5x that for forward+backward. Every system's output is
+checked against the exact "paths" backend in fp32 (norm-relative error; a system over ``TOLERANCE`` is
+reported "wrong", left out of the ratios, and the run exits 1); a system that fails is reported and skipped.
+``rows_causal`` on CUDA runs SDPA pinned to its flash backend (or flash_attn/xformers; ``dense_kernel``
+says which). The Triton rows carry their CUDA time by kernel (fwd, dK/dV, dQ, and the rest: "glue").
+``--json`` is rewritten after every system, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, write_json
+from common import machine, print_table
 
+from treerpo.attention.kernel_check import relative_error
 from treerpo.attention.optional_kernels import available_dense_kernels, causal_prefix_attention
 from treerpo.attention.registry import _register_triton, available_tree_backends, get_tree_backend
 from treerpo.attention.sdpa_backend import sdpa_tree_attention
@@ -100,7 +109,68 @@ def peak_bytes(fn, device) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
-def run_size(size: int, args, device, dtype) -> tuple[list[dict], dict]:
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # norm-relative, against fp32
+KERNEL_PARTS = {"_tree_attn_fwd": "fwd", "_tree_attn_bwd_dkdv": "dkdv", "_tree_attn_bwd_dq": "dq"}
+
+
+def dense_kernel(device) -> str:
+    """What ``rows_causal`` runs on: flash_attn or xformers when installed, else SDPA (pinned to its flash
+    backend on CUDA)."""
+    kernels = available_dense_kernels(device)
+    return next(
+        (k for k in ("flash_attn", "xformers") if k in kernels), "sdpa-flash" if device.type == "cuda" else "sdpa"
+    )
+
+
+def pinned_sdpa(device):
+    """SDPA held to its flash backend on CUDA (a fallback there would make the rows baseline slower than FA2)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+
+
+def kernel_split_ms(step) -> dict | None:
+    """CUDA time of one forward+backward by kernel (the Triton tree kernels; everything else is "glue")."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    split = {"fwd": 0.0, "dkdv": 0.0, "dq": 0.0, "glue": 0.0}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0
+        part = next((v for k, v in KERNEL_PARTS.items() if k in event.key), "glue")
+        split[part] += us / 1e3
+    return {f"{k}_ms": v for k, v in split.items()}
+
+
+@dataclass
+class Case:
+    """One size's inputs: the packed trees and the same values gathered as independent rows."""
+
+    size: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    grad_tree: torch.Tensor
+    tin: torch.Tensor
+    tout: torch.Tensor
+    rows: tuple  # (q, k, v, grad) of the rows, [rows, H, row_len, D]
+    flat_rows: torch.Tensor
+    tree_pairs: int
+    row_pairs: int
+    reference: torch.Tensor  # fp32 output of the trees
+    scale: float
+
+
+def run_size(size: int, args, device, dtype, on_result=None) -> tuple[list[dict], dict]:
+    """Every system at one size. A system that raises or whose output is off the fp32 reference (norm-relative
+    ``TOLERANCE``) is reported as such and the others still run; ``on_result(results)`` after each system."""
     batch, rows = build_batch(size, args.branching, args.segment_tokens, args.prompt_tokens, args.seed)
     n, (r, s) = batch.num_tokens, rows.shape
     tin, tout = batch.tin.to(device), batch.tout.to(device)
@@ -115,6 +185,9 @@ def run_size(size: int, args, device, dtype) -> tuple[list[dict], dict]:
     grad_rows = grad_tree[0][:, flat_rows].view(hq, r, s, d).transpose(0, 1).contiguous()
     tree_pairs = int((batch.position_ids.long() + 1).sum())  # each token sees its depth + 1 ancestors-or-self
     row_pairs = r * s * (s + 1) // 2
+    # the reference: the exact "paths" backend on the same values in fp32 (memory follows the visible pairs)
+    with torch.no_grad():
+        reference = get_tree_backend("paths")(q.float(), k.float(), v.float(), tin, tout, scale=scale, cache={})
 
     systems = {}
     if device.type == "cuda" and _register_triton():
@@ -124,65 +197,19 @@ def run_size(size: int, args, device, dtype) -> tuple[list[dict], dict]:
     systems["sdpa_tree"] = (sdpa_tree_attention, True)
     systems["paths"] = (get_tree_backend("paths"), True)
 
-    results, reference = [], None
+    case = Case(
+        size, q, k, v, grad_tree, tin, tout, (qr, kr, vr, grad_rows), flat_rows, tree_pairs, row_pairs, reference, scale
+    )
+    results = []
     for name in [*systems, "rows_causal"]:
-        if name == "rows_causal":
-            inputs, grad, pairs, tokens, has_bwd = (qr, kr, vr), grad_rows, row_pairs, r * s, True
-
-            def call(a, b, c):
-                return causal_prefix_attention(a, b, c, scale)
-        else:
-            fn, has_bwd = systems[name]
-            inputs, grad, pairs, tokens, cache = (q, k, v), grad_tree, tree_pairs, n, {}
-
-            def call(a, b, c, fn=fn, cache=cache):
-                return fn(a, b, c, tin, tout, scale=scale, cache=cache)
-
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = call(*inputs)
-            fwd_s = measure(lambda: call(*inputs), args.repeats)
-            fwd_peak = peak_bytes(lambda: call(*inputs), device)
-        if name == "rows_causal":  # compare each row's outputs with the tree outputs at the same tokens
-            out = out.transpose(0, 1).reshape(hq, r * s, d)
-            err = (out.float() - reference[0][:, flat_rows].float()).abs().max().item()
-        elif reference is None:
-            reference, err = out, 0.0
-            if name != "sdpa_tree":
-                reference = sdpa_tree_attention(q, k, v, tin, tout, scale=scale)
-                err = (out.float() - reference.float()).abs().max().item()
-        else:
-            err = (out.float() - reference.float()).abs().max().item()
-        del out
-        fwdbwd_s = fwdbwd_peak = None
-        if has_bwd:
-            leaves = [t.detach().requires_grad_(True) for t in inputs]
-
-            def step():
-                o = call(*leaves)
-                o.backward(grad)
-                for t in leaves:
-                    t.grad = None
-
-            fwdbwd_s = measure(step, args.repeats)
-            fwdbwd_peak = peak_bytes(step, device)
-        flops = 4 * pairs * d * hq
-        results.append(
-            {
-                "size": size,
-                "system": name,
-                "tokens": tokens,
-                "visible_pairs": pairs,
-                "fwd_ms": fwd_s * 1e3,
-                "fwdbwd_ms": None if fwdbwd_s is None else fwdbwd_s * 1e3,
-                "fwd_tflops": flops / fwd_s / 1e12,
-                "fwdbwd_tflops": None if fwdbwd_s is None else 2.5 * flops / fwdbwd_s / 1e12,
-                "fwd_peak_MiB": None if fwd_peak is None else fwd_peak / 2**20,
-                "fwdbwd_peak_MiB": None if fwdbwd_peak is None else fwdbwd_peak / 2**20,
-                "max_abs_err": err,
-            }
-        )
-        print(f"  {size}: {name} done", flush=True)
+        try:
+            row = _run_system(name, systems.get(name), case, args)
+        except Exception as exc:  # reported, and the other systems still run
+            row = {"size": size, "system": name, "status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
+        results.append(row)
+        if on_result:
+            on_result(results)
+        print(f"  {size}: {name} {row['status']}", flush=True)
     info = {
         "size": size,
         "tree_tokens": n,
@@ -196,8 +223,77 @@ def run_size(size: int, args, device, dtype) -> tuple[list[dict], dict]:
     return results, info
 
 
+def _run_system(name: str, system, case: Case, args) -> dict:
+    """Time one system (forward, forward+backward), check its output, measure its memory and kernel split."""
+    device, (hq, d) = case.q.device, (case.q.shape[1], case.q.shape[3])
+    if name == "rows_causal":
+        *inputs, grad = case.rows
+        r, s = inputs[0].shape[0], inputs[0].shape[2]
+        pairs, tokens, has_bwd = case.row_pairs, r * s, True
+
+        def call(a, b, c):
+            with pinned_sdpa(device):
+                return causal_prefix_attention(a, b, c, case.scale)
+    else:
+        fn, has_bwd = system
+        inputs, grad, pairs, tokens, cache = (
+            (case.q, case.k, case.v),
+            case.grad_tree,
+            case.tree_pairs,
+            case.tin.numel(),
+            {},
+        )
+
+        def call(a, b, c, fn=fn, cache=cache):
+            return fn(a, b, c, case.tin, case.tout, scale=case.scale, cache=cache)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = call(*inputs)
+        fwd_s = measure(lambda: call(*inputs), args.repeats)
+        fwd_peak = peak_bytes(lambda: call(*inputs), device)
+    if name == "rows_causal":  # each row's outputs against the reference at the same tokens
+        out = out.transpose(0, 1).reshape(hq, r * s, d)
+        err = relative_error(out, case.reference[0][:, case.flat_rows])
+    else:
+        err = relative_error(out, case.reference)
+    del out
+    fwdbwd_s = fwdbwd_peak = split = None
+    if has_bwd:
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+
+        def step():
+            o = call(*leaves)
+            o.backward(grad)
+            for t in leaves:
+                t.grad = None
+
+        fwdbwd_s = measure(step, args.repeats)
+        fwdbwd_peak = peak_bytes(step, device)
+        split = kernel_split_ms(step) if name == "triton" else None
+    flops = 4 * pairs * d * hq
+    tol = TOLERANCE[case.q.dtype]
+    return {
+        "size": case.size,
+        "system": name,
+        "status": "ok" if err <= tol else f"wrong: relative error {err:.3g} > {tol}",
+        "tokens": tokens,
+        "visible_pairs": pairs,
+        "fwd_ms": fwd_s * 1e3,
+        "fwdbwd_ms": None if fwdbwd_s is None else fwdbwd_s * 1e3,
+        "fwd_tflops": flops / fwd_s / 1e12,
+        # backward: dV, dP, dS->dK and dQ products, 2.5x the forward's two: 3.5x the forward in all
+        "fwdbwd_tflops": None if fwdbwd_s is None else 3.5 * flops / fwdbwd_s / 1e12,
+        "fwd_peak_MiB": None if fwd_peak is None else fwd_peak / 2**20,
+        "fwdbwd_peak_MiB": None if fwdbwd_peak is None else fwdbwd_peak / 2**20,
+        "rel_err": err,
+        "dense_kernel": dense_kernel(device) if name == "rows_causal" else None,
+        **(split or {}),
+    }
+
+
 def ratios_for(results: list[dict], info: dict) -> dict:
-    by = {r["system"]: r for r in results}
+    by = {r["system"]: r for r in results if r["status"] == "ok"}
     out = {"row_tokens_over_tree_tokens": info["row_tokens"] / info["tree_tokens"]}
 
     def ratio(key, num, den, field):
@@ -259,32 +355,44 @@ def main(argv=None):
         flush=True,
     )
     all_results, infos, ratios_by_size = [], [], {}
+
+    def payload(partial: list[dict] | None = None) -> dict:
+        sizes_done = [str(i["size"]) for i in infos]
+        return {
+            "machine": machine(),
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+            "dtype": str(dtype),
+            "args": vars(args),
+            "complete": partial is None and len(infos) == len(args.sizes),
+            "batches": infos,
+            "results": all_results + (partial or []),
+            "ratios_by_size": ratios_by_size,
+            "ratios": ratios_by_size[sizes_done[-1]] if sizes_done else {},
+        }
+
+    def save(partial=None):
+        if args.json:
+            Path(args.json).write_text(json.dumps(payload(partial), indent=1))
+
     for size in args.sizes:
-        results, info = run_size(size, args, device, dtype)
+        results, info = run_size(size, args, device, dtype, on_result=save)
         all_results += results
         infos.append(info)
         ratios_by_size[str(size)] = ratios_for(results, info)
+        save()
     print()
     print_table(
         infos,
         ["size", "trees", "tree_tokens", "rows", "row_len", "row_tokens", "tree_visible_pairs", "row_visible_pairs"],
     )
     print()
-    print_table(
-        all_results,
-        [
-            "size",
-            "system",
-            "tokens",
-            "fwd_ms",
-            "fwdbwd_ms",
-            "fwd_tflops",
-            "fwdbwd_tflops",
-            "fwd_peak_MiB",
-            "fwdbwd_peak_MiB",
-            "max_abs_err",
-        ],
-    )
+    columns = ["size", "system", "status", "tokens", "fwd_ms", "fwdbwd_ms", "fwd_tflops", "fwdbwd_tflops"]
+    print_table(all_results, [*columns, "fwd_peak_MiB", "fwdbwd_peak_MiB", "rel_err", "dense_kernel"])
+    if any("fwd_ms" in r and r["system"] == "triton" for r in all_results):
+        print("\nTriton fwd+bwd CUDA time by kernel (ms):")
+        print_table(
+            [r for r in all_results if r["system"] == "triton"], ["size", "fwd_ms", "dkdv_ms", "dq_ms", "glue_ms"]
+        )
     ratios = ratios_by_size[str(args.sizes[-1])]
     print(
         f"\nratios at {args.sizes[-1]} tree tokens (speedup = other's ms / this one's ms; "
@@ -292,20 +400,13 @@ def main(argv=None):
     )
     for key, val in ratios.items():
         print(f"  {key}: {val:.3g}")
-    write_json(
-        args.json,
-        {
-            "machine": machine(),
-            "device": device.type,
-            "dtype": str(dtype),
-            "args": vars(args),
-            "batches": infos,
-            "results": all_results,
-            "ratios_by_size": ratios_by_size,
-            "ratios": ratios,
-        },
-    )
+    if args.json:
+        print(f"results written to {args.json}")
+    bad = [f"{r['size']} {r['system']}: {r['status']}" for r in all_results if r["status"] != "ok"]
+    if bad:
+        print("systems not ok:\n  " + "\n  ".join(bad))
+    return 1 if any(r["status"].startswith("wrong") for r in all_results) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
