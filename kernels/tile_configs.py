@@ -11,10 +11,10 @@ launch for sm_90 and sm_80 and asserts no spill, shared memory within the target
 * warps matched to the rows of a kernel's dots (query lanes in the forward and dQ, key rows in dK/dV):
   ``num_warps = 4 * (rows // 64)``. One warp group (4 warps) issues a 64-row ``wgmma``; a second warp
   group on a 64-row tile would compute the same QK^T and softmax again.
-* forward: 128 lanes x 64 keys, 8 warps, 3 stages (203 registers at head dim 128, no spill).
-* dQ: 64 lanes x 64 keys, 4 warps, 2 stages (one fp32 accumulator; 227 registers at 128).
-* Ampere (sm_80), head dims 65-128: the forward and dQ on 32-key tiles (64 and 8 bytes a thread spilled
-  on 64).
+* forward and dQ: 128 lanes x 64 keys, 8 warps, 3 stages (203 and 201 registers at head dim 128, no spill).
+  128 lanes, not 64: with 6 heads a KV head a 64-lane tile holds 10 rows, and every K/V tile is then read
+  for every 10 query rows (``benchmarks/attention_traffic.py``: dQ moved more bytes packed than unpacked).
+* Ampere (sm_80), head dims 65-128: the forward and dQ on 32-key tiles (64 bytes a thread spilled on 64).
 * dK/dV: 128 key rows, 8 warps, 3 stages, and a short query tile streamed past them: 32 lanes up to head
   dim 64, 16 lanes up to 128 (FlashAttention-2's shape for this kernel). Two fp32 accumulators of
   [keys, head dim] leave no room for more: 64 keys x 64 lanes on 4 warps spills 392 bytes a thread at head
@@ -91,13 +91,13 @@ def default_tiles(head_dim: int, hopper: bool = True) -> TreeTiles:
     """The configuration a GPU gets without tuning (see the module's notes)."""
     if head_dim <= 64:
         stages = 3 if hopper else 2
-        return TreeTiles(TileConfig(128, 64, 8, stages), TileConfig(32, 128, 8, stages), TileConfig(64, 64, 4, 2))
+        return TreeTiles(TileConfig(128, 64, 8, stages), TileConfig(32, 128, 8, stages), TileConfig(128, 64, 8, stages))
     if head_dim <= 128:
         if hopper:
-            return TreeTiles(TileConfig(128, 64, 8, 3), TileConfig(16, 128, 8, 3), TileConfig(64, 64, 4, 2))
+            return TreeTiles(TileConfig(128, 64, 8, 3), TileConfig(16, 128, 8, 3), TileConfig(128, 64, 8, 3))
         # Ampere's mma keeps more of the tile in registers than wgmma: half the key tile of the two
         # one-accumulator kernels
-        return TreeTiles(TileConfig(128, 32, 8, 2), TileConfig(16, 128, 8, 3), TileConfig(64, 32, 4, 2))
+        return TreeTiles(TileConfig(128, 32, 8, 2), TileConfig(16, 128, 8, 3), TileConfig(128, 32, 8, 2))
     return TreeTiles(TileConfig(64, 32, 4, 2), TileConfig(16, 64, 4, 2), TileConfig(64, 32, 4, 1))
 
 
@@ -111,7 +111,7 @@ def candidates(head_dim: int, hopper: bool = True) -> dict[str, list[TileConfig]
     return {
         "fwd": [base.fwd, TileConfig(64, 64, 4, 3), TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 2)],
         "dkdv": [base.dkdv, TileConfig(32, 64, 8, 2), TileConfig(16, 64, 4, 3), TileConfig(32, 128, 8, 3)],
-        "dq": [base.dq, TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2), TileConfig(128, 64, 8, 2)],
+        "dq": [base.dq, TileConfig(64, 64, 4, 2), TileConfig(128, 32, 8, 2), TileConfig(128, 64, 8, 2)],
     }
 
 

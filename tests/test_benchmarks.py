@@ -90,6 +90,70 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _gpu_check(env: dict, timeout: int) -> subprocess.CompletedProcess:
+    script = str(ROOT / "benchmarks" / "gpu_check.sh")
+    return subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_check_dry_run_runs_every_planned_part(tmp_path):
+    """The plumbing of benchmarks/gpu_check.sh on the CPU at toy sizes: the plan within 80% of the budget,
+    every planned part passing (the optional ones skipped), at most 8 result files (what comes back from a
+    lent GPU machine), the correctness errors and the attention rows written."""
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable, OUT=str(out))
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    status = {p["part"]: p["status"] for p in summary["parts"]}
+    planned = ["install", "correctness", "triton_kernels", "paged_cascade", "arch_bf16", "random_model"]
+    assert all(status[p] == "PASS" for p in [*planned, "attention", "rollout", "draw"]), status
+    assert status["e2e"] == status["kernel_check"] == status["arch_matrix"] == "SKIP"
+    assert summary["planned_s"] <= 0.8 * summary["budget_s"]
+    files = sorted(f.name for f in out.iterdir())
+    assert len(files) <= 8 and {"correctness.json", "attention.json", "gpu_check.log"} <= set(files), files
+    errors = json.loads((out / "correctness.json").read_text())["errors"]
+    assert errors and max(errors.values()) < 2e-2
+    assert json.loads((out / "attention.json").read_text())["complete"]
+
+
+def test_gpu_check_refuses_a_plan_over_its_budget(tmp_path):
+    env = dict(
+        os.environ, GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable, OUT=str(tmp_path / "o"), GPU_CHECK_BUDGET_S="300"
+    )
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "more than 80% of GPU_CHECK_BUDGET_S=300" in proc.stdout, proc.stdout
+
+
+def test_attention_traffic_counts_and_ratios(tmp_path):
+    """By hand: one 64-token tile pair, one head, dim 16, 2-byte elements: the forward reads Q (2,048 B), K and V
+    (4,096 B) and their intervals (512 B), writes O (2,048 B) and the LSE (256 B): 8,960 B, in both designs
+    (grouped-query packing changes nothing with one head a KV head). The run at toy size writes its ratios."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import attention_traffic as t
+
+    from treerpo.kernels.tile_configs import TileConfig, TreeTiles
+
+    assert t.before_bytes(64, 1, 1, 16, 2, p64=1)["fwd"] == 8960
+    tiles = TreeTiles(*[TileConfig(64, 64, 4, 1)] * 3)
+    assert t.after_bytes(64, 1, 1, 16, 2, tiles, 1, 1, 1)["fwd"] == 8960
+    result = run_benchmark("attention_traffic.py", "--tokens", "2048", tmp_path=tmp_path)
+    assert result["ratios"]["bytes_before_over_after"] > 1
+
+
 def test_weights_fingerprint_benchmark_writes_ratios(tmp_path):
     result = run_benchmark(
         "weights_fingerprint.py",
