@@ -72,27 +72,20 @@ def test_tree_ops_benchmark_writes_ratios(tmp_path):
     assert result["ratios"] and all(v > 0 for v in result["ratios"].values())
 
 
+def _gpu_check(env: dict, timeout: int) -> subprocess.CompletedProcess:
+    script = str(ROOT / "benchmarks" / "gpu_check.sh")
+    return subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
     """benchmarks/gpu_check.sh: without CUDA (and without GPU_CHECK_DRY_RUN=1) one line, exit 2, nothing written."""
     env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_DRY_RUN"}
     env.update(CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, OUT=str(tmp_path / "out"))
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _gpu_check(env, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and "needs a CUDA GPU" in lines[0]
     assert not (tmp_path / "out").exists()
-
-
-def _gpu_check(env: dict, timeout: int) -> subprocess.CompletedProcess:
-    script = str(ROOT / "benchmarks" / "gpu_check.sh")
-    return subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_gpu_check_dry_run_runs_every_planned_part(tmp_path):
