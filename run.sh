@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine with only Python and gcc:
 #   bash run.sh train [flags...]   set up .venv if needed, then python -m treerpo.train
-#   bash run.sh test  [args...]    set up .venv if needed, then the test suite
+#   bash run.sh test  [args...]    set up .venv if needed, then the test suite; without args also the verl
+#                                  integration's tests in .venv-verl (constraints-verl.txt: verl pins an older
+#                                  transformers)
+#   bash run.sh test-verl [args...] set up .venv-verl if needed, then tests/verl_integration
 #   bash run.sh eval  [flags...]   set up .venv if needed, then python -m treerpo.evaluate
 #   bash run.sh bench [flags...]   set up .venv if needed, then python benchmarks/e2e.py
 #   bash run.sh lint               set up .venv if needed, then ruff (lint and format check)
@@ -14,6 +17,8 @@ VENV=${TREERPO_VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.treerpo-setup"
 want=$(cat setup.py constraints.txt pyproject.toml csrc/* 2>/dev/null | sha256sum | cut -c1-16)
+VERL_VENV=${TREERPO_VERL_VENV:-$VENV-verl}
+verl_want=$(cat setup.py constraints-verl.txt pyproject.toml csrc/* 2>/dev/null | sha256sum | cut -c1-16)
 
 # install_into VENV CONSTRAINTS: the project and its test dependencies, every package held to CONSTRAINTS,
 # the build tools of pip's isolated build environments too (PIP_BUILD_CONSTRAINT since pip 26.2, PIP_CONSTRAINT
@@ -35,6 +40,24 @@ setup() {
     install_into "$VENV" "$PWD/constraints.txt"
     echo "$want" > "$stamp"
   fi
+}
+
+# the verl integration's environment: the project with its verl extra and the test runner, held to
+# constraints-verl.txt
+setup_verl() {
+  if [ "$(cat "$VERL_VENV/.treerpo-setup" 2>/dev/null)" != "$verl_want" ]; then
+    export PIP_CONSTRAINT=$PWD/constraints-verl.txt PIP_BUILD_CONSTRAINT=$PWD/constraints-verl.txt
+    [ -x "$VERL_VENV/bin/python" ] || "$PY" -m venv "$VERL_VENV"
+    "$VERL_VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel pybind11
+    "$VERL_VENV/bin/python" -m pip install -q -e ".[verl]" pytest hypothesis
+    unset PIP_CONSTRAINT PIP_BUILD_CONSTRAINT
+    echo "$verl_want" > "$VERL_VENV/.treerpo-setup"
+  fi
+}
+
+test_verl() {
+  setup_verl
+  "$VERL_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/verl_integration tests/test_verl_advantages.py "$@"
 }
 
 lock() {
@@ -60,9 +83,14 @@ case "$cmd" in
   setup) setup ;;
   train) setup; exec "$VENV/bin/python" -m treerpo.train "$@" ;;
   eval) setup; exec "$VENV/bin/python" -m treerpo.evaluate "$@" ;;
-  test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test)
+    setup
+    if [ $# -gt 0 ]; then exec "$VENV/bin/python" -m pytest -q "$@"; fi
+    "$VENV/bin/python" -m pytest -q
+    test_verl ;;
+  test-verl) test_verl "$@" ;;
   lint) setup; "$VENV/bin/ruff" check . && exec "$VENV/bin/ruff" format --check . ;;
   bench) setup; exec "$VENV/bin/python" benchmarks/e2e.py "$@" ;;
   lock) lock ;;
-  *) echo "usage: bash run.sh {train|test|eval|bench|lint|setup|lock} [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh {train|test|test-verl|eval|bench|lint|setup|lock} [args...]" >&2; exit 2 ;;
 esac
