@@ -73,10 +73,10 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 BUDGET=${GPU_CHECK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 1080 || echo 540)}
 SLOW=$([[ $DRY == 1 ]] && echo 2 || echo 1)  # the dry run's budgets are doubled (a small CPU, the interpreter)
 # seconds each part may take (times SLOW); random_model runs on the CPU beside the GPU parts and is not summed
-declare -A BUDGETS=([correctness]=60 [triton_kernels]=60 [paged_cascade]=30 [arch_bf16]=50 [attention]=80
+declare -A BUDGETS=([correctness]=60 [triton_kernels]=60 [paged_cascade]=30 [arch_bf16]=50 [attention]=70
     [rollout]=60 [draw]=25 [e2e]=120 [kernel_check]=60 [arch_matrix]=120 [random_model]=150)
 DEFAULT_PARTS="correctness triton_kernels paged_cascade arch_bf16 random_model attention rollout draw"
-INSTALL_BUDGET=40
+INSTALL_BUDGET=60
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INPUT=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
@@ -271,7 +271,7 @@ install_project() {
             '    ParallelCompile("NPY_NUM_BUILD_JOBS", default=0).install()' 'except Exception:' '    pass' \
             > "$WORK/parallel/sitecustomize.py"
         echo "pip install --no-deps --no-build-isolation --no-index -e . (C++ sources compiled in parallel)"
-        if PYTHONPATH="$WORK/parallel${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 240 "$PY" -m pip install -q \
+        if PYTHONPATH="$WORK/parallel${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 $(( INSTALL_BUDGET * SLOW )) "$PY" -m pip install -q \
                 --no-deps --no-build-isolation --no-index -e . > "$WORK/pip.out" 2>&1 && importable; then
             mode="pip install --no-deps --no-build-isolation --no-index -e ."
         else

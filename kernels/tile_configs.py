@@ -84,7 +84,7 @@ _override: dict[str, TileConfig] = {}
 def hopper_class(device: torch.device | None) -> bool:
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return True  # the production target
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)  # H100/H200, B200: 227 KB of shared memory
 
 
 def default_tiles(head_dim: int, hopper: bool = True) -> TreeTiles:

@@ -373,8 +373,20 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(3) == 1 or x.shape[3] == 1 else x.contiguous()
+def _dense(x: torch.Tensor) -> bool:
+    """Strides of some permutation of a contiguous tensor (no gaps, no overlap): ``empty_like`` then keeps them."""
+    expected = 1
+    for dim in sorted(range(x.dim()), key=x.stride):
+        if x.shape[dim] != 1 and x.stride(dim) != expected:
+            return False
+        expected *= x.shape[dim]
+    return True
+
+
+def _readable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernels take it: last dim contiguous and no gaps (e.g. a slice of a fused qkv projection, whose
+    gradient ``empty_like`` would lay out densely while the kernels wrote it with the slice's strides), else a copy."""
+    return x if (x.stride(3) == 1 or x.shape[3] == 1) and _dense(x) else x.contiguous()
 
 
 def _meta(query: torch.Tensor, key: torch.Tensor, tiles: TreeTiles):
@@ -442,7 +454,7 @@ class TreeAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, skips, tiles, scale):
         tin, tout, fwd_skip = skips[:3]
-        query, key, value = (_last_dim_contiguous(x) for x in (query, key, value))
+        query, key, value = (_readable(x) for x in (query, key, value))
         out, lse = tree_attention_forward(query, key, value, tin, tout, fwd_skip, tiles, scale)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.skips, ctx.tiles, ctx.scale = skips, tiles, scale
@@ -453,7 +465,7 @@ class TreeAttentionFunction(torch.autograd.Function):
         query, key, value, out, lse = ctx.saved_tensors
         tin, tout, _, dkdv_skip, dq_skip = ctx.skips
         grads = tree_attention_backward(
-            query, key, value, out, lse, _last_dim_contiguous(grad_out), tin, tout, dkdv_skip, dq_skip,
+            query, key, value, out, lse, _readable(grad_out), tin, tout, dkdv_skip, dq_skip,
             ctx.tiles, ctx.scale,
         )  # fmt: skip
         return (*grads, None, None, None)
@@ -499,6 +511,10 @@ def triton_tree_attention(
     if n == 0:
         return query.new_empty(query.shape)
     group = hq // key.shape[1]
+    if any(cfg.block_m < group for cfg in tiles.as_tuple()):
+        raise ValueError(
+            f"tiles of {tiles} hold fewer lanes than the {group} query heads of a KV head: pass tiles.for_group(group)"
+        )
     _check_skip("forward", fwd_skip[0], -(-n // tiles.fwd.rows(group)))
     _check_skip("dQ", dq_skip[0], -(-n // tiles.dq.rows(group)))
     _check_skip("dK/dV", dkdv_skip[0], -(-n // tiles.dkdv.block_n))

@@ -59,6 +59,9 @@ def _run(batch, hq, hkv, d, dtype, seed=0, cache=None, scale=None, tiles=TILES, 
     gen = torch.Generator().manual_seed(seed)
     if layout == "bnhd":
         q, k, v = (torch.randn(1, n, h, d, generator=gen).to(DEVICE, dtype).transpose(1, 2) for h in (hq, hkv, hkv))
+    elif layout == "fused":  # slices of one [B, N, Hq + 2 Hkv, D] projection (Phi-3's qkv_proj): views with gaps
+        qkv = torch.randn(1, n, hq + 2 * hkv, d, generator=gen).to(DEVICE, dtype)
+        q, k, v = (x.transpose(1, 2) for x in qkv.split([hq, hkv, hkv], dim=2))
     else:
         q, k, v = (torch.randn(1, h, n, d, generator=gen).to(DEVICE, dtype) for h in (hq, hkv, hkv))
     grad = torch.randn(1, hq, n, d, generator=gen).to(DEVICE, dtype)
@@ -155,6 +158,26 @@ def test_each_kernel_its_own_tile_shape():
     out, grads, ref, ref_grads = _run(batch, 4, 2, 16, torch.float32, cache=cache, tiles=tiles)
     _check(out, grads, ref, ref_grads, torch.float32)
     assert {k[1:3] for k in cache if k[0] == "triton_skip"} == {(8, 16), (16, 8), (4, 32)}
+
+
+def test_views_with_gaps_are_copied_not_misread():
+    """Query/key/value sliced from one fused projection (gaps between a row's heads): the gradients come out in
+    their own dense layout, right."""
+    batch = _batch("several")
+    out, grads, ref, ref_grads = _run(batch, 4, 2, 16, torch.float32, layout="fused")
+    _check(out, grads, ref, ref_grads, torch.float32)
+
+
+def test_tiles_too_narrow_for_the_group_are_refused():
+    batch = _batch("single_node")
+    n = batch.tin.numel()
+    q, k = torch.randn(1, 32, n, 16), torch.randn(1, 1, n, 16)
+    narrow = TreeTiles(*[TileConfig(16, 16, 4, 1)] * 3)
+    from treerpo.kernels.tree_attention import triton_tree_attention
+
+    skip = (torch.zeros(2, dtype=torch.int64), torch.zeros(0, dtype=torch.int32))
+    with pytest.raises(ValueError, match="fewer lanes than the 32 query heads"):
+        triton_tree_attention(q, k, k, batch.tin, batch.tout, skip, skip, skip, narrow)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -46,6 +46,10 @@ def test_trainer_refuses_what_breaks_the_loss_equality():
         check_config(_config(loss_agg_mode="seq-mean-token-mean"))
     with pytest.raises(ValueError, match="use_kl_loss must be False"):
         check_config(_config(use_kl_loss=True))
+    corrected = _config()
+    corrected.algorithm.rollout_correction = {"rollout_is": "token", "rollout_rs": None}
+    with pytest.raises(ValueError, match="rollout_correction.rollout_is must be null"):
+        check_config(corrected)
     grpo = _config(ppo_mini_batch_size=1)
     grpo.algorithm.adv_estimator = "grpo"
     check_config(grpo)  # verl's own estimators: nothing to refuse

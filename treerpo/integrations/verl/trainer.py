@@ -39,6 +39,10 @@ def check_config(config) -> None:
         problems.append("actor_rollout_ref.actor.use_kl_loss must be False (a KL term needs its own token weights)")
     if config.algorithm.use_kl_in_reward:
         problems.append("algorithm.use_kl_in_reward must be False")
+    correction = config.algorithm.get("rollout_correction") or {}
+    for name in ("rollout_is", "rollout_rs"):
+        if correction.get(name) is not None:
+            problems.append(f"algorithm.rollout_correction.{name} must be null (not applied to tree advantages)")
     if problems:
         raise ValueError("adv_estimator=treerpo: " + "; ".join(problems))
 
