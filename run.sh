@@ -42,14 +42,16 @@ setup() {
   fi
 }
 
-# the verl integration's environment: the project with its verl extra and the test runner, held to
-# constraints-verl.txt
+# the verl integration's environment, held to constraints-verl.txt: verl, the project without its dependencies (its
+# math reward's math-verify needs antlr4 4.13, verl's omegaconf 4.9; the integration does not use it) and what the
+# tests need
 setup_verl() {
   if [ "$(cat "$VERL_VENV/.treerpo-setup" 2>/dev/null)" != "$verl_want" ]; then
     export PIP_CONSTRAINT=$PWD/constraints-verl.txt PIP_BUILD_CONSTRAINT=$PWD/constraints-verl.txt
     [ -x "$VERL_VENV/bin/python" ] || "$PY" -m venv "$VERL_VENV"
     "$VERL_VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel pybind11
-    "$VERL_VENV/bin/python" -m pip install -q -e ".[verl]" pytest hypothesis
+    "$VERL_VENV/bin/python" -m pip install -q "verl[verl-core]" torch matplotlib pyyaml pytest hypothesis
+    "$VERL_VENV/bin/python" -m pip install -q --no-deps -e .
     unset PIP_CONSTRAINT PIP_BUILD_CONSTRAINT
     echo "$verl_want" > "$VERL_VENV/.treerpo-setup"
   fi

