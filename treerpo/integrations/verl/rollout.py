@@ -118,33 +118,11 @@ class TreeServer:
     def set_global_steps(self, global_steps: int) -> None:
         self.global_steps = int(global_steps)
 
-    # the replica's life-cycle calls: nothing to free or restore on this engine
-    async def wake_up(self, *args, **kwargs):
-        pass
+    async def _nothing(self, *args, **kwargs) -> None:
+        """The replica's life-cycle calls: nothing to free or restore on this engine."""
 
-    async def sleep(self, *args, **kwargs):
-        pass
-
-    async def abort_all_requests(self, *args, **kwargs):
-        pass
-
-    async def resume_generation(self, *args, **kwargs):
-        pass
-
-    async def clear_kv_cache(self, *args, **kwargs):
-        pass
-
-    async def release_kv_cache(self, *args, **kwargs):
-        pass
-
-    async def resume_kv_cache(self, *args, **kwargs):
-        pass
-
-    async def start_profile(self, *args, **kwargs):
-        pass
-
-    async def stop_profile(self, *args, **kwargs):
-        pass
+    wake_up = sleep = abort_all_requests = resume_generation = _nothing
+    clear_kv_cache = release_kv_cache = resume_kv_cache = start_profile = stop_profile = _nothing
 
 
 def server_name(replica_rank: int) -> str:
