@@ -30,6 +30,7 @@ fp32 for bf16 under ``TRITON_INTERPRET=1`` (the interpreter computes bf16 wrongl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -255,10 +256,15 @@ def merge_config(head_dim: int) -> MergeConfig:
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_multiprocessors(torch.cuda.current_device() if device.index is None else device.index)
 
 
-def _num_splits(max_keys: int, programs: int, block_n: int, splits: int | None, device: torch.device) -> int:
+@functools.cache
+def _cuda_multiprocessors(index: int) -> int:  # asked every decode layer: read once per device
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(max_keys: int, programs: int, splits: int | None, device: torch.device) -> int:
     if splits is not None:
         return max(1, int(splits))
     if interpreting():
@@ -282,7 +288,7 @@ def _split_plan(q, k_cache, slots, max_rows, splits, max_keys) -> tuple[PagedCon
     group = hq // hkv
     cfg = launch_config(d, max_rows, group)
     num_q_tiles = max(1, triton.cdiv(max_rows * group, cfg.block_m))
-    splits = _num_splits(max_keys, slots.shape[0] * hkv * num_q_tiles, cfg.block_n, splits, q.device)
+    splits = _num_splits(max_keys, slots.shape[0] * hkv * num_q_tiles, splits, q.device)
     chunk = triton.cdiv(triton.cdiv(max(1, max_keys), splits), cfg.block_n) * cfg.block_n
     return cfg, num_q_tiles, splits, chunk
 

@@ -11,7 +11,7 @@ import torch
 import transfer_queue as tq
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 
-from treerpo.integrations.verl.trainer import TreeRPOTrainer
+from treerpo.integrations.verl.trainer import TreeRPOTrainer, extra_fields
 
 FIELDS = ["responses", "response_mask", "old_log_probs", "rollout_log_probs", "advantages", "rm_scores", "extra_fields"]
 
@@ -21,8 +21,7 @@ class DumpingTrainer(TreeRPOTrainer):
     def _update_actor(self, batch, metrics):
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=FIELDS)
         out = {k: data[k].to_padded_tensor(0) for k in FIELDS if k != "extra_fields"}
-        raw = data["extra_fields"]
-        out["extra_fields"] = raw.tolist() if hasattr(raw, "tolist") else list(raw)
+        out["extra_fields"] = extra_fields(data)
         out["is_padding"] = [bool(tag.get("is_padding", False)) for tag in batch.tags]
         folder = Path(os.environ["TREERPO_VERL_DUMP"])
         folder.mkdir(parents=True, exist_ok=True)

@@ -7,39 +7,27 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import tiny_model
 from treerpo.models.tiny import build_char_tokenizer
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
 REWARD = '''
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
-    """1 when the answer's first character has an even code (about half of a random model's answers), so sibling
-    groups disagree and the trees carry a signal."""
-    return float(ord((solution_str or "a")[0]) % 2 == 0)
+    """1 when the answer's character codes sum to an even number: about half of a random model's answers, and any
+    token of a leaf's own segment can flip it, so sibling groups at every level disagree often (a reward read off
+    the first character would be shared by the leaves below one branch and leave the test's signal to chance)."""
+    return float(sum(map(ord, solution_str or "")) % 2 == 0)
 '''
 
 
 def tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """The tests' tiny Llama (``helpers.tiny_model``) over the character vocabulary, saved with its tokenizer."""
     tokenizer = build_char_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    vocab = 8 * ((len(tokenizer) + 7) // 8)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_model("llama", vocab=8 * ((len(tokenizer) + 7) // 8), seed=seed, tree_attention=False)
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.config, name, tokenizer.pad_token_id if name == "pad_token_id" else tokenizer.eos_token_id)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -26,6 +26,7 @@ from treerpo.kernels.tree_attention import check_inputs, triton_tree_attention
 from treerpo.trees.tile_skip import tile_skip
 
 SKIP_CACHE_KEY = "triton_skip"
+TILES_CACHE_KEY = "triton_tiles"
 
 
 # ------------------------------------------------------------------------------------------ tree attention
@@ -98,10 +99,20 @@ def triton_tree_backend(
     check_inputs(query, key, tin, tout)
     group = query.shape[1] // key.shape[1]
     if tiles is None:
-        tiles = tuned_tiles(query, key, value, tin, tout, scale, cache)
+        tiles = _forward_tiles(query, key, value, tin, tout, scale, cache)
     tiles = tiles.for_group(group)
     skips = _skips(tin, tout, tiles, group, query.device, cache)
     return triton_tree_attention(query, key, value, *skips, tiles, scale=scale)
+
+
+def _forward_tiles(query, key, value, tin, tout, scale, cache) -> TreeTiles:
+    """``tuned_tiles``, resolved once per forward (kept in ``cache`` beside the skip lists) rather than per layer."""
+    if cache is None:
+        return tuned_tiles(query, key, value, tin, tout, scale, cache)
+    key_ = (TILES_CACHE_KEY, query.shape[1], key.shape[1], query.shape[3], query.dtype, str(query.device))
+    if key_ not in cache:
+        cache[key_] = tuned_tiles(query, key, value, tin, tout, scale, cache)
+    return cache[key_]
 
 
 def tuned_tiles(query, key, value, tin, tout, scale, cache) -> TreeTiles:

@@ -22,6 +22,12 @@ from treerpo.integrations.verl.advantages import FIELD, sample_advantages, verl_
 ESTIMATOR = TRAINER_MODE
 
 
+def extra_fields(data) -> list[dict]:
+    """The samples' ``extra_fields`` of a TransferQueue batch: one dict a sample (a NonTensorStack, or a list)."""
+    raw = data["extra_fields"]
+    return raw.tolist() if hasattr(raw, "tolist") else list(raw)
+
+
 def check_config(config) -> None:
     """What the equality with treerpo's loss needs, refused with the setting to change."""
     if config.algorithm.adv_estimator != ESTIMATOR:
@@ -73,8 +79,7 @@ class TreeRPOTrainer(PPOTrainerSync):
         mask = mask_nested.to_padded_tensor(0)
         rewards = data["rm_scores"].to_padded_tensor(0.0).sum(-1).tolist()
         padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
-        raw = data["extra_fields"]  # one dict a sample (a NonTensorStack, or a plain list of them)
-        extras = raw.tolist() if hasattr(raw, "tolist") else list(raw)
+        extras = extra_fields(data)
         samples = [None if pad else (extra or {}).get(FIELD) for pad, extra in zip(padding, extras, strict=True)]
         result = sample_advantages(
             samples,
