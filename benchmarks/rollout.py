@@ -164,6 +164,58 @@ def run_generate(model, tok, prompts, leaves: int, new_tokens: int):
     }
 
 
+def greedy_tokens(model, tok, prompts, new_tokens: int, pool_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy continuation through the engine (a depth-1 tree of one leaf)."""
+    sampler = TreeSampler(model, tok, pool_tokens=pool_tokens, ignore_eos=True)
+    trees = sampler.sample(prompts, TreeSpec((1,), new_tokens, max_prompt_tokens=256, temperature=0.0))
+    return [t.path_token_ids(int(t.leaves()[0]), include_prompt=False).tolist() for t in trees]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """How far two sets of greedy continuations agree: identical ones, and the mean share of tokens before the
+    first difference."""
+    pairs = list(zip(a, b, strict=True))
+    common = [next((i for i, (x, y) in enumerate(zip(s, t, strict=True)) if x != y), len(s)) for s, t in pairs]
+    share = sum(c / max(len(s), 1) for c, (s, _) in zip(common, pairs, strict=True)) / len(pairs)
+    return {"identical": sum(s == t for s, t in pairs), "of": len(pairs), "mean_prefix_share": share}
+
+
+def compare_dtypes(args, model, prompts, spec: TreeSpec, systems: dict, cascade: bool) -> dict:
+    """engine_tree and hf_generate with the model in --dtype and in --against-dtype, runs alternating between the
+    two (the fastest of --repeats kept each), and greedy decodes of the two compared token by token."""
+    other, tok = load(args.model, DTYPES[args.against_dtype], str(model.device))
+    name, against = str(model.dtype).replace("torch.", ""), args.against_dtype
+    runs = {name: [], against: []}
+    generate = {name: [], against: []}
+    for _ in range(args.repeats):
+        for label, m in ((against, other), (name, model)):
+            runs[label].append(run_engine(m, tok, prompts, spec, True, args.pool_tokens, cascade)["seconds"])
+            generate[label].append(run_generate(m, tok, prompts, spec.max_leaves, spec.max_new_tokens)["seconds"])
+    new_tokens = spec.max_new_tokens
+    greedy = agreement(
+        greedy_tokens(model, tok, prompts, new_tokens, args.pool_tokens),
+        greedy_tokens(other, tok, prompts, new_tokens, args.pool_tokens),
+    )
+    best = {label: min(v) for label, v in runs.items()}
+    best_generate = {label: min(v) for label, v in generate.items()}
+    print(
+        f"dtype comparison (runs alternating): engine_tree {name} {best[name]:.2f} s, {against} {best[against]:.2f} s; "
+        f"hf_generate {name} {best_generate[name]:.2f} s, {against} {best_generate[against]:.2f} s; greedy "
+        f"decodes of {new_tokens} tokens identical in {greedy['identical']} of {greedy['of']} prompts, "
+        f"{greedy['mean_prefix_share']:.2f} of tokens before the first difference on average"
+    )
+    return {
+        "engine_tree_seconds": runs,
+        "hf_generate_seconds": generate,
+        "greedy_agreement": greedy,
+        "ratios": {
+            f"engine_tree_{name}_speedup_vs_{against}": best[against] / best[name],
+            f"hf_generate_{name}_speedup_vs_{against}": best_generate[against] / best_generate[name],
+            "greedy_identical_share": greedy["identical"] / greedy["of"],
+        },
+    }
+
+
 def analytic_ratio(spec: TreeSpec) -> float:
     """Generated tokens of independent leaves over those of the tree: G*d*L / L*(b1 + b1 b2 + ...)."""
     return spec.max_leaves * spec.depth * spec.segment_tokens / spec.max_generated_tokens
@@ -189,6 +241,13 @@ def main(argv=None):
         choices=["on", "off"],
         default="on",
         help="engine decode reads the prefix siblings share once per group (on) or per branch (off)",
+    )
+    parser.add_argument(
+        "--against-dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="also time engine_tree and hf_generate with the model in this dtype, alternating runs with --dtype's, "
+        "and compare greedy decodes of the two (e.g. --dtype bf16 --against-dtype fp32)",
     )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -286,6 +345,10 @@ def main(argv=None):
     ratios["speedup_over_analytic"] = (
         ratios["engine_tree_speedup_vs_hf_generate"] / ratios["analytic_generated_token_ratio"]
     )
+    dtype_comparison = None
+    if args.against_dtype:
+        dtype_comparison = compare_dtypes(args, model, prompts, spec, systems, cascade)
+        ratios.update(dtype_comparison["ratios"])
     ratios["engine_flat_matmul_limit_fraction"] = systems["engine_flat"]["matmul_limit_fraction"]
     ratios["engine_tree_matmul_limit_fraction"] = systems["engine_tree"]["matmul_limit_fraction"]
     for k, v in ratios.items():
@@ -305,6 +368,7 @@ def main(argv=None):
             **counts,
             "matmul_limit": limit,
             "systems": systems,
+            "dtype_comparison": dtype_comparison,
             "ratios": ratios,
         },
     )

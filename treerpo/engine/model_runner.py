@@ -16,6 +16,7 @@ from treerpo.attention import enable_tree_attention
 from treerpo.attention.context import attention_metadata
 from treerpo.attention.features import model_has_features
 from treerpo.attention.registry import default_paged_backend  # looked up here by ModelRunner (tests patch it)
+from treerpo.engine.sampling_head import SamplingHead
 from treerpo.engine.step_builder import StepInputs
 from treerpo.policy.lm_head import LMHead
 from treerpo.policy.logprobs import decoder_of
@@ -31,11 +32,11 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 
 class ModelRunner:
-    def __init__(self, model, pool):
+    def __init__(self, model, pool, head_precision: str = "model"):
         self.model = enable_tree_attention(model)
         self.pool = pool
         self.device = next(model.parameters()).device
-        self.head = LMHead(model)
+        self.head = SamplingHead(LMHead(model), head_precision)  # the draws' head (sampling_head)
         self.forward_tokens = 0  # tokens pushed through the model, for benchmarks
         self.paged_backend = default_paged_backend(self.device)  # attention/paged.py backend of every forward
         self.cascade_min_saved_bytes = CASCADE_MIN_SAVED_BYTES  # see cascade_spares_enough

@@ -50,6 +50,7 @@ class TreeSampler:
         eos_ids: Sequence[int] | None = None,
         draw_memory_bytes: int = DEFAULT_DRAW_MEMORY_BYTES,
         kv_dtype: torch.dtype | None = None,
+        head_precision: str = "model",
     ):
         """``share_prefixes=False`` prefills every tree's prompt on its own and skips the radix cache (the
         baseline of benchmarks); ``ignore_eos`` generates full segments whatever is sampled (throughput runs);
@@ -59,7 +60,9 @@ class TreeSampler:
         ``draw_memory_bytes`` bounds a step's logits and draw buffers: the LM head and the draw run on chunks of
         that many bytes' worth of rows (``step_draw``), so a step's memory does not grow with its branches.
         ``kv_dtype``: the dtype the model computes in, default its parameters' (under FSDP2 mixed precision the
-        parameters are fp32 masters and the forward runs in bf16/fp16)."""
+        parameters are fp32 masters and the forward runs in bf16/fp16). ``head_precision``: how a half-precision
+        model's LM head computes the logits it samples from (``sampling_head``): ``"model"`` in its own dtype where
+        the device has that matmul (the default, as vLLM and SGLang do), ``"fp32"`` as fp32 products."""
         if int(draw_memory_bytes) != draw_memory_bytes or draw_memory_bytes < 1:
             raise ValueError(f"draw_memory_bytes must be a positive number of bytes, got {draw_memory_bytes!r}")
         self.draw_memory_bytes = int(draw_memory_bytes)
@@ -82,7 +85,7 @@ class TreeSampler:
             memory_bytes=memory_bytes if pool_tokens is None else None,
         )
         self.cache = RadixCache(self.pool)
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, head_precision)
         self.eos = set() if ignore_eos else set(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
         self._eos_ids = np.array(sorted(self.eos), dtype=np.int64)
         self.blocks = BlockManager(self.pool, self.cache)
@@ -99,6 +102,7 @@ class TreeSampler:
         """Announce new weights (``follow_optimizer`` does it after every step of an optimizer): K/V computed with
         the old weights is never reused. A change nobody announces is still found before the next rollout."""
         self.cache.bump_version()
+        self.runner.head.forget_weights()
         self.weights.forget()
 
     def follow_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -109,6 +113,7 @@ class TreeSampler:
         """Weights changed since the last rollout, announced or not (``WeightsWatch``): the cached K/V retires."""
         if self.weights.changed():
             self.cache.bump_version()
+            self.runner.head.forget_weights()
 
     # ---- public ------------------------------------------------------------------------------------
     @torch.no_grad()

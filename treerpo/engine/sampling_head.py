@@ -1,0 +1,100 @@
+"""The LM head of the engine's draws: a step's logits, computed the way the device computes fastest.
+
+A half-precision model's head is multiplied in the model's dtype wherever the device has that matmul (tensor cores
+on CUDA; AMX or AVX512-BF16/FP16 on a CPU), the products accumulated in fp32. The logits then come out in fp32 on
+CUDA (``torch.mm(..., out_dtype=torch.float32)``) and rounded to the model's dtype on a CPU, as vLLM, SGLang and
+Hugging Face ``generate`` sample from them. Elsewhere, or with ``precision="fp32"``, the head is converted to fp32
+once per weight version (``conversions`` counts it) and the logits are fp32 products of the model's values. The
+draw itself (``sampling.draw``) is fp32/fp64 either way.
+
+The trainer's head (``policy.lm_head.LMHead``) is not this one: it keeps fp32 products over vocabulary chunks,
+with gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from treerpo.policy.lm_head import LMHead
+
+PRECISIONS = ("model", "fp32")
+
+
+def native_matmul(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``device`` multiplies ``dtype`` matrices in hardware (else torch emulates it, slower than fp32)."""
+    if dtype == torch.float32:
+        return True
+    if device.type == "cuda":
+        return dtype == torch.float16 or (dtype == torch.bfloat16 and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        mkldnn = torch.ops.mkldnn
+        if dtype == torch.bfloat16:
+            return bool(mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(mkldnn._is_mkldnn_fp16_supported())
+    return False
+
+
+class SamplingHead:
+    def __init__(self, head: LMHead, precision: str = "model"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"head precision must be one of {PRECISIONS}, got {precision!r}")
+        self.head = head
+        self.precision = precision
+        self.conversions = 0  # fp32 copies of the head made (one per weight version at most)
+        self._copy: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+        self._fp32_out = True  # CUDA's fp32-output matmul, until it fails once
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def route(self) -> str:
+        """``fp32`` (an fp32 head), ``model`` (the model's dtype, natively) or ``copy`` (a half head's fp32 copy)."""
+        weight = self.head.weight
+        if weight.dtype == torch.float32:
+            return "fp32"
+        if self.precision == "model" and native_matmul(weight.dtype, weight.device):
+            return "model"
+        return "copy"
+
+    def forget_weights(self) -> None:
+        """The weights changed: the next call converts the head again (on the ``copy`` route)."""
+        self._copy = None
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows, hidden] -> fp32 [rows, vocab], post-processed as the model's own forward does (no gradients)."""
+        route = self.route()
+        if route == "model":
+            logits = self._in_model_dtype(hidden)
+        else:
+            weight, bias = self._fp32_weights() if route == "copy" else (self.head.weight, self._bias())
+            logits = hidden.float() @ weight.t()
+            if bias is not None:
+                logits = logits + bias.float()
+        return self.head.post_process(logits)
+
+    def _bias(self) -> torch.Tensor | None:
+        return getattr(self.head.layer, "bias", None)
+
+    def _in_model_dtype(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.head.weight, self._bias()
+        h = hidden.to(weight.dtype)
+        logits = None
+        if weight.is_cuda and self._fp32_out:
+            try:
+                logits = torch.mm(h, weight.t(), out_dtype=torch.float32)
+            except (RuntimeError, TypeError, NotImplementedError):  # a torch or GPU without it
+                self._fp32_out = False
+        if logits is None:
+            logits = (h @ weight.t()).float()
+        return logits + bias.float() if bias is not None else logits
+
+    def _fp32_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = self.head.weight, self._bias()
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        if self._copy is None or self._copy[0] != key:
+            self._copy = (key, weight.detach().float(), None if bias is None else bias.detach().float())
+            self.conversions += 1
+        return self._copy[1], self._copy[2]
