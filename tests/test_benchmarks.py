@@ -44,6 +44,44 @@ def test_rollout_benchmark_writes_ratios(tmp_path):
         assert 0 < ratios[f"{name}_matmul_limit_fraction"] < 1.5
 
 
+def test_rollout_benchmark_compares_two_dtypes(tmp_path):
+    result = run_benchmark(
+        "rollout.py",
+        *("--model", "tiny", "--prompts", "2", "--segment-tokens", "3", "--repeats", "1"),
+        *("--dtype", "bf16", "--against-dtype", "fp32"),
+        tmp_path=tmp_path,
+    )
+    comparison, ratios = result["dtype_comparison"], result["ratios"]
+    assert result["dtype"] == "bfloat16"
+    seconds = comparison["engine_tree_seconds"]
+    assert ratios["engine_tree_bfloat16_speedup_vs_fp32"] == min(seconds["fp32"]) / min(seconds["bfloat16"])
+    greedy = comparison["greedy_agreement"]
+    assert greedy["of"] == 2 and ratios["greedy_identical_share"] == greedy["identical"] / 2
+    assert 0 <= greedy["mean_prefix_share"] <= 1
+
+
+def test_greedy_agreement_counts_identical_decodes_and_shared_prefixes():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from rollout import agreement
+
+    result = agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 3, 4], [5, 9, 7, 8]])
+    assert result == {"identical": 1, "of": 2, "mean_prefix_share": (1.0 + 0.25) / 2}
+
+
+def test_train_step_benchmark_times_both_dtypes(tmp_path):
+    result = run_benchmark(
+        "train_step.py",
+        *("--model", "tiny", "--trees", "2", "--prompt-tokens", "5", "--branching", "2", "2"),
+        *("--segment-tokens", "3", "--repeats", "2"),
+        tmp_path=tmp_path,
+    )
+    assert result["packed_tokens"] == 2 * (5 + 6 * 3) and result["loss_tokens"] == 2 * 6 * 3
+    assert len(result["seconds"]["fp32"]) == len(result["seconds"]["bf16"]) == 2
+    ratios = result["ratios"]
+    assert ratios["bf16_speedup_vs_fp32"] == min(result["seconds"]["fp32"]) / min(result["seconds"]["bf16"])
+    assert 0 < ratios["bf16_logprob_relative_difference"] < 0.05  # bf16 rounding, not a different batch
+
+
 def test_draw_benchmark_bounds_the_chunked_draw(tmp_path):
     """512 rows x 5,000 tokens in a 2 MB budget (20 rows a chunk) against every row at once: the same tokens,
     and the chunked draw's extra memory well under the 10 MB that one fp32 copy of all the logits takes."""
