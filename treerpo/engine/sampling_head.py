@@ -13,6 +13,8 @@ with gradients.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from treerpo.policy.lm_head import LMHead
@@ -20,6 +22,7 @@ from treerpo.policy.lm_head import LMHead
 PRECISIONS = ("model", "fp32")
 
 
+@functools.cache
 def native_matmul(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether ``device`` multiplies ``dtype`` matrices in hardware (else torch emulates it, slower than fp32)."""
     if dtype == torch.float32:
