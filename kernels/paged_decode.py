@@ -53,6 +53,7 @@ LN2 = 0.6931471805599453
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(-inf - _NEG) = 0, never NaN
 EMPTY_LSE = -1.0e30 * LN2  # natural-log LSE of a partial that saw no key (its weight in a merge is 0)
 _EMPTY_HALF = tl.constexpr(-0.5e30 * LN2)  # any LSE below it is an empty partial
+EMPTY_LSE_VALUE = tl.constexpr(EMPTY_LSE)
 
 
 @triton.jit
@@ -100,8 +101,15 @@ def _paged_attn_fwd(
     k_hi = tl.load(KEND + lst)
     lo = tl.load(KSTART + lst) + split * chunk
     hi = tl.minimum(k_hi, lo + chunk)
-    # a split past this list's own keys (split-K is sized for the longest list) stores nothing: its
-    # partial stays the caller's empty one (weight 0 in the merge)
+    # a split past this list's own keys (split-K is sized for the longest list) loads nothing and stores only
+    # its rows' empty LSE (weight 0 in the merge; the output, unwritten, is never read)
+    if (q_tile * BLOCK_M < n_rows * GROUP) & (lo >= hi):
+        offs_e = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        e_valid = offs_e // GROUP < n_rows
+        e_row = tl.load(QIDX + q_lo + offs_e // GROUP, mask=e_valid, other=0).to(tl.int64)
+        e_head = kv_h * GROUP + offs_e % GROUP
+        e_ptr = LSE + split.to(tl.int64) * stride_ls + e_row * stride_lr + e_head
+        tl.store(e_ptr, tl.zeros([BLOCK_M], dtype=tl.float32) + EMPTY_LSE_VALUE, mask=e_valid)
     if (q_tile * BLOCK_M < n_rows * GROUP) & (lo < hi):
         offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         j = offs_m // GROUP
@@ -276,9 +284,10 @@ def _num_splits(max_keys: int, programs: int, splits: int | None, device: torch.
 
 
 def _empty_partials(splits: int, r: int, hq: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial outputs (unwritten: never read where the LSE says empty) and their LSEs, all empty."""
+    """Partial outputs and their LSEs, unwritten: every (split, row, head) of a key list's rows gets its LSE from
+    the kernel (``EMPTY_LSE`` where the split saw no key, and then its output is never read)."""
     out = torch.empty(splits, r, hq, d, dtype=torch.float32, device=device)
-    return out, torch.full((splits, r, hq), EMPTY_LSE, dtype=torch.float32, device=device)
+    return out, torch.empty(splits, r, hq, dtype=torch.float32, device=device)
 
 
 def _split_plan(q, k_cache, slots, max_rows, splits, max_keys) -> tuple[PagedConfig, int, int, int]:
@@ -383,17 +392,20 @@ def paged_decode_attention(
     scale: float | None = None,
     splits: int | None = None,
     return_lse: bool = False,
+    rows: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
 ):
     """q [B, Hq, D]; k_cache/v_cache [slots, Hkv, D]; kv_slots int64 [B, K] (row b's keys are
     ``kv_slots[b, :kv_len[b]]``) -> out [B, Hq, D] in q's dtype (and the natural-log LSE [B, Hq], fp32).
 
-    ``splits`` forces the number of split-K chunks (default: a heuristic, 1 under the interpreter)."""
+    ``splits`` forces the number of split-K chunks (default: a heuristic, 1 under the interpreter). ``rows``
+    (``arange(B + 1)``) and ``zeros`` (at least B int64 zeros): the caller's, kept for every layer, when given."""
     _check(q, k_cache, v_cache, kv_slots)
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     q = q if q.stride(2) == 1 else q.contiguous()
     kv_slots = kv_slots.to(torch.int64).contiguous()
     kv_len = kv_len.to(device=q.device, dtype=torch.int64).contiguous()
-    o, lse = _cascade(q, k_cache, v_cache, kv_slots, kv_len, None, scale, splits)
+    o, lse = _cascade(q, k_cache, v_cache, kv_slots, kv_len, None, scale, splits, None, rows, zeros)
     return (o, lse) if return_lse else o
 
 
@@ -457,26 +469,32 @@ def cascade_decode_grouped(
     max_members: int,
     scale: float | None = None,
     splits: int | None = None,
+    rows: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The cascade with its groups precomputed: ``kv_slots[b, :kv_len[b]]`` are sequence b's keys after its
     group's prefix (its whole path when it is in no group); group g's prefix is ``prefix_slots[g,
     :prefix_len[g]]`` and its query rows ``members[member_start[g]:member_start[g + 1]]``, at most
-    ``max_members`` of them (a host int: no device sync). -> out [B, Hq, D] in q's dtype."""
+    ``max_members`` of them (a host int: no device sync). ``rows`` (``arange(B + 1)``) and ``zeros`` (int64, at
+    least max(B, G) of them), when given, are the caller's, kept for every layer. -> out [B, Hq, D] in q's dtype."""
     _check(q, k_cache, v_cache, kv_slots)
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     q = q if q.stride(2) == 1 else q.contiguous()
     prefix = (prefix_slots, prefix_len, members, member_start, max_members)
-    return _cascade(q, k_cache, v_cache, kv_slots, kv_len.contiguous(), prefix, scale, splits)[0]
+    return _cascade(q, k_cache, v_cache, kv_slots, kv_len.contiguous(), prefix, scale, splits, None, rows, zeros)[0]
 
 
-def _cascade(q, k_cache, v_cache, kv_slots, kv_len, prefix, scale, splits, kstart=None):
+def _cascade(q, k_cache, v_cache, kv_slots, kv_len, prefix, scale, splits, kstart=None, rows=None, zeros=None):
     """Suffix partials (``kv_slots[b, kstart[b]:kv_len[b]]``, one key list a row), the prefix partials of
     ``prefix`` = (slots, lengths, members, member_start, max_members) when given (one key list a group, its
     members' query rows), written side by side into one buffer and merged by one kernel -> (out in q's dtype,
-    natural-log LSE)."""
+    natural-log LSE). ``rows`` (``arange(B + 1)``) and ``zeros`` (int64 zeros, at least one a row and a group): the
+    caller's, kept for every layer, when given."""
     b, hq, d = q.shape
-    ar = torch.arange(b + 1, device=q.device, dtype=torch.int64)
-    kstart = torch.zeros_like(kv_len) if kstart is None else kstart
+    groups = 0 if prefix is None else prefix[0].shape[0]
+    ar = torch.arange(b + 1, device=q.device, dtype=torch.int64) if rows is None else rows
+    zeros = torch.zeros(max(b, groups), device=q.device, dtype=torch.int64) if zeros is None else zeros
+    kstart = zeros[:b] if kstart is None else kstart
     suffix_plan = _split_plan(q, k_cache, kv_slots, 1, splits, kv_slots.shape[1])
     prefix_plan = None if prefix is None else _split_plan(q, k_cache, prefix[0], prefix[4], splits, prefix[0].shape[1])
     s1 = suffix_plan[2]
@@ -486,8 +504,10 @@ def _cascade(q, k_cache, v_cache, kv_slots, kv_len, prefix, scale, splits, kstar
     )
     if prefix is not None:
         slots, lengths, members, member_start, _ = prefix
+        if members.shape[0] < b:  # rows in no group: their prefix partials are never written
+            lses[s1:].fill_(EMPTY_LSE)
         _partial_attention(
-            q, k_cache, v_cache, slots, torch.zeros_like(lengths), lengths, member_start, members, prefix_plan,
+            q, k_cache, v_cache, slots, zeros[:groups], lengths, member_start, members, prefix_plan,
             scale, outs[s1:], lses[s1:],
         )  # fmt: skip
     return merge_partials(outs, lses, q.dtype)

@@ -215,3 +215,23 @@ def test_memory_plan_benchmark_matches_the_measured_peak_of_a_training_update(tm
     assert set(ratios) == {"worst_planned_over_measured", "tiny-fp32", "tiny-bf16-checkpointing"}
     for name, ratio in ratios.items():
         assert 1 / 1.15 <= ratio <= 1.15, (name, ratio)
+
+
+def test_step_kernels_counts_launches_and_syncs_with_the_cuda_path_emulated(tmp_path):
+    """A few decode steps of the Qwen2.5-1.5B-shaped model at a tiny width: one sync a decode step (its tokens to the
+    host), none inside the layers of a prefill, and the Triton paged kernels counted as launches, not as the PyTorch
+    reference's operations."""
+    result = run_benchmark(
+        "step_kernels.py",
+        *("--hidden", "48", "--intermediate", "64", "--prompts", "2", "--branching", "2", "2"),
+        *("--segment-tokens", "2", "--prompt-tokens", "6"),
+        tmp_path=tmp_path,
+    )
+    steps = result["steps"]
+    assert steps["prefill"]["steps"] == 1 and steps["decode"]["steps"] >= 1 and steps["fork"]["steps"] >= 1
+    assert steps["decode"]["syncs_per_step"] == 1 and steps["prefill"]["syncs_in_layers_per_step"] == 0
+    layer_ops = steps["decode"]["ops"]["layer"]
+    assert layer_ops["triton_paged_attention"] == 1 and layer_ops["triton_merge_states"] == 1
+    assert "_scaled_dot_product_flash_attention_for_cpu" not in layer_ops  # the reference ran uncounted
+    assert steps["decode"]["ops"]["head_and_draw"]["device_to_host_copy"] == 1
+    assert result["ratios"]["decode_kernels_per_layer"] == steps["decode"]["kernels_per_layer"]

@@ -28,6 +28,7 @@ from treerpo.attention.triton_backends import paged_decode_backend  # noqa: E402
 from treerpo.engine import model_runner  # noqa: E402
 from treerpo.engine.kv_pool import KVPool  # noqa: E402
 from treerpo.engine.model_runner import ModelRunner, kv_shape  # noqa: E402
+from treerpo.kernels import paged_decode  # noqa: E402
 from treerpo.kernels.paged_decode import (  # noqa: E402
     EMPTY_LSE,
     cascade_decode_attention,
@@ -346,3 +347,24 @@ def test_split_k_longer_than_a_row_leaves_its_splits_empty():
     ref, ref_lse = reference(q, kc, vc, slots, lens)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["plain", "cascade_with_ungrouped_rows"])
+def test_partials_are_written_whatever_the_buffers_held(monkeypatch, path):
+    """The partial buffers come unfilled: an empty split stores its rows' empty LSE itself, and rows in no group get
+    theirs from a fill. Buffers poisoned with NaN (outputs) and a large LSE that would outweigh every real partial
+    leave the answer the reference's."""
+    real = paged_decode._empty_partials
+
+    def poisoned(*args):
+        out, lse = real(*args)
+        return out.fill_(float("nan")), lse.fill_(1e30)
+
+    monkeypatch.setattr(paged_decode, "_empty_partials", poisoned)
+    q, kc, vc, slots, lens, pslots, plen, groups = sibling_groups(6, torch.float32)
+    if path == "plain":
+        out = paged_decode_attention(q, kc, vc, slots, lens, splits=4)
+    else:
+        out = cascade_decode_attention(q, kc, vc, slots, lens, pslots, plen, groups, splits=3)
+    ref, _ = reference(q, kc, vc, slots, lens)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

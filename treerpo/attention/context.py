@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,19 @@ def metadata_kwargs(model) -> dict:
     if meta is None or not _takes_kwargs(model):
         return {}
     return {METADATA_KWARG: meta}
+
+
+def prepared_mask(device: torch.device) -> torch.Tensor:
+    """The ``attention_mask`` of a forward inside a tree or paged block: transformers takes a 4D mask as already
+    prepared and builds none, so it neither reads the packed position ids for sequence boundaries (``.all()`` on the
+    device: a host sync every forward, which would also break CUDA-graph capture) nor launches mask kernels. The
+    ``tree`` attention never reads it: the block's metadata says what each token sees."""
+    return _prepared_mask(torch.device(device))
+
+
+@functools.cache
+def _prepared_mask(device: torch.device) -> torch.Tensor:
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
 
 
 def _takes_kwargs(model) -> bool:

@@ -15,7 +15,7 @@ results are merged exactly by their log-sum-exps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -107,6 +107,16 @@ class PagedAttentionMetadata:
     backend: str = "torch"
     groups: CascadeGroups | None = None  # decode only: shared prefixes read once per group
     max_positions: int | None = None  # the longest path in the forward, for the sliding-window check
+    # long [N]: the flat index into [B, Q] of packed row 0, 1, ... (where query_rows says each row is), so that a
+    # prefill scatters its [B, Q] results back to the packed rows with no boolean mask (a host sync every layer)
+    packed_order: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)  # tensors derived once per forward and used by every layer
+
+    def per_forward(self, key, make):
+        """``make()``, computed at the first layer that asks and kept for the rest of the forward."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
 
     @classmethod
     def build(
@@ -137,7 +147,15 @@ class PagedAttentionMetadata:
             as_tensor(kv_slots),
             as_tensor(query_key_pos),
             groups=groups,
+            packed_order=as_tensor(packed_order(query_rows)),
         )
+
+
+def packed_order(query_rows: np.ndarray) -> np.ndarray:
+    """The flat index into ``query_rows`` [B, Q] of packed row 0, 1, ... (entries at -1 are padding)."""
+    flat = query_rows.reshape(-1)
+    valid = np.flatnonzero(flat >= 0)
+    return valid[np.argsort(flat[valid], kind="stable")]
 
 
 def padded_rows(arrays: list, lengths: np.ndarray, pieces: int = 1) -> np.ndarray:
@@ -174,27 +192,40 @@ def paged_attention_torch(
     values = _gather(meta.pool.v[layer], meta.kv_slots)
     hq, d = query.shape[1], query.shape[3]
     one_token_each = meta.query_rows.shape[1] == 1  # decode: sequence b is packed row b, nothing to gather
-    rows = meta.query_rows.clamp(min=0)
-    q = query[0].transpose(0, 1)[:, :, None] if one_token_each else query[0].transpose(0, 1)[rows].permute(0, 2, 1, 3)
-    key_index = torch.arange(keys.shape[2], device=query.device)
-    query_pos = meta.query_key_pos.clamp(min=0)[:, :, None]
-    visible = key_index[None, None, :] <= query_pos  # [B, Q, K]
-    if features.window:
-        visible &= key_index[None, None, :] > query_pos - features.window
+    if one_token_each:
+        q = query[0].transpose(0, 1)[:, :, None]
+    else:
+        rows = meta.per_forward("query_rows_clamped", lambda: meta.query_rows.clamp(min=0))
+        q = query[0].transpose(0, 1)[rows].permute(0, 2, 1, 3)
+    visible = meta.per_forward(("visible", features.window), lambda: _visible(meta, keys.shape[2], features.window))
     if features.changes_scores:
-        out = attend(q, keys, values, visible[:, None], scale, features)
+        out = attend(q, keys, values, visible, scale, features)
     else:
         gqa = hq != keys.shape[1]
         out = F.scaled_dot_product_attention(
-            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=scale, enable_gqa=gqa
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible, scale=scale, enable_gqa=gqa
         )  # [B, Hq, Q, D]
     if one_token_each:
         return out[:, :, 0][None]
-    out = out.permute(0, 2, 1, 3)  # [B, Q, Hq, D]
-    valid = meta.query_rows >= 0
-    packed = query.new_empty((query.shape[2], hq, d))
-    packed[meta.query_rows[valid]] = out[valid]
-    return packed[None]
+    out = out.transpose(1, 2).reshape(-1, hq, d)  # [B * Q, Hq, D]
+    order = meta.packed_order if meta.packed_order is not None else _packed_order_on_device(meta.query_rows)
+    return out.index_select(0, order)[None]
+
+
+def _visible(meta: PagedAttentionMetadata, keys: int, window: int | None) -> torch.Tensor:
+    """bool [B, 1, Q, K]: key j is visible to a sequence's i-th new token iff j <= its position (and within the
+    window)."""
+    key_index = torch.arange(keys, device=meta.query_key_pos.device)
+    query_pos = meta.query_key_pos.clamp(min=0)[:, :, None]
+    visible = key_index[None, None, :] <= query_pos  # [B, Q, K]
+    if window:
+        visible &= key_index[None, None, :] > query_pos - window
+    return visible[:, None]
+
+
+def _packed_order_on_device(query_rows: torch.Tensor) -> torch.Tensor:
+    """``packed_order`` for metadata built without it (a host sync)."""
+    return torch.from_numpy(packed_order(query_rows.cpu().numpy())).to(query_rows.device)
 
 
 def _gather_rows(pool, layer: int, rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -146,44 +146,57 @@ _TUNED: dict[tuple, TreeTiles] = {}
 
 
 # ----------------------------------------------------------------------------------------- paged attention
+def decode_constants(meta: PagedAttentionMetadata, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys a row, ``arange(B + 1)``, int64 zeros for a row and a group): the same at every layer of a forward."""
+
+    def make():
+        b = q.shape[0]
+        groups = 0 if meta.groups is None else meta.groups.prefix_len.shape[0]
+        kv_len = meta.query_key_pos[:, 0] + 1
+        rows = torch.arange(b + 1, device=q.device, dtype=torch.int64)
+        return kv_len, rows, torch.zeros(max(b, groups), device=q.device, dtype=torch.int64)
+
+    return meta.per_forward("triton_decode", make)
+
+
 def cascade_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMetadata, scale: float | None
 ) -> torch.Tensor:
     """Cascade decode over the engine's metadata: ``meta.kv_slots`` are the suffixes, ``meta.groups`` the
     prefixes and their members, precomputed once per forward (no host sync per layer) -> out [B, Hq, D]."""
     g = meta.groups
+    kv_len, rows, zeros = decode_constants(meta, q)
     return paged_decode.cascade_decode_grouped(
         q,
         k_cache,
         v_cache,
         meta.kv_slots,
-        meta.query_key_pos[:, 0] + 1,
+        kv_len,
         g.prefix_slots,
         g.prefix_len,
         g.members,
         g.member_start,
         g.member_rows.shape[1],
         scale=scale,
+        rows=rows,
+        zeros=zeros,
     )
 
 
 def paged_decode_backend(module, query, key, value, meta: PagedAttentionMetadata, scale):
     """The "triton" paged backend: ``paged_attention_torch``'s signature and result; decode forwards (one new
-    token per sequence) run ``paged_decode_attention``, or the cascade when the metadata carries sibling groups
-    (``meta.groups``); prefill forwards the PyTorch reference."""
+    token per sequence, sequence b at packed row b) run ``paged_decode_attention``, or the cascade when the metadata
+    carries sibling groups (``meta.groups``); prefill forwards the PyTorch reference."""
     if meta.query_rows.shape[1] != 1:
         return paged_attention_torch(module, query, key, value, meta, scale)
     layer = module.layer_idx
     meta.pool.write(layer, meta.write_slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    rows = meta.query_rows[:, 0]
-    q = query[0].transpose(0, 1)[rows]  # [B, Hq, D]
+    q = query[0].transpose(0, 1)  # [B, Hq, D], read in place through its strides
     if meta.groups is not None:
         out = cascade_decode(q, meta.pool.k[layer], meta.pool.v[layer], meta, scale)
     else:
-        kv_len = meta.query_key_pos[:, 0] + 1
+        kv_len, rows, zeros = decode_constants(meta, q)
         out = paged_decode.paged_decode_attention(
-            q, meta.pool.k[layer], meta.pool.v[layer], meta.kv_slots, kv_len, scale=scale
+            q, meta.pool.k[layer], meta.pool.v[layer], meta.kv_slots, kv_len, scale=scale, rows=rows, zeros=zeros
         )
-    packed = query.new_empty((query.shape[2], query.shape[1], query.shape[3]))
-    packed[rows] = out.to(query.dtype)
-    return packed[None]
+    return out[None]  # [1, B, Hq, D] in the query's dtype

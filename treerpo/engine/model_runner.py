@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from treerpo.attention import enable_tree_attention
-from treerpo.attention.context import attention_metadata
+from treerpo.attention.context import attention_metadata, prepared_mask
 from treerpo.attention.features import model_has_features
 from treerpo.attention.registry import default_paged_backend  # looked up here by ModelRunner (tests patch it)
 from treerpo.engine.sampling_head import SamplingHead
@@ -50,7 +50,10 @@ class ModelRunner:
         inputs.meta.backend = self.paged_backend
         with attention_metadata(inputs.meta):
             hidden = decoder_of(self.model)(
-                input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                attention_mask=prepared_mask(self.device),
+                use_cache=False,
             ).last_hidden_state[0]
         self.forward_tokens += inputs.num_tokens
         return hidden[inputs.last_rows]

@@ -10,7 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from treerpo.attention import default_tree_backend, tree_attention
-from treerpo.attention.context import metadata_kwargs
+from treerpo.attention.context import metadata_kwargs, prepared_mask
 from treerpo.policy.lm_head import LMHead
 from treerpo.trees.packing import PackedBatch
 
@@ -45,6 +45,7 @@ def packed_logprobs(
         hidden = body(
             input_ids=batch.input_ids[None],
             position_ids=batch.position_ids[None],
+            attention_mask=prepared_mask(device),
             use_cache=False,
             **metadata_kwargs(body),
         ).last_hidden_state[0]
