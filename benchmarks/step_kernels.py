@@ -9,7 +9,8 @@ the step dispatches is recorded (``torch.utils._python_dispatch.TorchDispatchMod
            boolean-mask indexing, and the step's copy of its tokens to the host
 and attributed to the decoder layers (mean a layer) or to the rest of the step. What the engine does differently
 on CUDA is emulated: the Triton paged and cascade kernels run their host code with each launch counted as one
-kernel (the outputs then come from the PyTorch backend, uncounted, so the rollout stays a real one); host arrays
+kernel (the outputs then come from the PyTorch backend, uncounted, so the rollout stays a real one), and so do the
+fused RMSNorm and rotary kernels (``engine/fused_layers.py``, on by default on CUDA); host arrays
 reach the device in one pinned copy a step (``HostStaging``) or a call (``step_draw``); ``.cpu()`` is a copy and a
 sync. The model is Qwen2.5-1.5B-shaped (28 layers, 12/2 attention heads, vocabulary 151,936) with its hidden size
 reduced to run here: kernel counts do not depend on sizes. Steps are split into prefill, fork (a decode step in
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import types
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -153,7 +155,8 @@ def cuda_path_emulated(counter: StepCounter, sampler):
     from treerpo.attention.paged import paged_attention_torch
     from treerpo.attention.triton_backends import paged_decode_backend
     from treerpo.engine import step_builder, step_draw, tree_sampler
-    from treerpo.kernels import paged_decode
+    from treerpo.engine.fused_layers import _llama_apply_rotary_pos_emb, _LlamaRMSNorm, enable_fused_layers
+    from treerpo.kernels import paged_decode, rms_norm, rope
 
     def triton_paged(module, query, key, value, meta, scale):
         paged_decode_backend(module, query, key, value, meta, scale)  # counted; its launches are markers
@@ -167,6 +170,14 @@ def cuda_path_emulated(counter: StepCounter, sampler):
     def to_device(array, device):
         counter.add("kernels", name="host_to_device_copy")
         return original_to_device(array, device)
+
+    def fused(name, kernel):
+        def launch(*args, **kwargs):
+            counter.add("kernels", name=name)
+            with counter.pause():
+                return kernel(*args, **kwargs)
+
+        return launch
 
     def to_host(tensor, *args, **kwargs):
         counter.add("kernels", name="device_to_host_copy")
@@ -193,7 +204,15 @@ def cuda_path_emulated(counter: StepCounter, sampler):
         (torch.Tensor, "cpu", to_host),
         (paged_decode, "_paged_attn_fwd", LaunchMarker(counter, "triton_paged_attention")),
         (paged_decode, "_merge_states", LaunchMarker(counter, "triton_merge_states")),
+        (rms_norm, "rms_norm", fused("triton_rms_norm", lambda x, w, eps: _reference_norm(x, w, eps))),
+        (rope, "apply_rope", fused("triton_rope", _llama_apply_rotary_pos_emb)),
     ]
+    enable_fused_layers(sampler.model)
+    original_fused, sampler.runner.fused_layers = sampler.runner.fused_layers, True
+
+    def _reference_norm(x, weight, eps):
+        return _LlamaRMSNorm.forward(types.SimpleNamespace(weight=weight, variance_epsilon=eps), x)
+
     from treerpo.attention import registry
 
     registry.register_paged_backend("emulated_triton", triton_paged)
@@ -210,6 +229,7 @@ def cuda_path_emulated(counter: StepCounter, sampler):
             else:
                 setattr(owner, name, value)
         sampler.runner.paged_backend = original_backend
+        sampler.runner.fused_layers = original_fused
 
 
 def scoped_layers(model, counter: StepCounter):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import triton
 
-from . import paged_decode, tree_attention
+from . import paged_decode, rms_norm, rope, tree_attention
 from .tile_configs import TileConfig, default_tiles
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes a program may use (sm_90 H100, sm_80 A100)
@@ -45,9 +45,9 @@ _POINTER_TYPES = {
     "LSES": "*fp32",
     "LSE_OUT": "*fp32",
 }
-_DATA = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "OUT"}
+_DATA = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "OUT", "X", "W", "COS", "SIN", "KOUT"}
 _FP32_OUTPUTS = {"_paged_attn_fwd": {"O"}}  # partial outputs kept in fp32 for the merge
-_FLOATS = {"qk_scale", "sm_scale"}
+_FLOATS = {"qk_scale", "sm_scale", "eps"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class CompileReport:
 
 
 def _kernel(name: str):
-    return getattr(tree_attention if hasattr(tree_attention, name) else paged_decode, name)
+    return getattr(next(m for m in (tree_attention, paged_decode, rms_norm, rope) if hasattr(m, name)), name)
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
@@ -168,6 +168,7 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------- production launches
 HEAD_DIMS = (64, 96, 128)  # Llama-3.2-1B/Qwen2.5-0.5B 64, a non-power of two, Qwen2.5/Llama 128
+HIDDEN_SIZES = (576, 1536, 3584, 4096, 8192)  # SmolLM2-135M, Qwen2.5-1.5B, Qwen2.5-7B, Llama-3 8B, Llama-3 70B
 GROUPS = (1, 4, 6, 7)  # MHA; Llama-3 8B (32/8); Qwen2.5-1.5B (12/2); Qwen2.5-7B (28/4)
 DTYPES = ("bf16", "fp16")
 
@@ -214,6 +215,18 @@ def _paged_launches(dtype: str, d: int, arch: int, group: int) -> list[Launch]:
     return out
 
 
+def _layer_launches(dtype: str, arch: int) -> list[Launch]:
+    """The fused RMSNorm at ``HIDDEN_SIZES`` and rotary embedding at ``HEAD_DIMS``, as their host code launches them."""
+    out = []
+    for hidden in HIDDEN_SIZES:
+        block, warps = rms_norm.launch_config(hidden)
+        out.append(Launch("_rms_norm_fwd", dtype, hidden, (("BLOCK", block),), warps, 1, arch, False))
+    for d in HEAD_DIMS:
+        consts = (("BLOCK", rope.launch_block(d)), ("HALF", d // 2))
+        out.append(Launch("_rope_fwd", dtype, d, consts, rope.NUM_WARPS, 1, arch, False))
+    return out
+
+
 def production_launches(archs=(90, 80)) -> list[Launch]:
     """Every distinct launch at ``HEAD_DIMS`` x ``DTYPES`` x ``GROUPS`` (sm_80: bf16 only), with the GQA ratios
     that make it."""
@@ -224,6 +237,8 @@ def production_launches(archs=(90, 80)) -> list[Launch]:
                 for group in GROUPS:
                     for launch in _tree_launches(dtype, d, arch, group) + _paged_launches(dtype, d, arch, group):
                         seen.setdefault(launch, []).append(group)
+            for launch in _layer_launches(dtype, arch):
+                seen.setdefault(launch, [])
     return [Launch(**{**launch.__dict__, "groups": tuple(sorted(set(groups)))}) for launch, groups in seen.items()]
 
 

@@ -51,19 +51,23 @@ def test_every_production_launch_compiles_clean(compiled):
 
 
 def test_the_matrix_is_covered(compiled):
-    """Each kernel at each target, dtype and head dim; the Hopper tree kernels on wgmma."""
+    """Each kernel at each target, dtype and head dim (the fused norm at each hidden size); the Hopper tree kernels on
+    wgmma."""
     seen = {(r["kernel"], r["arch"], r["dtype"], r["head_dim"]) for r in compiled["launches"]}
     kernels = {
         "_tree_attn_fwd", "_tree_attn_bwd_dkdv", "_tree_attn_bwd_dq", "_tree_attn_bwd_delta",
-        "_paged_attn_fwd", "_merge_states",
+        "_paged_attn_fwd", "_merge_states", "_rope_fwd",
     }  # fmt: skip
     for kernel in kernels:
         for head_dim in (64, 96, 128):
             assert (kernel, 90, "bf16", head_dim) in seen and (kernel, 90, "fp16", head_dim) in seen
             assert (kernel, 80, "bf16", head_dim) in seen
+    for hidden in (576, 1536, 3584, 4096, 8192):
+        assert ("_rms_norm_fwd", 90, "fp16", hidden) in seen and ("_rms_norm_fwd", 80, "bf16", hidden) in seen
     for r in compiled["launches"]:
         if r["arch"] == 90 and r["kernel"] in ("_tree_attn_fwd", "_tree_attn_bwd_dkdv", "_tree_attn_bwd_dq"):
             assert r["wgmma"], r["config"]
-        assert r["stack"] == 0 and r["shared"] > 0 or r["kernel"] in ("_merge_states", "_tree_attn_bwd_delta")
+        no_shared = ("_merge_states", "_tree_attn_bwd_delta", "_rope_fwd")
+        assert r["stack"] == 0 and (r["shared"] > 0 or r["kernel"] in no_shared)
     groups = {g for r in compiled["launches"] for g in r["groups"]}
     assert {1, 4, 6, 7} <= groups

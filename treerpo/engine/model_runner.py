@@ -10,12 +10,15 @@ per group (the cascade).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from treerpo.attention import enable_tree_attention
 from treerpo.attention.context import attention_metadata, prepared_mask
 from treerpo.attention.features import model_has_features
 from treerpo.attention.registry import default_paged_backend  # looked up here by ModelRunner (tests patch it)
+from treerpo.engine.fused_layers import enable_fused_layers, fused_kernels_work, fused_layers_active
 from treerpo.engine.sampling_head import SamplingHead
 from treerpo.engine.step_builder import StepInputs
 from treerpo.policy.lm_head import LMHead
@@ -41,6 +44,22 @@ class ModelRunner:
         self.paged_backend = default_paged_backend(self.device)  # attention/paged.py backend of every forward
         self.cascade_min_saved_bytes = CASCADE_MIN_SAVED_BYTES  # see cascade_spares_enough
         self.cascade_capable = not model_has_features(model)  # windows, soft-capping, sinks: not in the cascade
+        self.fused_layers = False  # the fused RMSNorm and rotary kernels in every forward (fused_layers), on CUDA
+        if self.device.type == "cuda":
+            self.use_fused_layers()
+
+    def use_fused_layers(self) -> dict[str, int]:
+        """Run the forwards with the fused norm and rotary kernels where the model computes exactly as Llama does
+        (``fused_layers``); the default on CUDA. A device where they fail to compile or to agree with the model's own
+        code keeps that code, with one warning. Returns what was swapped."""
+        dtype = next(self.model.parameters()).dtype
+        reason = fused_kernels_work(self.device, dtype)
+        if reason is not None:
+            warnings.warn(f"fused RMSNorm and rotary kernels not used on {self.device} ({dtype}): {reason}")
+            return {"norms": 0, "rope_families": 0}
+        swapped = enable_fused_layers(self.model)
+        self.fused_layers = True
+        return swapped
 
     @torch.no_grad()
     def run(self, inputs: StepInputs) -> torch.Tensor:
@@ -48,7 +67,7 @@ class ModelRunner:
         ``inputs.last_rows`` (``self.head.logits`` makes them logits; the engine does so a chunk of rows at a
         time, ``step_draw``)."""
         inputs.meta.backend = self.paged_backend
-        with attention_metadata(inputs.meta):
+        with attention_metadata(inputs.meta), fused_layers_active(self.fused_layers):
             hidden = decoder_of(self.model)(
                 input_ids=inputs.input_ids,
                 position_ids=inputs.position_ids,
