@@ -10,7 +10,8 @@ the step dispatches is recorded (``torch.utils._python_dispatch.TorchDispatchMod
 and attributed to the decoder layers (mean a layer) or to the rest of the step. What the engine does differently
 on CUDA is emulated: the Triton paged and cascade kernels run their host code with each launch counted as one
 kernel (the outputs then come from the PyTorch backend, uncounted, so the rollout stays a real one), and so do the
-fused RMSNorm and rotary kernels (``engine/fused_layers.py``, on by default on CUDA); host arrays
+fused RMSNorm and rotary kernels (``engine/fused_layers.py``, on by default on CUDA) and the fused draw
+(``kernels/draw.py``); host arrays
 reach the device in one pinned copy a step (``HostStaging``) or a call (``step_draw``); ``.cpu()`` is a copy and a
 sync. The model is Qwen2.5-1.5B-shaped (28 layers, 12/2 attention heads, vocabulary 151,936) with its hidden size
 reduced to run here: kernel counts do not depend on sizes. Steps are split into prefill, fork (a decode step in
@@ -156,7 +157,17 @@ def cuda_path_emulated(counter: StepCounter, sampler):
     from treerpo.attention.triton_backends import paged_decode_backend
     from treerpo.engine import step_builder, step_draw, tree_sampler
     from treerpo.engine.fused_layers import _llama_apply_rotary_pos_emb, _LlamaRMSNorm, enable_fused_layers
+    from treerpo.engine.sampling import SamplingParams, draw
+    from treerpo.kernels import draw as fused_draw_module
     from treerpo.kernels import paged_decode, rms_norm, rope
+
+    def reference_draw(logits, u, temperature, entropy, out):
+        """What the fused draw writes, from PyTorch's draw."""
+        tokens, logprobs, bad, entropies = draw(logits, SamplingParams(temperature=temperature), u, entropy)
+        k = u.shape[1]
+        out[:, :k], out[:, k : 2 * k], out[:, 2 * k] = tokens, logprobs, float(bad)
+        if entropy:
+            out[:, 2 * k + 1] = entropies
 
     def triton_paged(module, query, key, value, meta, scale):
         paged_decode_backend(module, query, key, value, meta, scale)  # counted; its launches are markers
@@ -206,6 +217,8 @@ def cuda_path_emulated(counter: StepCounter, sampler):
         (paged_decode, "_merge_states", LaunchMarker(counter, "triton_merge_states")),
         (rms_norm, "rms_norm", fused("triton_rms_norm", lambda x, w, eps: _reference_norm(x, w, eps))),
         (rope, "apply_rope", fused("triton_rope", _llama_apply_rotary_pos_emb)),
+        (fused_draw_module, "fused_draw", fused("triton_draw", reference_draw)),
+        (step_draw, "use_fused_draw", lambda device, params, width: not step_draw.truncated(params)),
     ]
     enable_fused_layers(sampler.model)
     original_fused, sampler.runner.fused_layers = sampler.runner.fused_layers, True

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import triton
 
-from . import paged_decode, rms_norm, rope, tree_attention
+from . import draw, paged_decode, rms_norm, rope, tree_attention
 from .tile_configs import TileConfig, default_tiles
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes a program may use (sm_90 H100, sm_80 A100)
@@ -46,7 +46,10 @@ _POINTER_TYPES = {
     "LSE_OUT": "*fp32",
 }
 _DATA = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "OUT", "X", "W", "COS", "SIN", "KOUT"}
-_FP32_OUTPUTS = {"_paged_attn_fwd": {"O"}}  # partial outputs kept in fp32 for the merge
+_KERNEL_POINTERS = {
+    "_paged_attn_fwd": {"O": "*fp32"},  # partial outputs kept in fp32 for the merge
+    "_draw_fwd": {"LOGITS": "*fp32", "U": "*fp64", "OUT": "*fp64", "TEMPERATURE": "*fp64"},
+}
 _FLOATS = {"qk_scale", "sm_scale", "eps"}
 
 
@@ -97,7 +100,7 @@ class CompileReport:
 
 
 def _kernel(name: str):
-    return getattr(next(m for m in (tree_attention, paged_decode, rms_norm, rope) if hasattr(m, name)), name)
+    return getattr(next(m for m in (tree_attention, paged_decode, rms_norm, rope, draw) if hasattr(m, name)), name)
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
@@ -105,8 +108,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in _FP32_OUTPUTS.get(fn.__name__, ()):
-            sig[name] = "*fp32"
+        elif name in _KERNEL_POINTERS.get(fn.__name__, {}):
+            sig[name] = _KERNEL_POINTERS[fn.__name__][name]
         elif name in _DATA:
             sig[name] = "*" + dtype
         elif name in _POINTER_TYPES:
@@ -227,6 +230,17 @@ def _layer_launches(dtype: str, arch: int) -> list[Launch]:
     return out
 
 
+def _draw_launches(arch: int) -> list[Launch]:
+    """The fused draw: greedy and sampled, with and without the entropy, one draw a row and a fork's nine."""
+    out = []
+    for greedy in (False, True):
+        for entropy in (False, True):
+            for kb in (1, draw.MAX_DRAWS):
+                consts = (("BLOCK", draw.BLOCK), ("ENTROPY", entropy), ("GREEDY", greedy), ("KB", kb))
+                out.append(Launch("_draw_fwd", "fp32", 0, consts, draw.NUM_WARPS, 1, arch, False))
+    return out
+
+
 def production_launches(archs=(90, 80)) -> list[Launch]:
     """Every distinct launch at ``HEAD_DIMS`` x ``DTYPES`` x ``GROUPS`` (sm_80: bf16 only), with the GQA ratios
     that make it."""
@@ -239,6 +253,8 @@ def production_launches(archs=(90, 80)) -> list[Launch]:
                         seen.setdefault(launch, []).append(group)
             for launch in _layer_launches(dtype, arch):
                 seen.setdefault(launch, [])
+        for launch in _draw_launches(arch):
+            seen.setdefault(launch, [])
     return [Launch(**{**launch.__dict__, "groups": tuple(sorted(set(groups)))}) for launch, groups in seen.items()]
 
 

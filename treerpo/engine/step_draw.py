@@ -17,6 +17,18 @@ from treerpo.engine.sampling import SamplingParams, draw, draw_bytes_per_logit, 
 DEFAULT_DRAW_MEMORY_BYTES = 1 << 30
 
 
+def use_fused_draw(device: torch.device, params: SamplingParams, width: int) -> bool:
+    """The fused Triton draw (``kernels/draw.py``) on CUDA, for untruncated and greedy sampling of at most
+    ``MAX_DRAWS`` draws a row; PyTorch's elsewhere."""
+    from treerpo.kernels.draw import MAX_DRAWS
+
+    return device.type == "cuda" and not truncated(params) and width <= MAX_DRAWS
+
+
+def truncated(params: SamplingParams) -> bool:
+    return params.temperature != 0 and bool(params.top_k or params.top_p < 1.0)
+
+
 def rows_per_chunk(vocab: int, memory_bytes: int, bytes_per_logit: int) -> int:
     """Rows whose logits and draw buffers fit ``memory_bytes`` (at least one)."""
     return max(1, int(memory_bytes) // (vocab * bytes_per_logit))
@@ -44,6 +56,8 @@ def draw_step(
         u_dev = torch.rand((count, width), dtype=torch.float64, device=device)
     else:
         u_dev = _to_device(u, device)
+    if use_fused_draw(device, params, width):
+        return _fused_draw_step(head, hidden, index, u_dev, width, params, entropy, memory_bytes)
     step = rows_per_chunk(head.weight.shape[0], memory_bytes, draw_bytes_per_logit(params, entropy))
     parts = []
     for start in range(0, count, step):
@@ -67,6 +81,27 @@ def draw_step(
         host[n : 2 * n].numpy().reshape(tokens.shape),
         host[2 * n + 1 :].numpy() if entropy else None,
     )
+
+
+def _fused_draw_step(head, hidden, index, u_dev, width: int, params: SamplingParams, entropy: bool, memory_bytes):
+    """``draw_step`` with the fused draw: a chunk's fp32 logits are the only [rows, vocab] buffer, and every row's
+    results land in one fp64 buffer that reaches the host in one copy."""
+    from treerpo.kernels.draw import fused_draw, result_columns
+
+    count = len(u_dev)
+    out = torch.empty((count, result_columns(width)), dtype=torch.float64, device=hidden.device)
+    step = rows_per_chunk(head.weight.shape[0], memory_bytes, FUSED_DRAW_BYTES_PER_LOGIT)
+    for start in range(0, count, step):
+        chunk = hidden[start : start + step] if index is None else hidden.index_select(0, index[start : start + step])
+        logits = head.logits(chunk).contiguous()
+        fused_draw(logits, u_dev[start : start + step], params.temperature, entropy, out[start : start + step])
+    host = out.cpu().numpy()
+    if host[:, 2 * width].any():
+        raise_nonfinite()
+    return host[:, :width].astype(np.int64), host[:, width : 2 * width], host[:, 2 * width + 1] if entropy else None
+
+
+FUSED_DRAW_BYTES_PER_LOGIT = 4  # the chunk's fp32 logits; the kernel keeps nothing else a logit
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
