@@ -5,12 +5,20 @@
 Compared, on the same random hidden states, LM head and uniforms (temperature 1, one draw a row):
   chunked   the engine's ``step_draw.draw_step``: head and draw on chunks of rows within ``--memory-bytes``
   one_shot  the same code with an unbounded budget: every row's logits at once
+  fused     the CUDA default: the head's logits in chunks, each drawn by the fused Triton kernel (``kernels/draw.py``);
+            without a GPU it is emulated (the kernel's results from PyTorch's draw, uncounted): its traffic is
+            reported, not its time
   before    (with ``--baseline DIR``, a checkout of the code before the chunked draw) that checkout's draw:
             the logits of every row, then its batched draw
 Each system runs in a fresh process, so that its peak memory is its own; ``peak_extra_MiB`` is that peak minus
 the memory before the first draw (the head and hidden states already made): resident memory on the CPU, torch's
 allocated memory on CUDA (the default device when there is one). A system
 whose estimated peak exceeds ``--max-memory-gib`` is left out and reported as such.
+
+``bytes_per_logit``: the memory traffic of a step's head and draw per logit, counted on one draw of up to 256
+rows: every operation's tensors read and written (views, which move nothing, aside; the head's weight, read once
+whatever the rows, aside), and for the fused kernel the three reads of its fp32 logits it makes
+(``kernels/draw.TRAFFIC_BYTES_PER_LOGIT``).
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, timed, write_json
+from step_kernels import NO_KERNEL
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # bytes a logit of each system holds at its peak, for the estimate that leaves a system out (not a measurement)
 ESTIMATED_BYTES_PER_LOGIT = {"one_shot": 4 + 8, "before": 4 + 4 + 8 + 8 + 8}
-SYSTEMS = ("chunked", "one_shot", "before")
+SYSTEMS = ("chunked", "one_shot", "fused", "before")
 
 
 def resident_bytes(field: str = "VmRSS") -> int:
@@ -68,13 +78,20 @@ def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: i
         def run(n=rows):
             return TreeSampler._draw(head.logits(hidden[:n]), index[:n], u[:n], 1, params, False)
     else:
-        from treerpo.engine.step_draw import draw_step
+        from treerpo.engine import step_draw
 
-        budget = memory_bytes if system == "chunked" else 1 << 62
+        budget = 1 << 62 if system == "one_shot" else memory_bytes
+        emulated = system == "fused" and device.type != "cuda"
+        step_draw.use_fused_draw = lambda device, params, width: system == "fused"
+        if emulated:
+            emulate_fused_draw()
 
         def run(n=rows):
-            return draw_step(head, hidden[:n], None, u[:n], 1, params, False, budget)  # a decode step: rows in order
+            return step_draw.draw_step(head, hidden[:n], None, u[:n], 1, params, False, budget)  # rows in order
 
+    traffic = bytes_per_logit(lambda: run(min(rows, 256)), min(rows, 256), vocab, layer.weight)
+    if system == "fused" and device.type != "cuda":
+        return {"emulated": True, "bytes_per_logit": traffic, "tokens_sha1": tokens_digest(run()[0])}
     run(min(rows, 4))  # code paths and workspaces loaded on first use are not the draw's memory
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -94,8 +111,54 @@ def worker(system: str, rows: int, vocab: int, hidden_size: int, memory_bytes: i
         "seconds": min(seconds),
         "all_seconds": seconds,
         "peak_extra_MiB": (peak - before) / 2**20,
-        "tokens_sha1": hashlib.sha1(np.ascontiguousarray(tokens[0]).tobytes()).hexdigest(),
+        "bytes_per_logit": traffic,
+        "tokens_sha1": tokens_digest(tokens[0]),
     }
+
+
+def tokens_digest(tokens) -> str:
+    return hashlib.sha1(np.ascontiguousarray(tokens).tobytes()).hexdigest()
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Bytes every operation reads and writes (its tensor arguments and results), views aside."""
+
+    def __init__(self, skip: torch.Tensor):
+        super().__init__()
+        self.bytes = 0
+        self.skip = skip.untyped_storage().data_ptr()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket not in NO_KERNEL:
+            for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != self.skip:
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def bytes_per_logit(run, rows: int, vocab: int, weight: torch.Tensor) -> float:
+    """Traffic of ``run`` (a step's head and draw over ``rows`` rows) per logit, the head's weight aside."""
+    with TrafficCounter(weight) as counter:
+        run()
+    return (counter.bytes + KERNEL_BYTES[0]) / (rows * vocab)
+
+
+KERNEL_BYTES = [0]  # what emulated kernels read, which no PyTorch operation shows
+
+
+def emulate_fused_draw() -> None:
+    """The fused draw without a GPU: its results from PyTorch's draw (not counted), its reads added."""
+    from treerpo.engine.sampling import SamplingParams, draw
+    from treerpo.kernels import draw as kernel
+
+    def fused_draw(logits, u, temperature, entropy, out):
+        with torch.utils._python_dispatch._disable_current_modes():
+            tokens, logprobs, bad, _ = draw(logits, SamplingParams(temperature=temperature), u, entropy)
+            out[:, 0], out[:, 1], out[:, 2] = tokens[:, 0], logprobs[:, 0], float(bad)
+        KERNEL_BYTES[0] += logits.numel() * kernel.TRAFFIC_BYTES_PER_LOGIT
+
+    kernel.fused_draw = fused_draw
 
 
 def run_worker(system: str, src: Path, args, rows: int, vocab: int) -> dict:
@@ -148,7 +211,7 @@ def main(argv=None):
         )
         return
     here = Path(__file__).resolve().parent.parent
-    systems = {"chunked": here, "one_shot": here}
+    systems = {"chunked": here, "one_shot": here, "fused": here}
     if args.baseline is not None:
         systems["before"] = args.baseline.resolve()
     print(
@@ -178,16 +241,22 @@ def main(argv=None):
                         "system": system,
                         "seconds": r.get("seconds", "-"),
                         "peak_extra_MiB": r.get("peak_extra_MiB", "-"),
-                        "note": r.get("left_out") or ("TOKENS DIFFER" if row["same_tokens"] is False else ""),
+                        "bytes_per_logit": r.get("bytes_per_logit", "-"),
+                        "note": r.get("left_out")
+                        or ("TOKENS DIFFER" if row["same_tokens"] is False else "")
+                        or ("emulated: traffic only" if r.get("emulated") else ""),
                     }
                 )
             key = f"{rows}x{vocab}"
+            for system in systems:
+                if "bytes_per_logit" in row[system]:
+                    ratios[f"{system}_bytes_per_logit_{key}"] = row[system]["bytes_per_logit"]
             for other in ("one_shot", "before"):
                 if "seconds" in row.get(other, {}):
                     ratios[f"{other}_over_chunked_seconds_{key}"] = row[other]["seconds"] / row["chunked"]["seconds"]
                     chunked_peak = max(row["chunked"]["peak_extra_MiB"], 1 / 1024)  # at least a KiB: never 0
                     ratios[f"{other}_over_chunked_peak_{key}"] = row[other]["peak_extra_MiB"] / chunked_peak
-    print_table(table, ["rows", "vocab", "system", "seconds", "peak_extra_MiB", "note"])
+    print_table(table, ["rows", "vocab", "system", "seconds", "peak_extra_MiB", "bytes_per_logit", "note"])
     for k, v in ratios.items():
         print(f"{k}: {v:.3g}")
     write_json(
