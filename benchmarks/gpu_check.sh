@@ -11,7 +11,8 @@
 #                  PYTHONPATH=<repo> (treerpo._C then falls back to Python)
 #   correctness    tests/test_triton_production_shapes.py: bf16/fp16 tree attention with gradients and paged/cascade
 #                  decode at Qwen2.5-1.5B/7B and Llama-3.2-1B attention shapes against fp32 (errors -> correctness.json)
-#   triton_kernels tests/test_triton_tree_attention.py, test_triton_paged_decode.py, test_tile_configs.py, compiled
+#   triton_kernels tests/test_triton_tree_attention.py, test_triton_paged_decode.py, test_tile_configs.py, compiled,
+#                  test_fused_layers.py (RMSNorm and rotary kernels), test_fused_draw.py (the fused draw)
 #   paged_cascade  tests/test_paged_cascade.py
 #   arch_bf16      tests/test_architecture_matrix_bf16.py: every exact family in bf16 on CUDA (Triton tree backend,
 #                  the engine's Triton paged decode) against fp32, within bf16's own error
@@ -323,12 +324,13 @@ PYEOF
 
     local T=tests
     local K=$T/test_triton_tree_attention.py P=$T/test_triton_paged_decode.py C=$T/test_tile_configs.py
+    local F="$T/test_fused_layers.py $T/test_fused_draw.py"
     local errors="GPU_CHECK_ERRORS_JSON=$OUTDIR/correctness.json"
     if [[ $DRY == 1 ]]; then  # toy sizes on the CPU
-        local k_triton="test_matches_sdpa_gqa and fan-torch.float32 or test_plain_kernel_matches_reference and 1-2-2-16-1-torch.float32 or test_bad_shapes_refused or test_parse_tiles"
+        local k_triton="test_matches_sdpa_gqa and fan-torch.float32 or test_plain_kernel_matches_reference and 1-2-2-16-1-torch.float32 or test_bad_shapes_refused or test_parse_tiles or test_fused_draw_is_the_fp64_inverse_cdf and 1.0 or test_rope_is_the_llama_function and float32-1"
         bg_part run_part random_model "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from e2e_random_model import _tokenizer; t = _tokenizer(); print('dry run: the 1.5B random model is not made; its tokenizer has', len(t), 'tokens')"
         pytest_part correctness "TREERPO_PRODUCTION_SHAPES=toy $errors" $T/test_triton_production_shapes.py -- -k "qwen or gqa6"
-        pytest_part triton_kernels "TRITON_INTERPRET=1" $K $P $C -- -k "$k_triton"
+        pytest_part triton_kernels "TRITON_INTERPRET=1" $K $P $C $F -- -k "$k_triton"
         pytest_part paged_cascade "" $T/test_paged_cascade.py -- -k "not smollm2"
         pytest_part arch_bf16 "" $T/test_architecture_matrix_bf16.py -- -k "qwen2 and not window"
         pytest_part kernel_check "" $T/test_kernel_check.py
@@ -341,7 +343,7 @@ PYEOF
     else
         bg_part run_part random_model "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from e2e_random_model import random_qwen2_dir; print('random 1.5B model:', random_qwen2_dir())"
         pytest_part correctness "$errors" $T/test_triton_production_shapes.py
-        pytest_part triton_kernels "" $K $P $C
+        pytest_part triton_kernels "" $K $P $C $F
         pytest_part paged_cascade "" $T/test_paged_cascade.py
         pytest_part arch_bf16 "" $T/test_architecture_matrix_bf16.py
         pytest_part kernel_check "" $T/test_kernel_check.py

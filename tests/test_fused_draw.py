@@ -20,11 +20,14 @@ from treerpo.policy.lm_head import LMHead
 from treerpo.runtime.finite_guard import NonFiniteError
 from treerpo.tree import TreeSpec
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def run(logits, u, temperature, entropy=True):
-    out = torch.full((len(logits), result_columns(u.shape[1])), float("nan"), dtype=torch.float64)
+    logits, u = logits.to(DEVICE), u.to(DEVICE)
+    out = torch.full((len(logits), result_columns(u.shape[1])), float("nan"), dtype=torch.float64, device=DEVICE)
     fused_draw(logits, u, temperature, entropy, out)
-    k = u.shape[1]
+    out, k = out.cpu(), u.shape[1]
     return out[:, :k].long(), out[:, k : 2 * k], out[:, 2 * k], out[:, 2 * k + 1]
 
 
@@ -84,13 +87,14 @@ def test_fused_step_draws_equal_the_pytorch_step(monkeypatch, temperature):
     """``draw_step`` in chunks of 3 rows with a row index (as prefill maps trees to a prompt's row): the fused path's
     tokens are the PyTorch path's, its log-probs and entropies those values in fp64."""
     torch.manual_seed(0)
-    model = tiny_model(vocab=300)
+    model = tiny_model(vocab=300).to(DEVICE)
     head = SamplingHead(LMHead(model))
-    hidden = torch.randn(5, model.config.hidden_size) * 4
+    hidden = (torch.randn(5, model.config.hidden_size) * 4).to(DEVICE)
     rows = np.array([0, 0, 1, 2, 2, 2, 3, 4, 4, 1, 0])
     u = np.random.default_rng(0).random((len(rows), 3))
     params = SamplingParams(temperature=temperature)
     args = (head, hidden, rows, u, 3, params, True, 3 * 300 * 4)
+    monkeypatch.setattr(step_draw, "use_fused_draw", lambda device, params, width: False)
     plain = step_draw.draw_step(*args)
     monkeypatch.setattr(step_draw, "use_fused_draw", lambda device, params, width: True)
     fused = step_draw.draw_step(*args)
@@ -101,9 +105,10 @@ def test_fused_step_draws_equal_the_pytorch_step(monkeypatch, temperature):
 
 def test_fused_step_refuses_non_finite_logits(monkeypatch):
     monkeypatch.setattr(step_draw, "use_fused_draw", lambda device, params, width: True)
-    model = tiny_model(vocab=300)
+    model = tiny_model(vocab=300).to(DEVICE)
     hidden = torch.randn(4, model.config.hidden_size)
     hidden[3, 0] = float("nan")
+    hidden = hidden.to(DEVICE)
     with pytest.raises(NonFiniteError, match="not finite"):
         step_draw.draw_step(SamplingHead(LMHead(model)), hidden, None, None, 1, SamplingParams(), False)
 
@@ -113,7 +118,8 @@ def test_engine_with_the_fused_draw_samples_the_same_seeded_trees(monkeypatch):
     tok = build_char_tokenizer()
     prompts = [tok("12+3=")["input_ids"], tok("7-4=")["input_ids"]]
     spec = TreeSpec((2, 2), segment_tokens=5, temperature=1.0, fork_entropy=1.0, min_segment_tokens=2)
-    model = tiny_model(vocab=len(tok), seed=2)
+    model = tiny_model(vocab=len(tok), seed=2).to(DEVICE)
+    monkeypatch.setattr(step_draw, "use_fused_draw", lambda device, params, width: False)
     plain = TreeSampler(model, tok, pool_tokens=512).sample(prompts, spec, seeds=[4, 5])
     monkeypatch.setattr(step_draw, "use_fused_draw", lambda device, params, width: True)
     fused = TreeSampler(model, tok, pool_tokens=512).sample(prompts, spec, seeds=[4, 5])

@@ -19,6 +19,7 @@ from treerpo.models.tiny import build_char_tokenizer
 from treerpo.tree import TreeSpec
 
 DTYPES = [torch.float32, torch.float16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def relative_error(got, want) -> float:
@@ -42,7 +43,8 @@ def test_rms_norm_is_the_llama_module(dtype, weight_dtype):
         module.weight.copy_(torch.rand(48) * 2)
     if weight_dtype == "fp32":
         module.weight.data = module.weight.data.float()
-    x = (torch.randn(7, 96) * 4).to(dtype)[:, ::2]  # a strided view: copied to rows first
+    module = module.to(DEVICE)
+    x = (torch.randn(7, 96) * 4).to(DEVICE, dtype)[:, ::2]  # a strided view: copied to rows first
     with torch.no_grad():
         want = module(x)
     got = rms_norm(x, module.weight, module.variance_epsilon)
@@ -57,10 +59,10 @@ def test_rope_is_the_llama_function_on_hugging_faces_layout(dtype, cos_batch):
     ``apply_rotary_pos_emb``'s within rounding, laid out as the inputs."""
     torch.manual_seed(1)
     b, t, hq, hkv, d = 2, 5, 6, 2, 16
-    q = torch.randn(b, t, hq, d).to(dtype).transpose(1, 2)
-    k = torch.randn(b, t, hkv, d).to(dtype).transpose(1, 2)
+    q = torch.randn(b, t, hq, d).to(DEVICE, dtype).transpose(1, 2)
+    k = torch.randn(b, t, hkv, d).to(DEVICE, dtype).transpose(1, 2)
     angles = torch.rand(cos_batch, t, d // 2) * 20
-    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
     want = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
     got = apply_rope(q, k, cos, sin)
     for g, w, x in zip(got, want, (q, k), strict=True):
@@ -111,8 +113,9 @@ def test_engine_with_fused_layers_samples_the_trees_of_the_models_own_code(dtype
     prompts = [tok("12+3=")["input_ids"], tok("7-4=")["input_ids"]]
     runs = {}
     for fused in (False, True):
-        model = tiny_model(vocab=len(tok), seed=3).to(dtype)
+        model = tiny_model(vocab=len(tok), seed=3).to(DEVICE, dtype)
         sampler = TreeSampler(model, tok, pool_tokens=512)
+        sampler.runner.fused_layers = False  # the default on CUDA: turned on below only
         if fused:
             assert sampler.runner.use_fused_layers()["norms"] == 5
         greedy = sampler.sample(prompts, TreeSpec((2, 2), segment_tokens=4, temperature=0.0))
@@ -127,7 +130,7 @@ def test_engine_with_fused_layers_samples_the_trees_of_the_models_own_code(dtype
 
 
 def test_the_first_use_check_accepts_the_kernels_here():
-    assert fused_layers.fused_kernels_work(torch.device("cpu"), torch.float32) is None
+    assert fused_layers.fused_kernels_work(torch.device(DEVICE), torch.float32) is None
 
 
 def test_kernels_that_disagree_with_the_models_code_are_not_used(monkeypatch):
@@ -137,7 +140,7 @@ def test_kernels_that_disagree_with_the_models_code_are_not_used(monkeypatch):
     real = rms_norm_module.rms_norm
     monkeypatch.setattr(rms_norm_module, "rms_norm", lambda *args: real(*args) * 1.01)
     tok = build_char_tokenizer()
-    sampler = TreeSampler(tiny_model(vocab=len(tok)), tok, pool_tokens=64)
+    sampler = TreeSampler(tiny_model(vocab=len(tok)), tok, pool_tokens=64)  # on the CPU: fused layers off
     with pytest.warns(UserWarning, match="fused RMSNorm and rotary kernels not used.*differs"):
         assert sampler.runner.use_fused_layers() == {"norms": 0, "rope_families": 0}
     assert not sampler.runner.fused_layers
