@@ -116,8 +116,11 @@ def matmul_limit(config, dtype: torch.dtype, device, rows: int, repeats: int = 5
     }
 
 
-def run_engine(model, tok, prompts, spec, share: bool, pool_tokens: int, cascade: bool = True):
-    sampler = TreeSampler(model, tok, pool_tokens=pool_tokens, share_prefixes=share, ignore_eos=True, cascade=cascade)
+def run_engine(model, tok, prompts, spec, share: bool, pool_tokens: int, cascade: bool = True, sampler=None):
+    sampler = sampler or TreeSampler(
+        model, tok, pool_tokens=pool_tokens, share_prefixes=share, ignore_eos=True, cascade=cascade
+    )
+    sampler.runner.forward_tokens = 0
     if share:
         trees, seconds = timed(lambda: sampler.sample(prompts, spec, seeds=range(len(prompts))))
     else:  # the same leaves, each an independent chain: G copies of the prompt, branching 1 at every level
@@ -216,6 +219,51 @@ def compare_dtypes(args, model, prompts, spec: TreeSpec, systems: dict, cascade:
     }
 
 
+def compare_compiled(args, model, tok, prompts, spec: TreeSpec, cascade: bool) -> dict:
+    """engine_tree with compiled decoder layers against eager on the same model, runs alternating (after the compiled
+    sampler's first rollout, which compiles and is timed apart), graphs compiled over every run, and greedy decodes
+    of the two compared token by token."""
+    from treerpo.engine.compiled_layers import recompiles
+
+    def sampler(compiled: bool):
+        return TreeSampler(model, tok, pool_tokens=args.pool_tokens, ignore_eos=True, cascade=cascade, compile=compiled)
+
+    eager_sampler, compiled_sampler = sampler(False), sampler(True)
+    graphs_before = recompiles()
+    first = run_engine(model, tok, prompts, spec, True, args.pool_tokens, cascade, compiled_sampler)["seconds"]
+    runs = {"eager": [], "compiled": []}
+    for _ in range(args.repeats):
+        for label, s in (("eager", eager_sampler), ("compiled", compiled_sampler)):
+            runs[label].append(run_engine(model, tok, prompts, spec, True, args.pool_tokens, cascade, s)["seconds"])
+    graphs = recompiles() - graphs_before
+    flat = TreeSpec((1,), spec.max_new_tokens, max_prompt_tokens=256, temperature=0.0)
+    greedy = {
+        label: [t.path_token_ids(int(t.leaves()[0]), include_prompt=False).tolist() for t in s.sample(prompts, flat)]
+        for label, s in (("eager", eager_sampler), ("compiled", compiled_sampler))
+    }
+    agree = agreement(greedy["eager"], greedy["compiled"])
+    failed = compiled_sampler.runner.compiled.failed
+    best = {label: min(v) for label, v in runs.items()}
+    print(
+        f"compiled decoder layers: first rollout (compiling) {first:.1f} s; then engine_tree eager "
+        f"{best['eager']:.2f} s, compiled {best['compiled']:.2f} s; {graphs} graphs compiled over every run; greedy "
+        f"decodes identical in {agree['identical']} of {agree['of']}" + (f"; FELL BACK: {failed}" if failed else "")
+    )
+    return {
+        "first_rollout_seconds": first,
+        "engine_tree_seconds": runs,
+        "graphs": graphs,
+        "greedy_agreement": agree,
+        "failed": failed,
+        "ratios": {
+            "compiled_speedup_vs_eager": best["eager"] / best["compiled"],
+            "compile_seconds": first - best["compiled"],
+            "compiled_graphs": graphs,
+            "compiled_greedy_identical_share": agree["identical"] / agree["of"],
+        },
+    }
+
+
 def analytic_ratio(spec: TreeSpec) -> float:
     """Generated tokens of independent leaves over those of the tree: G*d*L / L*(b1 + b1 b2 + ...)."""
     return spec.max_leaves * spec.depth * spec.segment_tokens / spec.max_generated_tokens
@@ -248,6 +296,12 @@ def main(argv=None):
         default=None,
         help="also time engine_tree and hf_generate with the model in this dtype, alternating runs with --dtype's, "
         "and compare greedy decodes of the two (e.g. --dtype bf16 --against-dtype fp32)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time engine_tree with compiled decoder layers (TreeSampler(compile=True)) against eager, "
+        "alternating runs, with its compile time, graphs and greedy decodes against eager's",
     )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -345,6 +399,9 @@ def main(argv=None):
     ratios["speedup_over_analytic"] = (
         ratios["engine_tree_speedup_vs_hf_generate"] / ratios["analytic_generated_token_ratio"]
     )
+    compile_comparison = compare_compiled(args, model, tok, prompts, spec, cascade) if args.compile else None
+    if compile_comparison:
+        ratios.update(compile_comparison["ratios"])
     dtype_comparison = None
     if args.against_dtype:
         dtype_comparison = compare_dtypes(args, model, prompts, spec, systems, cascade)
@@ -369,6 +426,7 @@ def main(argv=None):
             "matmul_limit": limit,
             "systems": systems,
             "dtype_comparison": dtype_comparison,
+            "compile_comparison": compile_comparison,
             "ratios": ratios,
         },
     )

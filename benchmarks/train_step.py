@@ -27,31 +27,18 @@ from common import machine, print_table, write_json
 from rollout import load
 
 from treerpo.attention import enable_tree_attention
+from treerpo.memory.workload import full_tree
 from treerpo.policy.logprobs import packed_logprobs
 from treerpo.policy.precision import MasterWeights
-from treerpo.tree import Tree
+from treerpo.tree import TreeSpec
 from treerpo.trees.packing import pack_trees
 
 
 def random_trees(count: int, vocab: int, prompt_tokens: int, branching, segment_tokens: int, seed: int = 0):
+    """``count`` full trees of random tokens (every node expanded, every group kept), as the memory plan builds."""
+    spec = TreeSpec(tuple(branching), segment_tokens, max_prompt_tokens=prompt_tokens)
     rng = np.random.default_rng(seed)
-    trees = []
-    for _ in range(count):
-        parents, frontier = [], [0]
-        for width in branching:
-            children = []
-            for parent in frontier:
-                for _ in range(width):
-                    parents.append(parent)
-                    children.append(len(parents))
-            frontier = children
-        segments = [rng.integers(0, vocab, segment_tokens) for _ in parents]
-        tree = Tree.from_segments(rng.integers(0, vocab, prompt_tokens), parents, segments, [False] * len(parents))
-        tree.kept = np.ones(tree.num_nodes, dtype=bool)
-        tree.kept[0] = False
-        tree.advantage = rng.normal(size=tree.num_nodes)
-        trees.append(tree)
-    return trees
+    return [full_tree(spec, prompt_tokens, rng, vocab) for _ in range(count)]
 
 
 class Step:
@@ -74,6 +61,8 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         if self.masters:
             self.masters.master_to_model()
+        if batch.input_ids.is_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
 

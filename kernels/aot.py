@@ -235,7 +235,7 @@ def _draw_launches(arch: int) -> list[Launch]:
     out = []
     for greedy in (False, True):
         for entropy in (False, True):
-            for kb in (1, draw.MAX_DRAWS):
+            for kb in (1, 2, 4, 8, draw.MAX_DRAWS):  # a draw a row, forks of 1, 3, 7 and up to 15 children
                 consts = (("BLOCK", draw.BLOCK), ("ENTROPY", entropy), ("GREEDY", greedy), ("KB", kb))
                 out.append(Launch("_draw_fwd", "fp32", 0, consts, draw.NUM_WARPS, 1, arch, False))
     return out

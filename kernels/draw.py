@@ -4,12 +4,14 @@ One program a row reads the row's logits three times and writes nothing but its 
   1. the maximum (and the first index holding it, for greedy rows), and whether a logit is NaN or +inf;
   2. the fp64 sum of ``exp((x - max) / T)`` (and of its products with the exponent, for the entropy);
   3. for each of the row's K uniforms, the number of cumulative sums at or below ``u * total``: that count is the
-     inverse-CDF token (``searchsorted(cdf, u * total, right=True)``, clamped to the vocabulary).
+     inverse-CDF token (``searchsorted(cdf, u * total, right=True)``, clamped to the last token with weight).
 So a logit costs 12 bytes read after the 4 the LM head wrote, against about 90 for the PyTorch draw
 (``engine/sampling.draw``: an fp64 copy, scaling, shift, exponent and cumulative sum in place, each a pass that
 reads and writes 8 bytes), and the step launches one kernel instead of about twenty. The arithmetic is the
-PyTorch draw's, in fp64 (only the order of additions differs, a few units in the 16th digit), so a seeded draw
-picks the same token even next to a CDF boundary. Truncated sampling (top-k, top-p) stays with PyTorch.
+PyTorch draw's in fp64, but for the order of additions and ``(x - max) / T`` against ``x / T - max / T`` (a few
+units in the 16th digit): a seeded draw picks PyTorch's token unless its uniform lies within about 1e-15 of a
+CDF boundary (the tests place uniforms 1e-10 from boundaries). A row with a NaN or +inf logit, or with no finite
+one, is flagged. Truncated sampling (top-k, top-p) and more than ``MAX_DRAWS`` draws a row stay with PyTorch.
 
 Each row's results land in one fp64 row ``[K tokens, K log-probs, bad, entropy]`` of the caller's buffer, so a
 whole step's results reach the host in one copy.
@@ -63,6 +65,7 @@ def _draw_fwd(
     # pass 2: the softmax's denominator (and the entropy's sum) in fp64
     total = tl.full([], 0.0, tl.float64)
     weighted = tl.full([], 0.0, tl.float64)
+    last = tl.full([], 0, tl.int64)  # the last token with weight: the clamp of a search past the total
     for start in range(0, n_vocab, BLOCK):
         cols = start + offs
         valid = cols < n_vocab
@@ -70,6 +73,7 @@ def _draw_fwd(
         s = tl.where(valid, x - top64 if GREEDY else (x - top64) / t, float("-inf"))
         w = tl.exp(s)
         total += tl.sum(w, 0)
+        last = tl.maximum(last, tl.max(tl.where(w > 0, cols, 0), 0).to(tl.int64))
         if ENTROPY:
             weighted += tl.sum(w * tl.where(w > 0, s, 0.0), 0)  # a masked token (-inf) adds nothing
     log_total = tl.log(total)
@@ -92,12 +96,13 @@ def _draw_fwd(
             at_or_below = (cdf[None, :] <= targets[:, None]) & valid[None, :]
             below += tl.sum(at_or_below.to(tl.int64), 1)
             running += tl.sum(w, 0)
-        tokens = tl.minimum(below, n_vocab - 1)
+        tokens = tl.minimum(below, last)
     chosen = tl.load(base + tokens, mask=k_valid, other=0.0).to(tl.float64)
     logprobs = (chosen - top64 if GREEDY else (chosen - top64) / t) - log_total
     out = OUT + row * stride_o
     tl.store(out + ks, tokens.to(tl.float64), mask=k_valid)
     tl.store(out + n_draws + ks, logprobs, mask=k_valid)
+    bad = bad | (top == float("-inf")).to(tl.int32)  # no finite logit: nothing to draw from
     tl.store(out + 2 * n_draws, bad.to(tl.float64))
     if ENTROPY:
         tl.store(out + 2 * n_draws + 1, log_total - weighted / total)

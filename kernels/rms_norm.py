@@ -1,9 +1,11 @@
-"""RMSNorm forward in one kernel, exactly as Llama-style Hugging Face modules compute it.
+"""RMSNorm forward in one kernel, rounded where Llama-style Hugging Face modules round it.
 
 ``weight * (x.float() * rsqrt(mean(x.float() ** 2) + eps)).to(x.dtype)``: the normalisation in fp32, rounded to the
 input's dtype, then multiplied by the weight in the promoted dtype (a bf16 x bf16 product rounded once, as torch
-does it). Hugging Face's module launches about eight kernels for this (conversions, square, mean, add, rsqrt, two
-products); the decode step runs two such norms a layer. Inference only (no autograd): the engine's forwards.
+does it). The fp32 sum of squares adds up in another order and rsqrt may differ in its last bit, so values agree
+within a few units in the last place (tested). Hugging Face's module launches about eight kernels for this
+(conversions, square, mean, add, rsqrt, two products); the decode step runs two such norms a layer. Inference only
+(no autograd): the engine's forwards.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rotary position embedding of the queries and keys in one kernel, exactly as Llama-style Hugging Face code does.
+"""Rotary position embedding of the queries and keys in one kernel, rounded where Llama-style Hugging Face code rounds.
 
 ``q * cos + rotate_half(q) * sin`` (and the same for k), each product and the sum rounded to the tensors' dtype as
 torch rounds them; Hugging Face launches about ten kernels for this (two products, a negation, a concatenation and
@@ -29,7 +29,7 @@ def _rope_fwd(
 ):  # fmt: skip
     """One program a (batch, token, head): query heads first, then key heads."""
     pid = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)
     b = pid // n_tokens
     t = pid % n_tokens
     cols = tl.arange(0, BLOCK)

@@ -126,3 +126,34 @@ def test_engine_with_the_fused_draw_samples_the_same_seeded_trees(monkeypatch):
     for a, b in zip(plain, fused, strict=True):
         assert a.token_ids.tolist() == b.token_ids.tolist() and a.parent.tolist() == b.parent.tolist()
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, rtol=1e-6, atol=1e-6)
+
+
+def test_a_row_without_a_finite_logit_is_flagged_by_both_draws():
+    """All -inf (every token masked) leaves nothing to draw from: flagged, as NaN and +inf are, on both paths."""
+    from treerpo.engine.sampling import draw
+
+    logits = torch.randn(3, 200)
+    logits[1] = float("-inf")
+    u = torch.rand(3, 2, dtype=torch.float64)
+    _, _, bad, _ = run(logits, u, 1.0)
+    assert bad.tolist() == [0.0, 1.0, 0.0]
+    for temperature in (1.0, 0.0):
+        assert bool(draw(logits, SamplingParams(temperature=temperature), u)[2])
+
+
+def test_the_first_use_check_accepts_the_kernel_and_refuses_a_wrong_one(monkeypatch):
+    from treerpo.kernels import draw as kernel
+
+    step_draw.fused_draw_works.cache_clear()
+    assert step_draw.fused_draw_works(torch.device(DEVICE))
+    step_draw.fused_draw_works.cache_clear()
+    real = kernel.fused_draw
+
+    def off_by_one(logits, u, temperature, entropy, out):
+        real(logits, u, temperature, entropy, out)
+        out[:, 0] += 1
+
+    monkeypatch.setattr(kernel, "fused_draw", off_by_one)
+    with pytest.warns(UserWarning, match="fused draw is not used.*differ from PyTorch's"):
+        assert not step_draw.fused_draw_works(torch.device(DEVICE))
+    step_draw.fused_draw_works.cache_clear()

@@ -18,8 +18,10 @@ from treerpo.kernels.rope import apply_rope
 from treerpo.models.tiny import build_char_tokenizer
 from treerpo.tree import TreeSpec
 
-DTYPES = [torch.float32, torch.float16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + (
+    [torch.bfloat16] if DEVICE == "cuda" else []
+)  # the interpreter's bf16 is wrong
 
 
 def relative_error(got, want) -> float:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import tiny_model
-from treerpo.engine.sampling_head import SamplingHead
+from treerpo.engine.sampling_head import SamplingHead, native_matmul
 from treerpo.engine.tree_sampler import TreeSampler
 from treerpo.models.tiny import build_char_tokenizer
 from treerpo.policy.lm_head import LMHead
@@ -35,15 +35,17 @@ def test_logits_are_the_heads_products_on_every_route(dtype, precision):
     head = SamplingHead(LMHead(model), precision)
     logits = head.logits(hidden)
     assert logits.dtype == torch.float32 and logits.shape == (9, 300)
-    exact = dtype == torch.float32 or head.route() == "copy"
-    assert head.route() == ("fp32" if dtype == torch.float32 else "copy" if precision == "fp32" else head.route())
+    native = native_matmul(dtype, torch.device("cpu"))
+    expected_route = "fp32" if dtype == torch.float32 else "model" if precision == "model" and native else "copy"
+    assert head.route() == expected_route
+    exact = expected_route != "model"
     assert relative_error(logits, fp64_logits(model, hidden)) < (1e-6 if exact else 2**-8)
 
 
 def test_model_route_where_the_cpu_has_the_matmul():
     """On a CPU with AMX/AVX512-BF16 a bf16 head multiplies in bf16: the logits are bf16 values (the model's rounding),
     not fp32 products."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not native_matmul(torch.bfloat16, torch.device("cpu")):
         pytest.skip("this CPU has no native bf16 matmul: the head takes the fp32 copy")
     model = tiny_model(vocab=300).to(torch.bfloat16)
     head = SamplingHead(LMHead(model))

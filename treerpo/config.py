@@ -178,6 +178,13 @@ class TrainConfig:
     sampler: str = field(default="engine", metadata={"help": "engine: radix-cache KV pool; reference: generate()"})
     kv_pool_tokens: int = field(default=1 << 15, metadata={"help": "KV slots of the engine's pool"})
     sampler_batch_size: int = field(default=256, metadata={"help": "rows per generate() call (reference, eval)"})
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "run the engine's forwards with the decoder layers torch.compile'd (CUDA graphs on CUDA); off by "
+            "default: on the 2-core development CPU it did not pay (benchmarks/README.md)"
+        },
+    )
     verify_kernels: bool = field(
         default=True,
         metadata={
@@ -227,6 +234,8 @@ class TrainConfig:
                 f"fork_entropy must be a finite number of nats >= 0, got {self.fork_entropy}; use 0 to "
                 "fork at segment ends only, or e.g. 1.5 to fork where the next token is that uncertain"
             )
+        if self.compile and self.sampler != "engine":
+            raise ConfigError("compile=True compiles the engine's forwards; it needs sampler=engine")
         if self.fork_entropy > 0 and self.sampler != "engine":
             raise ConfigError(
                 "fork_entropy > 0 needs --sampler engine (the reference sampler forks at segment ends only)"

@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import sys
 
+import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from treerpo.attention.context import METADATA_KWARG, current_tree_metadata
+from treerpo.attention.context import METADATA_KWARG, current_tree_metadata, prepared_mask
 from treerpo.attention.features import attention_features
 from treerpo.attention.kernel_check import checked_backend
 from treerpo.attention.paged import PagedAttentionMetadata
@@ -36,6 +37,7 @@ class UnsupportedModelError(ValueError):
     """The model uses an attention feature the tree and paged attention do not implement."""
 
 
+@torch.compiler.disable  # reads the step's metadata and picks a backend in Python: a compiled model calls it eagerly
 def tree_attention_forward(
     module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
 ):
@@ -43,6 +45,11 @@ def tree_attention_forward(
     # the context variable, they are captured by activation checkpointing and seen again when it recomputes
     meta = kwargs.pop(METADATA_KWARG, None) or current_tree_metadata()
     if meta is None:
+        if attention_mask is not None and attention_mask is prepared_mask(attention_mask.device):
+            raise RuntimeError(
+                "a forward handed the tree/paged prepared mask reached the model's own attention outside a tree or "
+                "paged block: its all-true mask would attend both ways; run the forward inside the block"
+            )
         return default_attention(module)(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -57,8 +64,8 @@ def tree_attention_forward(
     else:
         backend = checked_backend(kind, meta.backend, query.device, query.dtype, heads_of(query, key))
         extra = {}
-    if kind == "paged":
-        return get_paged_backend(backend)(module, query, key, value, meta, scaling, **extra), None
+    if kind == "paged":  # inference only: the result's view base, if any, is of no use (and a compiled layer's guard)
+        return get_paged_backend(backend)(module, query, key, value, meta, scaling, **extra).detach(), None
     out = get_tree_backend(backend)(query, key, value, meta.tin, meta.tout, scale=scaling, cache=meta.cache, **extra)
     return out.transpose(1, 2).contiguous(), None
 

@@ -124,9 +124,10 @@ def enable_fused_layers(model) -> dict[str, int]:
     return {"norms": norms, "rope_families": len(families)}
 
 
-def fused_kernels_work(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None when both fused kernels compile on ``device`` and agree with Llama's own functions on a small case;
-    else why not (the engine then keeps the model's own code)."""
+def fused_kernels_work(device: torch.device, dtype: torch.dtype, hidden: int = 64, head_dim: int = 32) -> str | None:
+    """None when both fused kernels compile on ``device`` and agree with Llama's own functions on a few rows of the
+    model's ``hidden`` size and ``head_dim`` in its compute ``dtype``; else why not (the engine then keeps the
+    model's own code)."""
     try:
         from treerpo.kernels import rms_norm, rope
 
@@ -136,9 +137,9 @@ def fused_kernels_work(device: torch.device, dtype: torch.dtype) -> str | None:
             weight=(torch.rand(64, generator=gen) + 0.5).to(device, dtype), variance_epsilon=1e-6
         )
         checks = [(rms_norm.rms_norm(x, norm.weight, 1e-6), _LlamaRMSNorm.forward(norm, x))]
-        q = torch.randn(1, 5, 4, 32, generator=gen).to(device, dtype).transpose(1, 2)  # HF's layout
-        k = torch.randn(1, 5, 2, 32, generator=gen).to(device, dtype).transpose(1, 2)
-        angles = torch.rand(1, 5, 16, generator=gen) * 6
+        q = torch.randn(1, 5, 4, head_dim, generator=gen).to(device, dtype).transpose(1, 2)  # HF's layout
+        k = torch.randn(1, 5, 2, head_dim, generator=gen).to(device, dtype).transpose(1, 2)
+        angles = torch.rand(1, 5, head_dim // 2, generator=gen) * 6
         cos, sin = (f(torch.cat([angles, angles], -1)).to(device, dtype) for f in (torch.cos, torch.sin))
         checks += list(zip(rope.apply_rope(q, k, cos, sin), _llama_apply_rotary_pos_emb(q, k, cos, sin), strict=True))
     except Exception as error:  # a GPU or Triton build that cannot compile them

@@ -18,6 +18,7 @@ from treerpo.attention import enable_tree_attention
 from treerpo.attention.context import attention_metadata, prepared_mask
 from treerpo.attention.features import model_has_features
 from treerpo.attention.registry import default_paged_backend  # looked up here by ModelRunner (tests patch it)
+from treerpo.engine.compiled_layers import CompiledLayers, compiled_layers_active
 from treerpo.engine.fused_layers import enable_fused_layers, fused_kernels_work, fused_layers_active
 from treerpo.engine.sampling_head import SamplingHead
 from treerpo.engine.step_builder import StepInputs
@@ -35,7 +36,7 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 
 class ModelRunner:
-    def __init__(self, model, pool, head_precision: str = "model"):
+    def __init__(self, model, pool, head_precision: str = "model", compile: bool = False):
         self.model = enable_tree_attention(model)
         self.pool = pool
         self.device = next(model.parameters()).device
@@ -45,17 +46,19 @@ class ModelRunner:
         self.cascade_min_saved_bytes = CASCADE_MIN_SAVED_BYTES  # see cascade_spares_enough
         self.cascade_capable = not model_has_features(model)  # windows, soft-capping, sinks: not in the cascade
         self.fused_layers = False  # the fused RMSNorm and rotary kernels in every forward (fused_layers), on CUDA
-        if self.device.type == "cuda":
+        self.compiled = CompiledLayers(self.model) if compile else None  # compiled_layers: Inductor fuses instead
+        if self.device.type == "cuda" and not compile:
             self.use_fused_layers()
 
     def use_fused_layers(self) -> dict[str, int]:
         """Run the forwards with the fused norm and rotary kernels where the model computes exactly as Llama does
         (``fused_layers``); the default on CUDA. A device where they fail to compile or to agree with the model's own
         code keeps that code, with one warning. Returns what was swapped."""
-        dtype = next(self.model.parameters()).dtype
-        reason = fused_kernels_work(self.device, dtype)
+        _, _, head_dim = kv_shape(self.model.config)
+        hidden = self.model.config.hidden_size
+        reason = fused_kernels_work(self.device, self.pool.dtype, hidden, head_dim)  # the compute dtype
         if reason is not None:
-            warnings.warn(f"fused RMSNorm and rotary kernels not used on {self.device} ({dtype}): {reason}")
+            warnings.warn(f"fused RMSNorm and rotary kernels not used on {self.device} ({self.pool.dtype}): {reason}")
             return {"norms": 0, "rope_families": 0}
         swapped = enable_fused_layers(self.model)
         self.fused_layers = True
@@ -67,10 +70,11 @@ class ModelRunner:
         ``inputs.last_rows`` (``self.head.logits`` makes them logits; the engine does so a chunk of rows at a
         time, ``step_draw``)."""
         inputs.meta.backend = self.paged_backend
-        with attention_metadata(inputs.meta), fused_layers_active(self.fused_layers):
+        compiled = self.compiled is not None and self.compiled.active
+        with attention_metadata(inputs.meta), fused_layers_active(self.fused_layers), compiled_layers_active(compiled):
             hidden = decoder_of(self.model)(
-                input_ids=inputs.input_ids,
-                position_ids=inputs.position_ids,
+                input_ids=_plain(inputs.input_ids),
+                position_ids=_plain(inputs.position_ids),
                 attention_mask=prepared_mask(self.device),
                 use_cache=False,
             ).last_hidden_state[0]
@@ -83,3 +87,9 @@ class ModelRunner:
         more than the bytes they save (measured on CPU). Never for a model with windows, soft-capping or sinks."""
         saved = repeated_keys * self.pool.bytes_per_token // self.pool.num_layers
         return self.cascade_capable and saved >= self.cascade_min_saved_bytes
+
+
+def _plain(ids: torch.Tensor) -> torch.Tensor:
+    """[1, N] with row-major strides and no view base (a host array's ``[None]`` has stride 0; a staged array is a view
+    of its buffer): what a compiled layer's guards see is the same every step. No copy."""
+    return ids.reshape(-1)[None].detach()

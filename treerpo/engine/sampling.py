@@ -134,14 +134,14 @@ def _entropy(shifted: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) 
 
 
 def _not_finite(row_max: torch.Tensor) -> torch.Tensor:
-    """bool scalar: some row's maximum is NaN (max propagates NaN) or +inf."""
-    return (torch.isnan(row_max) | torch.isposinf(row_max)).any()
+    """bool scalar: some row's maximum is NaN (max propagates NaN), +inf, or -inf (no finite logit to draw from)."""
+    return (~torch.isfinite(row_max)).any()
 
 
 def raise_nonfinite() -> None:
     from treerpo.runtime.finite_guard import NonFiniteError
 
     raise NonFiniteError(
-        "the model's next-token logits are not finite (NaN or +inf): its weights have "
-        "diverged or overflowed; sampling stopped"
+        "the model's next-token logits are not finite (NaN or +inf, or a row without a finite logit): its weights "
+        "have diverged or overflowed; sampling stopped"
     )

@@ -9,6 +9,9 @@ host-device synchronisation.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import numpy as np
 import torch
 
@@ -22,7 +25,30 @@ def use_fused_draw(device: torch.device, params: SamplingParams, width: int) -> 
     ``MAX_DRAWS`` draws a row; PyTorch's elsewhere."""
     from treerpo.kernels.draw import MAX_DRAWS
 
-    return device.type == "cuda" and not truncated(params) and width <= MAX_DRAWS
+    return device.type == "cuda" and not truncated(params) and width <= MAX_DRAWS and fused_draw_works(device)
+
+
+@functools.cache
+def fused_draw_works(device: torch.device) -> bool:
+    """The fused draw's first-use check on ``device``: it compiles and draws PyTorch's tokens and log-probs on a small
+    case (three blocks of a vocabulary, sampled and greedy); else PyTorch's draw from now on, with one warning."""
+    from treerpo.kernels.draw import BLOCK, fused_draw, result_columns
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 3 * BLOCK - 5, generator=gen) * 3).to(device)
+    u = torch.rand(4, 3, generator=gen, dtype=torch.float64).to(device)
+    try:
+        for temperature in (0.7, 0.0):
+            out = torch.empty(4, result_columns(3), dtype=torch.float64, device=device)
+            fused_draw(logits, u, temperature, True, out)
+            tokens, logprobs, _, entropies = draw(logits, SamplingParams(temperature=temperature), u, True)
+            agree = torch.equal(out[:, :3].long(), tokens) and torch.allclose(out[:, 3:6].float(), logprobs, atol=1e-4)
+            if not (agree and torch.allclose(out[:, 7].float(), entropies, atol=1e-4)):
+                raise ValueError(f"its draws at temperature {temperature} differ from PyTorch's")
+    except Exception as error:  # a GPU or Triton build that cannot compile it
+        warnings.warn(f"the fused draw is not used on {device}: {type(error).__name__}: {error}")
+        return False
+    return True
 
 
 def truncated(params: SamplingParams) -> bool:

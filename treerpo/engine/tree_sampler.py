@@ -51,6 +51,7 @@ class TreeSampler:
         draw_memory_bytes: int = DEFAULT_DRAW_MEMORY_BYTES,
         kv_dtype: torch.dtype | None = None,
         head_precision: str = "model",
+        compile: bool = False,
     ):
         """``share_prefixes=False`` prefills every tree's prompt on its own and skips the radix cache (the
         baseline of benchmarks); ``ignore_eos`` generates full segments whatever is sampled (throughput runs);
@@ -62,7 +63,9 @@ class TreeSampler:
         ``kv_dtype``: the dtype the model computes in, default its parameters' (under FSDP2 mixed precision the
         parameters are fp32 masters and the forward runs in bf16/fp16). ``head_precision``: how a half-precision
         model's LM head computes the logits it samples from (``sampling_head``): ``"model"`` in its own dtype where
-        the device has that matmul (the default, as vLLM and SGLang do), ``"fp32"`` as fp32 products."""
+        the device has that matmul (the default, as vLLM and SGLang do), ``"fp32"`` as fp32 products. ``compile``:
+        the decoder layers run ``torch.compile``d in the engine's forwards (``compiled_layers``; CUDA graphs on
+        CUDA), falling back to the model's own code with a warning if that fails."""
         if int(draw_memory_bytes) != draw_memory_bytes or draw_memory_bytes < 1:
             raise ValueError(f"draw_memory_bytes must be a positive number of bytes, got {draw_memory_bytes!r}")
         self.draw_memory_bytes = int(draw_memory_bytes)
@@ -85,7 +88,7 @@ class TreeSampler:
             memory_bytes=memory_bytes if pool_tokens is None else None,
         )
         self.cache = RadixCache(self.pool)
-        self.runner = ModelRunner(model, self.pool, head_precision)
+        self.runner = ModelRunner(model, self.pool, head_precision, compile)
         self.eos = set() if ignore_eos else set(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
         self._eos_ids = np.array(sorted(self.eos), dtype=np.int64)
         self.blocks = BlockManager(self.pool, self.cache)

@@ -86,6 +86,7 @@ def make_sampler(config: TrainConfig, model, tokenizer, compute_dtype: torch.dty
         pool_tokens=config.kv_pool_tokens,
         truncate_prompts=config.truncate_prompts,
         kv_dtype=compute_dtype,
+        compile=config.compile,
     )
 
 
