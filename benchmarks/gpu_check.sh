@@ -20,7 +20,8 @@
 #                  benchmarks/e2e_random_model.py, made once (~3 GB, under $TREERPO_CACHE or ~/.cache/treerpo)
 #   attention      benchmarks/attention.py at Qwen2.5-1.5B's attention shape (12 query / 2 KV heads, dim 128), bf16;
 #                  skipped when correctness or triton_kernels failed
-#   rollout        benchmarks/rollout.py on the random 1.5B model, bf16
+#   rollout        benchmarks/rollout.py on the random 1.5B model, bf16, with the compiled decoder layers (CUDA graphs)
+#                  against eager and generate (--compile)
 #   draw           benchmarks/draw.py: a decode step's LM head + draw at 4,096 and 32,768 rows x Qwen's 151,936 tokens
 # and, only when named in GPU_CHECK_PARTS: e2e (benchmarks/e2e.py --preset qwen1.5b, one step), kernel_check and
 # arch_matrix (CPU tests that CI already runs).
@@ -75,7 +76,7 @@ BUDGET=${GPU_CHECK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 1080 || echo 540)}
 SLOW=$([[ $DRY == 1 ]] && echo 2 || echo 1)  # the dry run's budgets are doubled (a small CPU, the interpreter)
 # seconds each part may take (times SLOW); random_model runs on the CPU beside the GPU parts and is not summed
 declare -A BUDGETS=([correctness]=60 [triton_kernels]=60 [paged_cascade]=30 [arch_bf16]=50 [attention]=70
-    [rollout]=60 [draw]=25 [e2e]=120 [kernel_check]=60 [arch_matrix]=120 [random_model]=150)
+    [rollout]=75 [draw]=25 [e2e]=120 [kernel_check]=60 [arch_matrix]=120 [random_model]=150)
 DEFAULT_PARTS="correctness triton_kernels paged_cascade arch_bf16 random_model attention rollout draw"
 INSTALL_BUDGET=60
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INPUT=1
@@ -337,7 +338,7 @@ PYEOF
         pytest_part arch_matrix "" $T/test_architecture_matrix.py -- -k "qwen2 and not window"
         kernels_ok && script_part attention benchmarks/attention.py --quick --json "$OUTDIR/attention.json"
         collect_bg
-        script_part rollout benchmarks/rollout.py --model tiny --prompts 2 --segment-tokens 4 --repeats 1 --matmul-repeats 2 --json "$OUTDIR/rollout.json"
+        script_part rollout benchmarks/rollout.py --model tiny --prompts 2 --segment-tokens 4 --repeats 1 --matmul-repeats 2 --compile --json "$OUTDIR/rollout.json"
         script_part draw benchmarks/draw.py --rows 64 --vocab 1000 --repeats 1 --json "$OUTDIR/draw.json"
         script_part e2e benchmarks/e2e.py --preset tiny --systems treerpo --seeds 0 --steps 1 --timeout 150 --out "$WORK/e2e" --json "$OUTDIR/e2e.json"
     else
@@ -351,7 +352,7 @@ PYEOF
         kernels_ok && script_part attention benchmarks/attention.py --heads 12 --kv-heads 2 --head-dim 128 --sizes 2048 8192 32768 --repeats 3 --json "$OUTDIR/attention.json"
         collect_bg
         if [[ ${STATUS[random_model]:-SKIP} != FAIL && ${STATUS[random_model]:-SKIP} != TIMEOUT ]]; then  # SKIP: made on first use
-            script_part rollout benchmarks/rollout.py --model random-qwen2-1.5b --prompts 8 --branching 4 2 2 --segment-tokens 32 --repeats 2 --json "$OUTDIR/rollout.json"
+            script_part rollout benchmarks/rollout.py --model random-qwen2-1.5b --prompts 8 --branching 4 2 2 --segment-tokens 32 --repeats 1 --compile --json "$OUTDIR/rollout.json"
             script_part e2e benchmarks/e2e.py --preset qwen1.5b --systems treerpo grpo --seeds 0 --steps 1 --timeout 110 --out "$WORK/e2e" --json "$OUTDIR/e2e.json"
         else
             record rollout SKIP 0 "the random 1.5B model could not be made"
