@@ -106,3 +106,30 @@ def test_compile_needs_the_engine():
 
     with pytest.raises(ConfigError, match="compile=True compiles the engine's forwards; it needs sampler=engine"):
         make_config({"compile": True, "sampler": "reference"})
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_padding_rows_never_change_a_real_rows_result(monkeypatch, cascade):
+    """Every decode step of a rollout run twice, alone and padded past its bucket: the branches' final hidden states
+    agree to fp32 rounding (only the matmuls' row count differs), cascade decode or not."""
+    from treerpo.engine import tree_sampler
+    from treerpo.engine.step_builder import decode_bucket
+
+    tok = build_char_tokenizer()
+    sampler = TreeSampler(tiny_model(vocab=len(tok), seed=1), tok, pool_tokens=1024)
+    sampler.pool.reserve_scratch_slot()
+    sampler.runner.cascade_min_saved_bytes = 0 if cascade else 1 << 60
+    real, errors, shapes = tree_sampler.decode_inputs, [], []
+
+    def twice(live, paths, pool, staging, use_cascade, pad_to=None):
+        plain = real(live, paths, pool, staging, use_cascade)
+        padded = real(live, paths, pool, staging, use_cascade, decode_bucket(len(live)) + 3)
+        alone, beside = sampler.runner.run(plain), sampler.runner.run(padded)
+        shapes.append((use_cascade, padded.num_tokens - plain.num_tokens))
+        errors.append(float((beside - alone).norm() / alone.norm()))
+        return plain
+
+    monkeypatch.setattr(tree_sampler, "decode_inputs", twice)
+    rollouts(sampler, tok)
+    assert errors and max(errors) < 1e-6
+    assert all(c == cascade for c, _ in shapes) and min(p for _, p in shapes) >= 3

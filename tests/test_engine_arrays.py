@@ -144,3 +144,40 @@ def test_records_build_breadth_first_trees():
     assert tree.depth.tolist() == [0, 1, 1, 2, 2, 2, 2]
     assert np.allclose(tree.token_logprobs[3:], tree.token_ids[3:] * -0.5) and np.isnan(tree.token_logprobs[:3]).all()
     assert tree.info == {"k": 1}
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_padding_rows_read_and_write_only_the_scratch_slot(cascade):
+    """A decode step padded from 9 branches to 16 rows: the branches' rows are the unpadded step's; each padding row
+    is token 0 at position 0, writes the pool's scratch slot and reads only it; only the branches' rows are returned."""
+    rng = np.random.default_rng(1)
+    pool = KVPool(2, 2, 4, num_pages=4096)
+    scratch = pool.reserve_scratch_slot()
+    assert pool.num_pages == 4095 and scratch == 4095
+    paths = PathTable(12)
+    paths.add(rng.integers(0, 4095, (5, 12)), rng.integers(1, 13, 5))
+    branches = random_branches(rng, paths, segment=6, count=9)
+    plain = decode_inputs(branches, paths, pool, HostStaging("cpu"), cascade)
+    padded = decode_inputs(branches, paths, pool, HostStaging("cpu"), cascade, pad_to=16)
+    assert padded.num_tokens == 16 and padded.last_rows.tolist() == list(range(9))
+    assert padded.input_ids[0, 9:].tolist() == [0] * 7 and padded.position_ids[0, 9:].tolist() == [0] * 7
+    assert torch.equal(padded.input_ids[:, :9], plain.input_ids)
+    meta, ref = padded.meta, plain.meta
+    assert meta.write_slots[9:].tolist() == [scratch] * 7 and torch.equal(meta.write_slots[:9], ref.write_slots)
+    assert meta.query_key_pos[9:, 0].tolist() == [0] * 7 and meta.kv_slots[9:, 0].tolist() == [scratch] * 7
+    valid = torch.arange(ref.kv_slots.shape[1])[None] <= ref.query_key_pos
+    assert torch.equal(meta.kv_slots[:9, : ref.kv_slots.shape[1]][valid], ref.kv_slots[valid])
+    if cascade:
+        g = meta.groups
+        pad_group = int(g.group_of_seq[9])
+        assert g.group_of_seq[9:].tolist() == [pad_group] * 7 and pad_group == len(ref.groups.prefix_len)
+        assert g.prefix_len[pad_group] == 1 and g.prefix_slots[pad_group, 0] == scratch
+        assert torch.equal(g.group_of_seq[:9], ref.groups.group_of_seq)
+    with pytest.raises(ValueError, match="pad_to=8 is fewer rows than the step's 9 branches"):
+        decode_inputs(branches, paths, pool, HostStaging("cpu"), cascade, pad_to=8)
+
+
+def test_decode_buckets():
+    from treerpo.engine.step_builder import decode_bucket
+
+    assert [decode_bucket(n) for n in (1, 2, 3, 5, 64, 65, 256, 257, 700)] == [1, 2, 4, 8, 64, 128, 256, 512, 768]

@@ -122,6 +122,7 @@ class KVPool:
         self._kv = torch.zeros((2,) + shape, dtype=dtype, device=self.device)
         self.k = self._kv[0]  # k[layer] -> [capacity_tokens, kv_heads, head_dim]
         self.v = self._kv[1]
+        self.scratch_slot: int | None = None  # reserve_scratch_slot
 
         self._refcount = np.zeros(self.num_pages, dtype=np.int32)
         # A stack: pop from the end. Reversed so that a fresh pool hands out pages 0, 1, 2, ...
@@ -136,6 +137,18 @@ class KVPool:
     @property
     def bytes_per_page(self) -> int:
         return self.bytes_per_token * self.page_size
+
+    def reserve_scratch_slot(self) -> int:
+        """A slot no sequence ever gets, for the padding rows of a decode step (shape buckets) to write and read: the
+        pool's last page, taken out of its pages (one page fewer to hand out). Once; before any allocation."""
+        if self.scratch_slot is None:
+            last = self.num_pages - 1
+            if last < 1 or len(self._free) != self.num_pages:
+                raise ValueError("a scratch slot needs a fresh pool of at least 2 pages")
+            self._free.remove(last)
+            self.num_pages = last
+            self.scratch_slot = last * self.page_size
+        return self.scratch_slot
 
     @property
     def capacity_tokens(self) -> int:

@@ -74,33 +74,48 @@ class HostStaging:
         return buffer
 
 
-def decode_inputs(branches: Branches, paths: PathTable, pool, staging: HostStaging, cascade: bool) -> StepInputs:
-    """Every branch's last sampled token, its slot already in ``own_slots[b, n - 1]``."""
+def decode_bucket(rows: int) -> int:
+    """The padded row count of a decode step of ``rows`` branches: a power of two up to 256, then a multiple of 256
+    (so a run's steps take a few shapes, each a CUDA graph recorded once)."""
+    return 1 << max(0, rows - 1).bit_length() if rows <= 256 else -(-rows // 256) * 256
+
+
+def decode_inputs(
+    branches: Branches, paths: PathTable, pool, staging: HostStaging, cascade: bool, pad_to: int | None = None
+) -> StepInputs:
+    """Every branch's last sampled token, its slot already in ``own_slots[b, n - 1]``. With ``pad_to``, rows past the
+    branches up to it are padding: token 0 at position 0, writing and reading only the pool's scratch slot (with
+    ``cascade``, a group of their own whose prefix is that slot), their hidden states never returned."""
     b = len(branches)
-    rows = np.arange(b)
-    own_len = branches.n  # own slots to read, the new token's included
-    path_len = paths.length[branches.path]
+    pad = 0 if pad_to is None else pad_to - b
+    if pad < 0:
+        raise ValueError(f"pad_to={pad_to} is fewer rows than the step's {b} branches")
+    rows = np.arange(b + pad)
+    own_len = np.concatenate([branches.n, np.ones(pad, dtype=np.int64)])  # own slots to read, the new token's included
+    path_len = np.concatenate([paths.length[branches.path], np.zeros(pad, dtype=np.int64)])
+    scratch = np.full(pad, pool.scratch_slot, dtype=np.int64)
+    width = int(branches.n.max(initial=1))
+    own = np.concatenate([_first(branches.own_slots[:, :width], branches.n), _column(scratch, width)])
     arrays = {
-        "input_ids": branches.last_tokens()[None],
+        "input_ids": np.concatenate([branches.last_tokens(), np.zeros(pad, dtype=np.int64)])[None],
         "position_ids": (path_len + own_len - 1)[None],
-        "write_slots": branches.own_slots[rows, own_len - 1],
+        "write_slots": np.concatenate([branches.own_slots[np.arange(b), branches.n - 1], scratch]),
         "query_rows": rows[:, None],
-        "last_rows": rows,
+        "last_rows": np.arange(b),
     }
-    own = _first(branches.own_slots[:, : int(own_len.max())], own_len)
     if cascade:
         group_paths, group_of_seq = np.unique(branches.path, return_inverse=True)
+        prefixes, prefix_len = paths.slots[group_paths], paths.length[group_paths]
+        if pad:  # one more group: the padding rows, their prefix the scratch slot
+            prefixes = np.concatenate([prefixes, _column(scratch[:1], prefixes.shape[1])])
+            prefix_len = np.concatenate([prefix_len, [1]])
+            group_of_seq = np.concatenate([group_of_seq, np.full(pad, len(group_paths))])
         arrays.update(kv_slots=own, query_key_pos=(own_len - 1)[:, None])
-        arrays.update(
-            cascade_arrays(
-                paths.slots[group_paths], paths.length[group_paths], group_of_seq, own, own_len, pool.num_kv_heads
-            )
-        )
+        arrays.update(cascade_arrays(prefixes, prefix_len, group_of_seq, own, own_len, pool.num_kv_heads))
     else:
         kv_len = path_len + own_len
-        arrays.update(
-            kv_slots=_joined(paths.slots[branches.path], path_len, own, own_len), query_key_pos=(kv_len - 1)[:, None]
-        )
+        path_rows = np.concatenate([paths.slots[branches.path], np.zeros((pad, paths.slots.shape[1]), dtype=np.int64)])
+        arrays.update(kv_slots=_joined(path_rows, path_len, own, own_len), query_key_pos=(kv_len - 1)[:, None])
     t = staging(arrays)
     groups = None
     if cascade:
@@ -118,7 +133,7 @@ def decode_inputs(branches: Branches, paths: PathTable, pool, staging: HostStagi
         groups=groups,
         max_positions=int((path_len + own_len).max()),
     )
-    return StepInputs(t["input_ids"], t["position_ids"], meta, t["last_rows"], b)
+    return StepInputs(t["input_ids"], t["position_ids"], meta, t["last_rows"], b + pad)
 
 
 def repeated_path_keys(branches: Branches, paths: PathTable) -> int:
@@ -138,6 +153,13 @@ CASCADE_FIELDS = (
     "prefix_rows",
     "suffix_rows",
 )  # staged as int64; the two paddings as bool
+
+
+def _column(slots: np.ndarray, width: int) -> np.ndarray:
+    """Rows [len(slots), width]: each slot, then slot 0 (padding)."""
+    table = np.zeros((len(slots), max(width, 1)), dtype=np.int64)
+    table[:, 0] = slots
+    return table
 
 
 def _first(table: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from treerpo.engine.radix_cache import RadixCache
 from treerpo.engine.sampling import SamplingParams
 from treerpo.engine.scheduler import Scheduler, worst_case_tokens
 from treerpo.engine.sequence import ROOT, Branches, NodeRecords, children_of, roots
-from treerpo.engine.step_builder import HostStaging, decode_inputs, repeated_path_keys, sequence_inputs
+from treerpo.engine.step_builder import HostStaging, decode_bucket, decode_inputs, repeated_path_keys, sequence_inputs
 from treerpo.engine.step_draw import DEFAULT_DRAW_MEMORY_BYTES, draw_step
 from treerpo.engine.weights_watch import WeightsWatch
 from treerpo.sampling.generation import eos_token_ids
@@ -89,6 +89,9 @@ class TreeSampler:
         )
         self.cache = RadixCache(self.pool)
         self.runner = ModelRunner(model, self.pool, head_precision, compile)
+        self.pad_decode_steps = compile  # decode steps padded to shape buckets (decode_bucket): a few shapes a run
+        if compile:
+            self.pool.reserve_scratch_slot()
         self.eos = set() if ignore_eos else set(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
         self._eos_ids = np.array(sorted(self.eos), dtype=np.int64)
         self.blocks = BlockManager(self.pool, self.cache)
@@ -250,7 +253,8 @@ class TreeSampler:
         live.own_slots[np.arange(len(live)), live.n - 1] = slots
         batch.scheduler.count_used(live.tree)
         cascade = self.cascade and self.runner.cascade_spares_enough(repeated_path_keys(live, self.blocks.paths))
-        hidden = self._forward(decode_inputs(live, self.blocks.paths, self.pool, self.staging, cascade))
+        pad_to = decode_bucket(len(live)) if self.pad_decode_steps else None
+        hidden = self._forward(decode_inputs(live, self.blocks.paths, self.pool, self.staging, cascade, pad_to))
         forced = live.n == spec.segment_tokens  # only below the last level: full last-level segments ended earlier
         may_fork = forced | (
             (live.depth < spec.depth) & (live.n >= spec.min_segment_tokens) if spec.fork_entropy is not None else forced
