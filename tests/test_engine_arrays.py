@@ -180,4 +180,4 @@ def test_padding_rows_read_and_write_only_the_scratch_slot(cascade):
 def test_decode_buckets():
     from treerpo.engine.step_builder import decode_bucket
 
-    assert [decode_bucket(n) for n in (1, 2, 3, 5, 64, 65, 256, 257, 700)] == [1, 2, 4, 8, 64, 128, 256, 512, 768]
+    assert [decode_bucket(n) for n in (1, 2, 3, 5, 64, 65, 256, 257, 700)] == [2, 2, 4, 8, 64, 128, 256, 512, 768]

@@ -5,8 +5,9 @@ Each decoder layer's ``forward`` is swapped for one that, inside the engine's fo
 compiled graph: parameters are its inputs). The attention call inside it runs eagerly (``tree`` attention is
 excluded from tracing: it reads the step's metadata and picks a backend in Python), so each layer compiles into
 two graphs, before and after the attention, in which Inductor fuses the norms, rotary embedding, residual adds
-and the MLP's element-wise work. Row counts vary from step to step: the first call compiles for its shapes, the
-second with the row count symbolic, and no other recompiles (``recompiles`` counts them). On CUDA,
+and the MLP's element-wise work. Row counts vary from step to step: the graphs are compiled with the row count
+symbolic from the start, so a run compiles each once (``recompiles`` counts them); a forward of one row (which a
+symbolic size cannot cover: Dynamo specialises 0 and 1) runs the model's own code. On CUDA,
 ``mode="reduce-overhead"`` replays each graph as a CUDA graph. A compile or a compiled call that fails falls back
 to the model's own code for the rest of the sampler's life, with one warning naming the reason. Training,
 ``generate`` and plain forwards never run the compiled code.
@@ -70,8 +71,8 @@ def _dispatching_forward(owner: CompiledLayers, cls: type):
     own = cls.forward
 
     def forward(self, *args, **kwargs):
-        if not (_ACTIVE.get() and owner.active) or torch.is_grad_enabled():
-            return own(self, *args, **kwargs)
+        if not (_ACTIVE.get() and owner.active) or torch.is_grad_enabled() or _rows(args, kwargs) < 2:
+            return own(self, *args, **kwargs)  # one row: a compiled graph would specialise (and recompile) for it
         try:
             return owner.compiled_forward(cls)(self, *args, **kwargs)
         except Exception as error:  # a compile or capture the backend cannot do: eager from now on
@@ -81,11 +82,23 @@ def _dispatching_forward(owner: CompiledLayers, cls: type):
     return forward
 
 
+def _rows(args, kwargs) -> int:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else 2
+
+
 def recompiles() -> int:
     """Graphs Dynamo has compiled in this process (each layer class's graphs, once per shape it specialised)."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def compile_seconds() -> float:
+    """Seconds Dynamo and Inductor have spent compiling in this process."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
 
 
 def _device(model) -> torch.device:

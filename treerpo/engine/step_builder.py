@@ -75,9 +75,10 @@ class HostStaging:
 
 
 def decode_bucket(rows: int) -> int:
-    """The padded row count of a decode step of ``rows`` branches: a power of two up to 256, then a multiple of 256
-    (so a run's steps take a few shapes, each a CUDA graph recorded once)."""
-    return 1 << max(0, rows - 1).bit_length() if rows <= 256 else -(-rows // 256) * 256
+    """The padded row count of a decode step of ``rows`` branches: a power of two from 2 up to 256, then a multiple of
+    256 (so a run's steps take a few shapes, each a CUDA graph recorded once; never one row, which compiled graphs
+    would specialise for)."""
+    return max(2, 1 << max(0, rows - 1).bit_length()) if rows <= 256 else -(-rows // 256) * 256
 
 
 def decode_inputs(

@@ -90,6 +90,18 @@ def make_sampler(config: TrainConfig, model, tokenizer, compute_dtype: torch.dty
     )
 
 
+def compile_summary(sampler) -> dict:
+    """What ``--compile`` did in this process: graphs compiled, seconds compiling, and why it fell back, if it did."""
+    from treerpo.engine.compiled_layers import compile_seconds, recompiles
+
+    compiled = getattr(getattr(sampler, "runner", None), "compiled", None)
+    return {
+        "graphs": recompiles(),
+        "compile_s": compile_seconds(),
+        "fell_back": None if compiled is None else compiled.failed,
+    }
+
+
 class Trainer(Checkpointing):
     """The loop: sample, score, prepare, update, evaluate, save (resume, checkpoints and stops: ``Checkpointing``)."""
 
@@ -556,6 +568,17 @@ class Trainer(Checkpointing):
             "dataset": config.dataset,
             "tree": {"branching": list(self.spec.branching), "segment_tokens": self.spec.segment_tokens},
         }
+        if config.compile:
+            summary["compile"] = compile_summary(self.sampler)
+            self.log(
+                f"compiled layers: {summary['compile']['graphs']} graphs, {summary['compile']['compile_s']:.1f} s "
+                "compiling"
+                + (
+                    f"; fell back to eager: {summary['compile']['fell_back']}"
+                    if summary["compile"]["fell_back"]
+                    else ""
+                )
+            )
         if self.world.initialized:
             summary["world_size"], summary["parallel"] = self.world.size, config.parallel
         if self.world.is_main:
