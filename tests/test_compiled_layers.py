@@ -14,6 +14,7 @@ from treerpo.tree import TreeSpec
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # recompiles() counts the process's graphs: this test's only
     compiled_layers._COMPILED.clear()
     yield
     torch._dynamo.reset()
