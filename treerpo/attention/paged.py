@@ -48,16 +48,26 @@ class CascadeGroups:
         cls, prefixes: list, group_of_seq, kv_slots: np.ndarray, suffix_len: np.ndarray, kv_heads: int, device
     ) -> "CascadeGroups":
         """``kv_slots`` [B, K]: each sequence's slots after its group's prefix, ``suffix_len[b]`` of them."""
-        prefix_len = np.fromiter(map(len, prefixes), dtype=np.int64, count=len(prefixes))
-        if not prefix_len.all():
-            raise ValueError("every shared prefix needs at least one slot")
-        group_of_seq = np.asarray(group_of_seq, dtype=np.int64)
-        if len(np.bincount(group_of_seq, minlength=len(prefixes))) != len(prefixes) or (group_of_seq < 0).any():
-            raise ValueError(f"group_of_seq must lie in [0, {len(prefixes)})")
-        arrays = cascade_arrays(
-            padded_rows(prefixes, prefix_len), prefix_len, group_of_seq, kv_slots, suffix_len, kv_heads
-        )
-        return cls(**{k: torch.from_numpy(np.ascontiguousarray(a)).to(device) for k, a in arrays.items()})
+        arrays = cascade_host_arrays(prefixes, group_of_seq, kv_slots, suffix_len, kv_heads)
+        return cls.from_staged({k: torch.from_numpy(np.ascontiguousarray(a)).to(device) for k, a in arrays.items()})
+
+    @classmethod
+    def from_staged(cls, t: dict) -> "CascadeGroups":
+        """From ``cascade_arrays``' fields on the device (the paddings staged as integers, as ``HostStaging`` does)."""
+        fields = {k: t[k] for k in cls.__dataclass_fields__}
+        fields["prefix_padding"], fields["suffix_padding"] = t["prefix_padding"].bool(), t["suffix_padding"].bool()
+        return cls(**fields)
+
+
+def cascade_host_arrays(prefixes: list, group_of_seq, kv_slots, suffix_len, kv_heads: int) -> dict:
+    """``cascade_arrays`` for prefixes given as slot lists, checked: every prefix non-empty, every group in range."""
+    prefix_len = np.fromiter(map(len, prefixes), dtype=np.int64, count=len(prefixes))
+    if not prefix_len.all():
+        raise ValueError("every shared prefix needs at least one slot")
+    group_of_seq = np.asarray(group_of_seq, dtype=np.int64)
+    if len(np.bincount(group_of_seq, minlength=len(prefixes))) != len(prefixes) or (group_of_seq < 0).any():
+        raise ValueError(f"group_of_seq must lie in [0, {len(prefixes)})")
+    return cascade_arrays(padded_rows(prefixes, prefix_len), prefix_len, group_of_seq, kv_slots, suffix_len, kv_heads)
 
 
 def cascade_arrays(prefix_slots, prefix_len, group_of_seq, suffix_slots, suffix_len, kv_heads) -> dict:
@@ -125,6 +135,13 @@ class PagedAttentionMetadata:
         """``sequences``: per sequence (slots of its cached path, slots of its new tokens), in packed order. With
         ``prefixes`` (decode only), sequence b's cached path is ``prefixes[group_of_seq[b]]`` followed by its own
         cached slots."""
+        arrays = cls.host_arrays(sequences, pool.num_kv_heads, prefixes, group_of_seq)
+        t = {k: torch.from_numpy(np.ascontiguousarray(a)).to(device) for k, a in arrays.items()}
+        return cls.from_staged(pool, t, prefixes is not None)
+
+    @staticmethod
+    def host_arrays(sequences: list[tuple], kv_heads: int, prefixes: list | None = None, group_of_seq=None) -> dict:
+        """``build``'s fields as host arrays (the cascade's too, with ``prefixes``), to reach the device in one copy."""
         olds = [np.asarray(old, dtype=np.int64) for old, _ in sequences]
         news = [np.asarray(new, dtype=np.int64) for _, new in sequences]
         old_len = np.fromiter(map(len, olds), dtype=np.int64, count=len(olds))
@@ -133,21 +150,30 @@ class PagedAttentionMetadata:
         q = np.arange(int(new_len.max()))[None, :]
         pad = q >= new_len[:, None]
         query_rows = np.where(pad, -1, (np.cumsum(new_len) - new_len)[:, None] + q)
-        query_key_pos = np.where(pad, -1, old_len[:, None] + q)
-        groups = None
+        arrays = {
+            "write_slots": np.concatenate(news),
+            "query_rows": query_rows,
+            "kv_slots": kv_slots,
+            "query_key_pos": np.where(pad, -1, old_len[:, None] + q),
+            "packed_order": packed_order(query_rows),
+        }
         if prefixes is not None:
             if (new_len != 1).any() or len(group_of_seq) != len(sequences):
                 raise ValueError("shared-prefix groups are for decode steps: one new token and one group per sequence")
-            groups = CascadeGroups.build(prefixes, group_of_seq, kv_slots, old_len + 1, pool.num_kv_heads, device)
-        as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+            arrays.update(cascade_host_arrays(prefixes, group_of_seq, kv_slots, old_len + 1, kv_heads))
+        return arrays
+
+    @classmethod
+    def from_staged(cls, pool, t: dict, cascade: bool) -> "PagedAttentionMetadata":
+        """From ``host_arrays``' fields on the device."""
         return cls(
             pool,
-            as_tensor(np.concatenate(news)),
-            as_tensor(query_rows),
-            as_tensor(kv_slots),
-            as_tensor(query_key_pos),
-            groups=groups,
-            packed_order=as_tensor(packed_order(query_rows)),
+            t["write_slots"],
+            t["query_rows"],
+            t["kv_slots"],
+            t["query_key_pos"],
+            groups=CascadeGroups.from_staged(t) if cascade else None,
+            packed_order=t["packed_order"],
         )
 
 

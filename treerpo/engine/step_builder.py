@@ -118,13 +118,7 @@ def decode_inputs(
         path_rows = np.concatenate([paths.slots[branches.path], np.zeros((pad, paths.slots.shape[1]), dtype=np.int64)])
         arrays.update(kv_slots=_joined(path_rows, path_len, own, own_len), query_key_pos=(kv_len - 1)[:, None])
     t = staging(arrays)
-    groups = None
-    if cascade:
-        groups = CascadeGroups(
-            **{k: t[k] for k in CASCADE_FIELDS},
-            prefix_padding=t["prefix_padding"].bool(),
-            suffix_padding=t["suffix_padding"].bool(),
-        )
+    groups = CascadeGroups.from_staged(t) if cascade else None
     meta = PagedAttentionMetadata(
         pool,
         t["write_slots"],
@@ -141,19 +135,6 @@ def repeated_path_keys(branches: Branches, paths: PathTable) -> int:
     """Path keys a decode step without the cascade reads again: every path once a branch instead of once."""
     path_len = paths.length
     return int(path_len[branches.path].sum() - path_len[np.unique(branches.path)].sum())
-
-
-CASCADE_FIELDS = (
-    "prefix_slots",
-    "prefix_len",
-    "group_of_seq",
-    "member_rows",
-    "rank_in_group",
-    "members",
-    "member_start",
-    "prefix_rows",
-    "suffix_rows",
-)  # staged as int64; the two paddings as bool
 
 
 def _column(slots: np.ndarray, width: int) -> np.ndarray:
@@ -181,25 +162,26 @@ def _joined(path_rows: np.ndarray, path_len: np.ndarray, own: np.ndarray, own_le
 
 
 def sequence_inputs(
-    pool, sequences: list[tuple], new_tokens: list, device, prefixes=None, group_of_seq=None
+    pool, sequences: list[tuple], new_tokens: list, device, prefixes=None, group_of_seq=None, staging=None
 ) -> StepInputs:
     """Inputs of a forward over arbitrary sequences (prefill, or decode steps given one by one): per sequence the
-    slots of its cached path (after its group's prefix, with ``prefixes``), its new slots and new tokens."""
-    meta = PagedAttentionMetadata.build(pool, sequences, device, prefixes, group_of_seq)
-    cached_len = np.fromiter((len(old) for old, _ in sequences), dtype=np.int64, count=len(sequences))
-    if prefixes is not None:
-        cached_len += np.fromiter(map(len, prefixes), dtype=np.int64, count=len(prefixes))[group_of_seq]
+    slots of its cached path (after its group's prefix, with ``prefixes``), its new slots and new tokens. With
+    ``staging`` (the engine's ``HostStaging``) every array reaches the device in one copy."""
     new_len = np.fromiter(map(len, new_tokens), dtype=np.int64, count=len(new_tokens))
     if not new_len.all():
         raise ValueError("every sequence in a forward needs at least one new token")
+    arrays = PagedAttentionMetadata.host_arrays(sequences, pool.num_kv_heads, prefixes, group_of_seq)
+    cached_len = np.fromiter((len(old) for old, _ in sequences), dtype=np.int64, count=len(sequences))
+    if prefixes is not None:
+        cached_len += np.fromiter(map(len, prefixes), dtype=np.int64, count=len(prefixes))[group_of_seq]
     ends = np.cumsum(new_len)
-    positions = np.arange(ends[-1]) + np.repeat(cached_len - (ends - new_len), new_len)
+    arrays["input_ids"] = np.concatenate([np.asarray(t, dtype=np.int64) for t in new_tokens])[None]
+    arrays["position_ids"] = (np.arange(ends[-1]) + np.repeat(cached_len - (ends - new_len), new_len))[None]
+    arrays["last_rows"] = ends - 1
+    if staging is None:
+        t = {k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device) for k, a in arrays.items()}
+    else:
+        t = staging(arrays)
+    meta = PagedAttentionMetadata.from_staged(pool, t, prefixes is not None)
     meta.max_positions = int((cached_len + new_len).max())
-    as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)  # noqa: E731
-    return StepInputs(
-        as_tensor(np.concatenate([np.asarray(t, dtype=np.int64) for t in new_tokens]))[None],
-        as_tensor(positions)[None],
-        meta,
-        as_tensor(ends - 1),
-        int(ends[-1]),
-    )
+    return StepInputs(t["input_ids"], t["position_ids"], meta, t["last_rows"], int(ends[-1]))

@@ -216,7 +216,9 @@ class TreeSampler:
         news = torch.split(slots, [len(n) for n in new])
         try:
             hidden = self._forward(
-                sequence_inputs(self.pool, list(zip(cached, news, strict=True)), new, self.runner.device)
+                sequence_inputs(
+                    self.pool, list(zip(cached, news, strict=True)), new, self.runner.device, staging=self.staging
+                )
             )
         except BaseException:  # nobody owns the new slots yet
             self.pool.decref(slots)
