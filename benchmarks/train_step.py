@@ -2,6 +2,10 @@
 
     python benchmarks/train_step.py --model smollm2 --trees 4 --json train_step.json
 
+With ``--compile``, a third system: the bf16 step with every decoder layer ``torch.compile``d (forward and backward
+through AOTAutograd; the tree attention runs eagerly between the graphs), its first step (which compiles) timed
+apart.
+
 One step, as the trainer runs it: the packed tree-masked forward of a batch of trees, each loss token's log-prob
 through the LM head (``policy.logprobs.packed_logprobs``), the policy-gradient loss, the backward, and the
 optimizer (AdamW): on the fp32 model directly; on the bf16 model over fp32 master weights
@@ -74,6 +78,11 @@ def main(argv=None):
     parser.add_argument("--branching", type=int, nargs="+", default=[2, 2, 2])
     parser.add_argument("--segment-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per dtype (the fastest kept)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time bf16 steps with every decoder layer torch.compile'd (the tree attention eager between graphs)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -95,9 +104,18 @@ def main(argv=None):
         lp = {name: packed_logprobs(enable_tree_attention(m), batch).double() for name, m in models.items()}
     logprob_error = float((lp["bf16"] - lp["fp32"]).norm() / lp["fp32"].norm())
     steps = {name: Step(m) for name, m in models.items()}
+    if args.compile:
+        from treerpo.engine.compiled_layers import compile_seconds
+        from treerpo.policy.logprobs import decoder_of
+
+        compiled_model = load(args.model, torch.bfloat16)[0]
+        for layer in decoder_of(compiled_model).layers:
+            layer.compile(dynamic=True)
+        steps["bf16_compiled"] = Step(compiled_model)
     seconds = {name: [] for name in steps}
+    warm = {}
     for name, step in steps.items():
-        step(batch)  # warm-up
+        warm[name] = step(batch)  # warm-up (the compiled layers compile here)
     for _ in range(args.repeats):
         for name, step in steps.items():
             seconds[name].append(step(batch))
@@ -110,6 +128,10 @@ def main(argv=None):
         "bf16_speedup_vs_fp32": min(seconds["fp32"]) / min(seconds["bf16"]),
         "bf16_logprob_relative_difference": logprob_error,
     }
+    if args.compile:
+        ratios["bf16_compiled_speedup_vs_bf16"] = min(seconds["bf16"]) / min(seconds["bf16_compiled"])
+        ratios["compile_seconds"] = compile_seconds()
+        print(f"compiled layers: first step {warm['bf16_compiled']:.1f} s, {compile_seconds():.1f} s compiling")
     for k, v in ratios.items():
         print(f"{k}: {v:.3g}")
     write_json(

@@ -27,7 +27,7 @@ import triton.language as tl
 
 __all__ = ["fused_draw", "BLOCK", "MAX_DRAWS", "result_columns"]
 
-BLOCK = 1024  # logits a loop step reads; 3 x V / BLOCK steps a row
+BLOCK = 512  # logits a loop step reads; 3 x V / BLOCK steps a row
 NUM_WARPS = 16  # with BLOCK, no spill on sm_80/sm_90 up to MAX_DRAWS draws a row (kernels/aot.py)
 TRAFFIC_BYTES_PER_LOGIT = 12  # three passes, each reading the fp32 logits once
 MAX_DRAWS = 16  # draws a row (a branch's next token and its children's first); wider steps use PyTorch's draw
