@@ -157,3 +157,28 @@ def test_the_first_use_check_accepts_the_kernel_and_refuses_a_wrong_one(monkeypa
     with pytest.warns(UserWarning, match="fused draw is not used.*differ from PyTorch's"):
         assert not step_draw.fused_draw_works(torch.device(DEVICE))
     step_draw.fused_draw_works.cache_clear()
+
+
+def test_the_cpu_engine_runs_without_triton(tmp_path):
+    """An environment without triton (verl's, a CPU install): a rollout on the CPU imports none of the kernels."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # any import of triton now raises ImportError
+        "sys.path.insert(0, 'tests')\n"
+        "from helpers import tiny_model\n"
+        "from treerpo.engine.tree_sampler import TreeSampler\n"
+        "from treerpo.models.tiny import build_char_tokenizer\n"
+        "from treerpo.tree import TreeSpec\n"
+        "tok = build_char_tokenizer()\n"
+        "trees = TreeSampler(tiny_model(vocab=len(tok)), tok, pool_tokens=256).sample(\n"
+        "    [tok('1+2=')['input_ids']], TreeSpec((2, 2), 3, temperature=1.0), seeds=[0])\n"
+        "print(len(trees[0].leaves()))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "4"

@@ -23,17 +23,22 @@ DEFAULT_DRAW_MEMORY_BYTES = 1 << 30
 def use_fused_draw(device: torch.device, params: SamplingParams, width: int) -> bool:
     """The fused Triton draw (``kernels/draw.py``) on CUDA, for untruncated and greedy sampling of at most
     ``MAX_DRAWS`` draws a row; PyTorch's elsewhere."""
+    if device.type != "cuda" or truncated(params) or not fused_draw_works(device):
+        return False  # (triton, which the kernel needs, is imported only on CUDA: an environment may lack it)
     from treerpo.kernels.draw import MAX_DRAWS
 
-    return device.type == "cuda" and not truncated(params) and width <= MAX_DRAWS and fused_draw_works(device)
+    return width <= MAX_DRAWS
 
 
 @functools.cache
 def fused_draw_works(device: torch.device) -> bool:
     """The fused draw's first-use check on ``device``: it compiles and draws PyTorch's tokens and log-probs on a small
     case (three blocks of a vocabulary, sampled and greedy); else PyTorch's draw from now on, with one warning."""
-    from treerpo.kernels.draw import BLOCK, fused_draw, result_columns
-
+    try:
+        from treerpo.kernels.draw import BLOCK, fused_draw, result_columns
+    except ImportError as error:
+        warnings.warn(f"the fused draw is not used on {device}: {error}")
+        return False
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(4, 3 * BLOCK - 5, generator=gen) * 3).to(device)
     u = torch.rand(4, 3, generator=gen, dtype=torch.float64).to(device)
