@@ -35,13 +35,18 @@ def current_tree_metadata():
 
 
 @contextlib.contextmanager
-def attention_metadata(meta):
-    """Within this block, layers using the ``tree`` attention run with ``meta``."""
-    token = _CURRENT.set(meta)
+def set_within(variable: contextvars.ContextVar, value):
+    """``variable`` holds ``value`` within this block, and what it held before after it."""
+    token = variable.set(value)
     try:
         yield
     finally:
-        _CURRENT.reset(token)
+        variable.reset(token)
+
+
+def attention_metadata(meta):
+    """Within this block, layers using the ``tree`` attention run with ``meta``."""
+    return set_within(_CURRENT, meta)
 
 
 def metadata_kwargs(model) -> dict:

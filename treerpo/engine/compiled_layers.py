@@ -15,7 +15,6 @@ to the model's own code for the rest of the sampler's life, with one warning nam
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import inspect
 import types
@@ -23,19 +22,16 @@ import warnings
 
 import torch
 
+from treerpo.attention.context import set_within
 from treerpo.policy.logprobs import decoder_of
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("treerpo_compiled_layers", default=False)
 _COMPILED: dict[tuple[type, str], object] = {}  # (layer class, mode) -> its compiled forward
 
 
-@contextlib.contextmanager
 def compiled_layers_active(active: bool):
-    token = _ACTIVE.set(bool(active))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+    """Within this block (when ``active``), the engine's forwards run the compiled layers."""
+    return set_within(_ACTIVE, bool(active))
 
 
 class CompiledLayers:

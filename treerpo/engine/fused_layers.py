@@ -6,12 +6,12 @@ in only where a family computes them exactly as Llama does, judged by the code i
 family's ``apply_rotary_pos_emb`` and ``rotate_half`` compiled to the same bytecode as Llama's): a family that
 differs (Gemma's ``1 + weight`` norm, partial or interleaved rotary) keeps its own code. And they run only inside
 the engine's forwards (``fused_layers_active``), which the model runner turns on for CUDA: training, ``generate``
-and the CPU run the model's own code.
+and the CPU run the model's own code, and so does a ``torch.compile``d trace (Inductor fuses it there; reading the
+switch inside a trace would break the graph).
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dis
 import sys
@@ -19,18 +19,15 @@ import types
 
 import torch
 
+from treerpo.attention.context import set_within
+
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("treerpo_fused_layers", default=False)
 _ORIGINAL_ROPE: dict[str, types.FunctionType] = {}  # family module name -> its own apply_rotary_pos_emb
 
 
-@contextlib.contextmanager
 def fused_layers_active(active: bool):
     """Within this block (when ``active``), the fused norm and rotary embedding replace the families' own."""
-    token = _ACTIVE.set(bool(active))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+    return set_within(_ACTIVE, bool(active))
 
 
 def same_code(f, g) -> bool:
@@ -153,7 +150,7 @@ def fused_kernels_work(device: torch.device, dtype: torch.dtype, hidden: int = 6
 
 
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    if not _ACTIVE.get() or hidden_states.requires_grad or self.weight.dim() != 1:
+    if torch.compiler.is_compiling() or not _ACTIVE.get() or hidden_states.requires_grad or self.weight.dim() != 1:
         return type(self).forward(self, hidden_states)
     from treerpo.kernels import rms_norm
 
@@ -164,7 +161,13 @@ def _rope_for(family: str):
     original = _ORIGINAL_ROPE[family]
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if not _ACTIVE.get() or unsqueeze_dim != 1 or q.requires_grad or k.requires_grad:
+        if (
+            torch.compiler.is_compiling()
+            or not _ACTIVE.get()
+            or unsqueeze_dim != 1
+            or q.requires_grad
+            or k.requires_grad
+        ):
             return original(q, k, cos, sin, unsqueeze_dim)
         from treerpo.kernels import rope
 
